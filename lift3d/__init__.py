@@ -1,0 +1,16 @@
+"""lift3d: lift a pretrained 2D diffusion U-Net into a volume-aware 3D model.
+
+Implements Make-A-Volume (Zhu et al., MICCAI 2023): identity-initialised 1D convolutions along
+the slice axis, inserted into any 2D network by :func:`inflate`.
+"""
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try:
+    __version__ = _version("lift3d")
+except PackageNotFoundError:  # running from a source tree without installation
+    __version__ = "0.0.0+unknown"
+
+from lift3d.plugins import hookimpl
+
+__all__ = ["__version__", "hookimpl"]

@@ -1,0 +1,3 @@
+"""Built-in autoencoders (placeholder, being written)."""
+
+from lift3d.plugins import hookimpl

@@ -1,0 +1,3 @@
+"""Built-in dataset plugins (placeholder, being written)."""
+
+from lift3d.plugins import hookimpl
