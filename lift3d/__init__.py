@@ -11,6 +11,24 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
+from lift3d.inflate import (
+    PRESETS,
+    InflationReport,
+    inflate,
+    is_lifted,
+    is_volumetric_parameter,
+    report,
+    set_trainable,
+    volume_batch,
+    volumetric_disabled,
+    volumetric_layers,
+    volumetric_state_dict,
+)
 from lift3d.plugins import hookimpl
+from lift3d.volumetric import VolumetricConv
 
-__all__ = ["__version__", "hookimpl"]
+__all__ = [
+    "PRESETS", "InflationReport", "VolumetricConv", "__version__", "hookimpl", "inflate", "is_lifted",
+    "is_volumetric_parameter", "report", "set_trainable", "volume_batch", "volumetric_disabled",
+    "volumetric_layers", "volumetric_state_dict",
+]

@@ -62,6 +62,7 @@ class Registry(Generic[T]):
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
+        self._noun = kind[:-1].replace("_", " ")  # "timestep_samplers" -> "timestep sampler"
         self._entries: dict[str, Entry] = {}
 
     def add(self, name: str, factory: Callable[..., T]) -> None:
@@ -71,7 +72,7 @@ class Registry(Generic[T]):
         if name in self._entries:
             old = self._entries[name]
             raise PluginError(
-                f"{self.kind[:-1]} {name!r} is registered twice: by {old.plugin} ({old.package}) "
+                f"{self._noun} {name!r} is registered twice: by {old.plugin} ({old.package}) "
                 f"and by {plugin} ({package})"
             )
         self._entries[name] = Entry(name, factory, plugin, package)
@@ -81,7 +82,7 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             available = ", ".join(sorted(self._entries)) or "none"
-            raise PluginError(f"Unknown {self.kind[:-1].replace('_', ' ')} {name!r}; available: {available}") from None
+            raise PluginError(f"Unknown {self._noun} {name!r}; available: {available}") from None
 
     def get(self, name: str) -> Callable[..., T]:
         return self.entry(name).factory
@@ -105,6 +106,27 @@ class Registry(Generic[T]):
         return f"Registry({self.kind!r}, {self.names()})"
 
 
+def _load_entrypoint_plugins(pm: pluggy.PluginManager) -> None:
+    """pluggy's ``load_setuptools_entrypoints``, keyed by distribution *and* entry-point name.
+
+    pluggy keys plugins by the bare entry-point name and silently skips a name it already has, so
+    a third party's entry point called ``datasets`` (as lift3d's own is) would never load.
+    """
+    for dist in list(importlib.metadata.distributions()):
+        for ep in dist.entry_points:
+            if ep.group != spec.NAME:
+                continue
+            key = f"{dist.metadata['Name']}:{ep.name}"
+            if pm.has_plugin(key) or pm.is_blocked(key):
+                continue  # the same distribution twice on sys.path: first one wins, as in pluggy
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                raise PluginError(f"lift3d plugin {key} ({ep.value}) failed to import: {exc!r}") from exc
+            if not pm.is_registered(plugin):
+                pm.register(plugin, name=key)
+
+
 def _autoload_disabled() -> bool:
     return os.environ.get(AUTOLOAD_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -116,7 +138,7 @@ class PluginManager:
         self.pm = pluggy.PluginManager(spec.NAME)
         self.pm.add_hookspecs(spec)
         if autoload if autoload is not None else not _autoload_disabled():
-            self.pm.load_setuptools_entrypoints(spec.NAME)
+            _load_entrypoint_plugins(self.pm)
         for module_name in BUILTIN_PLUGINS:
             module = importlib.import_module(module_name)
             if not self.pm.is_registered(module):

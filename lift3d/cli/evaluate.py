@@ -1,0 +1,330 @@
+"""``lift3d-evaluate``: score synthesized NIfTI volumes against their targets (MAE, PSNR, SSIM of
+Make-A-Volume's Tables 1-2, plus a z-consistency score) and draw Fig. 3-style orthogonal views.
+
+Writes ``metrics.csv`` (one row per subject), ``summary.json`` (mean and std per metric, and the
+intensity-scale rule) and ``figures/<subject>.png`` into ``--out``. Everything is written into a
+hidden staging folder first and moved into place only when every subject succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from tqdm import tqdm
+
+from lift3d.cli._common import UserError, run_cli
+from lift3d.figures import save_orthogonal_views
+from lift3d.metrics import DATA_RANGE, INTENSITY_RULE, METRICS, SSIM_WIN_SIZE, evaluate_volumes, summarize
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+CSV_NAME = "metrics.csv"
+SUMMARY_NAME = "summary.json"
+FIGURES_DIR = "figures"
+
+# For each slice axis: how to turn canonical RAS data (x, y, z) into (slice, row, column) with
+# rows top-to-bottom and columns left-to-right as lift3d.figures draws them (neurological view,
+# superior/anterior up), and the matching column titles.
+SLICE_AXES = {
+    "axial": {"axes": (2, 1, 0), "flip": (False, True, False), "planes": ("axial", "coronal", "sagittal")},
+    "coronal": {"axes": (1, 2, 0), "flip": (False, True, False), "planes": ("coronal", "axial", "sagittal")},
+    "sagittal": {"axes": (0, 2, 1), "flip": (False, True, True), "planes": ("sagittal", "axial", "coronal")},
+}
+
+NON_FINITE_RULE = "non-finite numbers (a perfect PSNR is inf) are written as the strings \"inf\", \"-inf\", \"nan\""
+
+
+@dataclass(frozen=True)
+class Subject:
+    name: str
+    prediction: Path
+    target: Path
+    mask: Path | None = None
+    source: Path | None = None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lift3d-evaluate",
+        description=(
+            "Compare predicted 3D volumes with their targets. Metrics: MAE, PSNR (dB), 3D SSIM and "
+            "z_inconsistency (mean |dz(pred) - dz(target)| / mean |dz(target)|, dz = difference of "
+            "consecutive slices; lower is better). Intensity scale: " + INTENSITY_RULE + "."
+        ),
+        epilog=(
+            f"Outputs in --out: {CSV_NAME} (one row per subject), {SUMMARY_NAME} (mean and population std "
+            f"per metric, the intensity rule; {NON_FINITE_RULE}) and {FIGURES_DIR}/<subject>.png "
+            "(axial/coronal/sagittal mid-planes of source, prediction, target and |error|). "
+            "Nothing is written unless every subject is evaluated."
+        ),
+    )
+    parser.add_argument(
+        "--pred", nargs="+", required=True, metavar="PATH",
+        help="predicted NIfTI files (.nii or .nii.gz), or one directory of them; the subject name is the file name",
+    )
+    parser.add_argument(
+        "--target", nargs="+", required=True, metavar="PATH",
+        help="target NIfTI files, one per --pred file in the same order, or one directory holding a file "
+        "with the same name as each predicted file",
+    )
+    parser.add_argument(
+        "--mask", nargs="+", metavar="PATH",
+        help="optional masks (voxels > 0 count): one file for every subject, one file per subject in --pred "
+        "order, or a directory matched by file name. MAE and PSNR use the masked voxels, SSIM averages its "
+        "map over them, z_inconsistency uses voxels inside the mask in both neighbouring slices",
+    )
+    parser.add_argument(
+        "--source", nargs="+", metavar="PATH",
+        help="optional source-modality volumes, shown in the figures only: one per subject in --pred order, "
+        "or a directory matched by file name",
+    )
+    parser.add_argument(
+        "--slice-axis", choices=tuple(SLICE_AXES), default="axial",
+        help="the axis the 2D model sliced along. Every volume is reoriented to the closest canonical (RAS) "
+        "orientation and this axis is put first; z_inconsistency differences along it (default: axial)",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="DIR",
+        help="output directory; created if missing, existing files of the same names are replaced",
+    )
+    return parser
+
+
+def _subject_name(path: Path) -> str:
+    for suffix in NIFTI_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.name
+
+
+def _nifti_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
+
+
+def _check_exists(path: Path, role: str) -> Path:
+    if not path.exists():
+        raise UserError(f"{role} file not found: {path}")
+    if path.is_dir():
+        raise UserError(f"{role} {path} is a directory; give a directory only as the single {role} path")
+    return path
+
+
+def _per_subject(paths: Sequence[str] | None, predictions: list[Path], role: str, *, allow_one: bool) -> list[Path | None]:
+    """Resolve --mask/--source to one path (or None) per predicted file."""
+    if not paths:
+        return [None] * len(predictions)
+    if len(paths) == 1 and Path(paths[0]).is_dir():
+        directory = Path(paths[0])
+        matched = [directory / p.name for p in predictions]
+        missing = [p.name for p in matched if not p.exists()]
+        if missing:
+            raise UserError(f"{role} directory {directory} has no file named {', '.join(missing)}")
+        return matched  # type: ignore[return-value]
+    resolved = [_check_exists(Path(p), role) for p in paths]
+    if len(resolved) == len(predictions):
+        return resolved  # type: ignore[return-value]
+    if allow_one and len(resolved) == 1:
+        return resolved * len(predictions)  # type: ignore[return-value]
+    valid = f"1 or {len(predictions)}" if allow_one else f"{len(predictions)}"
+    raise UserError(f"got {len(resolved)} --{role} paths for {len(predictions)} predictions; give {valid}, or a directory")
+
+
+def collect_subjects(args: argparse.Namespace) -> list[Subject]:
+    """Pair predictions with targets (and masks, sources), checking every path exists."""
+    if len(args.pred) == 1 and Path(args.pred[0]).is_dir():
+        pred_dir = Path(args.pred[0])
+        predictions = _nifti_files(pred_dir)
+        if not predictions:
+            raise UserError(f"prediction directory {pred_dir} holds no {' or '.join(NIFTI_SUFFIXES)} file")
+        if len(args.target) != 1 or not Path(args.target[0]).is_dir():
+            raise UserError(f"--pred is a directory ({pred_dir}), so --target must be one directory; got {' '.join(args.target)}")
+        targets = _per_subject(args.target, predictions, "target", allow_one=False)
+    else:
+        predictions = [_check_exists(Path(p), "prediction") for p in args.pred]
+        if len(args.target) != len(predictions):
+            raise UserError(f"got {len(predictions)} --pred files but {len(args.target)} --target files; give one target per prediction")
+        targets = [_check_exists(Path(p), "target") for p in args.target]
+    masks = _per_subject(args.mask, predictions, "mask", allow_one=True)
+    sources = _per_subject(args.source, predictions, "source", allow_one=False)
+    subjects = [
+        Subject(_subject_name(p), p, t, m, s)  # type: ignore[arg-type]
+        for p, t, m, s in zip(predictions, targets, masks, sources)
+    ]
+    names = [s.name for s in subjects]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UserError(f"several predictions share the subject name {', '.join(duplicates)}; file names must differ")
+    return subjects
+
+
+def _load_image(path: Path, role: str) -> nib.Nifti1Image:
+    try:
+        image = nib.load(path)
+    except (ImageFileError, OSError, EOFError, ValueError, zlib.error) as exc:
+        raise UserError(f"cannot read {role} {path} as NIfTI: {exc}") from None
+    shape = image.shape
+    # (x, y, z, 1) is a 3D volume stored with a singleton time axis.
+    if len(shape) < 3 or any(size != 1 for size in shape[3:]):
+        raise UserError(f"{role} {path} is not a 3D image: shape {shape}")
+    return image
+
+
+def load_volume(path: Path, role: str, slice_axis: str) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Read a NIfTI as ``(slice, row, column)`` float32 for ``slice_axis``, and its voxel spacing."""
+    image = _load_image(path, role)
+    image = nib.as_closest_canonical(nib.squeeze_image(image))
+    try:
+        data = image.get_fdata(dtype=np.float32)
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        raise UserError(f"cannot read the voxels of {role} {path}: {exc}") from None
+    layout = SLICE_AXES[slice_axis]
+    volume = np.transpose(data, layout["axes"])
+    volume = volume[tuple(slice(None, None, -1) if flip else slice(None) for flip in layout["flip"])]
+    zooms = image.header.get_zooms()[:3]
+    spacing = tuple(float(zooms[axis]) for axis in layout["axes"])
+    return np.ascontiguousarray(volume), spacing  # type: ignore[return-value]
+
+
+def check_shapes(subjects: list[Subject]) -> None:
+    """Fail before any work if a subject's files disagree in shape or are not 3D (headers only)."""
+    for subject in subjects:
+        target_shape = _load_image(subject.target, "target").shape[:3]
+        others = [("prediction", subject.prediction), ("mask", subject.mask), ("source", subject.source)]
+        for role, path in others:
+            if path is None:
+                continue
+            shape = _load_image(path, role).shape[:3]
+            if shape != target_shape:
+                raise UserError(
+                    f"shape mismatch for subject '{subject.name}': {role} {path} has shape {shape} "
+                    f"but target {subject.target} has shape {target_shape}"
+                )
+
+
+def evaluate_subject(subject: Subject, slice_axis: str, figure_path: Path) -> dict[str, object]:
+    target, spacing = load_volume(subject.target, "target", slice_axis)
+    prediction, _ = load_volume(subject.prediction, "prediction", slice_axis)
+    if prediction.shape != target.shape:
+        raise UserError(
+            f"orientation mismatch for subject '{subject.name}': after reorienting, prediction {subject.prediction} "
+            f"has shape {prediction.shape} but target {subject.target} has {target.shape}"
+        )
+    mask = None if subject.mask is None else load_volume(subject.mask, "mask", slice_axis)[0] > 0
+    try:
+        metrics = evaluate_volumes(prediction, target, mask)
+    except ValueError as exc:
+        raise UserError(f"subject '{subject.name}': {exc}") from None
+    volumes = {}
+    if subject.source is not None:
+        volumes["source"] = load_volume(subject.source, "source", slice_axis)[0]
+    volumes["prediction"] = prediction
+    volumes["target"] = target
+    save_orthogonal_views(
+        figure_path, volumes, title=subject.name, error_of=("prediction", "target"),
+        spacing=spacing, plane_names=SLICE_AXES[slice_axis]["planes"],
+    )
+    return {
+        "subject": subject.name,
+        **metrics,
+        "prediction": str(subject.prediction),
+        "target": str(subject.target),
+        "mask": "" if subject.mask is None else str(subject.mask),
+    }
+
+
+def _json_number(value: float) -> float | str:
+    return value if math.isfinite(value) else str(value)
+
+
+def build_summary(rows: list[dict[str, object]], slice_axis: str) -> dict[str, object]:
+    summary = summarize(rows)
+    return {
+        "n_subjects": len(rows),
+        "slice_axis": slice_axis,
+        "intensity_scale": INTENSITY_RULE,
+        "data_range": DATA_RANGE,
+        "ssim": f"skimage.metrics.structural_similarity on the 3D volume, uniform {SSIM_WIN_SIZE}^3 window",
+        "z_inconsistency": "mean |dz(pred) - dz(target)| / mean |dz(target)|, dz along the slice axis; lower is better",
+        "std": "population standard deviation (ddof=0) over subjects",
+        "non_finite": NON_FINITE_RULE,
+        "higher_is_better": {name: METRICS[name] for name in summary},
+        "metrics": {
+            name: {"mean": _json_number(stats["mean"]), "std": _json_number(stats["std"]), "n": stats["n"]}
+            for name, stats in summary.items()
+        },
+    }
+
+
+def _prepare_out(out: Path) -> tuple[Path, bool]:
+    """Create ``out`` if needed and a staging folder inside it; return (staging, created_out)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".lift3d-evaluate-", dir=out))
+    except OSError as exc:
+        raise UserError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+    return staging, created
+
+
+def _publish(staging: Path, out: Path, figure_names: list[str]) -> None:
+    (out / FIGURES_DIR).mkdir(exist_ok=True)
+    for name in figure_names:
+        os.replace(staging / FIGURES_DIR / name, out / FIGURES_DIR / name)
+    # The CSV and summary go last, so their presence means the figures are all there.
+    os.replace(staging / CSV_NAME, out / CSV_NAME)
+    os.replace(staging / SUMMARY_NAME, out / SUMMARY_NAME)
+
+
+def _write_csv(path: Path, rows: list[dict[str, object]]) -> None:
+    columns = ["subject", *METRICS, "prediction", "target", "mask"]
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: (repr(row[key]) if isinstance(row[key], float) else row[key]) for key in columns})
+
+
+def _format(value: float | str) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else value
+
+
+@run_cli
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    subjects = collect_subjects(args)
+    check_shapes(subjects)
+    out = Path(args.out)
+    staging, created_out = _prepare_out(out)
+    try:
+        (staging / FIGURES_DIR).mkdir()
+        rows = []
+        for subject in tqdm(subjects, desc="lift3d-evaluate", unit="subject", disable=None):
+            rows.append(evaluate_subject(subject, args.slice_axis, staging / FIGURES_DIR / f"{subject.name}.png"))
+        _write_csv(staging / CSV_NAME, rows)
+        summary = build_summary(rows, args.slice_axis)
+        (staging / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        _publish(staging, out, [f"{s.name}.png" for s in subjects])
+    except OSError as exc:
+        raise UserError(f"cannot write {exc.filename or out}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created_out and not any(out.iterdir()):
+            out.rmdir()
+    print(f"{len(rows)} subjects -> {out / CSV_NAME}, {out / SUMMARY_NAME}, {out / FIGURES_DIR}/")
+    for name, stats in summary["metrics"].items():  # type: ignore[union-attr]
+        print(f"  {name:16s} {_format(stats['mean'])} +/- {_format(stats['std'])}")
+    return 0

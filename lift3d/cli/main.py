@@ -1,0 +1,70 @@
+"""The ``lift3d`` command: one entry point, one argparse subcommand per task.
+
+A subcommand is a ``add_<name>_parser(subparsers)`` function that sets ``func`` on its parser;
+``func(args)`` returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import lift3d
+from lift3d.cli._common import run_cli
+from lift3d.plugins import AUTOLOAD_ENV, KINDS, get_plugin_manager
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    manager = get_plugin_manager()
+    kinds = [args.kind] if args.kind else list(KINDS)
+    for i, kind in enumerate(kinds):
+        entries = list(manager.registry(kind).entries())
+        if i:
+            print()
+        print(f"{kind}:")
+        if not entries:
+            print("  (none)")
+            continue
+        rows = [(e.name, e.package, e.plugin) for e in entries]
+        widths = [max(len(row[col]) for row in rows) for col in range(2)]
+        for name, package, module in rows:
+            print(f"  {name:<{widths[0]}}  {package:<{widths[1]}}  {module}")
+    return 0
+
+
+def add_plugins_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "plugins",
+        help="list registered datasets, autoencoders and timestep samplers",
+        description=(
+            "List every registered plugin by kind: its name, the package that provides it and the "
+            f"module that defines it. Set {AUTOLOAD_ENV}=1 to hide installed third-party plugins."
+        ),
+    )
+    parser.add_argument("--kind", choices=KINDS, help="list only this kind of plugin")
+    parser.set_defaults(func=_plugins)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lift3d",
+        description="Lift a pretrained 2D diffusion U-Net into a volume-aware 3D model (Make-A-Volume).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {lift3d.__version__}")
+    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="<command>")
+    add_plugins_parser(subparsers)
+    return parser
+
+
+@run_cli
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

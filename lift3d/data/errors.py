@@ -1,0 +1,7 @@
+"""The one exception for bad volume data: a missing, corrupt or unusable image, folder or pair."""
+
+from __future__ import annotations
+
+
+class VolumeError(ValueError):
+    """An image, folder or pair that cannot be used. The message names the file and the problem."""

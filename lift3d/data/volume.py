@@ -1,0 +1,133 @@
+"""From a 3D image to the training grid and back: :class:`TrainingGrid`, :class:`VolumeMeta`.
+
+``prepare_volume`` runs canonicalise -> slice axis first -> normalise -> resample, giving an
+``(n, h, w)`` float32 array in [-1, 1]; ``restore_volume`` runs the exact inverse chain using the
+:class:`VolumeMeta` recorded on the way in. The paper resizes every volume to one grid
+(256 x 256 x 100 for SWI -> MRA, 256 x 256 x 35 for RIRE T1 -> T2; Make-A-Volume, Sec. 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from lift3d.data.errors import VolumeError
+from lift3d.data.intensity import IntensityScaling, check_percentiles
+from lift3d.data.orientation import check_slice_axis, from_slices, orientation_codes, to_slices
+from lift3d.data.resample import check_in_plane_size, resize_volume
+
+
+@dataclass(frozen=True)
+class TrainingGrid:
+    """The grid every volume is resampled to: ``num_slices`` slices of ``size`` (int or ``(h, w)``).
+
+    ``multiple`` is what the in-plane size must divide by (autoencoder factor x U-Net
+    downsampling); ``percentiles`` are the intensity clipping points mapped to -1 and +1.
+    """
+
+    size: int | tuple[int, int] = 256
+    num_slices: int = 100
+    slice_axis: str = "axial"
+    multiple: int = 8
+    percentiles: tuple[float, float] = (0.5, 99.5)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", check_in_plane_size(self.size, self.multiple))
+        n = self.num_slices
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"num_slices must be a positive integer, got {n!r}")
+        check_slice_axis(self.slice_axis)
+        object.__setattr__(self, "percentiles", check_percentiles(self.percentiles))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(n, h, w)``."""
+        return (int(self.num_slices), *self.size)  # type: ignore[return-value]
+
+
+@dataclass
+class VolumeMeta:
+    """What :func:`lift3d.data.nifti.save_volume` needs to put a volume back where it came from.
+
+    :param path: the source file (None for generated data).
+    :param affine: the original voxel -> world (RAS mm) affine, 4 x 4.
+    :param shape: the original 3D shape, in the file's own axis order.
+    :param orientation: the file's axis codes, e.g. ``('L', 'P', 'S')``; canonical is RAS.
+    :param slice_axis: ``'axial'``, ``'coronal'`` or ``'sagittal'``.
+    :param slice_shape: ``(n, h, w)`` after reorientation, before resampling.
+    :param grid_shape: ``(n, h, w)`` of the training grid.
+    :param intensity: the clipping and [-1, 1] map.
+    :param header: the source's NIfTI header (None for generated data).
+    """
+
+    path: Path | None
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    orientation: tuple[str, str, str]
+    slice_axis: str
+    slice_shape: tuple[int, int, int]
+    grid_shape: tuple[int, int, int]
+    intensity: IntensityScaling
+    header: nib.Nifti1Header | None = field(default=None, repr=False)
+
+    @property
+    def voxel_size(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+
+def prepare_volume(
+    image: nib.Nifti1Image, grid: TrainingGrid, *, path: Path | str | None = None, order: int = 1, normalise: bool = True
+) -> tuple[np.ndarray, VolumeMeta]:
+    """A validated 3D image -> ``(n, h, w)`` float32 on ``grid`` (in [-1, 1] if ``normalise``), and its meta.
+
+    ``order`` is the interpolation order (1 = linear; 0 = nearest, for label maps and masks).
+    """
+    slices = to_slices(image, grid.slice_axis)
+    if normalise:
+        intensity = IntensityScaling.fit(slices, grid.percentiles, source=path or "volume")
+        slices = intensity.normalise(slices)
+    else:
+        intensity = IntensityScaling(-1.0, 1.0)
+    out = resize_volume(slices, grid.shape, order=order)
+    if normalise:
+        np.clip(out, -1.0, 1.0, out=out)
+    meta = VolumeMeta(
+        path=Path(path) if path is not None else None,
+        affine=np.array(image.affine, dtype=np.float64),
+        shape=tuple(int(s) for s in image.shape[:3]),  # type: ignore[arg-type]
+        orientation=orientation_codes(image.affine),
+        slice_axis=grid.slice_axis,
+        slice_shape=tuple(int(s) for s in slices.shape),  # type: ignore[arg-type]
+        grid_shape=grid.shape,
+        intensity=intensity,
+        header=image.header.copy() if isinstance(image.header, nib.Nifti1Header) else None,
+    )
+    return out, meta
+
+
+def restore_volume(volume: Any, meta: VolumeMeta) -> np.ndarray:
+    """Undo :func:`prepare_volume`: ``(n, h, w)`` or ``(1, n, h, w)`` in [-1, 1] -> float32 in ``meta.shape``.
+
+    Values are clipped to [-1, 1] first (what normalisation produced); the clipping done by the
+    percentile normalisation itself cannot be undone.
+    """
+    array = volume.detach().cpu().float().numpy() if hasattr(volume, "detach") else np.asarray(volume, dtype=np.float32)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.shape != tuple(meta.grid_shape):
+        raise ValueError(
+            f"volume has shape {tuple(array.shape)}; expected the training grid {tuple(meta.grid_shape)} "
+            f"as (n, h, w) or (1, n, h, w)"
+        )
+    if not np.isfinite(array).all():
+        raise VolumeError(f"volume to restore onto {meta.path or 'its source grid'} has NaN or inf values")
+    array = np.clip(array, -1.0, 1.0)
+    slices = resize_volume(array, meta.slice_shape, order=1)
+    data = from_slices(meta.intensity.denormalise(slices), meta.orientation, meta.slice_axis)
+    if data.shape != tuple(meta.shape):  # a meta whose fields disagree with each other
+        raise ValueError(f"restored shape {data.shape} does not match the source shape {meta.shape}; the meta is inconsistent")
+    return data

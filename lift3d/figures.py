@@ -1,0 +1,156 @@
+"""Orthogonal mid-plane figures of synthesized volumes, like Make-A-Volume's Fig. 3 (MICCAI 2023):
+the two through-plane views are where slice-by-slice synthesis shows its striping.
+
+Volumes are ``(n, h, w)`` with the slice axis first. Panel layout, per row:
+in-plane ``v[n // 2]`` (row 0 at the top), then ``v[:, h // 2, :]`` and ``v[:, :, w // 2]`` with
+the slice axis vertical and slice 0 at the bottom. With ``lift3d-evaluate``'s reorientation
+(slice axis axial) that is axial, coronal, sagittal in neurological orientation, superior up.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from lift3d.metrics import DATA_RANGE, scale_to_target_range
+
+PLANE_NAMES = ("axial", "coronal", "sagittal")
+# Grey levels clip the rarest 0.5 % at each end so a few bright voxels do not darken the panel.
+DISPLAY_PERCENTILES = (0.5, 99.5)
+PANEL_INCHES = 2.4
+
+
+def _mid_planes(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n, h, w = volume.shape
+    return volume[n // 2], volume[:, h // 2, :], volume[:, :, w // 2]
+
+
+def _error_pairs(
+    error_of: tuple[str, str] | Sequence[tuple[str, str]] | None, names: Sequence[str]
+) -> list[tuple[str, str]]:
+    if error_of is None:
+        return []
+    if len(error_of) == 2 and all(isinstance(item, str) for item in error_of):
+        pairs = [tuple(error_of)]
+    else:
+        pairs = [tuple(pair) for pair in error_of]  # type: ignore[union-attr]
+    for pair in pairs:
+        if len(pair) != 2 or not all(isinstance(item, str) for item in pair):
+            raise TypeError(f"error_of must be a (prediction, target) pair of names or a list of them; got {error_of!r}")
+        for name in pair:
+            if name not in names:
+                raise KeyError(
+                    f"error_of names '{name}', which is not in volumes; available: {', '.join(names)} "
+                    "(pass error_of=None for no error rows)"
+                )
+    return pairs  # type: ignore[return-value]
+
+
+def _display_range(volume: np.ndarray) -> tuple[float, float]:
+    lo, hi = (float(v) for v in np.percentile(volume, DISPLAY_PERCENTILES))
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
+def save_orthogonal_views(
+    path: str | os.PathLike,
+    volumes: Mapping[str, np.ndarray],
+    *,
+    title: str | None = None,
+    error_of: tuple[str, str] | Sequence[tuple[str, str]] | None = ("prediction", "target"),
+    spacing: Sequence[float] | None = None,
+    plane_names: Sequence[str] = PLANE_NAMES,
+    dpi: int = 100,
+) -> Figure:
+    """Write a PNG with one row per volume, then one ``|error|`` row per ``error_of`` pair.
+
+    :param volumes: name -> ``(n, h, w)`` array, all the same shape; rows follow this order.
+    :param error_of: a ``(prediction, target)`` pair of names in ``volumes``, a list of such
+        pairs (one per method), or None. Each prediction is drawn with its target's grey levels;
+        other rows (a source modality) get their own. The error is ``|pred - target|`` on the
+        metrics' [0, 255] scale (:func:`lift3d.metrics.scale_to_target_range`), hot colormap,
+        one colour scale shared by all error rows, with a colourbar.
+    :param spacing: voxel size ``(slice, row, column)``, e.g. in mm, for true panel aspect.
+    :param plane_names: column titles for the in-plane view and the two through-plane views.
+    :returns: the figure (three image axes per row, plus one colourbar axes per error row).
+    The file is written to a temporary name in the same folder, then renamed over ``path``.
+    """
+    names = list(volumes)
+    if not names:
+        raise ValueError("volumes is empty; give at least one name -> (n, h, w) array")
+    arrays = {name: np.asarray(volumes[name], dtype=np.float64) for name in names}
+    shape = arrays[names[0]].shape
+    for name, array in arrays.items():
+        if array.ndim != 3:
+            raise ValueError(f"volume '{name}' must be 3D (n, h, w); got shape {array.shape}")
+        if array.shape != shape:
+            raise ValueError(f"volume '{name}' has shape {array.shape} but '{names[0]}' has {shape}; all must match")
+    if spacing is None:
+        spacing = (1.0, 1.0, 1.0)
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or not all(s > 0 for s in spacing):
+        raise ValueError(f"spacing must be three positive voxel sizes (slice, row, column); got {spacing}")
+    if len(plane_names) != 3:
+        raise ValueError(f"plane_names must name 3 columns; got {list(plane_names)}")
+    pairs = _error_pairs(error_of, names)
+
+    grey_range = {name: _display_range(array) for name, array in arrays.items()}
+    for prediction, target in reversed(pairs):  # the first pair naming a prediction wins
+        grey_range[target] = _display_range(arrays[target])
+        grey_range[prediction] = grey_range[target]
+    errors = {}
+    for prediction, target in pairs:
+        pred_scaled, target_scaled = scale_to_target_range(arrays[prediction], arrays[target])
+        errors[f"|{prediction} - {target}|"] = np.abs(pred_scaled - target_scaled)
+    error_max = max((float(np.percentile(e, 99.5)) for e in errors.values()), default=0.0)
+    error_max = error_max if error_max > 0 else DATA_RANGE / 100
+
+    s_slice, s_row, s_col = spacing
+    # imshow aspect = height / width of one pixel.
+    aspects = (s_row / s_col, s_slice / s_col, s_slice / s_row)
+    origins = ("upper", "lower", "lower")
+
+    rows = [(name, arrays[name], "gray", grey_range[name]) for name in names]
+    rows += [(name, error, "hot", (0.0, error_max)) for name, error in errors.items()]
+    # Size columns by the panels' physical widths so a thin through-plane view wastes no space.
+    n, h, w = shape
+    row_height = max(h * s_row, n * s_slice)
+    widths = [max(0.25, width / row_height) for width in (w * s_col, w * s_col, h * s_row)]
+    figsize = (PANEL_INCHES * sum(widths) + 1.4, PANEL_INCHES * len(rows) + (0.5 if title else 0.3))
+    fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    # A narrow fourth column holds the error colourbars, so every row's panels line up.
+    grid = fig.add_gridspec(len(rows), 4, width_ratios=(*widths, 0.08))
+    for row_index, (name, volume, cmap, (vmin, vmax)) in enumerate(rows):
+        image = None
+        for column, plane in enumerate(_mid_planes(volume)):
+            ax = fig.add_subplot(grid[row_index, column])
+            image = ax.imshow(plane, cmap=cmap, vmin=vmin, vmax=vmax, origin=origins[column],
+                              aspect=aspects[column], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row_index == 0:
+                ax.set_title(plane_names[column])
+            if column == 0:
+                ax.set_ylabel(name)
+        if cmap == "hot":
+            colourbar = fig.colorbar(image, cax=fig.add_subplot(grid[row_index, 3]))
+            colourbar.set_label("0-255 scale", fontsize="small")
+    if title:
+        fig.suptitle(title)
+
+    path = Path(path)
+    # A unique sibling name (not mkstemp, whose 0600 mode would survive the rename).
+    temp_name = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        fig.savefig(temp_name, format="png", dpi=dpi)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    return fig

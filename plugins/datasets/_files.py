@@ -1,0 +1,117 @@
+"""The shared base of the file-backed dataset plugins: a list of subject files on a training grid.
+
+Subclasses find the files (folder layout, CSV, RIRE's layout) and pass them in; this class
+chooses the split and loads a subject only when it is indexed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lift3d.data.dataset import VolumeDataset
+from lift3d.data.errors import VolumeError
+from lift3d.data.nifti import NIFTI_SUFFIXES, image_suffix
+from lift3d.data.pairs import load_pair
+from lift3d.data.splits import SubjectList, select_split
+from lift3d.data.volume import TrainingGrid
+from lift3d.protocols import VolumePair
+
+
+@dataclass(frozen=True)
+class SubjectFiles:
+    subject: str
+    source: Path
+    target: Path
+    mask: Path | None = None
+
+
+def modality_candidates(folder: Path, name: str) -> list[Path]:
+    """``name`` as given if it has an image suffix, else ``name.nii.gz`` then ``name.nii``."""
+    if image_suffix(name) is not None:
+        return [folder / name]
+    return [folder / f"{name}{suffix}" for suffix in NIFTI_SUFFIXES]
+
+
+def find_first(candidates: Sequence[Path]) -> Path | None:
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def check_root(root: Path | str | None, dataset: str) -> Path:
+    if root is None:
+        raise ValueError(f"dataset {dataset!r} needs root=<folder>")
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise VolumeError(f"{root}: dataset folder not found")
+    if not root.is_dir():
+        raise VolumeError(f"{root}: is a file; dataset {dataset!r} needs a folder")
+    return root
+
+
+def subject_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def missing_error(root: Path, missing: list[str], expected: str) -> VolumeError:
+    shown = "; ".join(missing[:10]) + (f"; and {len(missing) - 10} more" if len(missing) > 10 else "")
+    return VolumeError(f"{root}: {len(missing)} subject(s) lack a file ({expected}): {shown}")
+
+
+class PairedFilesDataset(VolumeDataset):
+    """Pairs of image files, one subject each, served on one :class:`TrainingGrid`.
+
+    Common options: ``split`` (train/val/test/all), explicit ``train``/``val``/``test`` subject
+    lists or seeded ``test_size``/``val_size`` (int = count, float = fraction) with ``seed``;
+    ``size`` (int or (h, w)), ``num_slices``, ``slice_axis``, ``multiple``, ``percentiles``;
+    ``min_overlap`` for pairs on different grids; ``apply_mask``; ``cache``, ``cache_size``.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[SubjectFiles],
+        *,
+        where: object,
+        split: str = "train",
+        size: int | tuple[int, int] = 256,
+        num_slices: int = 100,
+        slice_axis: str = "axial",
+        multiple: int = 8,
+        percentiles: tuple[float, float] = (0.5, 99.5),
+        train: SubjectList = None,
+        val: SubjectList = None,
+        test: SubjectList = None,
+        test_size: int | float = 0.2,
+        val_size: int | float = 0,
+        seed: int = 0,
+        min_overlap: float = 0.5,
+        apply_mask: bool = False,
+        cache: bool = False,
+        cache_size: int | None = None,
+    ) -> None:
+        super().__init__(cache=cache, cache_size=cache_size)
+        self.grid = TrainingGrid(size, num_slices, slice_axis, multiple, percentiles)
+        self.num_slices = self.grid.num_slices
+        self.split = split
+        self.min_overlap = float(min_overlap)
+        self.apply_mask = bool(apply_mask)
+        by_subject = {f.subject: f for f in files}
+        if len(by_subject) != len(files):
+            seen: set[str] = set()
+            dupes = sorted({f.subject for f in files if f.subject in seen or seen.add(f.subject)})
+            raise VolumeError(f"{where}: subjects listed more than once: {', '.join(dupes)}")
+        chosen = select_split(
+            list(by_subject), split, train=train, val=val, test=test,
+            test_size=test_size, val_size=val_size, seed=seed, where=where,
+        )
+        self.files = [by_subject[s] for s in chosen]
+
+    def subjects(self) -> list[str]:
+        return [f.subject for f in self.files]
+
+    def load(self, index: int) -> VolumePair:
+        f = self.files[index]
+        return load_pair(
+            f.subject, f.source, f.target, self.grid,
+            mask=f.mask, apply_mask=self.apply_mask, min_overlap=self.min_overlap,
+        )

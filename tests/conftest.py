@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny models built from configs, never from a hub."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("LIFT3D_DISABLE_PLUGIN_AUTOLOAD", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_unet2d(in_channels: int = 2, out_channels: int = 1, sample_size: int = 16):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+def tiny_unet2d_condition():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, norm_num_groups=8, attention_head_dim=4,
+    ).eval()
+
+
+@pytest.fixture
+def unet2d():
+    return tiny_unet2d()
+
+
+@pytest.fixture
+def unet2d_condition():
+    return tiny_unet2d_condition()

@@ -1,0 +1,233 @@
+import pytest
+import torch
+from einops import rearrange
+from torch import nn
+
+import lift3d
+from tests.conftest import tiny_unet2d, tiny_unet2d_condition
+
+
+def randomise(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _, layer in lift3d.volumetric_layers(model):
+        layer.init_random_(std=0.2, generator=g)
+
+
+def slices(x):
+    return rearrange(x, "b c n h w -> (b n) c h w")
+
+
+@pytest.mark.parametrize("n", [1, 7, 35, 100])
+def test_lifted_output_equals_2d_output_exactly(unet2d, n):
+    x = torch.randn(2, 2, n, 16, 16)
+    t = torch.tensor([3, 900])
+    with torch.no_grad():
+        expected = unet2d(slices(x), t.repeat_interleave(n)).sample
+        lift3d.inflate(unet2d)
+        out = unet2d(x, t).sample
+    assert out.shape == (2, 1, n, 16, 16)
+    assert torch.equal(slices(out), expected)
+
+
+def test_plain_4d_batch_runs_as_the_2d_model(unet2d):
+    lift3d.inflate(unet2d)
+    randomise(unet2d)  # even with trained volumetric layers, a 4D batch is plain 2D
+    x, t = torch.randn(6, 2, 16, 16), torch.full((6,), 10)
+    with torch.no_grad():
+        with lift3d.volumetric_disabled(unet2d):
+            expected = unet2d(x, t).sample
+        assert torch.equal(unet2d(x, t).sample, expected)
+
+
+def test_per_slice_timesteps_and_flattened_batch_api(unet2d):
+    lift3d.inflate(unet2d)
+    randomise(unet2d)
+    x = torch.randn(2, 2, 5, 16, 16)
+    t = torch.randint(0, 1000, (2, 5))
+    with torch.no_grad():
+        volume_out = unet2d(x, t).sample
+        with lift3d.volume_batch(unet2d, 5):
+            flat_out = unet2d(slices(x), t.flatten()).sample
+    assert torch.equal(slices(volume_out), flat_out)
+
+
+def test_volumes_stay_separate_and_neighbouring_slices_interact(unet2d):
+    lift3d.inflate(unet2d)
+    randomise(unet2d)
+    x = torch.randn(2, 2, 9, 16, 16)
+    t = torch.tensor([50, 50])
+    with torch.no_grad():
+        base = unet2d(x, t).sample
+        other = x.clone()
+        other[1] += torch.randn_like(other[1])
+        assert torch.equal(unet2d(other, t).sample[0], base[0])
+        k = 4
+        poked = x.clone()
+        poked[0, :, k] += 1.0
+        changed = unet2d(poked, t).sample
+    diff = (changed - base).abs().amax(dim=(1, 3, 4))[0]  # per slice of volume 0
+    assert diff[k - 1] > 0 and diff[k + 1] > 0
+    assert torch.equal(changed[1], base[1])
+
+
+def test_receptive_field_of_one_layer_is_one_slice_each_side():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1))
+    lift3d.inflate(model, where="spatial")
+    randomise(model)
+    x = torch.randn(1, 1, 7, 8, 8)
+    with torch.no_grad():
+        base = model(x)
+        poked = x.clone()
+        poked[:, :, 3] += 1
+        diff = (model(poked) - base).abs().amax(dim=(0, 1, 3, 4))
+    assert diff[2] > 0 and diff[3] > 0 and diff[4] > 0
+    assert diff[0] == 0 and diff[1] == 0 and diff[5] == 0 and diff[6] == 0
+
+
+def test_condition_model_broadcasts_encoder_hidden_states(unet2d_condition):
+    x = torch.randn(2, 4, 5, 16, 16)
+    t = torch.tensor([10, 700])
+    context = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        expected = unet2d_condition(slices(x), t.repeat_interleave(5),
+                                    encoder_hidden_states=context.repeat_interleave(5, dim=0)).sample
+        lift3d.inflate(unet2d_condition)
+        out = unet2d_condition(x, t, encoder_hidden_states=context).sample
+    assert torch.equal(slices(out), expected)
+
+
+def test_timm_convnet():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=5).eval()
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        expected = model(slices(x))
+        lift3d.inflate(model)
+        out = model(x)
+    assert out.shape == (2, 4, 5)
+    assert torch.equal(rearrange(out, "b n k -> (b n) k"), expected)
+    hosts = [h for h, _ in lift3d.volumetric_layers(model)]
+    assert hosts and all(h.startswith("layer") for h in hosts)  # inside residual blocks, not the stem
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(torch.relu(self.conv1(x)))
+
+
+class PlainNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.block = ResBlock(8)
+        self.head = nn.Conv2d(8, 1, 1)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)))
+
+
+def test_plain_module_default_and_presets():
+    model = PlainNet()
+    x = torch.randn(1, 1, 6, 8, 8)
+    expected = model(slices(x))
+    lift3d.inflate(model)
+    assert [h for h, _ in lift3d.volumetric_layers(model)] == ["block.conv1", "block.conv2"]
+    assert torch.equal(slices(model(x)), expected)
+    assert [h for h, _ in lift3d.volumetric_layers(lift3d.inflate(PlainNet(), where="spatial"))] == [
+        "stem", "block.conv1", "block.conv2"]
+    assert [h for h, _ in lift3d.volumetric_layers(lift3d.inflate(PlainNet(), where="block-output"))] == ["block"]
+    picked = lift3d.inflate(PlainNet(), where=lambda name, m: name == "head")
+    assert [h for h, _ in lift3d.volumetric_layers(picked)] == ["head"]
+
+
+def test_block_output_on_diffusers(unet2d):
+    lift3d.inflate(unet2d, where="block-output")
+    hosts = [h for h, _ in lift3d.volumetric_layers(unet2d)]
+    assert hosts and all(h.split(".")[-2] == "resnets" for h in hosts)
+    x = torch.randn(1, 2, 3, 16, 16)
+    assert unet2d(x, torch.tensor([1])).sample.shape == (1, 1, 3, 16, 16)
+
+
+def test_errors():
+    model = PlainNet()
+    with pytest.raises(ValueError, match="Unknown placement where='everywhere'; available: resnet, spatial, block-output"):
+        lift3d.inflate(model, where="everywhere")
+    with pytest.raises(ValueError, match="matched no module"):
+        lift3d.inflate(nn.Sequential(nn.Conv2d(1, 1, 3)))
+    lift3d.inflate(model)
+    with pytest.raises(ValueError, match="already lifted"):
+        lift3d.inflate(model)
+    with pytest.raises(ValueError, match="not lifted"):
+        lift3d.set_trainable(PlainNet())
+    with pytest.raises(ValueError, match="available: volumetric, all"):
+        lift3d.set_trainable(model, "head")
+
+
+def test_report_counts_layers_and_overhead(unet2d):
+    base = sum(p.numel() for p in unet2d.parameters())
+    lift3d.inflate(unet2d)
+    rep = lift3d.report(unet2d)
+    layers = list(lift3d.volumetric_layers(unet2d))
+    assert rep.num_layers == len(layers) == 16
+    assert rep.base_parameters == base
+    assert rep.volumetric_parameters == sum(c * c * 3 + c for _, c in rep.hosts)
+    assert rep.overhead == pytest.approx(rep.volumetric_parameters / base)
+    assert "16 volumetric layers" in str(rep)
+
+
+def test_parameter_names_unchanged_and_recognisable(unet2d):
+    before = [n for n, _ in unet2d.named_parameters()]
+    state_2d = {k: v.clone() for k, v in unet2d.state_dict().items()}
+    lift3d.inflate(unet2d)
+    after = [n for n, _ in unet2d.named_parameters()]
+    assert [n for n in after if not lift3d.is_volumetric_parameter(n)] == before
+    assert all(n.endswith((".volumetric.weight", ".volumetric.bias")) for n in after if n not in before)
+    unet2d.load_state_dict(state_2d)  # a 2D state dict still loads strictly
+    partial = dict(unet2d.state_dict())
+    partial.pop(next(k for k in partial if lift3d.is_volumetric_parameter(k)))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        unet2d.load_state_dict(partial)
+
+
+def test_layers_follow_host_dtype(unet2d):
+    unet2d.to(torch.bfloat16)
+    lift3d.inflate(unet2d)
+    assert {layer.weight.dtype for _, layer in lift3d.volumetric_layers(unet2d)} == {torch.bfloat16}
+    out = unet2d(torch.randn(1, 2, 3, 16, 16, dtype=torch.bfloat16), torch.tensor([5])).sample
+    assert out.dtype == torch.bfloat16
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_unet2d().train()
+        lift3d.inflate(model)
+        randomise(model)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        torch.manual_seed(1)
+        x = torch.randn(2, 2, 4, 16, 16)
+        model(x, torch.tensor([3, 30])).sample.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if lift3d.is_volumetric_parameter(n)})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["volumetric", "all"])
+def test_set_trainable(unet2d, which):
+    lift3d.inflate(unet2d)
+    names = lift3d.set_trainable(unet2d, which)
+    all_names = [n for n, _ in unet2d.named_parameters()]
+    if which == "all":
+        assert names == all_names
+    else:
+        assert names and all(lift3d.is_volumetric_parameter(n) for n in names)
+    unet2d(torch.randn(1, 2, 3, 16, 16), torch.tensor([5])).sample.mean().backward()
+    with_grad = [n for n, p in unet2d.named_parameters() if p.grad is not None]
+    assert set(with_grad) <= set(names)
+    assert any(lift3d.is_volumetric_parameter(n) for n in with_grad)
