@@ -1,10 +1,11 @@
 """Orthogonal mid-plane figures of synthesized volumes, like Make-A-Volume's Fig. 3 (MICCAI 2023):
 the two through-plane views are where slice-by-slice synthesis shows its striping.
 
-Volumes are ``(n, h, w)`` with the slice axis first. Panel layout, per row:
-in-plane ``v[n // 2]`` (row 0 at the top), then ``v[:, h // 2, :]`` and ``v[:, :, w // 2]`` with
-the slice axis vertical and slice 0 at the bottom. With ``lift3d-evaluate``'s reorientation
-(slice axis axial) that is axial, coronal, sagittal in neurological orientation, superior up.
+Volumes are ``(n, h, w)`` with the slice axis first, as :func:`lift3d.data.orientation.to_slices`
+makes them. Panels per row: in-plane ``v[n // 2]`` (h vertical), then ``v[:, h // 2, :]`` and
+``v[:, :, w // 2]`` with the slice axis vertical; every panel is drawn with index 0 at the bottom
+left (``origin="lower"``). For axial slices of a canonical (RAS) image that is axial (anterior up),
+coronal and sagittal (superior up), with the patient's right on the right.
 """
 
 from __future__ import annotations
@@ -113,7 +114,6 @@ def save_orthogonal_views(
     s_slice, s_row, s_col = spacing
     # imshow aspect = height / width of one pixel.
     aspects = (s_row / s_col, s_slice / s_col, s_slice / s_row)
-    origins = ("upper", "lower", "lower")
 
     rows = [(name, arrays[name], "gray", grey_range[name]) for name in names]
     rows += [(name, error, "hot", (0.0, error_max)) for name, error in errors.items()]
@@ -130,7 +130,7 @@ def save_orthogonal_views(
         image = None
         for column, plane in enumerate(_mid_planes(volume)):
             ax = fig.add_subplot(grid[row_index, column])
-            image = ax.imshow(plane, cmap=cmap, vmin=vmin, vmax=vmax, origin=origins[column],
+            image = ax.imshow(plane, cmap=cmap, vmin=vmin, vmax=vmax, origin="lower",
                               aspect=aspects[column], interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])

@@ -154,6 +154,14 @@ def test_missing_or_bad_config_names_the_file(saved, tmp_path, registry):
         registry.create("kl", path=folder)
 
 
+def test_config_of_another_model_is_refused(saved, tmp_path, registry):
+    folder = _copy(saved, tmp_path)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    (folder / CONFIG_NAME).write_text(json.dumps(dict(config, _class_name="UNet2DModel")))
+    with pytest.raises(ValueError, match=rf"{CONFIG_NAME}' describes a UNet2DModel, not an AutoencoderKL"):
+        registry.create("kl", path=folder)
+
+
 def test_missing_folder(tmp_path, registry):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         registry.create("kl", path=tmp_path / "nope")

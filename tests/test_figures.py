@@ -57,8 +57,8 @@ def test_panels_are_mid_planes_with_slice_axis_vertical(tmp_path):
     np.testing.assert_array_equal(axial.images[0].get_array(), target[n // 2])
     np.testing.assert_array_equal(coronal.images[0].get_array(), target[:, h // 2, :])
     np.testing.assert_array_equal(sagittal.images[0].get_array(), target[:, :, w // 2])
-    assert axial.images[0].origin == "upper"
-    assert coronal.images[0].origin == "lower" and sagittal.images[0].origin == "lower"
+    # Index 0 at the bottom: the slice axis runs upwards, like lift3d.data.orientation's (n, h, w).
+    assert all(ax.images[0].origin == "lower" for ax in (axial, coronal, sagittal))
 
 
 def test_spacing_sets_panel_aspect(tmp_path):

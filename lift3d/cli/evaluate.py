@@ -26,6 +26,8 @@ from nibabel.filebasedimages import ImageFileError
 from tqdm import tqdm
 
 from lift3d.cli._common import UserError, run_cli
+from lift3d.data.nifti import load_image
+from lift3d.data.orientation import SLICE_AXES, to_slices
 from lift3d.figures import save_orthogonal_views
 from lift3d.metrics import DATA_RANGE, INTENSITY_RULE, METRICS, SSIM_WIN_SIZE, evaluate_volumes, summarize
 
@@ -34,13 +36,11 @@ CSV_NAME = "metrics.csv"
 SUMMARY_NAME = "summary.json"
 FIGURES_DIR = "figures"
 
-# For each slice axis: how to turn canonical RAS data (x, y, z) into (slice, row, column) with
-# rows top-to-bottom and columns left-to-right as lift3d.figures draws them (neurological view,
-# superior/anterior up), and the matching column titles.
-SLICE_AXES = {
-    "axial": {"axes": (2, 1, 0), "flip": (False, True, False), "planes": ("axial", "coronal", "sagittal")},
-    "coronal": {"axes": (1, 2, 0), "flip": (False, True, False), "planes": ("coronal", "axial", "sagittal")},
-    "sagittal": {"axes": (0, 2, 1), "flip": (False, True, True), "planes": ("sagittal", "axial", "coronal")},
+# Column titles of the figure (in-plane view, then the two through-plane views) per slice axis.
+PLANE_NAMES = {
+    "axial": ("axial", "coronal", "sagittal"),
+    "coronal": ("coronal", "axial", "sagittal"),
+    "sagittal": ("sagittal", "axial", "coronal"),
 }
 
 NON_FINITE_RULE = "non-finite numbers (a perfect PSNR is inf) are written as the strings \"inf\", \"-inf\", \"nan\""
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "or a directory matched by file name",
     )
     parser.add_argument(
-        "--slice-axis", choices=tuple(SLICE_AXES), default="axial",
+        "--slice-axis", choices=tuple(PLANE_NAMES), default="axial",
         help="the axis the 2D model sliced along. Every volume is reoriented to the closest canonical (RAS) "
         "orientation and this axis is put first; z_inconsistency differences along it (default: axial)",
     )
@@ -137,7 +137,7 @@ def _per_subject(paths: Sequence[str] | None, predictions: list[Path], role: str
         return resolved  # type: ignore[return-value]
     if allow_one and len(resolved) == 1:
         return resolved * len(predictions)  # type: ignore[return-value]
-    valid = f"1 or {len(predictions)}" if allow_one else f"{len(predictions)}"
+    valid = f"1 or {len(predictions)}" if allow_one and len(predictions) > 1 else f"{len(predictions)}"
     raise UserError(f"got {len(resolved)} --{role} paths for {len(predictions)} predictions; give {valid}, or a directory")
 
 
@@ -169,7 +169,8 @@ def collect_subjects(args: argparse.Namespace) -> list[Subject]:
     return subjects
 
 
-def _load_image(path: Path, role: str) -> nib.Nifti1Image:
+def _load_header(path: Path, role: str) -> nib.Nifti1Image:
+    """Open a NIfTI lazily (header only) to check it is 3D before any voxel is read."""
     try:
         image = nib.load(path)
     except (ImageFileError, OSError, EOFError, ValueError, zlib.error) as exc:
@@ -181,31 +182,24 @@ def _load_image(path: Path, role: str) -> nib.Nifti1Image:
     return image
 
 
-def load_volume(path: Path, role: str, slice_axis: str) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Read a NIfTI as ``(slice, row, column)`` float32 for ``slice_axis``, and its voxel spacing."""
-    image = _load_image(path, role)
-    image = nib.as_closest_canonical(nib.squeeze_image(image))
-    try:
-        data = image.get_fdata(dtype=np.float32)
-    except (OSError, EOFError, ValueError, zlib.error) as exc:
-        raise UserError(f"cannot read the voxels of {role} {path}: {exc}") from None
-    layout = SLICE_AXES[slice_axis]
-    volume = np.transpose(data, layout["axes"])
-    volume = volume[tuple(slice(None, None, -1) if flip else slice(None) for flip in layout["flip"])]
-    zooms = image.header.get_zooms()[:3]
-    spacing = tuple(float(zooms[axis]) for axis in layout["axes"])
-    return np.ascontiguousarray(volume), spacing  # type: ignore[return-value]
+def load_volume(path: Path, slice_axis: str) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Read a 3D image as float32 ``(n, h, w)`` for ``slice_axis`` (the project's one convention,
+    :func:`lift3d.data.orientation.to_slices`) and its voxel spacing in the same axis order."""
+    canonical = nib.as_closest_canonical(load_image(path))
+    zooms = canonical.header.get_zooms()[:3]
+    spacing = tuple(float(zooms[axis]) for axis in SLICE_AXES[slice_axis])
+    return to_slices(canonical, slice_axis), spacing  # type: ignore[return-value]
 
 
 def check_shapes(subjects: list[Subject]) -> None:
     """Fail before any work if a subject's files disagree in shape or are not 3D (headers only)."""
     for subject in subjects:
-        target_shape = _load_image(subject.target, "target").shape[:3]
+        target_shape = _load_header(subject.target, "target").shape[:3]
         others = [("prediction", subject.prediction), ("mask", subject.mask), ("source", subject.source)]
         for role, path in others:
             if path is None:
                 continue
-            shape = _load_image(path, role).shape[:3]
+            shape = _load_header(path, role).shape[:3]
             if shape != target_shape:
                 raise UserError(
                     f"shape mismatch for subject '{subject.name}': {role} {path} has shape {shape} "
@@ -214,26 +208,26 @@ def check_shapes(subjects: list[Subject]) -> None:
 
 
 def evaluate_subject(subject: Subject, slice_axis: str, figure_path: Path) -> dict[str, object]:
-    target, spacing = load_volume(subject.target, "target", slice_axis)
-    prediction, _ = load_volume(subject.prediction, "prediction", slice_axis)
+    target, spacing = load_volume(subject.target, slice_axis)
+    prediction, _ = load_volume(subject.prediction, slice_axis)
     if prediction.shape != target.shape:
         raise UserError(
             f"orientation mismatch for subject '{subject.name}': after reorienting, prediction {subject.prediction} "
             f"has shape {prediction.shape} but target {subject.target} has {target.shape}"
         )
-    mask = None if subject.mask is None else load_volume(subject.mask, "mask", slice_axis)[0] > 0
+    mask = None if subject.mask is None else load_volume(subject.mask, slice_axis)[0] > 0
     try:
         metrics = evaluate_volumes(prediction, target, mask)
     except ValueError as exc:
         raise UserError(f"subject '{subject.name}': {exc}") from None
     volumes = {}
     if subject.source is not None:
-        volumes["source"] = load_volume(subject.source, "source", slice_axis)[0]
+        volumes["source"] = load_volume(subject.source, slice_axis)[0]
     volumes["prediction"] = prediction
     volumes["target"] = target
     save_orthogonal_views(
         figure_path, volumes, title=subject.name, error_of=("prediction", "target"),
-        spacing=spacing, plane_names=SLICE_AXES[slice_axis]["planes"],
+        spacing=spacing, plane_names=PLANE_NAMES[slice_axis],
     )
     return {
         "subject": subject.name,

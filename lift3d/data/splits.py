@@ -28,7 +28,7 @@ def _names(value: SubjectList) -> list[str] | None:
     return [str(v) for v in value]
 
 
-def _count(size: int | float, n: int, name: str) -> int:
+def _count(size: int | float, n: int, name: str, where: object) -> int:
     if isinstance(size, bool) or not isinstance(size, (int, float, np.integer, np.floating)):
         raise ValueError(f"{name} must be an int (a count) or a float in [0, 1) (a fraction), got {size!r}")
     if isinstance(size, (float, np.floating)):
@@ -36,7 +36,7 @@ def _count(size: int | float, n: int, name: str) -> int:
             raise ValueError(f"{name} as a fraction must be in [0, 1), got {size}")
         return int(round(size * n))
     if not 0 <= size <= n:
-        raise ValueError(f"{name}={size} is more than the {n} subjects available")
+        raise ValueError(f"{where}: {name}={size} is more than the {n} subjects available")
     return int(size)
 
 
@@ -82,7 +82,7 @@ def split_subjects(
         chosen = {k: set(v or []) for k, v in lists.items()}
     else:
         n = len(subjects)
-        n_test, n_val = _count(test_size, n, "test_size"), _count(val_size, n, "val_size")
+        n_test, n_val = _count(test_size, n, "test_size", where), _count(val_size, n, "val_size", where)
         if n_test + n_val > n:
             raise ValueError(f"{where}: test_size={test_size} and val_size={val_size} ask for more than the {n} subjects")
         order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)[::-1]
@@ -96,8 +96,14 @@ def split_subjects(
 
 
 def select_split(subjects: Sequence[str], split: str, **options) -> list[str]:
-    """The subjects of ``split`` (see :func:`split_subjects`); an empty split is an error."""
-    chosen = split_subjects(subjects, **options)[check_split(split)]
+    """The subjects of ``split`` (see :func:`split_subjects`); an empty split is an error.
+
+    ``split="all"`` is every subject, whatever the split options say.
+    """
+    if check_split(split) == "all":
+        chosen = list(subjects)
+    else:
+        chosen = split_subjects(subjects, **options)[split]
     if not chosen:
         where = options.get("where", "dataset")
         raise ValueError(

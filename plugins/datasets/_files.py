@@ -23,7 +23,7 @@ from lift3d.protocols import VolumePair
 class SubjectFiles:
     subject: str
     source: Path
-    target: Path
+    target: Path | None  # None: inference only, the pair's target is None
     mask: Path | None = None
 
 

@@ -31,7 +31,8 @@ class PairedNiftiDataset(PairedFilesDataset):
         <root>/<subject>/<mask>.nii.gz            (optional: mask="brainmask")
 
     Every non-hidden sub-folder of ``root`` is a subject and must hold both files (and the mask,
-    if named). ``.nii`` works too.
+    if named). ``.nii`` works too. ``target=None`` reads sources only (for inference); each
+    pair's ``target`` is then None.
 
     CSV (``csv=pairs.csv``): columns ``subject,source,target``, optional ``mask`` and ``split``
     (train/val/test, used when no explicit lists are given). Relative paths are resolved against
@@ -47,7 +48,7 @@ class PairedNiftiDataset(PairedFilesDataset):
         root: Path | str | None = None,
         *,
         source: str = "source",
-        target: str = "target",
+        target: str | None = "target",
         mask: str | None = None,
         csv: Path | str | None = None,
         **options: Any,
@@ -64,14 +65,14 @@ class PairedNiftiDataset(PairedFilesDataset):
         super().__init__(files, where=where, **options)
 
 
-def _from_folder(root: Path, source: str, target: str, mask: str | None) -> list[SubjectFiles]:
+def _from_folder(root: Path, source: str, target: str | None, mask: str | None) -> list[SubjectFiles]:
     folders = subject_folders(root)
     if not folders:
         raise VolumeError(
             f"{root}: no subjects found; expected one folder per subject: "
-            f"{root}/<subject>/{modality_candidates(Path(), source)[0]} and {modality_candidates(Path(), target)[0]}"
+            f"{root}/<subject>/" + " and ".join(str(modality_candidates(Path(), n)[0]) for n in (source, target) if n)
         )
-    roles = {"source": source, "target": target} | ({"mask": mask} if mask else {})
+    roles = {"source": source} | ({"target": target} if target else {}) | ({"mask": mask} if mask else {})
     files, missing = [], []
     for folder in folders:
         found = {role: find_first(modality_candidates(folder, name)) for role, name in roles.items()}
@@ -80,7 +81,7 @@ def _from_folder(root: Path, source: str, target: str, mask: str | None) -> list
             present = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
             missing.append(f"{folder.name} lacks {' and '.join(lacking)} (has: {present})")
         else:
-            files.append(SubjectFiles(folder.name, found["source"], found["target"], found.get("mask")))
+            files.append(SubjectFiles(folder.name, found["source"], found.get("target"), found.get("mask")))
     if missing:
         raise missing_error(root, missing, f"expected {' and '.join(roles.values())} in every subject folder")
     return files

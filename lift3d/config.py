@@ -1,0 +1,216 @@
+"""Training configuration: dataclasses read from a TOML file (``tomllib``), with CLI overrides.
+
+Every field carries its own help text, so ``lift3d-finetune --help`` explains every option.
+Precedence: defaults < ``--config file.toml`` < ``--section.field value`` on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, **kwargs: Any) -> Any:
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: json.loads(json.dumps(default)), metadata=metadata)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+STAGES = ("slices", "volumes")
+
+
+@dataclass
+class RunConfig:
+    stage: str = opt("volumes", "'slices' = stage 1 (2D latent diffusion, t per slice); "
+                     "'volumes' = stage 2 (inflate, then fine-tune on volumes, t per volume)", STAGES)
+    output_dir: str = opt("runs/lift3d", "folder for checkpoints, logs and the exported model")
+    seed: int = opt(0, "seed for weights, data order, noise and timesteps")
+    max_steps: int = opt(200, "optimizer steps to train")
+    checkpoint_every: int = opt(100, "save the full training state every K optimizer steps (0 = never)")
+    checkpoints_keep: int = opt(2, "keep the last M training-state checkpoints")
+    resume: str = opt("", "'latest' to continue from the newest checkpoint in output_dir, or a checkpoint folder")
+    log_every: int = opt(10, "log loss, learning rate and steps/s every K steps")
+    tracker: str = opt("csv", "Accelerate tracker for the logs", ("csv", "tensorboard", "none"))
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt("phantom", "dataset plugin name (see `lift3d plugins`)")
+    options: dict = opt({}, "options passed to the dataset plugin, e.g. {root = 'data', size = 64}")
+    batch_size: int = opt(4, "per process: slices per batch in stage 1, volumes (or windows) per batch in stage 2")
+    window: int = opt(0, "stage 2: train on windows of this many consecutive slices (0 = whole volumes)")
+    num_workers: int = opt(0, "DataLoader worker processes")
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = opt("", "local folder to start from: a diffusers 2D U-Net folder (stage 1 or 2) or a "
+                          "stage-1 output (stage 2); empty = a new UNet2DModel from the fields below")
+    block_out_channels: list = opt([32, 64], "UNet2DModel widths, when built from config")
+    layers_per_block: int = opt(1, "UNet2DModel resnets per block, when built from config")
+    attention: bool = opt(False, "use attention blocks at the lowest resolution, when built from config")
+    norm_num_groups: int = opt(8, "GroupNorm groups, when built from config")
+    conditioning: str = opt("concat", "'concat': the source latent is concatenated on channels (cross-modality); "
+                            "'none': plain volume generation", ("concat", "none"))
+    prediction_type: str = opt("epsilon", "what the U-Net predicts (the paper: epsilon, eq. 4)",
+                               ("epsilon", "v_prediction"))
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+
+
+@dataclass
+class LiftConfig:
+    kernel_size: int = opt(3, "odd kernel size of the volumetric 1D convs")
+    where: str = opt("resnet", "placement preset of the volumetric layers", ("resnet", "spatial", "block-output"))
+    padding_mode: str = opt("zeros", "border handling along the slice axis", ("zeros", "replicate"))
+    trainable: str = opt("volumetric", "stage 2: train the volumetric layers only, or everything",
+                         ("volumetric", "all"))
+
+
+@dataclass
+class AutoencoderConfig:
+    name: str = opt("identity", "autoencoder plugin: 'kl' (latent diffusion, paper f=4) or 'identity' (pixel space)")
+    options: dict = opt({}, "options for the autoencoder plugin, e.g. {path = 'vae-folder'}")
+    cache_latents: bool = opt(False, "encode each item once and keep its latents in memory")
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = opt(1000, "diffusion steps T")
+    beta_schedule: str = opt("scaled_linear", "diffusers beta schedule (LDM: scaled_linear 0.0015..0.0195)")
+    beta_start: float = opt(0.0015, "first beta (LDM)")
+    beta_end: float = opt(0.0195, "last beta (LDM)")
+    timestep_sampler: str = opt("", "timestep sampler plugin; empty = 'uniform-slice' in stage 1, "
+                                "'make-a-volume' (weight 2T - t, one t per volume) in stage 2")
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = opt(1e-4, "AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    lr_scheduler: str = opt("constant_with_warmup", "diffusers learning-rate schedule",
+                            ("constant", "constant_with_warmup", "linear", "cosine"))
+    warmup_steps: int = opt(0, "learning-rate warm-up steps")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
+    mixed_precision: str = opt("no", "Accelerate mixed precision", ("no", "fp16", "bf16"))
+    ema: bool = opt(False, "keep an exponential moving average of the trained weights (exported if on)")
+    ema_decay: float = opt(0.999, "EMA decay")
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lift: LiftConfig = field(default_factory=LiftConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown option or a bad value."""
+
+
+def _sections(cfg: TrainConfig):
+    for sec in dataclasses.fields(cfg):
+        yield sec.name, getattr(cfg, sec.name)
+
+
+def _parse_inline(text: str) -> Any:
+    """A dict or list from the command line, as JSON or as a TOML inline table/array."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return tomllib.loads(f"v = {text}")["v"]
+
+
+def _coerce(section: str, name: str, value: Any, kind: Any, choices: tuple | None) -> Any:
+    where = f"{section}.{name}"
+    try:
+        if kind is bool and isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            value = value.lower() in ("true", "1", "yes")
+        elif kind in (dict, list) and isinstance(value, str):
+            value = _parse_inline(value)
+        elif kind in (int, float, str) and not isinstance(value, kind):
+            if kind is int and isinstance(value, float):
+                raise ValueError
+            value = kind(value)
+        if kind in (dict, list) and not isinstance(value, kind):
+            raise ValueError
+    except (ValueError, TypeError, json.JSONDecodeError, tomllib.TOMLDecodeError):
+        raise ConfigError(f"{where} = {value!r} is not a valid {kind.__name__}") from None
+    if choices and value not in choices:
+        raise ConfigError(f"{where} = {value!r} is not allowed; choose one of: {', '.join(map(str, choices))}")
+    return value
+
+
+def apply(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
+    """Set ``{section: {field: value}}`` on ``cfg``, rejecting unknown names with the valid ones."""
+    sections = dict(_sections(cfg))
+    for section, entries in values.items():
+        if section not in sections:
+            raise ConfigError(f"{source}: unknown section [{section}]; available: {', '.join(sections)}")
+        if not isinstance(entries, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table of options")
+        obj = sections[section]
+        hints = get_type_hints(type(obj))
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        for name, value in entries.items():
+            if name not in fields:
+                raise ConfigError(f"{source}: unknown option {section}.{name}; available: {', '.join(fields)}")
+            setattr(obj, name, _coerce(section, name, value, hints[name], fields[name].metadata.get("choices")))
+    return cfg
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--section.field`` option per config field, grouped by section, with its help text."""
+    parser.add_argument("--config", metavar="FILE.toml", help="TOML file with [run], [data], [model], [lift], "
+                        "[autoencoder], [diffusion] and [optim] tables; command-line options override it")
+    for section, obj in _sections(TrainConfig()):
+        group = parser.add_argument_group(f"[{section}]")
+        for f in dataclasses.fields(obj):
+            default = getattr(obj, f.name)
+            choices = f.metadata.get("choices")
+            shown = json.dumps(default) if isinstance(default, (dict, list)) else repr(default)
+            help_text = f.metadata["help"] + f" (default: {shown}" + (f"; one of {', '.join(map(str, choices))})" if choices else ")")
+            group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", metavar="VALUE",
+                               default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
+
+
+def from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+    cfg = base or TrainConfig()
+    if getattr(args, "config", None):
+        apply(cfg, load_toml(args.config), str(args.config))
+    overrides: dict[str, dict[str, Any]] = {}
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            overrides.setdefault(section, {})[name] = value
+    return apply(cfg, overrides, "command line")

@@ -1,0 +1,545 @@
+"""One training loop for both stages of Make-A-Volume (Zhu et al., MICCAI 2023), wired with Accelerate.
+
+Stage 1 (``run.stage = "slices"``, sec. 2.2): a 2D U-Net denoises target latents of shuffled slices,
+conditioned on the source latent by channel concatenation, with a timestep per slice.
+Stage 2 (``run.stage = "volumes"``, sec. 2.3): the U-Net is lifted with :func:`lift3d.inflate` and
+fine-tuned on whole volumes (or windows) with one timestep per volume (``make-a-volume``: 2T - t).
+The loss is eq. 4 (MSE on epsilon; v-prediction optional) under a diffusers ``DDPMScheduler``.
+
+Noise and timesteps are drawn per item from a generator seeded by (seed, step, dataset index), and
+the data order per epoch from (seed, epoch). So a resumed run repeats an uninterrupted one, and
+two processes with half the batch each see exactly what one process with the whole batch sees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import lift3d
+from lift3d.checkpoint import CheckpointError, load_lifted, load_state_dict_checked, read_settings, save_lifted, save_volumetric
+from lift3d.config import TrainConfig
+from lift3d.data.dataset import stack_items
+from lift3d.plugins import create
+
+logger = logging.getLogger("lift3d.training")
+
+TRAINING_SETTINGS = "lift3d_training.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+VAL_VOLUMES = 2
+VAL_SEED = 1234
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; training stopped and the last good checkpoint was kept."""
+
+
+# --------------------------------------------------------------------------------------------
+# Building the pieces
+
+
+def build_noise_scheduler(cfg: TrainConfig):
+    """The forward process as LDM configures it (1000 steps, scaled-linear 0.0015..0.0195)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=cfg.diffusion.num_train_timesteps, beta_schedule=cfg.diffusion.beta_schedule,
+                         beta_start=cfg.diffusion.beta_start, beta_end=cfg.diffusion.beta_end,
+                         prediction_type=cfg.model.prediction_type, clip_sample=False)
+
+
+def build_autoencoder(cfg: TrainConfig) -> nn.Module:
+    autoencoder = create("autoencoders", cfg.autoencoder.name, **cfg.autoencoder.options)
+    autoencoder.requires_grad_(False)
+    return autoencoder.eval()
+
+
+def unet_channels(cfg: TrainConfig, autoencoder) -> tuple[int, int]:
+    latent = autoencoder.latent_channels
+    return (2 * latent if cfg.model.conditioning == "concat" else latent), latent
+
+
+def new_unet2d(cfg: TrainConfig, in_channels: int, out_channels: int, sample_size: int) -> nn.Module:
+    from diffusers import UNet2DModel
+
+    widths = tuple(int(c) for c in cfg.model.block_out_channels)
+    down = ["DownBlock2D"] * len(widths)
+    up = ["UpBlock2D"] * len(widths)
+    if cfg.model.attention:
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    return UNet2DModel(sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
+                       block_out_channels=widths, layers_per_block=cfg.model.layers_per_block,
+                       down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=cfg.model.norm_num_groups)
+
+
+def load_unet2d(folder: str | os.PathLike) -> nn.Module:
+    """A 2D diffusers U-Net from a local folder (config.json + safetensors); never from a hub."""
+    import diffusers
+
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder} is not a diffusers model folder: config.json is missing")
+    config = json.loads(config_path.read_text())
+    name = config.get("_class_name")
+    cls = getattr(diffusers, name or "", None)
+    if cls is None:
+        raise CheckpointError(f"{config_path} names model class {name!r}, which diffusers does not have")
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{folder} has no diffusion_pytorch_model.safetensors (lift3d reads safetensors only)")
+    from safetensors.torch import load_file
+
+    model = cls.from_config(config)
+    load_state_dict_checked(model, load_file(str(weights)), f"weights in {folder}")
+    return model
+
+
+def build_unet(cfg: TrainConfig, autoencoder, sample_size: int) -> nn.Module:
+    in_channels, out_channels = unet_channels(cfg, autoencoder)
+    if cfg.model.pretrained:
+        folder = Path(cfg.model.pretrained)
+        unet = load_lifted(folder) if (folder / "lift3d.json").is_file() else load_unet2d(folder)
+        got_in, got_out = unet.config.in_channels, unet.config.out_channels
+        if (got_in, got_out) != (in_channels, out_channels):
+            raise ValueError(f"pretrained U-Net {folder} takes {got_in} -> {got_out} channels, but autoencoder "
+                             f"{cfg.autoencoder.name!r} with conditioning {cfg.model.conditioning!r} needs "
+                             f"{in_channels} -> {out_channels}")
+    else:
+        unet = new_unet2d(cfg, in_channels, out_channels, sample_size)
+    if cfg.run.stage == "volumes" and not lift3d.is_lifted(unet):
+        lift3d.inflate(unet, kernel_size=cfg.lift.kernel_size, where=cfg.lift.where, padding_mode=cfg.lift.padding_mode)
+    if cfg.model.gradient_checkpointing:
+        if not hasattr(unet, "enable_gradient_checkpointing"):
+            raise ValueError(f"{type(unet).__name__} does not support gradient checkpointing")
+        unet.enable_gradient_checkpointing()
+    return unet
+
+
+def trainable_parameters(cfg: TrainConfig, unet: nn.Module) -> list[nn.Parameter]:
+    if lift3d.is_lifted(unet):
+        lift3d.set_trainable(unet, cfg.lift.trainable)
+    else:
+        unet.requires_grad_(True)
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def build_view(cfg: TrainConfig, dataset):
+    if cfg.run.stage == "slices":
+        return dataset.slices()
+    return dataset.volumes(window=cfg.data.window or None)
+
+
+# --------------------------------------------------------------------------------------------
+# Data order and per-item randomness
+
+
+def item_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """The generator for one item's noise and timestep: a function of (seed, step, index) only."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 10_007 + index) % (2**63 - 1))
+
+
+@dataclass
+class BatchPlan:
+    """Which dataset indices each process reads at each micro-batch, for any resume point.
+
+    Epoch e shuffles all items with seed (seed, e); a global micro-batch is ``batch_size *
+    num_processes`` consecutive items of that order (an incomplete tail is dropped), and process
+    r takes its r-th slice of it.
+    """
+
+    num_items: int
+    batch_size: int
+    num_processes: int
+    rank: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.num_processes
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_items // self.global_batch
+
+    def __post_init__(self) -> None:
+        if self.batches_per_epoch < 1:
+            raise ValueError(f"the dataset has {self.num_items} training items, fewer than one global batch "
+                             f"({self.batch_size} per process x {self.num_processes} processes); lower data.batch_size")
+
+    def indices(self, micro_step: int) -> list[int]:
+        epoch, k = divmod(micro_step, self.batches_per_epoch)
+        order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        start = k * self.global_batch + self.rank * self.batch_size
+        return order[start:start + self.batch_size].tolist()
+
+    def iterate(self, first_micro_step: int) -> Iterator[tuple[int, list[int]]]:
+        step = first_micro_step
+        while True:
+            yield step, self.indices(step)
+            step += 1
+
+
+class _PlannedBatches(torch.utils.data.Sampler):
+    def __init__(self, plan: BatchPlan, first_micro_step: int, count: int) -> None:
+        self.plan, self.first, self.count = plan, first_micro_step, count
+
+    def __iter__(self):
+        for step in range(self.first, self.first + self.count):
+            yield self.plan.indices(step)
+
+    def __len__(self) -> int:
+        return self.count
+
+
+class IndexedView(torch.utils.data.Dataset):
+    """Adds each item's dataset index, which seeds its noise."""
+
+    def __init__(self, view) -> None:
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.view[index], "index": index}
+
+
+# --------------------------------------------------------------------------------------------
+# The loss (eq. 4)
+
+
+def as_volumes(x: Tensor) -> Tensor:
+    """Stage-1 slices ``(b, c, h, w)`` are volumes of one slice ``(b, c, 1, h, w)``."""
+    return x.unsqueeze(2) if x.dim() == 4 else x
+
+
+class LatentEncoder:
+    """Encodes source and target volumes with the frozen autoencoder, optionally caching per item."""
+
+    def __init__(self, autoencoder, cache: bool) -> None:
+        self.autoencoder, self.cache = autoencoder, {} if cache else None
+
+    @torch.no_grad()
+    def _encode(self, x: Tensor) -> Tensor:
+        from lift3d.autoencoding import encode_volume
+
+        ae = self.autoencoder
+        dtype = next((p.dtype for p in ae.parameters()), x.dtype) if isinstance(ae, nn.Module) else x.dtype
+        return encode_volume(ae, x.to(dtype)).float()
+
+    def __call__(self, batch: dict, device: torch.device) -> tuple[Tensor, Tensor]:
+        source, target = as_volumes(batch["source"]).to(device), as_volumes(batch["target"]).to(device)
+        if self.cache is None:
+            return self._encode(target), self._encode(source)
+        keys = [(i, batch.get("start", [0] * len(batch["index"]))[j]) for j, i in enumerate(batch["index"])]
+        missing = [j for j, k in enumerate(keys) if k not in self.cache]
+        if missing:
+            zt, zs = self._encode(target[missing]), self._encode(source[missing])
+            for j, a, b in zip(missing, zt, zs):
+                self.cache[keys[j]] = (a.cpu(), b.cpu())
+        zt = torch.stack([self.cache[k][0] for k in keys]).to(device)
+        zs = torch.stack([self.cache[k][1] for k in keys]).to(device)
+        return zt, zs
+
+
+def draw_noise(latents: Tensor, indices: list[int], step: int, seed: int, sampler, num_train_timesteps: int):
+    """Per-item noise ``(b, c, n, h, w)`` and timesteps ``(b, n)``, each from its own generator."""
+    noises, timesteps = [], []
+    for z, index in zip(latents, indices):
+        g = item_generator(seed, step, index)
+        noises.append(torch.randn(z.shape, generator=g))
+        timesteps.append(sampler(1, z.shape[1], num_train_timesteps, generator=g)[0])
+    return torch.stack(noises).to(latents.device), torch.stack(timesteps).to(latents.device)
+
+
+def predict(unet: nn.Module, sample: Tensor, timesteps: Tensor, num_slices: int) -> Tensor:
+    """Run the U-Net on flattened slices; a lifted one learns which slices form a volume."""
+    inner = getattr(unet, "module", unet)
+    if lift3d.is_lifted(inner):
+        with lift3d.volume_batch(inner, num_slices):
+            return unet(sample, timesteps).sample
+    return unet(sample, timesteps).sample
+
+
+def diffusion_loss(unet, noise_scheduler, latents: Tensor, source_latents: Tensor | None, noise: Tensor,
+                   timesteps: Tensor, prediction_type: str) -> Tensor:
+    """Eq. 4: ``|| eps - eps_theta(sqrt(a_t) z + sqrt(1 - a_t) eps, t, z_c) ||^2`` over all slices."""
+    from einops import rearrange
+
+    n = latents.shape[2]
+    flat = lambda x: rearrange(x, "b c n h w -> (b n) c h w")  # noqa: E731
+    z, eps, t = flat(latents), flat(noise), timesteps.reshape(-1)
+    noisy = noise_scheduler.add_noise(z, eps, t)
+    model_in = noisy if source_latents is None else torch.cat([noisy, flat(source_latents)], dim=1)
+    target = eps if prediction_type == "epsilon" else noise_scheduler.get_velocity(z, eps, t)
+    return F.mse_loss(predict(unet, model_in, t, n).float(), target.float())
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete training-state checkpoints, oldest first (temp folders are never listed)."""
+    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path:
+    """``save_state`` into a temp folder, then a rename: a crash never leaves a half checkpoint."""
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = output_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(cfg: TrainConfig, output_dir: Path) -> Path | None:
+    if not cfg.run.resume:
+        return None
+    if cfg.run.resume == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            logger.warning("run.resume = 'latest' but %s holds no checkpoint; starting from scratch", output_dir)
+            return None
+        return found[-1]
+    path = Path(cfg.run.resume)
+    if not (path / "trainer_state.json").is_file():
+        raise CheckpointError(f"run.resume = {cfg.run.resume!r} is not a complete lift3d checkpoint folder "
+                              "(no trainer_state.json); use 'latest' or a checkpoint-<step> folder")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+
+
+def training_settings(cfg: TrainConfig, autoencoder, dataset, exported_autoencoder: bool) -> dict[str, Any]:
+    """What synthesis needs to prepare inputs exactly as in training and to rebuild the sampler."""
+    ae_options = {"path": "autoencoder"} if exported_autoencoder else dict(cfg.autoencoder.options)
+    unet_multiple = 2 ** (len(cfg.model.block_out_channels) - 1)
+    return {
+        "stage": cfg.run.stage,
+        "conditioning": cfg.model.conditioning,
+        "prediction_type": cfg.model.prediction_type,
+        "autoencoder": {"name": cfg.autoencoder.name, "options": ae_options},
+        "image_channels": autoencoder.image_channels,
+        "latent_channels": autoencoder.latent_channels,
+        "size_multiple": unet_multiple * autoencoder.downsampling_factor,
+        "data": {"dataset": cfg.data.dataset, "options": dict(cfg.data.options),
+                 "num_slices": getattr(dataset, "num_slices", None), "window": cfg.data.window},
+        "config": cfg.to_dict(),
+    }
+
+
+def export_model(cfg: TrainConfig, unet: nn.Module, autoencoder, noise_scheduler, dataset, output_dir: Path,
+                 ema=None) -> Path:
+    """Write ``output_dir/model``: the (lifted) U-Net in safetensors, its settings, the autoencoder
+    (if it has weights) and the scheduler config; plus ``volumetric.safetensors`` in stage 2."""
+    final = output_dir / "model"
+    tmp = output_dir / ".tmp-model"
+    shutil.rmtree(tmp, ignore_errors=True)
+    state = unet.state_dict()
+    if ema is not None:  # EMA weights replace the trained ones in the export
+        trained = [n for n, p in unet.named_parameters() if p.requires_grad]
+        state = {**state, **dict(zip(trained, (p.detach().clone() for p in ema.shadow_params)))}
+    has_weights = any(True for _ in autoencoder.parameters()) if isinstance(autoencoder, nn.Module) else False
+    settings = training_settings(cfg, autoencoder, dataset, exported_autoencoder=has_weights)
+    if lift3d.is_lifted(unet):
+        save_lifted(unet, tmp, state_dict=state, extra={"training": settings})
+        save_volumetric(unet, tmp / "volumetric.safetensors", state_dict=state)
+    else:
+        unet.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+    (tmp / TRAINING_SETTINGS).write_text(json.dumps(settings, indent=2))
+    if has_weights:
+        autoencoder.save(tmp / "autoencoder")
+    noise_scheduler.save_pretrained(tmp / "scheduler")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# Validation loss on fixed volumes (the same noise for every model, so stages compare exactly)
+
+
+@torch.no_grad()
+def fixed_volume_loss(unet, noise_scheduler, encoder: LatentEncoder, dataset, cfg: TrainConfig, device) -> float:
+    """Loss on the first volumes of the dataset with fixed noise and one fixed t per volume.
+
+    The 2D model (stage 1) and the lifted model at initialisation give exactly the same value.
+    """
+    view = dataset.volumes(window=cfg.data.window or None)
+    items = [view[i] for i in range(min(VAL_VOLUMES, len(view)))]
+    batch = stack_items(items)
+    batch["index"] = list(range(len(items)))
+    latents, source = encoder(batch, device)
+    g = torch.Generator().manual_seed(VAL_SEED)
+    noise = torch.randn(latents.shape, generator=g).to(device)
+    t = torch.randint(0, cfg.diffusion.num_train_timesteps, (latents.shape[0], 1), generator=g)
+    t = t.expand(-1, latents.shape[2]).to(device)
+    was_training = unet.training
+    unet.eval()
+    loss = diffusion_loss(unet, noise_scheduler, latents, source if cfg.model.conditioning == "concat" else None,
+                          noise, t, cfg.model.prediction_type)
+    unet.train(was_training)
+    return float(loss)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def make_accelerator(cfg: TrainConfig, output_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from lift3d.tracking import CSVTracker
+
+    trackers: Any = None
+    if cfg.run.tracker == "csv":
+        trackers = [CSVTracker("logs", output_dir)]
+    elif cfg.run.tracker == "tensorboard":
+        trackers = "tensorboard"
+    return Accelerator(mixed_precision=cfg.optim.mixed_precision,
+                       gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps, log_with=trackers,
+                       project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir)))
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run one stage as configured; returns the exported model folder."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    output_dir = Path(cfg.run.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator(cfg, output_dir)
+    set_seed(cfg.run.seed)
+    device = accelerator.device
+
+    dataset = create("datasets", cfg.data.dataset, split="train", **cfg.data.options)
+    autoencoder = build_autoencoder(cfg).to(device)
+    if accelerator.mixed_precision != "no":  # the frozen autoencoder runs in the compute dtype
+        autoencoder.to(torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
+    sample = dataset[0].source
+    sample_size = sample.shape[-1] // autoencoder.downsampling_factor
+    unet = build_unet(cfg, autoencoder, sample_size).to(device)
+    noise_scheduler = build_noise_scheduler(cfg)
+    sampler_name = cfg.diffusion.timestep_sampler or ("uniform-slice" if cfg.run.stage == "slices" else "make-a-volume")
+    sampler = create("timestep_samplers", sampler_name)
+    encoder = LatentEncoder(autoencoder, cache=cfg.autoencoder.cache_latents)
+
+    params = trainable_parameters(cfg, unet)
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay)
+    lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                                 num_training_steps=cfg.run.max_steps)
+    ema = None
+    if cfg.optim.ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=cfg.optim.ema_decay)
+        accelerator.register_for_checkpointing(ema)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+
+    step = 0
+    resume_from = resolve_resume(cfg, output_dir)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
+        accelerator.print(f"lift3d: resumed from {resume_from} at step {step}")
+
+    view = IndexedView(build_view(cfg, dataset))
+    plan = BatchPlan(len(view), cfg.data.batch_size, accelerator.num_processes, accelerator.process_index, cfg.run.seed)
+    accum = cfg.optim.gradient_accumulation_steps
+    remaining = max(cfg.run.max_steps - step, 0) * accum
+    loader = torch.utils.data.DataLoader(view, batch_sampler=_PlannedBatches(plan, step * accum, remaining),
+                                         collate_fn=stack_items, num_workers=cfg.data.num_workers)
+
+    accelerator.init_trackers("logs", config={k: json.dumps(v) for k, v in cfg.to_dict().items()})
+    if step == 0:
+        val = fixed_volume_loss(accelerator.unwrap_model(unet), noise_scheduler, encoder, dataset, cfg, device)
+        accelerator.log({"val_loss": val}, step=0)
+        accelerator.print(f"lift3d: stage {cfg.run.stage!r}, initial fixed-volume loss {val:.6f}")
+    progress = tqdm(total=cfg.run.max_steps, initial=step, desc=f"stage {cfg.run.stage}",
+                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    unet.train()
+    conditioning = cfg.model.conditioning == "concat"
+    window_losses: list[float] = []
+    tic = time.perf_counter()
+    micro = step * accum
+    for batch in loader:
+        with accelerator.accumulate(unet):
+            latents, source = encoder(batch, device)
+            noise, timesteps = draw_noise(latents, batch["index"], micro, cfg.run.seed, sampler,
+                                          cfg.diffusion.num_train_timesteps)
+            loss = diffusion_loss(unet, noise_scheduler, latents, source if conditioning else None, noise, timesteps,
+                                  cfg.model.prediction_type)
+            check_finite(accelerator, loss, step, output_dir)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        micro += 1
+        window_losses.append(float(accelerator.gather(loss.detach()[None]).mean()))
+        if not accelerator.sync_gradients:
+            continue
+        lr_scheduler.step()
+        if ema is not None:
+            ema.step(params)
+        step += 1
+        progress.update(1)
+        if step % cfg.run.log_every == 0 or step == cfg.run.max_steps:
+            elapsed = time.perf_counter() - tic
+            logs = {"loss": sum(window_losses) / len(window_losses), "lr": lr_scheduler.get_last_lr()[0],
+                    "steps_per_s": (len(window_losses) / accum) / max(elapsed, 1e-9)}
+            accelerator.log(logs, step=step)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}")
+            window_losses, tic = [], time.perf_counter()
+        if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
+            save_checkpoint(accelerator, output_dir, step, cfg.run.checkpoints_keep)
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    final = output_dir / "model"
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(unet)
+        val = fixed_volume_loss(model, noise_scheduler, encoder, dataset, cfg, device)
+        accelerator.log({"val_loss": val}, step=step)
+        accelerator.print(f"lift3d: final fixed-volume loss {val:.6f}")
+        final = export_model(cfg, model, autoencoder, noise_scheduler, dataset, output_dir, ema)
+        accelerator.print(f"lift3d: exported {final}")
+    accelerator.end_training()
+    return final
+
+
+def check_finite(accelerator, loss: Tensor, step: int, output_dir: Path) -> None:
+    values = accelerator.gather(loss.detach()[None])
+    if not torch.isfinite(values).all():
+        found = list_checkpoints(output_dir)
+        kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint had been saved yet"
+        raise NonFiniteLossError(f"training loss became {values.tolist()} at step {step + 1}; stopped. {kept} "
+                                 "(lower optim.learning_rate, check the data for NaN, or try mixed_precision = 'no')")

@@ -1,0 +1,222 @@
+"""Tests for lift3d/cli/evaluate.py (``lift3d-evaluate``) on tiny NIfTI files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from lift3d.cli.evaluate import main
+from lift3d.metrics import INTENSITY_RULE, METRICS, evaluate_volumes
+
+# Canonical RAS storage (x, y, z); with --slice-axis axial the volume becomes (z, y, x) = (8, 12, 10).
+RAS_SHAPE = (10, 12, 8)
+RAS_AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
+
+
+def phantom(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*(np.linspace(-1, 1, s) for s in RAS_SHAPE), indexing="ij")
+    return (100 * np.exp(-(x**2 + y**2 + z**2)) + 40 * (x > 0.3) + rng.normal(0, 2, RAS_SHAPE)).astype(np.float32)
+
+
+def save(path, data, affine=RAS_AFFINE):
+    nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine), path)
+    return str(path)
+
+
+def axial_view(ras: np.ndarray) -> np.ndarray:
+    """(x, y, z) RAS -> (z, y, x): what the CLI evaluates for --slice-axis axial."""
+    return np.transpose(ras, (2, 1, 0))
+
+
+@pytest.fixture
+def pair_files(tmp_path):
+    """Two subjects: predictions with per-slice offsets, targets, one shared mask, sources."""
+    rng = np.random.default_rng(0)
+    files = {"pred": [], "target": [], "source": [], "arrays": []}
+    for index, name in enumerate(("sub-01", "sub-02")):
+        target = phantom(index)
+        pred = target + rng.normal(0, 5, (1, 1, RAS_SHAPE[2])).astype(np.float32)
+        files["pred"].append(save(tmp_path / f"{name}_pred.nii.gz", pred))
+        files["target"].append(save(tmp_path / f"{name}_t2.nii.gz", target))
+        files["source"].append(save(tmp_path / f"{name}_t1.nii.gz", 200 - target))
+        files["arrays"].append((pred, target))
+    mask = np.zeros(RAS_SHAPE, dtype=np.float32)
+    mask[1:-1, 1:-1, 1:-1] = 1
+    files["mask"] = save(tmp_path / "mask.nii.gz", mask)
+    files["mask_array"] = mask > 0
+    return files
+
+
+def read_outputs(out):
+    with open(out / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return rows, json.loads((out / "summary.json").read_text())
+
+
+def test_file_pairs_write_csv_json_and_figures(tmp_path, pair_files, capsys):
+    out = tmp_path / "out"
+    argv = ["--pred", *pair_files["pred"], "--target", *pair_files["target"], "--mask", pair_files["mask"],
+            "--source", *pair_files["source"], "--out", str(out)]
+    assert main(argv) == 0
+    rows, summary = read_outputs(out)
+    assert [row["subject"] for row in rows] == ["sub-01_pred", "sub-02_pred"]
+    mask = axial_view(pair_files["mask_array"])
+    for row, (pred, target) in zip(rows, pair_files["arrays"]):
+        expected = evaluate_volumes(axial_view(pred), axial_view(target), mask)
+        for name in METRICS:
+            assert float(row[name]) == pytest.approx(expected[name], rel=1e-5)
+        assert row["mask"] == pair_files["mask"]
+    for name in METRICS:
+        values = [float(row[name]) for row in rows]
+        assert summary["metrics"][name]["mean"] == pytest.approx(np.mean(values))
+        assert summary["metrics"][name]["std"] == pytest.approx(np.std(values))
+        assert summary["metrics"][name]["n"] == 2
+    assert summary["intensity_scale"] == INTENSITY_RULE and summary["data_range"] == 255
+    assert summary["n_subjects"] == 2 and summary["slice_axis"] == "axial"
+    assert sorted(p.name for p in (out / "figures").iterdir()) == ["sub-01_pred.png", "sub-02_pred.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["figures", "metrics.csv", "summary.json"]  # no staging left
+    assert "mae" in capsys.readouterr().out
+
+
+def test_directories_are_matched_by_file_name_and_perfect_psnr_is_inf(tmp_path):
+    pred_dir, target_dir, out = tmp_path / "pred", tmp_path / "target", tmp_path / "out"
+    pred_dir.mkdir(), target_dir.mkdir()
+    for index, name in enumerate(("b.nii.gz", "a.nii")):
+        save(pred_dir / name, phantom(index))
+        save(target_dir / name, phantom(index))
+    save(target_dir / "unpredicted.nii.gz", phantom(5))  # targets without a prediction are ignored
+    assert main(["--pred", str(pred_dir), "--target", str(target_dir), "--out", str(out)]) == 0
+    rows, summary = read_outputs(out)
+    assert [row["subject"] for row in rows] == ["a", "b"]
+    assert all(float(row["mae"]) == 0.0 and row["psnr"] == "inf" for row in rows)
+    assert summary["metrics"]["psnr"]["mean"] == "inf" and summary["metrics"]["psnr"]["std"] == "nan"
+    assert summary["metrics"]["ssim"]["mean"] == pytest.approx(1.0)
+
+
+def test_orientation_is_canonicalised_before_comparing(tmp_path):
+    target = phantom(0)
+    # The same image stored L-P-S: data flipped in x and y, affine flipped to match.
+    lps_affine = RAS_AFFINE.copy()
+    lps_affine[:2, :2] *= -1
+    lps_affine[:2, 3] = [RAS_SHAPE[0] - 1, RAS_SHAPE[1] - 1]
+    target_lps = save(tmp_path / "t.nii.gz", target[::-1, ::-1, :], lps_affine)
+    pred = save(tmp_path / "p.nii.gz", target)
+    assert main(["--pred", pred, "--target", target_lps, "--out", str(tmp_path / "out")]) == 0
+    rows, _ = read_outputs(tmp_path / "out")
+    assert float(rows[0]["mae"]) == 0.0
+
+
+def test_slice_axis_chooses_the_direction_of_z_inconsistency(tmp_path):
+    target = phantom(0)
+    rng = np.random.default_rng(1)
+    # Offsets that change from one sagittal (x) slice to the next: striping seen along x only.
+    pred = save(tmp_path / "p.nii.gz", target + rng.normal(0, 8, (RAS_SHAPE[0], 1, 1)))
+    target_file = save(tmp_path / "t.nii.gz", target)
+    scores = {}
+    for axis in ("axial", "sagittal"):
+        out = tmp_path / axis
+        assert main(["--pred", pred, "--target", target_file, "--slice-axis", axis, "--out", str(out)]) == 0
+        rows, summary = read_outputs(out)
+        assert summary["slice_axis"] == axis
+        scores[axis] = rows[0]
+    assert float(scores["sagittal"]["z_inconsistency"]) > 2 * float(scores["axial"]["z_inconsistency"])
+    assert float(scores["sagittal"]["mae"]) == pytest.approx(float(scores["axial"]["mae"]))
+
+
+def test_a_trailing_singleton_axis_is_accepted(tmp_path):
+    target = phantom(0)
+    pred = save(tmp_path / "p.nii.gz", (target + 1)[..., None])
+    assert main(["--pred", pred, "--target", save(tmp_path / "t.nii.gz", target), "--out", str(tmp_path / "o")]) == 0
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--pred", "--target", "--mask", "--source", "--slice-axis", "--out"):
+        assert option in text
+    for phrase in ("axial,coronal,sagittal", "[0, 255]", "metrics.csv", "summary.json", "z_inconsistency"):
+        assert phrase in text
+
+
+def bad_case(tmp_path, case):
+    """Build the files for one bad-input case; return (argv without --out, expected message regex)."""
+    good_t = save(tmp_path / "t.nii.gz", phantom(0))
+    good_p = save(tmp_path / "p.nii.gz", phantom(1))
+    if case == "missing prediction":
+        return ["--pred", str(tmp_path / "nope.nii.gz"), "--target", good_t], r"prediction file not found: .*nope\.nii\.gz"
+    if case == "missing target":
+        return ["--pred", good_p, "--target", str(tmp_path / "gone.nii")], r"target file not found: .*gone\.nii"
+    if case == "shape mismatch":
+        other = save(tmp_path / "small.nii.gz", np.zeros((10, 12, 9)))
+        return ["--pred", other, "--target", good_t], r"small\.nii\.gz has shape \(10, 12, 9\) but target .*t\.nii\.gz has shape \(10, 12, 8\)"
+    if case == "2D image":
+        flat = save(tmp_path / "flat.nii.gz", np.zeros((10, 12)))
+        return ["--pred", flat, "--target", good_t], r"flat\.nii\.gz is not a 3D image: shape \(10, 12\)"
+    if case == "4D image":
+        series = save(tmp_path / "series.nii.gz", np.zeros((*RAS_SHAPE, 2)))
+        return ["--pred", good_p, "--target", series], r"series\.nii\.gz is not a 3D image: shape \(10, 12, 8, 2\)"
+    if case == "not nifti":
+        junk = tmp_path / "junk.nii.gz"
+        junk.write_bytes(b"not an image")
+        return ["--pred", str(junk), "--target", good_t], r"cannot read prediction .*junk\.nii\.gz"
+    if case == "count mismatch":
+        return ["--pred", good_p, good_p, "--target", good_t], r"2 --pred files but 1 --target"
+    if case == "mask count":
+        argv = ["--pred", good_p, good_p, "--target", good_t, good_t, "--mask", good_t, good_t, good_t]
+        return argv, r"3 --mask paths for 2 predictions; give 1 or 2, or a directory"
+    if case == "source directory lacks a file":
+        (tmp_path / "pred").mkdir(), (tmp_path / "target").mkdir(), (tmp_path / "src").mkdir()
+        save(tmp_path / "pred" / "s1.nii.gz", phantom(1))
+        save(tmp_path / "target" / "s1.nii.gz", phantom(0))
+        argv = ["--pred", str(tmp_path / "pred"), "--target", str(tmp_path / "target"), "--source", str(tmp_path / "src")]
+        return argv, r"source directory .*src has no file named s1\.nii\.gz"
+    raise AssertionError(case)
+
+
+BAD_CASES = ["missing prediction", "missing target", "shape mismatch", "2D image", "4D image", "not nifti",
+             "count mismatch", "mask count", "source directory lacks a file"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, capsys, case):
+    argv, message = bad_case(tmp_path, case)
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "error:" in err
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_failure_on_a_later_subject_leaves_no_partial_output(tmp_path, capsys):
+    good_t = save(tmp_path / "t.nii.gz", phantom(0))
+    pred_a = save(tmp_path / "a.nii.gz", phantom(1))
+    pred_b = save(tmp_path / "b.nii.gz", phantom(2))
+    constant = save(tmp_path / "constant.nii.gz", np.ones(RAS_SHAPE))
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "keep.txt").write_text("user file")
+    assert main(["--pred", pred_a, pred_b, "--target", good_t, constant, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "subject 'b'" in err and "constant" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_unwritable_output_path_is_reported(tmp_path, capsys):
+    good_t = save(tmp_path / "t.nii.gz", phantom(0))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for out in (blocker, blocker / "out"):
+        assert main(["--pred", good_t, "--target", good_t, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert str(blocker) in err and err.count("\n") == 1
+    assert blocker.read_text() == ""
