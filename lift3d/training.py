@@ -416,14 +416,21 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    from accelerate.state import AcceleratorState
+
     from lift3d.tracking import CSVTracker
 
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # Accelerate's state is a process-wide singleton; a second run in one process (the demo's
+        # stage 2 after stage 1, or a notebook) may use other settings.
+        AcceleratorState._reset_state(reset_partial_state=True)
     trackers: Any = None
     if cfg.run.tracker == "csv":
         trackers = [CSVTracker("logs", output_dir)]
     elif cfg.run.tracker == "tensorboard":
         trackers = "tensorboard"
-    return Accelerator(mixed_precision=cfg.optim.mixed_precision,
+    # Without a GPU, cpu=True lets a torchrun-style launch (accelerate launch --multi_gpu) use gloo.
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.optim.mixed_precision,
                        gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps, log_with=trackers,
                        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir)))
 
@@ -482,7 +489,7 @@ def train(cfg: TrainConfig) -> Path:
     if step == 0:
         val = fixed_volume_loss(accelerator.unwrap_model(unet), noise_scheduler, encoder, dataset, cfg, device)
         accelerator.log({"val_loss": val}, step=0)
-        accelerator.print(f"lift3d: stage {cfg.run.stage!r}, initial fixed-volume loss {val:.6f}")
+        accelerator.print(f"lift3d: stage {cfg.run.stage!r} on {accelerator.num_processes} process(es), {accelerator.device}; initial fixed-volume loss {val:.6f}")
     progress = tqdm(total=cfg.run.max_steps, initial=step, desc=f"stage {cfg.run.stage}",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     unet.train()

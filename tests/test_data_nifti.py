@@ -4,7 +4,6 @@ intensity scaling, and save_volume putting a volume back on its source grid."""
 from __future__ import annotations
 
 import gzip
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -216,6 +215,7 @@ def test_save_volume_round_trip_on_a_non_ras_anisotropic_grid(tmp_path):
     array, meta = prepare_volume(load_image(source), grid, path=source)
     assert array.shape == (16, 24, 16) and meta.orientation == ("P", "S", "L")
     out = save_volume(tmp_path / "out" / "synth.nii.gz", torch.from_numpy(array[None]), meta)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["synth.nii.gz"]  # no temporary file left
     written = nib.load(out)
     assert written.shape == SHAPE
     np.testing.assert_allclose(written.affine, PSL_AFFINE, atol=1e-5)

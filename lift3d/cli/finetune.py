@@ -45,12 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 @run_cli
 def main(argv: list[str] | None = None) -> int:
+    from lift3d.cli._common import UserError
     from lift3d.config import from_args
-    from lift3d.training import train
+    from lift3d.training import NonFiniteLossError, train
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    train(from_args(args))
+    try:
+        train(from_args(args))
+    except NonFiniteLossError as exc:
+        raise UserError(str(exc)) from None
     return 0
 
 

@@ -8,7 +8,7 @@ it atomically (a temporary file in the same folder, then ``os.replace``).
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 import zlib
 from pathlib import Path
 
@@ -121,16 +121,13 @@ def save_volume(path: Path | str, volume, meta: VolumeMeta) -> Path:
     image.set_qform(meta.affine, code=qform_code)
     image.set_sform(meta.affine, code=sform_code)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = image_suffix(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
+    # A unique hidden name in the same folder (so os.replace is atomic), created by nib.save itself
+    # so it gets the usual permissions rather than mkstemp's 0600.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{image_suffix(path)}"
     try:
-        nib.save(image, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        nib.save(image, str(tmp))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path

@@ -6,6 +6,7 @@ chooses the split and loads a subject only when it is indexed.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,8 +98,7 @@ class PairedFilesDataset(VolumeDataset):
         self.apply_mask = bool(apply_mask)
         by_subject = {f.subject: f for f in files}
         if len(by_subject) != len(files):
-            seen: set[str] = set()
-            dupes = sorted({f.subject for f in files if f.subject in seen or seen.add(f.subject)})
+            dupes = sorted(s for s, count in Counter(f.subject for f in files).items() if count > 1)
             raise VolumeError(f"{where}: subjects listed more than once: {', '.join(dupes)}")
         chosen = select_split(
             list(by_subject), split, train=train, val=val, test=test,

@@ -59,7 +59,7 @@ def generate_phantom(
     Labels index :data:`TISSUES`.
     """
     x, y, z = _coordinates(shape, slice_axis)
-    width = 1.0 / min(shape)  # the partial-volume edge, about half a voxel in normalised units
+    width = 1.0 / min(shape)  # partial-volume edge: half a voxel along the coarsest axis (normalised units)
     cx, cy, cz = (float(c) for c in rng.normal(0.0, 0.03, 3))
     angle = rng.uniform(-0.15, 0.15)
     xc, yc, zc = x - cx, y - cy, z - cz

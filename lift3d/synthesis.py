@@ -1,0 +1,403 @@
+"""Sampling a trained model: source volume -> synthesised target volume (Make-A-Volume, sec. 2.2-2.3).
+
+:func:`load_synthesis_model` reads a folder written by :func:`lift3d.training.export_model`;
+:func:`synthesize` encodes the source, starts from seeded Gaussian noise, denoises **all slices
+jointly at the same timestep** with the source latent concatenated on channels (the paper's
+``p_theta(z_{t-1} | z_t, z_c)``), and decodes. The samplers are diffusers' own classes built from
+the training scheduler config (the paper reports DDIM with 200 steps).
+
+Volumes longer than the model was fine-tuned on are denoised in overlapping windows: at every step
+the U-Net runs on each window and the noise predictions are blended with weights that ramp down
+towards inner window edges, then one scheduler step updates the whole volume. (Overwriting the
+overlap instead, as the authors' code does, leaves seams where a window's border slices meet.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import lift3d
+from lift3d.autoencoding import decode_volume, encode_volume
+from lift3d.checkpoint import SETTINGS_FILE, CheckpointError, load_lifted, read_settings
+from lift3d.data.resample import check_in_plane_size
+from lift3d.plugins import create
+from lift3d.training import TRAINING_SETTINGS, load_unet2d
+
+logger = logging.getLogger("lift3d.synthesis")
+
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+
+SCHEDULERS: dict[str, tuple[str, int]] = {
+    "ddpm": ("DDPMScheduler", 1000),
+    "ddim": ("DDIMScheduler", 200),
+    "dpm": ("DPMSolverMultistepScheduler", 25),
+}
+"""Sampler name -> (diffusers class, default number of steps). DDIM-200 is the paper's setting."""
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class SynthesisModel:
+    """Everything :func:`synthesize` needs, as loaded from an exported model folder.
+
+    :param unet: the denoising U-Net, lifted (stage 2) or plain 2D (stage 1), in eval mode.
+    :param autoencoder: the autoencoder plugin the model was trained with.
+    :param settings: the training settings (``lift3d_training.json``).
+    :param scheduler_config: the training noise scheduler's config (a diffusers config dict).
+    :param max_slices: volumes with more slices are denoised in windows of this many slices
+        (by default the slice count a lifted model was fine-tuned on; None = never).
+    """
+
+    unet: nn.Module
+    autoencoder: Any
+    settings: dict[str, Any]
+    scheduler_config: dict[str, Any]
+    folder: Path | None = None
+    max_slices: int | None = None
+
+    @property
+    def lifted(self) -> bool:
+        return lift3d.is_lifted(self.unet)
+
+    @property
+    def conditioning(self) -> str:
+        return self.settings.get("conditioning", "concat")
+
+    @property
+    def image_channels(self) -> int:
+        return int(self.autoencoder.image_channels)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.autoencoder.latent_channels)
+
+    @property
+    def size_multiple(self) -> int:
+        """What the in-plane size must divide by: autoencoder factor x U-Net downsampling."""
+        return int(self.settings.get("size_multiple") or self.autoencoder.downsampling_factor)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_training_settings(folder: str | os.PathLike) -> dict[str, Any]:
+    """The training settings of an exported model folder, or a :class:`CheckpointError` saying why not."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder not found: {folder}")
+    path = folder / TRAINING_SETTINGS
+    if path.is_file():
+        try:
+            settings = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+    elif (folder / SETTINGS_FILE).is_file():
+        settings = read_settings(folder).get("training")
+        if settings is None:
+            raise CheckpointError(f"{folder} has a {SETTINGS_FILE} but no training settings ({TRAINING_SETTINGS}): "
+                                  "the autoencoder and conditioning it was trained with are unknown; synthesise "
+                                  "from a folder exported by lift3d-finetune")
+    else:
+        raise CheckpointError(f"{folder} has no lift3d settings (neither {TRAINING_SETTINGS} nor {SETTINGS_FILE}): "
+                              "it is not a model exported by lift3d-finetune, so its autoencoder, conditioning and "
+                              "data preparation are unknown")
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{folder}: the training settings must be a JSON object, got {type(settings).__name__}")
+    missing = [k for k in ("conditioning", "autoencoder") if k not in settings]
+    if missing or not isinstance(settings["autoencoder"], dict) or "name" not in settings["autoencoder"]:
+        raise CheckpointError(f"{folder}: the training settings lack {', '.join(missing) or 'autoencoder.name'}; "
+                              "re-export the model with lift3d-finetune")
+    if settings["conditioning"] not in ("concat", "none"):
+        raise CheckpointError(f"{folder}: unknown conditioning {settings['conditioning']!r}; valid: concat, none")
+    return settings
+
+
+def _build_autoencoder(folder: Path, settings: dict[str, Any]):
+    spec = settings["autoencoder"]
+    options = dict(spec.get("options") or {})
+    path = options.get("path")
+    if isinstance(path, str) and not Path(path).is_absolute():
+        options["path"] = str(folder / path)  # an exported autoencoder lives inside the model folder
+    try:
+        autoencoder = create("autoencoders", spec["name"], **options)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise CheckpointError(f"{folder}: cannot build its autoencoder {spec['name']!r}: {exc}") from None
+    if isinstance(autoencoder, nn.Module):
+        autoencoder.requires_grad_(False).eval()
+    return autoencoder
+
+
+def check_channels(unet: nn.Module, autoencoder, conditioning: str, where: object = "the model") -> None:
+    """The U-Net must take ``2 x latent`` channels (noisy target + source, ``concat``) and give ``latent``."""
+    latent = int(autoencoder.latent_channels)
+    need_in = 2 * latent if conditioning == "concat" else latent
+    got_in, got_out = int(unet.config.in_channels), int(unet.config.out_channels)
+    if (got_in, got_out) != (need_in, latent):
+        how = f"{latent} noisy target + {latent} source" if conditioning == "concat" else "the noisy target"
+        raise CheckpointError(f"{where}: the autoencoder {type(autoencoder).__name__} has {latent} latent channels, so "
+                              f"the U-Net must take {need_in} input channels ({how}, conditioning {conditioning!r}) "
+                              f"and give {latent}; this U-Net takes {got_in} and gives {got_out}")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N, mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available here; use cpu")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    module.to(device)
+    current = next(module.parameters(), None)
+    if current is not None and current.dtype != dtype:  # diffusers warns on any .to(dtype), even a no-op
+        module.to(dtype=dtype)
+
+
+def load_synthesis_model(folder: str | os.PathLike, *, device: str | torch.device | None = None,
+                         dtype: str | torch.dtype | None = None) -> SynthesisModel:
+    """Load ``folder`` (``<output_dir>/model`` of a training run) for :func:`synthesize`.
+
+    The U-Net is lifted when the folder has ``lift3d.json`` (stage 2), plain 2D otherwise (stage 1).
+    ``device`` defaults to CUDA when available; ``dtype`` (``float32`` by default) applies to the
+    U-Net and autoencoder, while the sampler state stays float32.
+    """
+    folder = Path(folder)
+    settings = read_training_settings(folder)
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    autoencoder = _build_autoencoder(folder, settings)
+    unet = load_lifted(folder) if (folder / SETTINGS_FILE).is_file() else load_unet2d(folder)
+    check_channels(unet, autoencoder, settings["conditioning"], where=folder)
+    scheduler_path = folder / SCHEDULER_CONFIG
+    if not scheduler_path.is_file():
+        raise CheckpointError(f"{folder} has no {SCHEDULER_CONFIG} (the training noise schedule); re-export the model")
+    try:
+        scheduler_config = json.loads(scheduler_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{scheduler_path} is not valid JSON ({exc})") from None
+    _move(unet.requires_grad_(False).eval(), device, dtype)
+    if isinstance(autoencoder, nn.Module):
+        _move(autoencoder, device, dtype)
+    data = settings.get("data") or {}
+    max_slices = (data.get("window") or data.get("num_slices")) if lift3d.is_lifted(unet) else None
+    return SynthesisModel(unet, autoencoder, settings, scheduler_config, folder, int(max_slices) if max_slices else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Samplers
+
+
+def make_scheduler(name: str, scheduler_config: dict[str, Any], steps: int | None = None, *,
+                   device: torch.device | str | None = None):
+    """The diffusers sampler ``name`` (see :data:`SCHEDULERS`) on the training noise schedule,
+    with ``steps`` inference steps (the sampler's default when None)."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"Unknown scheduler {name!r}; available: {', '.join(SCHEDULERS)}")
+    class_name, default_steps = SCHEDULERS[name]
+    steps = default_steps if steps is None else steps
+    train_steps = int(scheduler_config.get("num_train_timesteps", 1000))
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= train_steps:
+        raise ValueError(f"steps must be an integer from 1 to the {train_steps} training timesteps, got {steps!r}")
+    import diffusers
+
+    scheduler = getattr(diffusers, class_name).from_config(scheduler_config)
+    scheduler.set_timesteps(steps, device=device)
+    return scheduler
+
+
+# --------------------------------------------------------------------------------------------
+# Windows
+
+
+def window_weights(num_slices: int, window: int, overlap: int) -> list[tuple[int, Tensor]]:
+    """``(start, weights)`` for each window of ``window`` slices covering ``num_slices``.
+
+    Windows start every ``window - overlap`` slices; the last one is aligned to the end of the
+    volume. Weights are 1 inside a window and ramp linearly down over the slices it shares with
+    a neighbour (``k / (L + 1)``, ``L`` the shared length), so two overlapping ramps sum to 1.
+    Volume ends are never ramped, and every weight is > 0, so normalising by the summed weights
+    gives each slice a convex blend of the windows that contain it.
+    """
+    if window >= num_slices:
+        return [(0, torch.ones(num_slices))]
+    stride = window - overlap
+    starts = list(range(0, num_slices - window + 1, stride))
+    if starts[-1] != num_slices - window:
+        starts.append(num_slices - window)
+    out = []
+    for i, start in enumerate(starts):
+        w = torch.ones(window)
+        if i > 0:
+            shared = starts[i - 1] + window - start
+            w[:shared] = torch.minimum(w[:shared], torch.arange(1, shared + 1) / (shared + 1))
+        if i < len(starts) - 1:
+            shared = start + window - starts[i + 1]
+            w[window - shared:] = torch.minimum(w[window - shared:], torch.arange(shared, 0, -1) / (shared + 1))
+        out.append((start, w))
+    return out
+
+
+def _check_window(window: int | None, overlap: int | None, n: int, model: SynthesisModel,
+                  slice_wise: bool) -> tuple[int, int] | None:
+    """The (window, overlap) to denoise with, or None for the whole volume at once."""
+    for name, value in (("window", window), ("overlap", overlap)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name} must be a non-negative integer or None, got {value!r}")
+    if window is None:
+        # Slices of a 2D (or slice-wise) model never interact, so there is nothing to window.
+        if slice_wise or not model.lifted or not model.max_slices or n <= model.max_slices:
+            return None
+        window = model.max_slices
+        logger.info("volume of %d slices is longer than the %d the model was fine-tuned on: denoising in windows",
+                    n, window)
+    if window == 0 or window >= n:
+        return None
+    overlap = max(window // 4, 1) if overlap is None else overlap
+    if overlap >= window:
+        raise ValueError(f"overlap must be smaller than the window ({window} slices), got {overlap}")
+    return window, overlap
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+
+
+def _check_source(model: SynthesisModel, source: Tensor) -> None:
+    if not isinstance(source, Tensor) or source.ndim != 5 or source.shape[1] != model.image_channels:
+        shape = tuple(source.shape) if isinstance(source, Tensor) else type(source).__name__
+        raise ValueError(f"source must be a volume batch (b, {model.image_channels}, n, h, w) in [-1, 1], got {shape}")
+    h, w = source.shape[-2:]
+    try:
+        check_in_plane_size((int(h), int(w)), model.size_multiple)
+    except ValueError as exc:
+        raise ValueError(f"source in-plane size {h} x {w} does not fit the model: {exc}; resample the source") from None
+    if not torch.isfinite(source).all():
+        raise ValueError("source has NaN or inf values")
+
+
+def predict_noise(model: SynthesisModel, sample: Tensor, condition: Tensor | None, t: Tensor,
+                  slice_wise: bool = False) -> Tensor:
+    """One U-Net call on a volume batch ``(b, c, n, h, w)``, every slice at timestep ``t``."""
+    b, _, n = sample.shape[:3]
+    x = sample if condition is None else torch.cat([sample, condition], dim=1)
+    flat = rearrange(x, "b c n h w -> (b n) c h w").to(model.dtype)
+    timesteps = t.reshape(1).expand(b * n).to(flat.device)
+    if not model.lifted:
+        context: Any = contextlib.nullcontext()
+    elif slice_wise:
+        context = lift3d.volumetric_disabled(model.unet)
+    else:
+        context = lift3d.volume_batch(model.unet, n)
+    with context:
+        out = model.unet(flat, timesteps)
+    out = getattr(out, "sample", out)
+    return rearrange(out.float(), "(b n) c h w -> b c n h w", b=b)
+
+
+def predict_noise_windowed(model: SynthesisModel, sample: Tensor, condition: Tensor | None, t: Tensor,
+                           windows: list[tuple[int, Tensor]], slice_wise: bool = False) -> Tensor:
+    """Blend the noise predictions of each window by its weights, normalised by their sum."""
+    n = sample.shape[2]
+    total = torch.zeros(n, device=sample.device)
+    out = None
+    for start, weights in windows:
+        part = slice(start, start + len(weights))
+        eps = predict_noise(model, sample[:, :, part], None if condition is None else condition[:, :, part], t,
+                            slice_wise)
+        weights = weights.to(sample.device)
+        if out is None:
+            out = torch.zeros(*eps.shape[:2], n, *eps.shape[3:], device=sample.device)
+        out[:, :, part] += eps * weights[:, None, None]
+        total[part] += weights
+    return out / total[:, None, None]
+
+
+@torch.no_grad()
+def synthesize(
+    model: SynthesisModel,
+    source: Tensor,
+    *,
+    scheduler: str = "ddim",
+    steps: int | None = None,
+    seed: int = 0,
+    window: int | None = None,
+    overlap: int | None = None,
+    slice_wise: bool = False,
+    progress: bool = True,
+) -> Tensor:
+    """Synthesise the target modality for ``source`` ``(b, c, n, h, w)`` in [-1, 1]; same shape out.
+
+    :param scheduler: ``ddpm`` (1000 steps by default), ``ddim`` (200, the paper's) or ``dpm``
+        (DPM-Solver++, 25).
+    :param steps: inference steps; None = the scheduler's default.
+    :param seed: seeds the initial noise (drawn on the CPU, so it is the same on every device) and
+        any noise the sampler adds; the same seed gives the same volume.
+    :param window: denoise in windows of this many slices. None: whole volumes, unless a lifted
+        model gets more slices than ``model.max_slices`` (then windows of that size); 0: never.
+    :param overlap: slices shared by neighbouring windows (default ``window // 4``, at least 1).
+    :param slice_wise: the paper's "w/o volumetric layers" ablation: the volumetric layers are
+        switched off, so every slice is denoised by the 2D model on its own; all else is equal.
+    :param progress: show a tqdm bar over the denoising steps.
+    """
+    _check_source(model, source)
+    b, _, n, h, w = source.shape
+    windowing = _check_window(window, overlap, n, model, slice_wise)
+    device = model.device
+    sampler = make_scheduler(scheduler, model.scheduler_config, steps, device=device)
+    ae_dtype = getattr(model.autoencoder, "dtype", None) or model.dtype
+    condition = None
+    if model.conditioning == "concat":
+        condition = encode_volume(model.autoencoder, source.to(device=device, dtype=ae_dtype)).float()
+        latent_shape = condition.shape
+    else:
+        f = model.autoencoder.downsampling_factor
+        latent_shape = torch.Size((b, model.latent_channels, n, h // f, w // f))
+    generator = torch.Generator().manual_seed(int(seed))
+    latents = torch.randn(latent_shape, generator=generator).to(device) * sampler.init_noise_sigma
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(sampler.step).parameters else {}
+    windows = None if windowing is None else window_weights(n, *windowing)
+    for t in tqdm(sampler.timesteps, desc=f"{scheduler} sampling", disable=not progress, dynamic_ncols=True):
+        model_in = sampler.scale_model_input(latents, t)
+        if windows is None:
+            eps = predict_noise(model, model_in, condition, t, slice_wise)
+        else:
+            eps = predict_noise_windowed(model, model_in, condition, t, windows, slice_wise)
+        latents = sampler.step(eps, t, latents, **step_kwargs).prev_sample
+    image = decode_volume(model.autoencoder, latents.to(ae_dtype)).float()
+    return image.clamp_(-1.0, 1.0)

@@ -1,0 +1,236 @@
+"""Tests for lift3d/synthesis.py on tiny exported models (identity autoencoder, 16 x 16 x 8, 2-4 steps)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lift3d
+from lift3d import synthesis
+from lift3d.checkpoint import CheckpointError
+from lift3d.config import TrainConfig
+from lift3d.synthesis import (
+    SCHEDULERS,
+    load_synthesis_model,
+    make_scheduler,
+    synthesize,
+    window_weights,
+)
+from lift3d.training import build_autoencoder, build_noise_scheduler, export_model, new_unet2d
+
+SIZE, SLICES = 16, 8
+
+
+class _Dataset:
+    num_slices = SLICES
+
+
+def export_tiny(folder, unet, stage: str):
+    """Export ``unet`` as lift3d-finetune would, with the identity autoencoder; returns the model folder."""
+    cfg = TrainConfig()
+    cfg.run.stage = stage
+    cfg.data.options = {"size": SIZE, "num_slices": SLICES}
+    cfg.model.block_out_channels = [16, 32]
+    autoencoder = build_autoencoder(cfg)
+    return export_model(cfg, unet, autoencoder, build_noise_scheduler(cfg), _Dataset(), folder)
+
+
+def tiny_unet():
+    cfg = TrainConfig()
+    cfg.model.block_out_channels = [16, 32]
+    torch.manual_seed(0)
+    return new_unet2d(cfg, 2, 1, SIZE)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A stage-1 (2D) model, the same lifted at identity, and lifted with random volumetric weights."""
+    root = tmp_path_factory.mktemp("models")
+    unet = tiny_unet()
+    out = {"2d": export_tiny(root / "2d", unet, "slices")}
+    lift3d.inflate(unet)
+    out["identity"] = export_tiny(root / "identity", unet, "volumes")
+    g = torch.Generator().manual_seed(1)
+    for _, layer in lift3d.volumetric_layers(unet):
+        layer.init_random_(std=0.1, generator=g)
+    out["random"] = export_tiny(root / "random", unet, "volumes")
+    return out
+
+
+@pytest.fixture(scope="module")
+def source():
+    g = torch.Generator().manual_seed(3)
+    z = torch.linspace(-1, 1, SLICES)[:, None, None]
+    y = torch.linspace(-1, 1, SIZE)[None, :, None]
+    x = torch.linspace(-1, 1, SIZE)[None, None, :]
+    head = (x**2 + y**2 + z**2 < 0.8).float() * 1.6 - 0.8
+    return (head + 0.05 * torch.randn(SLICES, SIZE, SIZE, generator=g)).clamp(-1, 1)[None, None]
+
+
+def count_calls(model):
+    calls = []
+    model.unet.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_load_builds_lifted_and_2d_models(folders):
+    lifted = load_synthesis_model(folders["random"], device="cpu")
+    plain = load_synthesis_model(folders["2d"], device="cpu")
+    assert lifted.lifted and not plain.lifted
+    assert lifted.max_slices == SLICES and plain.max_slices is None
+    assert lifted.size_multiple == 2 and lifted.latent_channels == 1
+    assert lifted.scheduler_config["_class_name"] == "DDPMScheduler"
+
+
+def test_output_shape_and_seed_reproducibility(folders, source):
+    model = load_synthesis_model(folders["random"], device="cpu")
+    a = synthesize(model, source, steps=2, seed=0, progress=False)
+    b = synthesize(model, source, steps=2, seed=0, progress=False)
+    c = synthesize(model, source, steps=2, seed=1, progress=False)
+    assert a.shape == source.shape
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name, steps", [("ddim", 3), ("dpm", 4), ("ddpm", 2)])
+def test_step_counts_are_honoured(folders, source, name, steps):
+    model = load_synthesis_model(folders["identity"], device="cpu")
+    calls = count_calls(model)
+    synthesize(model, source, scheduler=name, steps=steps, progress=False)
+    assert len(calls) == steps
+    assert len(make_scheduler(name, model.scheduler_config, steps).timesteps) == steps
+
+
+def test_default_step_counts_and_classes(folders):
+    config = load_synthesis_model(folders["2d"], device="cpu").scheduler_config
+    expected = {"ddpm": ("DDPMScheduler", 1000), "ddim": ("DDIMScheduler", 200), "dpm": ("DPMSolverMultistepScheduler", 25)}
+    assert SCHEDULERS == expected
+    for name, (class_name, steps) in expected.items():
+        scheduler = make_scheduler(name, config)
+        assert type(scheduler).__name__ == class_name and len(scheduler.timesteps) == steps
+        assert scheduler.config.beta_schedule == config["beta_schedule"] and scheduler.config.beta_end == config["beta_end"]
+
+
+def test_unknown_scheduler_and_bad_steps(folders, source):
+    model = load_synthesis_model(folders["2d"], device="cpu")
+    with pytest.raises(ValueError, match="Unknown scheduler 'euler'; available: ddpm, ddim, dpm"):
+        synthesize(model, source, scheduler="euler", progress=False)
+    with pytest.raises(ValueError, match="steps must be an integer from 1 to the 1000 training timesteps, got 0"):
+        synthesize(model, source, steps=0, progress=False)
+
+
+def test_window_weights_blend_to_one_and_keep_volume_ends():
+    for n, window, overlap in [(8, 4, 2), (20, 16, 4), (10, 4, 1), (9, 4, 0), (12, 5, 3)]:
+        windows = window_weights(n, window, overlap)
+        total = torch.zeros(n)
+        for start, weights in windows:
+            assert len(weights) == window and (weights > 0).all() and weights.max() <= 1
+            total[start:start + window] += weights
+        assert windows[0][0] == 0 and windows[-1][0] == n - window
+        assert windows[0][1][0] == 1 and windows[-1][1][-1] == 1  # volume ends at full weight
+        if 2 * overlap <= window and (n - window) % (window - overlap) == 0:
+            assert torch.allclose(total, torch.ones(n))  # ramps of neighbours sum to exactly 1
+
+
+def test_windowed_equals_whole_with_identity_volumetric_layers(folders, source):
+    model = load_synthesis_model(folders["identity"], device="cpu")
+    whole = synthesize(model, source, steps=3, progress=False)
+    calls = count_calls(model)
+    windowed = synthesize(model, source, steps=3, window=4, overlap=2, progress=False)
+    assert len(calls) == 3 * 3  # windows start at 0, 2, 4
+    # Slices do not interact, so only float rounding of the weighted average differs.
+    assert (windowed - whole).abs().max() < 1e-5
+
+
+def test_windowed_stays_close_to_whole_with_random_volumetric_layers(folders, source):
+    model = load_synthesis_model(folders["random"], device="cpu")
+    whole = synthesize(model, source, steps=3, progress=False)
+    windowed = synthesize(model, source, steps=3, window=6, overlap=4, progress=False)
+    sliced = synthesize(model, source, steps=3, slice_wise=True, progress=False)
+    error = (windowed - whole).abs().mean()
+    assert error < 0.05  # mean |difference| on a [-1, 1] scale; the volumetric layers see 6 of 8 slices
+    assert error < 0.5 * (sliced - whole).abs().mean()  # much closer than dropping the volumetric layers
+
+
+def _overwrite_weights(num_slices, window, overlap):
+    """The authors' scheme: each later window overwrites the overlap (weight 1 where it is last)."""
+    starts = [start for start, _ in window_weights(num_slices, window, overlap)]
+    out = []
+    for i, start in enumerate(starts):
+        w = torch.ones(window)
+        if i + 1 < len(starts):
+            w[starts[i + 1] - start:] = 1e-12  # overwritten by the next window
+        out.append((start, w))
+    return out
+
+
+def test_blended_windows_leave_no_seam(folders, source, monkeypatch):
+    """The windowing error (windowed - whole) must not jump at window borders, as overwriting does."""
+    model = load_synthesis_model(folders["random"], device="cpu")
+    whole = synthesize(model, source, steps=3, progress=False)
+    blended = synthesize(model, source, steps=3, window=5, overlap=2, progress=False)
+    monkeypatch.setattr(synthesis, "window_weights", _overwrite_weights)
+    overwritten = synthesize(model, source, steps=3, window=5, overlap=2, progress=False)
+
+    def jumps(result):
+        error = (result - whole)[0, 0]
+        return (error[1:] - error[:-1]).abs().mean(dim=(1, 2))  # jump between slice k and k+1
+
+    # Windows start at 0 and 3: the overwrite border lies between slices 2 and 3.
+    border = 2
+    seam_overwrite, seam_blended = jumps(overwritten)[border], jumps(blended)[border]
+    assert seam_overwrite > 2 * jumps(overwritten).median()  # the overwrite variant has a seam
+    assert seam_blended < 0.5 * seam_overwrite
+    assert seam_blended <= 1.5 * jumps(blended).max(0).values  # not the largest jump by a margin
+
+
+def test_slice_wise_equals_2d_model_slice_by_slice(folders, source):
+    lifted = load_synthesis_model(folders["random"], device="cpu")
+    plain = load_synthesis_model(folders["2d"], device="cpu")
+    slice_wise = synthesize(lifted, source, steps=3, seed=5, slice_wise=True, progress=False)
+    # Reference: the 2D U-Net on one slice at a time, with that slice of the same seeded noise.
+    noise = torch.randn(source.shape, generator=torch.Generator().manual_seed(5))
+    reference = torch.empty_like(source)
+    with torch.no_grad():
+        for k in range(SLICES):
+            scheduler = make_scheduler("ddim", plain.scheduler_config, 3)
+            z, cond = noise[:, :, k], source[:, :, k]
+            for t in scheduler.timesteps:
+                eps = plain.unet(torch.cat([z, cond], dim=1), t.reshape(1)).sample
+                z = scheduler.step(eps, t, z).prev_sample
+            reference[:, :, k] = z.clamp(-1, 1)
+    assert (slice_wise - reference).abs().max() < 1e-4
+    volumetric = synthesize(lifted, source, steps=3, seed=5, progress=False)
+    assert (volumetric - reference).abs().max() > 1e-2  # the random volumetric layers do matter
+
+
+def test_source_checks(folders, source):
+    model = load_synthesis_model(folders["2d"], device="cpu")
+    with pytest.raises(ValueError, match=r"volume batch \(b, 1, n, h, w\)"):
+        synthesize(model, source[0], progress=False)
+    with pytest.raises(ValueError, match="in-plane size 15 x 16 does not fit.*nearest valid sizes: 14 or 16"):
+        synthesize(model, source[..., :15, :], progress=False)
+    with pytest.raises(ValueError, match="overlap must be smaller than the window"):
+        synthesize(model, source, window=4, overlap=4, progress=False)
+
+
+def test_folder_without_settings_is_a_checkpoint_error(folders, tmp_path):
+    folder = tmp_path / "plain"
+    tiny_unet().save_pretrained(folder, safe_serialization=True)
+    with pytest.raises(CheckpointError, match="has no lift3d settings \\(neither lift3d_training.json nor lift3d.json\\)"):
+        load_synthesis_model(folder, device="cpu")
+
+
+def test_autoencoder_latent_mismatch_names_both_numbers(folders, tmp_path):
+    import shutil
+
+    folder = tmp_path / "mismatch"
+    shutil.copytree(folders["identity"], folder)
+    settings = json.loads((folder / "lift3d_training.json").read_text())
+    settings["autoencoder"] = {"name": "identity", "options": {"image_channels": 2}}
+    (folder / "lift3d_training.json").write_text(json.dumps(settings))
+    with pytest.raises(CheckpointError, match="2 latent channels, so the U-Net must take 4 input channels.*"
+                                              "this U-Net takes 2 and gives 1"):
+        load_synthesis_model(folder, device="cpu")
