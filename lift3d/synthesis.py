@@ -249,10 +249,11 @@ def window_weights(num_slices: int, window: int, overlap: int) -> list[tuple[int
     """``(start, weights)`` for each window of ``window`` slices covering ``num_slices``.
 
     Windows start every ``window - overlap`` slices; the last one is aligned to the end of the
-    volume. Weights are 1 inside a window and ramp linearly down over the slices it shares with
-    a neighbour (``k / (L + 1)``, ``L`` the shared length), so two overlapping ramps sum to 1.
-    Volume ends are never ramped, and every weight is > 0, so normalising by the summed weights
-    gives each slice a convex blend of the windows that contain it.
+    volume. Weights are 1 inside a window and fall over the ``L`` slices it shares with a
+    neighbour along a raised-cosine (Hann) ramp, ``sin^2(pi k / (2 (L + 1)))`` for k = 1..L, so
+    two overlapping ramps sum to 1 and a window's border slices, which miss their neighbours,
+    get the least weight. Volume ends are never ramped, and every weight is > 0, so normalising
+    by the summed weights gives each slice a convex blend of the windows that contain it.
     """
     if window >= num_slices:
         return [(0, torch.ones(num_slices))]
@@ -262,15 +263,20 @@ def window_weights(num_slices: int, window: int, overlap: int) -> list[tuple[int
         starts.append(num_slices - window)
     out = []
     for i, start in enumerate(starts):
-        w = torch.ones(window)
+        w = torch.ones(window, dtype=torch.float64)
         if i > 0:
             shared = starts[i - 1] + window - start
-            w[:shared] = torch.minimum(w[:shared], torch.arange(1, shared + 1) / (shared + 1))
+            w[:shared] = torch.minimum(w[:shared], _rising(shared))
         if i < len(starts) - 1:
             shared = start + window - starts[i + 1]
-            w[window - shared:] = torch.minimum(w[window - shared:], torch.arange(shared, 0, -1) / (shared + 1))
-        out.append((start, w))
+            w[window - shared:] = torch.minimum(w[window - shared:], _rising(shared).flip(0))
+        out.append((start, w.float()))
     return out
+
+
+def _rising(length: int) -> Tensor:
+    k = torch.arange(1, length + 1, dtype=torch.float64)
+    return torch.sin(torch.pi * k / (2 * (length + 1))) ** 2
 
 
 def _check_window(window: int | None, overlap: int | None, n: int, model: SynthesisModel,
