@@ -100,6 +100,21 @@ def _is_diffusers(model: nn.Module) -> bool:
     return hasattr(model, "save_pretrained") and hasattr(type(model), "from_config")
 
 
+def save_diffusers_folder(model: nn.Module, folder: str | os.PathLike,
+                          state_dict: dict[str, torch.Tensor] | None = None,
+                          metadata: dict[str, str] | None = None) -> Path:
+    """``save_pretrained(safe_serialization=True)``, but with ``state_dict`` as the weights.
+
+    diffusers' ``save_pretrained`` always writes the live weights (it ignores a ``state_dict``
+    argument), so EMA weights are written over its safetensors file here.
+    """
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
+    save_file(weights, str(folder / DIFFUSERS_WEIGHTS), metadata=metadata or {"format": "pt"})
+    return folder
+
+
 def save_lifted(model: nn.Module, folder: str | os.PathLike, *, state_dict: dict[str, torch.Tensor] | None = None,
                 extra: dict[str, Any] | None = None) -> Path:
     """Write the whole lifted model to ``folder`` atomically (a temp folder, then a rename).
@@ -113,12 +128,11 @@ def save_lifted(model: nn.Module, folder: str | os.PathLike, *, state_dict: dict
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        weights = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
         if _is_diffusers(model):
-            model.save_pretrained(tmp, safe_serialization=True)
-            save_file(weights, str(tmp / DIFFUSERS_WEIGHTS), metadata=_metadata(model))
+            save_diffusers_folder(model, tmp, state_dict, _metadata(model))
             weights_file = DIFFUSERS_WEIGHTS
         else:
+            weights = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
             save_file(weights, str(tmp / GENERIC_WEIGHTS), metadata=_metadata(model))
             weights_file = GENERIC_WEIGHTS
         settings = {"lift3d_version": lift3d.__version__,

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import lift3d
-from lift3d.checkpoint import CheckpointError, load_lifted, load_state_dict_checked, read_settings, save_lifted, save_volumetric
+from lift3d.checkpoint import (CheckpointError, load_lifted, load_state_dict_checked, save_diffusers_folder, save_lifted,
+                               save_volumetric)
 from lift3d.config import TrainConfig
 from lift3d.data.dataset import stack_items
 from lift3d.plugins import create
@@ -371,7 +372,7 @@ def export_model(cfg: TrainConfig, unet: nn.Module, autoencoder, noise_scheduler
         save_lifted(unet, tmp, state_dict=state, extra={"training": settings})
         save_volumetric(unet, tmp / "volumetric.safetensors", state_dict=state)
     else:
-        unet.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+        save_diffusers_folder(unet, tmp, state)
     (tmp / TRAINING_SETTINGS).write_text(json.dumps(settings, indent=2))
     if has_weights:
         autoencoder.save(tmp / "autoencoder")

@@ -193,6 +193,14 @@ def test_ema_weights_are_exported(tmp_path):
     assert 0 < ema_norm < raw_norm  # the average lags behind the raw weights, which start at zero
 
 
+def test_stage1_ema_weights_are_exported(tmp_path):
+    out = tmp_path / "s1"
+    train(tiny_cfg(out, run={"max_steps": 3, "checkpoint_every": 3}, optim={"ema": True, "ema_decay": 0.99}))
+    exported, raw = weights(out / "model"), load_file(str(out / "checkpoint-3" / "model.safetensors"))
+    assert exported.keys() == raw.keys()
+    assert max_diff(exported, raw) > 0  # the export holds the EMA, not the live weights
+
+
 def test_latent_cache_gives_the_same_training(tmp_path):
     from lift3d_plugins.autoencoders import tiny_kl_config
 
