@@ -87,7 +87,11 @@ class SynthesisModel:
     @property
     def size_multiple(self) -> int:
         """What the in-plane size must divide by: autoencoder factor x U-Net downsampling."""
-        return int(self.settings.get("size_multiple") or self.autoencoder.downsampling_factor)
+        multiple = self.settings.get("size_multiple")
+        if not multiple:
+            widths = getattr(getattr(self.unet, "config", None), "block_out_channels", None) or (0,)
+            multiple = self.autoencoder.downsampling_factor * 2 ** (len(widths) - 1)
+        return int(multiple)
 
     @property
     def device(self) -> torch.device:
@@ -255,6 +259,8 @@ def window_weights(num_slices: int, window: int, overlap: int) -> list[tuple[int
     get the least weight. Volume ends are never ramped, and every weight is > 0, so normalising
     by the summed weights gives each slice a convex blend of the windows that contain it.
     """
+    if not 0 <= overlap < window:
+        raise ValueError(f"overlap must be from 0 to window - 1 = {window - 1} slices, got {overlap}")
     if window >= num_slices:
         return [(0, torch.ones(num_slices))]
     stride = window - overlap
@@ -279,9 +285,11 @@ def _rising(length: int) -> Tensor:
     return torch.sin(torch.pi * k / (2 * (length + 1))) ** 2
 
 
-def _check_window(window: int | None, overlap: int | None, n: int, model: SynthesisModel,
-                  slice_wise: bool) -> tuple[int, int] | None:
-    """The (window, overlap) to denoise with, or None for the whole volume at once."""
+def resolve_window(model: SynthesisModel, num_slices: int, window: int | None = None, overlap: int | None = None,
+                   slice_wise: bool = False) -> tuple[int, int] | None:
+    """The ``(window, overlap)`` :func:`synthesize` denoises ``num_slices`` slices with, or None for
+    the whole volume at once (see its ``window`` and ``overlap``)."""
+    n = num_slices
     for name, value in (("window", window), ("overlap", overlap)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ValueError(f"{name} must be a non-negative integer or None, got {value!r}")
@@ -365,7 +373,7 @@ def synthesize(
     window: int | None = None,
     overlap: int | None = None,
     slice_wise: bool = False,
-    progress: bool = True,
+    progress: bool | None = True,
 ) -> Tensor:
     """Synthesise the target modality for ``source`` ``(b, c, n, h, w)`` in [-1, 1]; same shape out.
 
@@ -379,11 +387,13 @@ def synthesize(
     :param overlap: slices shared by neighbouring windows (default ``window // 4``, at least 1).
     :param slice_wise: the paper's "w/o volumetric layers" ablation: the volumetric layers are
         switched off, so every slice is denoised by the 2D model on its own; all else is equal.
-    :param progress: show a tqdm bar over the denoising steps.
+    :param progress: show a tqdm bar over the denoising steps (None: only on a terminal).
+
+    With ``conditioning = "none"`` (plain volume generation) the source only sets the shape.
     """
     _check_source(model, source)
     b, _, n, h, w = source.shape
-    windowing = _check_window(window, overlap, n, model, slice_wise)
+    windowing = resolve_window(model, n, window, overlap, slice_wise)
     device = model.device
     sampler = make_scheduler(scheduler, model.scheduler_config, steps, device=device)
     ae_dtype = getattr(model.autoencoder, "dtype", None) or model.dtype
@@ -398,7 +408,8 @@ def synthesize(
     latents = torch.randn(latent_shape, generator=generator).to(device) * sampler.init_noise_sigma
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(sampler.step).parameters else {}
     windows = None if windowing is None else window_weights(n, *windowing)
-    for t in tqdm(sampler.timesteps, desc=f"{scheduler} sampling", disable=not progress, dynamic_ncols=True):
+    for t in tqdm(sampler.timesteps, desc=f"{scheduler} sampling", disable=None if progress is None else not progress,
+                  dynamic_ncols=True):
         model_in = sampler.scale_model_input(latents, t)
         if windows is None:
             eps = predict_noise(model, model_in, condition, t, slice_wise)

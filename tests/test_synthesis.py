@@ -23,6 +23,16 @@ from lift3d.training import build_autoencoder, build_noise_scheduler, export_mod
 SIZE, SLICES = 16, 8
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These convolutions are tiny: a second intra-op thread only adds OpenMP synchronisation, which
+    on a busy 2-core machine made this module about ten times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 class _Dataset:
     num_slices = SLICES
 
@@ -54,7 +64,7 @@ def folders(tmp_path_factory):
     out["identity"] = export_tiny(root / "identity", unet, "volumes")
     g = torch.Generator().manual_seed(1)
     for _, layer in lift3d.volumetric_layers(unet):
-        layer.init_random_(std=0.1, generator=g)
+        layer.init_random_(std=0.05, generator=g)
     out["random"] = export_tiny(root / "random", unet, "volumes")
     return out
 
@@ -144,46 +154,74 @@ def test_windowed_equals_whole_with_identity_volumetric_layers(folders, source):
     assert (windowed - whole).abs().max() < 1e-5
 
 
+def long_source(n=2 * SLICES):
+    z = torch.linspace(-1, 1, n)[:, None, None]
+    y = torch.linspace(-1, 1, SIZE)[None, :, None]
+    x = torch.linspace(-1, 1, SIZE)[None, None, :]
+    return ((x**2 + y**2 + z**2 < 0.8).float() * 1.6 - 0.8)[None, None]
+
+
+def test_long_volume_is_windowed_automatically(folders):
+    model = load_synthesis_model(folders["random"], device="cpu")
+    source = long_source()  # 16 slices; the model was fine-tuned on 8
+    calls = count_calls(model)
+    auto = synthesize(model, source, steps=2, progress=False)
+    assert len(calls) == 2 * 3  # windows of 8 slices overlapping by 8 // 4 = 2 start at 0, 6, 8
+    assert torch.equal(auto, synthesize(model, source, steps=2, window=8, overlap=2, progress=False))
+    assert not torch.equal(auto, synthesize(model, source, steps=2, window=0, progress=False))
+
+
 def test_windowed_stays_close_to_whole_with_random_volumetric_layers(folders, source):
     model = load_synthesis_model(folders["random"], device="cpu")
     whole = synthesize(model, source, steps=3, progress=False)
     windowed = synthesize(model, source, steps=3, window=6, overlap=4, progress=False)
     sliced = synthesize(model, source, steps=3, slice_wise=True, progress=False)
     error = (windowed - whole).abs().mean()
-    assert error < 0.05  # mean |difference| on a [-1, 1] scale; the volumetric layers see 6 of 8 slices
-    assert error < 0.5 * (sliced - whole).abs().mean()  # much closer than dropping the volumetric layers
+    # Mean |difference| on the [-1, 1] scale. Windows miss slices the volumetric layers (std 0.05,
+    # a receptive field along n wider than the window) would see, so this is not exact.
+    assert error < 0.02
+    assert error < 0.2 * (sliced - whole).abs().mean()  # much closer than dropping the volumetric layers
 
 
 def _overwrite_weights(num_slices, window, overlap):
-    """The authors' scheme: each later window overwrites the overlap (weight 1 where it is last)."""
+    """The authors' scheme: each later window overwrites the overlap (weight ~0 where overwritten)."""
     starts = [start for start, _ in window_weights(num_slices, window, overlap)]
     out = []
     for i, start in enumerate(starts):
         w = torch.ones(window)
         if i + 1 < len(starts):
-            w[starts[i + 1] - start:] = 1e-12  # overwritten by the next window
+            w[starts[i + 1] - start:] = 1e-12
         out.append((start, w))
     return out
 
 
-def test_blended_windows_leave_no_seam(folders, source, monkeypatch):
-    """The windowing error (windowed - whole) must not jump at window borders, as overwriting does."""
+def test_blended_windows_leave_no_seam(folders, monkeypatch):
+    """The windowing error (windowed - whole) must not peak at window borders, as overwriting does.
+
+    The synthesised slices of an untrained model differ from each other by far more than any seam,
+    so the seam is measured on the difference from the whole-volume result.
+    """
     model = load_synthesis_model(folders["random"], device="cpu")
-    whole = synthesize(model, source, steps=3, progress=False)
-    blended = synthesize(model, source, steps=3, window=5, overlap=2, progress=False)
+    source = long_source()
+    whole = synthesize(model, source, steps=3, window=0, progress=False)
+    blended = synthesize(model, source, steps=3, window=8, overlap=4, progress=False)
     monkeypatch.setattr(synthesis, "window_weights", _overwrite_weights)
-    overwritten = synthesize(model, source, steps=3, window=5, overlap=2, progress=False)
+    overwritten = synthesize(model, source, steps=3, window=8, overlap=4, progress=False)
 
-    def jumps(result):
-        error = (result - whole)[0, 0]
-        return (error[1:] - error[:-1]).abs().mean(dim=(1, 2))  # jump between slice k and k+1
+    borders = [4, 8]  # windows start at 0, 4, 8: the first slice of each later window
+    others = [k for k in range(source.shape[2]) if k not in borders]
 
-    # Windows start at 0 and 3: the overwrite border lies between slices 2 and 3.
-    border = 2
-    seam_overwrite, seam_blended = jumps(overwritten)[border], jumps(blended)[border]
-    assert seam_overwrite > 2 * jumps(overwritten).median()  # the overwrite variant has a seam
-    assert seam_blended < 0.5 * seam_overwrite
-    assert seam_blended <= 1.5 * jumps(blended).max(0).values  # not the largest jump by a margin
+    def error(result):
+        return (result - whole)[0, 0].abs().mean(dim=(1, 2))  # per slice
+
+    def largest_jump(result):
+        e = (result - whole)[0, 0]
+        return (e[1:] - e[:-1]).abs().mean(dim=(1, 2)).max()
+
+    assert error(overwritten)[borders].max() > 2 * error(overwritten)[others].max()  # a seam, to be sure it shows
+    assert error(blended)[borders].max() <= error(blended)[others].max()  # no larger at the borders than elsewhere
+    assert largest_jump(blended) < 0.5 * largest_jump(overwritten)
+    assert error(blended).mean() < 0.02
 
 
 def test_slice_wise_equals_2d_model_slice_by_slice(folders, source):
@@ -234,3 +272,37 @@ def test_autoencoder_latent_mismatch_names_both_numbers(folders, tmp_path):
     with pytest.raises(CheckpointError, match="2 latent channels, so the U-Net must take 4 input channels.*"
                                               "this U-Net takes 2 and gives 1"):
         load_synthesis_model(folder, device="cpu")
+
+
+def test_latent_model_with_exported_kl_autoencoder(tmp_path, monkeypatch, source):
+    """The exported autoencoder is found relative to the model folder, whatever the working directory."""
+    from lift3d_plugins.autoencoders import tiny_kl_config
+
+    cfg = TrainConfig()
+    cfg.run.stage = "volumes"
+    cfg.data.options = {"size": SIZE, "num_slices": SLICES}
+    cfg.model.block_out_channels = [16, 32]
+    cfg.autoencoder.name = "kl"
+    cfg.autoencoder.options = {"config": tiny_kl_config(latent_channels=3, block_out_channels=(8, 8, 8), norm_num_groups=4)}
+    torch.manual_seed(0)
+    autoencoder = build_autoencoder(cfg)
+    unet = lift3d.inflate(new_unet2d(cfg, 6, 3, SIZE // 4))
+    folder = export_model(cfg, unet, autoencoder, build_noise_scheduler(cfg), _Dataset(), tmp_path / "kl")
+    assert json.loads((folder / "lift3d_training.json").read_text())["autoencoder"]["options"] == {"path": "autoencoder"}
+    monkeypatch.chdir(tmp_path.parent)
+    model = load_synthesis_model(folder, device="cpu")
+    assert model.latent_channels == 3 and model.size_multiple == 8
+    calls = count_calls(model)
+    out = synthesize(model, source, steps=2, progress=False)
+    assert out.shape == source.shape and torch.isfinite(out).all()
+    assert len(calls) == 2
+
+
+def test_reduced_precision_runs_and_returns_float32(folders, source):
+    full = synthesize(load_synthesis_model(folders["random"], device="cpu"), source, steps=2, progress=False)
+    model = load_synthesis_model(folders["random"], device="cpu", dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+    half = synthesize(model, source, steps=2, progress=False)
+    assert half.dtype == torch.float32 and (half - full).abs().mean() < 0.02
+    with pytest.raises(ValueError, match="Unknown dtype 'float8'; valid: float32, float16, bfloat16"):
+        load_synthesis_model(folders["random"], device="cpu", dtype="float8")

@@ -1,0 +1,284 @@
+"""``lift3d-synthesize``: synthesise the target modality of source NIfTI volumes with a trained model.
+
+Each source is prepared exactly as in training (closest canonical orientation, slice axis first,
+percentile normalisation to [-1, 1], resampling to the training grid), synthesised with
+:func:`lift3d.synthesis.synthesize` (Make-A-Volume, DDIM-200 by default), and written as
+``<name>_synth.nii.gz`` back on the source's own grid with the source's affine. Every input and the
+output folder are checked before the first volume is synthesised; each file is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import torch
+
+from lift3d.cli._common import UserError, run_cli
+from lift3d.data.nifti import IMAGE_SUFFIXES, image_suffix, load_image, save_volume
+from lift3d.data.orientation import orientation_codes, slice_shape
+from lift3d.data.volume import TrainingGrid, prepare_volume
+from lift3d.synthesis import (DTYPES, SCHEDULERS, SynthesisModel, load_synthesis_model, make_scheduler, resolve_window,
+                              synthesize)
+
+OUTPUT_SUFFIX = "_synth.nii.gz"
+NATIVE = "native"
+DEFAULT_PERCENTILES = (0.5, 99.5)
+
+DESCRIPTION = """\
+Synthesise the target modality for one or many source volumes with a model exported by
+lift3d-finetune (<output_dir>/model): a lifted stage-2 model denoises all slices of a volume
+jointly; a stage-1 model (or --slice-wise) denoises each slice on its own.
+
+Each source is prepared as in training: reoriented to the closest canonical (RAS) orientation,
+sliced along the training slice axis, intensities clipped at the training percentiles and mapped
+to [-1, 1], and resampled to the training in-plane size and slice count. The result is resampled
+back and written on the source's own grid, with its affine and header, as <name>_synth.nii.gz.
+"""
+
+EPILOG = """\
+examples:
+  lift3d-synthesize --model runs/stage2/model --source sub-01_T1.nii.gz --out synth/
+  lift3d-synthesize --model runs/stage2/model --source test-t1/ --out synth/ --scheduler dpm
+  lift3d-synthesize --model runs/stage2/model --source a.nii.gz --out synth/ --num-slices native --window 16
+  lift3d-synthesize --model runs/stage2/model --source a.nii.gz --out ablation/ --slice-wise
+"""
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a positive integer, got 0")
+    return value
+
+
+def _slice_count(text: str) -> int | str:
+    return NATIVE if text == NATIVE else _positive(text)
+
+
+def _in_plane_size(text: str) -> tuple[int, int] | str:
+    if text == NATIVE:
+        return NATIVE
+    parts = text.lower().split("x")
+    if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected N, HxW or 'native', got {text!r}")
+    h, w = (int(parts[0]), int(parts[-1]))
+    return h, w
+
+
+def build_parser() -> argparse.ArgumentParser:
+    steps = ", ".join(f"{steps} for {name}" for name, (_, steps) in SCHEDULERS.items())
+    parser = argparse.ArgumentParser(prog="lift3d-synthesize", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, metavar="FOLDER",
+                        help="model folder exported by lift3d-finetune (<output_dir>/model): the U-Net, "
+                        "lift3d_training.json (autoencoder, conditioning, training grid) and scheduler/")
+    parser.add_argument("--source", nargs="+", required=True, metavar="PATH",
+                        help=f"source volumes ({', '.join(IMAGE_SUFFIXES)}), or one folder: every such file in it")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help=f"output folder, created if missing; one <name>{OUTPUT_SUFFIX} per source (an "
+                        "existing file of that name is replaced)")
+    parser.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="ddim",
+                        help="sampler, built from the training noise schedule: ddpm (ancestral), ddim (the "
+                        "paper's, deterministic) or dpm (DPM-Solver++ multistep). Default: ddim")
+    parser.add_argument("--steps", type=_positive, metavar="N",
+                        help=f"denoising steps (default: {steps}); more is slower and usually better")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the initial noise (and of ddpm's added noise); the same seed and "
+                        "options give the same volume. Default: 0")
+    parser.add_argument("--window", type=_non_negative, metavar="N",
+                        help="denoise in overlapping windows of N slices, blending their noise predictions "
+                        "at every step (saves memory on long volumes). 0 = always the whole volume. Default: "
+                        "the whole volume unless it has more slices than the model was fine-tuned on, then "
+                        "windows of that many slices")
+    parser.add_argument("--overlap", type=_non_negative, metavar="N",
+                        help="slices shared by neighbouring windows (default: a quarter of the window, at "
+                        "least 1); the shared slices are blended with raised-cosine weights")
+    parser.add_argument("--slice-wise", action="store_true",
+                        help="the paper's 'w/o volumetric layers' ablation: switch the volumetric layers off "
+                        "so each slice is denoised by the 2D model on its own; everything else is unchanged")
+    parser.add_argument("--num-slices", type=_slice_count, metavar="N|native",
+                        help="resample each source to N slices instead of the training slice count; "
+                        "'native' keeps the source's own slice count (longer volumes are then windowed)")
+    parser.add_argument("--size", type=_in_plane_size, metavar="N|HxW|native",
+                        help="in-plane size to resample each slice to instead of the training size; "
+                        "'native' keeps the source's own. Both sides must be multiples of the model's "
+                        "size multiple (autoencoder factor x U-Net downsampling)")
+    parser.add_argument("--device", metavar="DEVICE",
+                        help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                        help="dtype of the U-Net and autoencoder; the sampler stays float32. Default: float32")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and outputs
+
+
+def subject_name(path: Path) -> str:
+    suffix = image_suffix(path)
+    return path.name[: -len(suffix)] if suffix else path.name
+
+
+def collect_sources(paths: list[str]) -> list[Path]:
+    if len(paths) == 1 and Path(paths[0]).is_dir():
+        folder = Path(paths[0])
+        found = sorted(p for p in folder.iterdir() if p.is_file() and image_suffix(p) and not p.name.startswith("."))
+        if not found:
+            raise UserError(f"source folder {folder} holds no image file ({', '.join(IMAGE_SUFFIXES)})")
+        return found
+    sources = []
+    for text in paths:
+        path = Path(text)
+        if not path.exists():
+            raise UserError(f"source file not found: {path}")
+        if path.is_dir():
+            raise UserError(f"source {path} is a folder; give a folder only as the single --source path")
+        sources.append(path)
+    names = [subject_name(p) for p in sources]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UserError(f"several sources share the name {', '.join(duplicates)}; their outputs "
+                        f"<name>{OUTPUT_SUFFIX} would overwrite each other")
+    return sources
+
+
+def prepare_out(out: Path) -> bool:
+    """Create ``out`` if needed and prove it writable; returns whether it was created."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".lift3d-synthesize-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+    return created
+
+
+# --------------------------------------------------------------------------------------------
+# The training grid
+
+
+def grid_settings(model: SynthesisModel) -> dict[str, Any]:
+    """Size, slice count, slice axis and percentiles of the training grid, from the training settings."""
+    data = model.settings.get("data") or {}
+    options = data.get("options") or {}
+    size = options.get("size")
+    if size is None:  # the dataset's default size; the U-Net was built for it
+        size = int(model.unet.config.sample_size) * int(model.autoencoder.downsampling_factor)
+    return {
+        "size": tuple(size) if isinstance(size, (list, tuple)) else int(size),
+        "num_slices": data.get("num_slices") or options.get("num_slices"),
+        "slice_axis": options.get("slice_axis", "axial"),
+        "percentiles": tuple(options.get("percentiles", DEFAULT_PERCENTILES)),
+    }
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _nearest(value: int, multiple: int) -> str:
+    lower = value // multiple * multiple
+    return f"{lower} or {lower + multiple}" if lower >= multiple else str(multiple)
+
+
+def source_grid(model: SynthesisModel, image: nib.Nifti1Image, path: Path, *, size: Any = None,
+                num_slices: Any = None) -> TrainingGrid:
+    """The grid ``path`` is synthesised on: the training grid, with the --size/--num-slices overrides."""
+    settings = grid_settings(model)
+    axis = settings["slice_axis"]
+    native = slice_shape(image.shape[:3], orientation_codes(image.affine), axis)
+    n = native[0] if num_slices == NATIVE or settings["num_slices"] is None else (num_slices or settings["num_slices"])
+    multiple = model.size_multiple
+    trained = "x".join(map(str, _pair(settings["size"])))
+    if size == NATIVE:
+        h, w = native[1:]
+        if h % multiple or w % multiple:
+            fix = "x".join(str(max(multiple, (s + multiple // 2) // multiple * multiple)) for s in (h, w))
+            nearest = "; ".join(f"{s}: {_nearest(s, multiple)}" for s in dict.fromkeys((h, w)) if s % multiple)
+            raise UserError(
+                f"{path}: its in-plane size after reorienting to {axis} slices is {h}x{w}, which this model cannot "
+                f"take: both sides must be multiples of {multiple} (autoencoder factor x U-Net downsampling); "
+                f"nearest valid sizes for {nearest}. Resample in-plane with --size {fix} (the result is resampled "
+                f"back onto the source's grid), or omit --size to use the training size {trained}")
+        grid_size: Any = (h, w)
+    else:
+        grid_size = size or settings["size"]
+    try:
+        return TrainingGrid(grid_size, int(n), axis, multiple, settings["percentiles"])
+    except ValueError as exc:
+        if size not in (None, NATIVE):
+            raise UserError(f"--size {'x'.join(map(str, _pair(size)))} does not fit this model: {exc}. The source "
+                            f"is resampled in-plane to --size and back, so any valid size works; omit --size to use "
+                            f"the training size {trained}") from None
+        raise UserError(f"{path}: cannot build its synthesis grid: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _synthesise_one(model: SynthesisModel, path: Path, grid: TrainingGrid, dest: Path, args: argparse.Namespace) -> str:
+    array, meta = prepare_volume(load_image(path), grid, path=path)
+    source = torch.from_numpy(array)[None, None]
+    tic = time.perf_counter()
+    result = synthesize(model, source, scheduler=args.scheduler, steps=args.steps, seed=args.seed,
+                        window=args.window, overlap=args.overlap, slice_wise=args.slice_wise, progress=None)
+    elapsed = time.perf_counter() - tic
+    try:
+        save_volume(dest, result[0], meta)
+    except OSError as exc:
+        raise UserError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    n, h, w = grid.shape
+    windows = resolve_window(model, n, args.window, args.overlap, args.slice_wise)
+    how = f", windows of {windows[0]} slices overlapping by {windows[1]}" if windows else ""
+    return f"{path} -> {dest} ({n}x{h}x{w} grid{how}, {elapsed:.1f} s)"
+
+
+@run_cli
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    sources = collect_sources(args.source)
+    model = load_synthesis_model(args.model, device=args.device, dtype=args.dtype)
+    if model.image_channels != 1:
+        raise UserError(f"{args.model}: its autoencoder takes {model.image_channels}-channel images, but a "
+                        "NIfTI source is a single-channel 3D volume")
+    # Read and check every source before the first (slow) synthesis, keeping only its grid.
+    grids = [source_grid(model, load_image(p), p, size=args.size, num_slices=args.num_slices) for p in sources]
+    for grid in grids:
+        resolve_window(model, grid.num_slices, args.window, args.overlap, args.slice_wise)
+    make_scheduler(args.scheduler, model.scheduler_config, args.steps)  # checks --steps
+    out = Path(args.out)
+    created = prepare_out(out)
+    steps = args.steps or SCHEDULERS[args.scheduler][1]
+    mode = ("slice-wise (2D model)" if not model.lifted else
+            "slice-wise (volumetric layers off)" if args.slice_wise else "volume-wise")
+    print(f"lift3d-synthesize: {len(sources)} volume(s), {args.scheduler} {steps} steps, {mode}, seed {args.seed}, "
+          f"on {model.device}")
+    written = 0
+    try:
+        for path, grid in zip(sources, grids):
+            print(_synthesise_one(model, path, grid, out / f"{subject_name(path)}{OUTPUT_SUFFIX}", args), flush=True)
+            written += 1
+    finally:
+        if created and not written and not any(out.iterdir()):
+            out.rmdir()
+    return 0
