@@ -28,7 +28,7 @@ class VolumetricConv(nn.Module):
     slice stands in for its missing neighbour).
 
     The fast path computes the same thing as the einops sandwich without the two transposing
-    copies: each tap is a 1x1 conv on the slices, shifted along n and summed.
+    copies: all taps come from one 1x1 conv on the slices, each shifted along n and summed.
     """
 
     def __init__(
@@ -79,19 +79,30 @@ class VolumetricConv(nn.Module):
             raise ValueError(f"batch of {x.shape[0]} slices is not a whole number of volumes of {num_slices} slices")
         if x.shape[1] != self.channels:
             raise ValueError(f"VolumetricConv expects {self.channels} channels, got {x.shape[1]} (input {tuple(x.shape)})")
-        return x + self._slice_conv(x, num_slices)
+        return self._residual_slice_conv(x, num_slices)
 
-    def _slice_conv(self, x: Tensor, n: int) -> Tensor:
-        pad = self.kernel_size // 2
-        taps = [F.conv2d(x, self.weight[:, :, j, None, None], groups=self.groups) for j in range(self.kernel_size)]
-        taps = [rearrange(t, "(b n) c h w -> b n c h w", n=n) for t in taps]
-        out = taps[pad]  # the centre tap; a fresh tensor, so in-place accumulation is safe
-        for j, tap in enumerate(taps):
+    def _stacked_weight(self) -> Tensor:
+        """All taps as one grouped 1x1 conv; output channels ordered (group, tap, channel)."""
+        g, k = self.groups, self.kernel_size
+        w = self.weight.view(g, self.channels // g, self.channels // g, k).permute(0, 3, 1, 2)
+        return w.reshape(g * k * (self.channels // g), self.channels // g, 1, 1)
+
+    def _residual_slice_conv(self, x: Tensor, n: int) -> Tensor:
+        # One GEMM computes every tap of every slice; each tap is then added at its offset along n.
+        # The residual rides on the centre tap, so no extra full-size tensor is made.
+        g, k, pad = self.groups, self.kernel_size, self.kernel_size // 2
+        if g == self.channels:  # depthwise: a broadcast multiply is far cheaper than a grouped conv
+            taps = rearrange(x, "bn (g c) h w -> bn g 1 c h w", c=1) * rearrange(self.weight, "g c k -> g k c 1 1")
+        else:
+            taps = rearrange(F.conv2d(x, self._stacked_weight(), groups=g), "bn (g k c) h w -> bn g k c h w", g=g, k=k)
+        taps = rearrange(taps, "(b n) g k c h w -> b n g k c h w", n=n)
+        out = taps[:, :, :, pad] + rearrange(x, "(b n) (g c) h w -> b n g c h w", n=n, g=g)
+        for j in range(k):
             if j != pad:
-                self._add_shifted_(out, tap, j - pad, n)
+                self._add_shifted_(out, taps[:, :, :, j], j - pad, n)
         if self.bias is not None:
-            out += self.bias[:, None, None]
-        return rearrange(out, "b n c h w -> (b n) c h w")
+            out += rearrange(self.bias, "(g c) -> g c 1 1", g=g)
+        return rearrange(out, "b n g c h w -> (b n) (g c) h w")
 
     def _add_shifted_(self, out: Tensor, tap: Tensor, offset: int, n: int) -> None:
         """``out[:, i] += tap[:, i + offset]``, with the border rule where ``i + offset`` leaves ``[0, n)``."""
