@@ -20,7 +20,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 import lift3d
-from lift3d.inflate import _state, inflate, is_lifted, volumetric_state_dict
+from lift3d.inflate import inflate, is_lifted, lift_settings, volumetric_state_dict
 
 SETTINGS_FILE = "lift3d.json"
 GENERIC_WEIGHTS = "model.safetensors"
@@ -32,7 +32,7 @@ class CheckpointError(ValueError):
 
 
 def _metadata(model: nn.Module) -> dict[str, str]:
-    settings = _state(model).settings()
+    settings = lift_settings(model)
     return {"format": "lift3d", "lift3d_version": lift3d.__version__,
             **{k: json.dumps(v) for k, v in settings.items()}}
 
@@ -138,7 +138,7 @@ def save_lifted(model: nn.Module, folder: str | os.PathLike, *, state_dict: dict
         settings = {"lift3d_version": lift3d.__version__,
                     "class": f"{type(model).__module__}.{type(model).__qualname__}",
                     "diffusers_class": type(model).__name__ if _is_diffusers(model) else None,
-                    "weights": weights_file, "lift": _state(model).settings(), **(extra or {})}
+                    "weights": weights_file, "lift": lift_settings(model), **(extra or {})}
         (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")

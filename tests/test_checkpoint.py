@@ -2,7 +2,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 import lift3d
 from lift3d.checkpoint import (CheckpointError, load_lifted, load_volumetric, read_settings, save_lifted,

@@ -4,7 +4,7 @@ from einops import rearrange
 from torch import nn
 
 import lift3d
-from tests.conftest import tiny_unet2d, tiny_unet2d_condition
+from tests.conftest import tiny_unet2d
 
 
 def randomise(model, seed=0):
