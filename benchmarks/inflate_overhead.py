@@ -5,14 +5,16 @@ Builds a diffusers ``UNet2DModel`` from a config (never a hub), lifts copies of 
 of one volume of N slices, the forward pass and a train step of each placement preset against the
 plain 2D model run on the same N slices.
 
-Every measurement runs in a fresh process forked from this one before it computes anything, so peak
-memory belongs to one configuration, and within each repeat the configurations are interleaved (in
-a rotating order), so a machine whose load drifts slows 2D and lifted alike: a ratio is the median
-over repeats of lifted/2D measured back to back.
+On CPU every measurement runs in a fresh process forked from this one before it computes anything,
+so its peak RSS belongs to one configuration; on CUDA the allocator's peak is reset per measurement.
+Within each repeat the configurations are interleaved, in an order rotated from repeat to repeat, so
+a machine whose load drifts slows 2D and lifted alike: a ratio is the median over repeats of
+lifted/2D measured back to back.
 
-    python benchmarks/inflate_overhead.py --device cpu --slices 35 100 --skip-train-at 100 --repeats 2
-    python benchmarks/inflate_overhead.py --device cuda --dtype bfloat16 --slices 35 100 --repeats 3
-    python benchmarks/inflate_overhead.py --small --slices 3 --repeats 1 --json /tmp/smoke.json
+    python benchmarks/inflate_overhead.py --device cpu --slices 35 100 --repeats 2 1 --skip-train-at 100 \
+        --train-repeats 1 --train-presets resnet --json benchmarks/results/inflate_overhead_cpu.json
+    python benchmarks/inflate_overhead.py --device cuda --dtype bfloat16 --slices 35 100 --repeats 5
+    python benchmarks/inflate_overhead.py --small --slices 3 --repeats 1 --threads 1   # smoke test
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import lift3d
 
 UNET_CONFIGS: dict[str, dict[str, Any]] = {
-    # Realistic width for 64x64 latents; the diffusers default layout (attention at the third
-    # level and in the mid block) with the up blocks mirroring the down blocks.
+    # Realistic width for 64x64 latents. Self-attention at 16x16 only, as in DDPM (Ho et al., 2020),
+    # plus the mid block's; the up blocks mirror the down blocks.
     "full": dict(
         sample_size=64, in_channels=6, out_channels=3, block_out_channels=(128, 256, 512, 512),
         layers_per_block=2,
@@ -84,12 +86,12 @@ class Configuration:
             return BASELINE
         return self.preset if self.variant == "fast" else f"{self.preset}/{self.variant}"
 
-    def runs(self, mode: str) -> bool:
+    def runs(self, mode: str, train_presets: list[str]) -> bool:
         if mode == "forward":
             return True
-        if mode == "train-all":
-            return self.variant == "fast"
-        return self.preset is not None and self.variant == "fast"
+        if self.preset is None:
+            return mode == "train-all"
+        return self.variant == "fast" and self.preset in train_presets
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,15 +228,30 @@ def measure(job: dict) -> dict:
     for _ in range(job["warmup"]):
         step(batch)
     _sync(device)
-    times = []
+    times, cpu_times = [], []
     for _ in range(job["iters"]):
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step(batch)
         _sync(device)
         times.append(time.perf_counter() - start)
-    return {"time_s": statistics.median(times), "iter_times_s": times, "peak_bytes": probe.peak(),
+        cpu_times.append(time.process_time() - cpu_start)
+    # CPU seconds of this process (all threads): less sensitive than wall time to other processes
+    # on a shared machine, though spin-waiting threads still count.
+    return {"time_s": statistics.median(times), "iter_times_s": times, "cpu_s": statistics.median(cpu_times),
+            "peak_bytes": probe.peak(),
             "baseline_bytes": probe.baseline, "peak_method": probe.method}
+
+
+def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """The two matmuls of attention; FlopCounterMode has no formula for the CPU flash kernel."""
+    b, h, s_q, d = query
+    return 2 * b * h * s_q * key[-2] * (d + value[-1])
+
+
+def _flop_counter() -> FlopCounterMode:
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return FlopCounterMode(display=False, custom_mapping={cpu_sdpa: _sdpa_flops} if cpu_sdpa else None)
 
 
 def describe(job: dict) -> dict:
@@ -246,7 +263,7 @@ def describe(job: dict) -> dict:
         config = Configuration(preset, variant)
         model = build_model(job["size"], config).eval()
         x, t, _ = make_batch(job["size"], n, config.preset is not None, torch.device("cpu"), torch.float32)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), _flop_counter() as counter:
             model(x, t)
         info: dict[str, Any] = {"preset": preset, "variant": variant, "flops": counter.get_total_flops(),
                                 "parameters": sum(p.numel() for p in model.parameters())}
@@ -275,10 +292,21 @@ def _child(connection, function: Callable[[dict], dict], job: dict) -> None:
         connection.close()
 
 
+def run_inline(function: Callable[[dict], dict], job: dict) -> dict:
+    """On CUDA every job runs in this process: the allocator's peak statistics reset per job."""
+    try:
+        return function(job)
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def run_forked(function: Callable[[dict], dict], job: dict) -> dict:
-    """Run ``function(job)`` in a fresh forked process. The parent never computes with torch, so
-    the child starts without thread pools or CUDA state to inherit."""
+    """Run ``function(job)`` in a fresh forked process, for a peak RSS of its own (CPU). The parent
+    never computes with torch, so the child starts without thread pools to inherit."""
     context = multiprocessing.get_context("fork")
+    gc.freeze()  # the child's collections then skip the parent's objects (and do not copy their pages)
     receive, send = context.Pipe(duplex=False)
     process = context.Process(target=_child, args=(send, function, job))
     process.start()
@@ -303,7 +331,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--slices", type=int, nargs="+", default=[35, 100], help="N, slices per volume")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; ratios are medians over them")
+    parser.add_argument("--repeats", type=int, nargs="+", default=[3],
+                        help="interleaved rounds, one value or one per --slices entry; ratios are medians over them")
+    parser.add_argument("--train-repeats", type=int, default=None,
+                        help="rounds that also run the train steps (default: all of them)")
     parser.add_argument("--presets", nargs="+", default=list(lift3d.PRESETS), choices=list(lift3d.PRESETS))
     parser.add_argument("--variant", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                         help="fast runs on every preset; naive and grouped on --variant-presets, forward only")
@@ -311,6 +342,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="presets on which the naive and grouped variants run (default: the first preset)")
     parser.add_argument("--skip-train-at", type=int, nargs="*", default=[], metavar="N",
                         help="slice counts at which only the forward pass is measured")
+    parser.add_argument("--train-presets", nargs="+", default=None, choices=list(lift3d.PRESETS),
+                        help="presets whose train steps are measured (default: --presets)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed steps at full size per measurement (default: cpu 0, cuda 3)")
@@ -320,13 +353,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--small", action="store_true", help="tiny widths: a smoke test, not a benchmark")
     parser.add_argument("--json", default=None, help="write all figures to this file")
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if len(args.repeats) not in (1, len(args.slices)) or min(args.repeats) < 1:
+        parser.error(f"--repeats takes one positive count or one per --slices entry ({len(args.slices)}), "
+                     f"got {args.repeats}")
+    args.repeats = dict(zip(args.slices, args.repeats * len(args.slices) if len(args.repeats) == 1 else args.repeats))
     if any(n < 1 for n in args.slices):
         parser.error(f"--slices must be positive, got {args.slices}")
+    if "train-volumetric" in args.modes and "train-all" not in args.modes:
+        parser.error("--modes train-volumetric is compared with the 2D model's train-all step; add train-all")
     args.warmup = args.warmup if args.warmup is not None else (3 if args.device == "cuda" else 0)
     args.iters = args.iters if args.iters is not None else (10 if args.device == "cuda" else 1)
     args.variant_presets = args.variant_presets or args.presets[:1]
+    args.train_presets = args.train_presets or args.presets
     return args
 
 
@@ -342,17 +380,35 @@ def plan(args: argparse.Namespace, configs: list[Configuration]) -> list[tuple[i
     """(repeat, n, mode, configuration), interleaved: every configuration once per round, the
     order rotated from round to round so no configuration always runs first or last."""
     jobs = []
-    for repeat in range(args.repeats):
+    for repeat in range(max(args.repeats.values())):
         for n in args.slices:
             for mode in args.modes:
-                if mode != "forward" and n in args.skip_train_at:
+                if repeat >= args.repeats[n]:
                     continue
-                chosen = [c for c in configs if c.runs(mode)]
+                if mode != "forward" and (n in args.skip_train_at or
+                                          (args.train_repeats is not None and repeat >= args.train_repeats)):
+                    continue
+                chosen = [c for c in configs if c.runs(mode, args.train_presets)]
                 if not any(c.preset is not None for c in chosen):
                     continue
                 shift = repeat % len(chosen)
                 jobs += [(repeat, n, mode, c) for c in chosen[shift:] + chosen[:shift]]
     return jobs
+
+
+def source_revision() -> str | None:
+    """The checkout's commit, marked ``-dirty`` when lift3d/ has uncommitted changes."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "lift3d"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if dirty else "")
 
 
 def machine(torch_threads: int) -> dict:
@@ -382,6 +438,7 @@ def summarise(samples: list[dict], configs: list[Configuration], args: argparse.
                     continue
                 entry: dict[str, Any] = {
                     "times_s": [s["time_s"] for s in mine], "time_s": statistics.median(s["time_s"] for s in mine),
+                    "cpu_s": statistics.median(s["cpu_s"] for s in mine),
                     "peak_bytes_all": [s["peak_bytes"] for s in mine],
                     "peak_bytes": statistics.median(s["peak_bytes"] for s in mine),
                     "peak_method": mine[0]["peak_method"]}
@@ -391,6 +448,8 @@ def summarise(samples: list[dict], configs: list[Configuration], args: argparse.
                     if pairs:
                         entry["ratios"] = [s["time_s"] / b["time_s"] for s, b in pairs]
                         entry["ratio"] = statistics.median(entry["ratios"])
+                        entry["cpu_ratios"] = [s["cpu_s"] / b["cpu_s"] for s, b in pairs]
+                        entry["cpu_ratio"] = statistics.median(entry["cpu_ratios"])
                         entry["peak_ratios"] = [s["peak_bytes"] / b["peak_bytes"] for s, b in pairs
                                                 if b["peak_bytes"] > 0]
                         if entry["peak_ratios"]:
@@ -421,9 +480,13 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name}/depthwise (counted, not timed) | {info['layers']} | channels | {dw:,} | "
                          f"+{100 * dw / base['parameters']:.2f}% | - |")
     columns = [(n, mode) for n, modes in results.items() for mode in modes]
-    header = " | ".join(f"{mode} N={n}" for n, mode in columns)
+    def samples(n: str, mode: str) -> int:
+        return max(len(entry["times_s"]) for entry in results[n][mode].values())
+
+    header = " | ".join(f"{mode} N={n} ({samples(n, mode)}x)" for n, mode in columns)
     rule = " | ".join("---:" for _ in columns)
     time_rows, memory_rows = [], []
+    show_cpu = report["settings"]["device"] == "cpu"
     for name in configs:
         cells_t, cells_m = [], []
         for n, mode in columns:
@@ -435,14 +498,15 @@ def markdown(report: dict) -> str:
                 cells_t.append(f"{entry['time_s']:.3g} s")
                 cells_m.append(f"{_mib(entry['peak_bytes'])} MiB")
             else:
-                cells_t.append(f"{entry['ratio']:.2f}x" if "ratio" in entry else "-")
+                cpu = f" ({entry['cpu_ratio']:.2f}x)" if "cpu_ratio" in entry and show_cpu else ""
+                cells_t.append(f"{entry['ratio']:.2f}x{cpu}" if "ratio" in entry else "-")
                 ratio = f" ({entry['peak_ratio']:.2f}x)" if "peak_ratio" in entry else ""
                 cells_m.append(f"{_mib(entry['peak_bytes'])} MiB{ratio}")
         time_rows.append(f"| {name} | " + " | ".join(cells_t) + " |")
         memory_rows.append(f"| {name} | " + " | ".join(cells_m) + " |")
-    settings = report["settings"]
-    lines += ["", f"Time: lifted/2D, median of {settings['repeats']} interleaved repeats "
-              "(2D row: median seconds per step; train-volumetric is compared with the 2D train-all step)", "",
+    cpu_note = "; in brackets the same ratio of process CPU seconds" if show_cpu else ""
+    lines += ["", "Time: lifted/2D wall clock, median over interleaved repeats (their count in the header; 2D "
+              f"row: median seconds per step; train-volumetric is compared with the 2D train-all step{cpu_note})", "",
               f"| configuration | {header} |", f"| --- | {rule} |", *time_rows,
               "", f"Peak memory above the model's resident baseline ({report['peak_method']}), median; "
               "(lifted/2D)", "", f"| configuration | {header} |", f"| --- | {rule} |", *memory_rows]
@@ -452,17 +516,25 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
+    revision = source_revision()  # now: the children run the lift3d imported at start
     size = "small" if args.small else "full"
     configs = configurations(args)
     common = {"size": size, "device": args.device, "dtype": args.dtype, "threads": args.threads,
               "warmup": args.warmup, "iters": args.iters}
-    described = run_forked(describe, {"size": size, "n": 2, "threads": args.threads,
+    # CPU: a forked process per job, for its own peak RSS. CUDA: the allocator counts per job, and
+    # a CUDA context must not be forked.
+    run = run_forked if args.device == "cpu" else run_inline
+    described = run(describe, {"size": size, "n": 2, "threads": args.threads,
                                       "configurations": [(c.preset, c.variant) for c in configs]})
     jobs = plan(args, configs)
     samples = []
     for i, (repeat, n, mode, config) in enumerate(jobs, 1):
         job = {**common, "n": n, "mode": mode, "preset": config.preset, "variant": config.variant}
-        result = run_forked(measure, job)
+        try:
+            result = run(measure, job)
+        except RuntimeError as error:
+            print(f"inflate_overhead: {config.name} {mode} at N={n} failed: {error}", file=sys.stderr)
+            return 1
         samples.append({**result, "repeat": repeat, "n": n, "mode": mode, "name": config.name})
         print(f"[{i}/{len(jobs)} {time.perf_counter() - started:6.0f} s] repeat {repeat} N={n} {mode:16s} "
               f"{config.name:20s} {result['time_s']:8.3f} s  peak +{_mib(result['peak_bytes'])} MiB",
@@ -472,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", os.path.relpath(__file__), *(sys.argv[1:] if argv is None else argv)]),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "machine": machine(described["torch_threads"]),
+        "lift3d_revision": revision,
         "model": {"size": size, "config": UNET_CONFIGS[size],
                   "parameters": described["configs"][BASELINE]["parameters"]},
         "peak_method": samples[0]["peak_method"] if samples else None,

@@ -43,7 +43,8 @@ SCALES = {
 
 
 def demo_config(out: Path, scale: DemoScale, stage: str, seed: int) -> TrainConfig:
-    data = {"size": scale.size, "num_slices": scale.num_slices, "num_subjects": scale.num_subjects, "seed": seed}
+    data = {"size": scale.size, "num_slices": scale.num_slices, "num_subjects": scale.num_subjects, "seed": seed,
+            "cache": True}
     common = {
         "run": {"stage": stage, "output_dir": str(out / ("stage1" if stage == "slices" else "stage2")),
                 "seed": seed, "log_every": 20, "checkpoint_every": 0},
@@ -59,7 +60,7 @@ def demo_config(out: Path, scale: DemoScale, stage: str, seed: int) -> TrainConf
         extra = {"run": {"max_steps": scale.stage2_steps}, "data": {"batch_size": 1},
                  "model": {"pretrained": str(out / "stage1" / "model")},
                  "lift": {"trainable": "volumetric"}, "diffusion": {"timestep_sampler": "make-a-volume"},
-                 "optim": {"learning_rate": 5e-4}}
+                 "optim": {"learning_rate": 1e-4}}
     cfg = apply(TrainConfig(), common, "demo")
     return apply(cfg, extra, "demo")
 

@@ -385,27 +385,33 @@ def export_model(cfg: TrainConfig, unet: nn.Module, autoencoder, noise_scheduler
 # Validation loss on fixed volumes (the same noise for every model, so stages compare exactly)
 
 
+VAL_TIMESTEP_FRACTIONS = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
 @torch.no_grad()
 def fixed_volume_loss(unet, noise_scheduler, encoder: LatentEncoder, dataset, cfg: TrainConfig, device) -> float:
-    """Loss on the first volumes of the dataset with fixed noise and one fixed t per volume.
+    """Mean loss on the first volumes of the dataset, with fixed noise, at a fixed grid of t.
 
-    The 2D model (stage 1) and the lifted model at initialisation give exactly the same value.
+    Every slice of a volume shares t, as in stage 2. The 2D model (stage 1) and the lifted model at
+    initialisation give exactly the same value, so the two stages can be compared.
     """
     view = dataset.volumes(window=cfg.data.window or None)
     items = [view[i] for i in range(min(VAL_VOLUMES, len(view)))]
     batch = stack_items(items)
     batch["index"] = list(range(len(items)))
     latents, source = encoder(batch, device)
-    g = torch.Generator().manual_seed(VAL_SEED)
-    noise = torch.randn(latents.shape, generator=g).to(device)
-    t = torch.randint(0, cfg.diffusion.num_train_timesteps, (latents.shape[0], 1), generator=g)
-    t = t.expand(-1, latents.shape[2]).to(device)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(VAL_SEED)).to(device)
     was_training = unet.training
     unet.eval()
-    loss = diffusion_loss(unet, noise_scheduler, latents, source if cfg.model.conditioning == "concat" else None,
-                          noise, t, cfg.model.prediction_type)
+    losses = []
+    for fraction in VAL_TIMESTEP_FRACTIONS:
+        t = int(fraction * cfg.diffusion.num_train_timesteps)
+        timesteps = torch.full(latents.shape[:1] + latents.shape[2:3], t, device=device)
+        losses.append(float(diffusion_loss(unet, noise_scheduler, latents,
+                                           source if cfg.model.conditioning == "concat" else None, noise,
+                                           timesteps, cfg.model.prediction_type)))
     unet.train(was_training)
-    return float(loss)
+    return sum(losses) / len(losses)
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,6 +491,9 @@ def train(cfg: TrainConfig) -> Path:
     loader = torch.utils.data.DataLoader(view, batch_sampler=_PlannedBatches(plan, step * accum, remaining),
                                          collate_fn=stack_items, num_workers=cfg.data.num_workers)
 
+    stale_log = output_dir / "logs" / "metrics.csv"
+    if resume_from is None and accelerator.is_main_process and stale_log.is_file():
+        stale_log.unlink()  # a fresh run in an old folder starts a fresh log; a resumed run appends
     accelerator.init_trackers("logs", config={k: json.dumps(v) for k, v in cfg.to_dict().items()})
     if step == 0:
         val = fixed_volume_loss(accelerator.unwrap_model(unet), noise_scheduler, encoder, dataset, cfg, device)
@@ -534,7 +543,12 @@ def train(cfg: TrainConfig) -> Path:
     final = output_dir / "model"
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(unet)
+        if ema is not None:  # score the weights that are exported
+            ema.store(params)
+            ema.copy_to(params)
         val = fixed_volume_loss(model, noise_scheduler, encoder, dataset, cfg, device)
+        if ema is not None:
+            ema.restore(params)
         accelerator.log({"val_loss": val}, step=step)
         accelerator.print(f"lift3d: final fixed-volume loss {val:.6f}")
         final = export_model(cfg, model, autoencoder, noise_scheduler, dataset, output_dir, ema)
