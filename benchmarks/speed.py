@@ -19,8 +19,9 @@ runs in a fresh forked process on CPU (its own peak RSS) and inline on CUDA (the
 the models are interleaved within each repeat in a rotated order, and every ratio is the median over
 repeats of two figures measured back to back.
 
-    python benchmarks/speed.py --device cpu --slices 35 100 --repeats 2 1 --skip-train-at 100 \
-        --skip native3d:train:* --sample-steps 1 --json benchmarks/results/speed_cpu.json
+    python benchmarks/speed.py --device cpu --threads 1 --slices 35 100 --repeats 2 1 --train-repeats 1 \
+        --skip-train-at 100 --skip 'native3d:forward:100' --sample-steps 1 --autoencoder tiny \
+        --json benchmarks/results/speed_cpu.json
     python benchmarks/speed.py --device cuda --dtype bfloat16 --slices 35 100 --repeats 5 --fit-check 100 \
         --json benchmarks/results/speed_cuda.json
     python benchmarks/speed.py --small --slices 3 --repeats 1 --threads 1      # smoke test

@@ -32,7 +32,7 @@ class LiftState:
     kernel_size: int
     where: list[str]
     padding_mode: str
-    groups: int
+    groups: int | str
     channels: dict[str, int]
     num_slices: int | None = None
     forced_num_slices: int | None = None

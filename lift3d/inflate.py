@@ -88,7 +88,7 @@ def inflate(
     kernel_size: int = 3,
     where: Where = "resnet",
     padding_mode: str = "zeros",
-    groups: int = 1,
+    groups: int | str = 1,
     verbose: bool = False,
 ) -> nn.Module:
     """Insert identity-initialised volumetric 1D convs into a 2D network, in place; returns it.
@@ -97,8 +97,9 @@ def inflate(
     :param where: a preset (``"resnet"``, ``"spatial"``, ``"block-output"``; see :data:`PRESETS`),
         a list of module names, or a callable ``(name, module) -> bool`` choosing host modules.
     :param padding_mode: border handling along n, ``"zeros"`` or ``"replicate"``.
-    :param groups: groups of the 1D conv (1 = full channel mixing as in the paper; ``channels``
-        for a cheaper depthwise variant).
+    :param groups: groups of the 1D conv: 1 = full channel mixing as in the paper; ``"depthwise"`` =
+        one group per channel in every layer (a much cheaper variant); or any int dividing every
+        host's channels.
     :param verbose: print the :class:`InflationReport` (it is always logged at INFO).
 
     Afterwards ``model(x)`` with ``x`` of shape ``(b, c, n, h, w)`` returns ``(b, c', n, h, w)``,
@@ -109,6 +110,8 @@ def inflate(
                          "layers); inflate it only once")
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"Unknown padding_mode {padding_mode!r}; available: {', '.join(PADDING_MODES)}")
+    if isinstance(groups, str) and groups != "depthwise":
+        raise ValueError(f"Unknown groups={groups!r}; use an int or 'depthwise'")
     hosts = select_hosts(model, where)
     if not hosts:
         raise ValueError(f"where={where!r} matched no module of {type(model).__name__}; for a network "
@@ -119,7 +122,8 @@ def inflate(
     for name in hosts:
         host = modules[name]
         reference = next(host.parameters(), None)
-        layer = VolumetricConv(channels[name], kernel_size, groups=groups, padding_mode=padding_mode,
+        layer = VolumetricConv(channels[name], kernel_size, padding_mode=padding_mode,
+                               groups=channels[name] if groups == "depthwise" else groups,
                                device=reference.device if reference is not None else None,
                                dtype=reference.dtype if reference is not None else None)
         host.add_module(LAYER_NAME, layer)

@@ -231,3 +231,13 @@ def test_set_trainable(unet2d, which):
     with_grad = [n for n, p in unet2d.named_parameters() if p.grad is not None]
     assert set(with_grad) <= set(names)
     assert any(lift3d.is_volumetric_parameter(n) for n in with_grad)
+
+
+def test_depthwise_groups_follow_each_layer(unet2d):
+    lift3d.inflate(unet2d, groups="depthwise")
+    layers = [layer for _, layer in lift3d.volumetric_layers(unet2d)]
+    assert {layer.channels for layer in layers} == {16, 32}
+    assert all(layer.groups == layer.channels for layer in layers)
+    assert unet2d(torch.randn(1, 2, 3, 16, 16), torch.tensor([5])).sample.shape == (1, 1, 3, 16, 16)
+    with pytest.raises(ValueError, match="use an int or 'depthwise'"):
+        lift3d.inflate(tiny_unet2d(), groups="deep")
