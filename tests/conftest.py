@@ -41,3 +41,13 @@ def unet2d():
 @pytest.fixture
 def unet2d_condition():
     return tiny_unet2d_condition()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny convolutions: a second thread only adds OpenMP
+    synchronisation, which on a busy 2-core machine made such modules about ten times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -21,14 +21,7 @@ AFFINE = np.array([[0.0, 0.05, -1.5, 20.0], [-0.9, 0.0, 0.0, 30.0], [0.0, 1.2, 0
 SHAPE = (20, 12, 14)  # (P, S, L): 12 axial slices of 20 x 14
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These convolutions are tiny: a second intra-op thread only adds OpenMP synchronisation, which
-    on a busy 2-core machine made this module about ten times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Dataset:

@@ -23,14 +23,7 @@ from lift3d.training import build_autoencoder, build_noise_scheduler, export_mod
 SIZE, SLICES = 16, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These convolutions are tiny: a second intra-op thread only adds OpenMP synchronisation, which
-    on a busy 2-core machine made this module about ten times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Dataset:
