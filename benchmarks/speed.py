@@ -22,8 +22,8 @@ repeats of two figures measured back to back.
     python benchmarks/speed.py --device cpu --threads 1 --slices 35 100 --repeats 2 1 --train-repeats 1 \
         --skip-train-at 100 --skip 'native3d:forward:100' --sample-steps 1 --autoencoder tiny \
         --json benchmarks/results/speed_cpu.json
-    python benchmarks/speed.py --device cuda --dtype bfloat16 --slices 35 100 --repeats 5 --fit-check 100 \
-        --json benchmarks/results/speed_cuda.json
+    python benchmarks/speed.py --device cuda --dtype bfloat16 --slices 35 100 --repeats 5 --sample-at 35 100 \
+        --fit-check 100 --json benchmarks/results/speed_cuda.json
     python benchmarks/speed.py --small --slices 3 --repeats 1 --threads 1      # smoke test
 """
 
@@ -629,7 +629,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "speed",
         "command": " ".join(["python", os.path.relpath(__file__), *(sys.argv[1:] if argv is None else argv)]),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
-        "machine": machine(described["torch_threads"]),
+        "machine": {**machine(described["torch_threads"]),
+                    **({"gpu": torch.cuda.get_device_name(args.device)} if args.device == "cuda" else {})},
         "unet2d_config": UNET_CONFIGS[size],
         "native3d_config": native3d_config(UNET_CONFIGS[size]) if "native3d" in models else None,
         "native3d_padding": "zeros appended along n to a multiple of 2 ** (levels - 1), output cropped back",
