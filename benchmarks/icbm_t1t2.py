@@ -20,17 +20,21 @@ Seeds (fixed by the protocol, not by ``--seed``): training ``1000 + i`` (13 subj
 template's affine (cropped and scaled) to ``<out>/subjects/<subject>/{T1,T2,mask}.nii.gz`` and read
 back through the ``paired-nifti`` plugin with explicit train/val/test lists, as axial slices.
 
-Selection rule: nothing is chosen by looking at the test subjects. The stage-2 step count is chosen
-among the scale's candidates by PSNR on the validation subject (lifted, DPM-Solver++ 25 steps); the
-3D U-Net keeps the weights with the lowest L1 on the validation subject.
+Selection rule: nothing is chosen by looking at the test subjects. The stage-2 export (each
+``--variant`` run and the default, at each of the scale's step counts) is chosen by PSNR on the
+validation subject (lifted, DPM-Solver++ 25 steps); the 3D U-Net keeps the weights with the lowest L1
+on the validation subject. ``--x0-clip`` clips the samplers' x0 estimate to [-1, 1] at every step
+(pixel space; on the cpu scale it was chosen on the validation subject: without it, whole slices
+diverge to -1 or +1). ``--reuse`` takes finished phases from an earlier run in the same ``--out``.
 
 Metrics (``lift3d.metrics``): on the training grid, inside the brain mask, volumes scaled to
 [0, 255] by the target's range; 3D SSIM; z-inconsistency = through-plane error relative to the
 target's own slice-to-slice change (lower is better).
 
     python benchmarks/icbm_t1t2.py --scale smoke --out /tmp/icbm-smoke         # < 1 minute
-    python benchmarks/icbm_t1t2.py --scale cpu --publish                         # ~1 hour, 2 CPU cores
-    python benchmarks/icbm_t1t2.py --scale paper --device cuda --publish         # a GPU
+    python benchmarks/icbm_t1t2.py --scale cpu --publish --x0-clip \
+        --variant trainable=all,learning_rate=1e-4 --variant kernel_size=5       # ~1 hour, 2 idle CPU cores
+    python benchmarks/icbm_t1t2.py --scale paper --device cuda --publish --x0-clip   # a GPU
 """
 
 from __future__ import annotations
@@ -110,8 +114,8 @@ class Scale:
 
 
 SCALES = {
-    # Fits about an hour on 2 shared CPU cores (timed: ~1.3 s per stage-1 step of 16 slices,
-    # ~3.3 s per stage-2 step, ~3 s per lifted U-Net call on 3 test volumes).
+    # About an hour on 2 CPU cores at load ~5 (timed: ~1.3 s per stage-1 step of 16 slices, ~3.3 s
+    # per stage-2 step, ~3 s per lifted U-Net call on 3 test volumes); a busier machine takes longer.
     "cpu": Scale(voxel_mm=2, size=48, num_slices=24, widths=(16, 32, 64), layers_per_block=1,
                  stage1_steps=700, stage1_batch=16, stage1_lr=1e-3, stage2_candidates=(40, 80), stage2_lr=5e-4,
                  baseline_features=(16, 16, 32, 64, 128, 16), baseline_steps=200, baseline_batch=2,
@@ -521,12 +525,13 @@ class Method:
     record: dict[str, Any]  # the phase record of the model (its run_id keys the prediction cache)
     scheduler: str = ""
     steps: int = 0
+    x0_clip: bool = False  # clip the sampler's x0 estimate to [-1, 1] at every step
 
     @property
     def sampler(self) -> str:
         if self.folder is None:
             return "one pass"
-        return f"{'DDIM' if self.scheduler == 'ddim' else 'DPM-Solver++'}-{self.steps}"
+        return f"{'DDIM' if self.scheduler == 'ddim' else 'DPM-Solver++'}-{self.steps}" + (", x0 clip" if self.x0_clip else "")
 
 
 def predict(method: Method, pairs, seed: int, device, cache: Path, reuse: bool,
@@ -539,6 +544,8 @@ def predict(method: Method, pairs, seed: int, device, cache: Path, reuse: bool,
 
     key = {"model": str(method.folder), "run_id": method.record["run_id"], "scheduler": method.scheduler,
            "steps": method.steps, "seed": seed, "subjects": [p.subject for p in pairs]}
+    if method.x0_clip:
+        key["x0_clip"] = True
     name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     tensors, meta = cache / f"{name}.safetensors", cache / f"{name}.json"
     if reuse and tensors.is_file() and meta.is_file():
@@ -550,6 +557,8 @@ def predict(method: Method, pairs, seed: int, device, cache: Path, reuse: bool,
             pred = torch.cat([baseline(s[None].to(device)).clamp(-1, 1).cpu() for s in sources])
     else:
         model = load_synthesis_model(method.folder, device=device)
+        if method.x0_clip:  # pixel space: the data lie in [-1, 1]; diffusers' thresholding at 1.0 is a clamp
+            model.scheduler_config = {**model.scheduler_config, "thresholding": True, "sample_max_value": 1.0}
         tic = time.perf_counter()
         # All subjects in one batch: every method sees the same initial noise for the same subject.
         pred = synthesize(model, sources, scheduler=method.scheduler, steps=method.steps, seed=seed,
@@ -581,7 +590,7 @@ def select(stage1: Method, stage2: dict[str, tuple[dict[int, Path], dict]], val_
     """Validation metrics of the slice-wise model and of every (variant, stage-2 steps) export."""
     from lift3d.metrics import summarize
 
-    sampler = {"scheduler": "dpm", "steps": scale.selection_steps}
+    sampler = {"scheduler": "dpm", "steps": scale.selection_steps, "x0_clip": stage1.x0_clip}
     entries = [("slice-wise", "-", 0, replace(stage1, **sampler))]
     for variant, (exports, record) in stage2.items():
         entries += [("lifted", variant, k, Method("lifted", "", f, record, **sampler)) for k, f in exports.items()]
@@ -698,6 +707,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="an extra stage-2 run to choose from on the validation subject, e.g. trainable=all, "
                              "where=spatial, kernel_size=5, learning_rate=1e-3 (repeatable)")
+    parser.add_argument("--x0-clip", action="store_true",
+                        help="clip the samplers' x0 estimate to [-1, 1] at every step (diffusers' thresholding at "
+                             "1.0), as pixel-space DDPM/DDIM do; the exported scheduler config has it off")
     parser.add_argument("--reuse", action="store_true",
                         help="take finished phases (models, predictions) from an earlier run in --out when they ran "
                              "with the same settings")
@@ -752,7 +764,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"[selection] stage-2 export by PSNR on the validation subject (DPM-Solver++ {scale.selection_steps})")
     tic = time.perf_counter()
     slice_wise = Method("slice-wise", "(a) slice-wise (stage 1 only)", stage1_model, stage1_record, "ddim",
-                        scale.ddim_steps)
+                        scale.ddim_steps, args.x0_clip)
     validation = select(slice_wise, stage2, pairs["val"], scale, args.seed, device, cache, args.reuse)
     chosen = choose(validation)
     chosen_record = stage2[chosen["variant"]][1]
@@ -761,10 +773,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lifted_folder = Path(chosen["folder"])
     methods = [
         slice_wise,
-        Method("lifted", "(b) lifted (stage 2)", lifted_folder, chosen_record, "ddim", scale.ddim_steps),
+        Method("lifted", "(b) lifted (stage 2)", lifted_folder, chosen_record, "ddim", scale.ddim_steps, args.x0_clip),
         Method("3d-unet", "(c) 3D U-Net, L1", None, baseline_record),
-        Method("lifted-dpm", "(d) lifted (stage 2)", lifted_folder, chosen_record, "dpm", scale.dpm_steps),
-        Method("slice-wise-dpm", "(d) slice-wise (stage 1 only)", stage1_model, stage1_record, "dpm", scale.dpm_steps),
+        Method("lifted-dpm", "(d) lifted (stage 2)", lifted_folder, chosen_record, "dpm", scale.dpm_steps,
+               args.x0_clip),
+        Method("slice-wise-dpm", "(d) slice-wise (stage 1 only)", stage1_model, stage1_record, "dpm", scale.dpm_steps,
+               args.x0_clip),
     ]
     done: dict[str, Any] = {}
     predictions = {}
@@ -822,7 +836,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "baseline": f"{baseline_record['info']['model']}, {scale.baseline_steps} steps x {scale.baseline_batch} "
                         f"volumes, Adam lr {scale.baseline_lr}, weights of step {baseline_record['info']['chosen_step']}"
                         " (best validation L1)",
-            "sampling": "all test subjects in one batch, seed --seed: the same initial noise for every method",
+            "sampling": "all test subjects in one batch, seed --seed: the same initial noise for every method; "
+                        + ("x0 clipped to [-1, 1] at every step" if args.x0_clip else "no x0 clipping"),
             "metrics": f"training grid, inside the brain mask; {INTENSITY_RULE}",
             "scale": asdict(scale),
         },

@@ -89,7 +89,8 @@ def test_smoke_run_end_to_end(bench, tmp_path):
     out = tmp_path / "icbm"
     env = {**os.environ, "LIFT3D_DISABLE_PLUGIN_AUTOLOAD": "1"}
     completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--scale", "smoke", "--data", str(data), "--out", str(out), "--device", "cpu"],
+        [sys.executable, str(SCRIPT), "--scale", "smoke", "--data", str(data), "--out", str(out), "--device", "cpu",
+         "--x0-clip", "--variant", "kernel_size=5"],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -122,10 +123,13 @@ def test_smoke_run_end_to_end(bench, tmp_path):
     selection = report["selection"]
     chosen = selection["chosen"]
     assert methods["lifted"]["model"] == methods["lifted-dpm"]["model"] == chosen["folder"]
-    assert chosen["folder"].endswith(f"stage2/model-step{chosen['stage2_steps']}")
-    # The stage-2 export is the validation subject's best PSNR, among every candidate step count.
+    folder = "stage2" if chosen["variant"] == "default" else "stage2_kernel_size-5"
+    assert chosen["folder"].endswith(f"{folder}/model-step{chosen['stage2_steps']}")
+    # The stage-2 export is the validation subject's best PSNR, among every variant and step count.
     lifted = [row for row in selection["validation"] if row["model"] == "lifted"]
-    assert sorted(row["stage2_steps"] for row in lifted) == sorted(bench.SCALES["smoke"].stage2_candidates)
+    candidates = bench.SCALES["smoke"].stage2_candidates
+    assert sorted((row["variant"], row["stage2_steps"]) for row in lifted) == sorted(
+        (variant, k) for variant in ("default", "kernel_size=5") for k in candidates)
     best = max(lifted, key=lambda row: (row["metrics"]["psnr"]["mean"], -row["stage2_steps"]))
     assert (best["variant"], best["stage2_steps"]) == (chosen["variant"], chosen["stage2_steps"])
     assert report["selection"]["validation_subject"] == ["val-00"]
@@ -135,7 +139,7 @@ def test_smoke_run_end_to_end(bench, tmp_path):
     assert observed["psnr_gain_db"] == pytest.approx(summary["lifted"]["psnr"]["mean"] - summary["slice-wise"]["psnr"]["mean"])
 
     assert (out / "views.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| (b) lifted (stage 2) | DDIM-3 |" in (out / "results.md").read_text()
+    assert "| (b) lifted (stage 2) | DDIM-3, x0 clip |" in (out / "results.md").read_text()
 
 
 def test_stage2_variants_parse_to_config_overrides(bench):
