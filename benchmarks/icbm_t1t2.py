@@ -100,6 +100,7 @@ class Scale:
     stage1_steps: int
     stage1_batch: int  # slices per step
     stage1_lr: float
+    stage1_prediction: str  # what the U-Net predicts, in both stages: epsilon (the paper's eq. 4) or v_prediction
     stage2_candidates: tuple[int, ...]  # stage-2 step counts; the validation subject picks one
     stage2_lr: float
     baseline_features: tuple[int, ...]  # MONAI BasicUNet features (6 numbers)
@@ -117,20 +118,21 @@ SCALES = {
     # About an hour on 2 CPU cores at load ~5 (timed: ~1.3 s per stage-1 step of 16 slices, ~3.3 s
     # per stage-2 step, ~3 s per lifted U-Net call on 3 test volumes); a busier machine takes longer.
     "cpu": Scale(voxel_mm=2, size=48, num_slices=24, widths=(16, 32, 64), layers_per_block=1,
-                 stage1_steps=700, stage1_batch=16, stage1_lr=1e-3, stage2_candidates=(40, 80), stage2_lr=5e-4,
+                 stage1_steps=700, stage1_batch=16, stage1_lr=1e-3, stage1_prediction="v_prediction", stage2_candidates=(40, 80), stage2_lr=5e-4,
                  baseline_features=(16, 16, 32, 64, 128, 16), baseline_steps=200, baseline_batch=2,
                  baseline_lr=1e-3, baseline_val_every=25, ddim_steps=200, dpm_steps=25, selection_steps=25,
                  hardware="2 CPU cores"),
     # The paper's RIRE grid, 256 x 256 x 35, for one GPU. Pixel space (identity autoencoder): no
     # pretrained KL autoencoder (the paper's f = 4 latent space) is available here.
     "paper": Scale(voxel_mm=1, size=256, num_slices=35, widths=(64, 128, 256, 256), layers_per_block=2,
-                   stage1_steps=30000, stage1_batch=32, stage1_lr=1e-4, stage2_candidates=(1000, 2000, 4000),
+                   stage1_steps=30000, stage1_batch=32, stage1_lr=1e-4, stage1_prediction="v_prediction",
+                   stage2_candidates=(1000, 2000, 4000),
                    stage2_lr=1e-4, baseline_features=(32, 32, 64, 128, 256, 32), baseline_steps=10000,
                    baseline_batch=1, baseline_lr=2e-4, baseline_val_every=500, ddim_steps=200, dpm_steps=25,
                    selection_steps=25, hardware="1 GPU"),
     # Seconds: every code path, learning nothing (for tests/test_benchmark_icbm.py).
     "smoke": Scale(voxel_mm=4, size=32, num_slices=16, widths=(16, 32), layers_per_block=1,
-                   stage1_steps=3, stage1_batch=8, stage1_lr=1e-3, stage2_candidates=(1, 2), stage2_lr=5e-4,
+                   stage1_steps=3, stage1_batch=8, stage1_lr=1e-3, stage1_prediction="v_prediction", stage2_candidates=(1, 2), stage2_lr=5e-4,
                    baseline_features=(8, 8, 8, 16, 16, 8), baseline_steps=2, baseline_batch=2, baseline_lr=1e-3,
                    baseline_val_every=1, ddim_steps=3, dpm_steps=2, selection_steps=2, hardware="any"),
 }
@@ -364,7 +366,8 @@ def diffusion_config(stage: str, folder: Path, scale: Scale, data: dict[str, Any
         "run": {"stage": stage, "output_dir": str(folder), "seed": seed, "max_steps": steps, "log_every": 10,
                 "checkpoint_every": 0},
         "data": {"dataset": "paired-nifti", "options": data},
-        "model": {"block_out_channels": list(scale.widths), "layers_per_block": scale.layers_per_block},
+        "model": {"block_out_channels": list(scale.widths), "layers_per_block": scale.layers_per_block,
+                  "prediction_type": scale.stage1_prediction},
         "autoencoder": {"name": "identity"},
     }
     if stage == "slices":
@@ -557,12 +560,10 @@ def predict(method: Method, pairs, seed: int, device, cache: Path, reuse: bool,
             pred = torch.cat([baseline(s[None].to(device)).clamp(-1, 1).cpu() for s in sources])
     else:
         model = load_synthesis_model(method.folder, device=device)
-        if method.x0_clip:  # pixel space: the data lie in [-1, 1]; diffusers' thresholding at 1.0 is a clamp
-            model.scheduler_config = {**model.scheduler_config, "thresholding": True, "sample_max_value": 1.0}
         tic = time.perf_counter()
         # All subjects in one batch: every method sees the same initial noise for the same subject.
         pred = synthesize(model, sources, scheduler=method.scheduler, steps=method.steps, seed=seed,
-                          progress=False).cpu()
+                          clip_x0=method.x0_clip, progress=False).cpu()
     seconds = (time.perf_counter() - tic) / len(pairs)
     cache.mkdir(parents=True, exist_ok=True)
     save_file({"prediction": pred.contiguous()}, str(tensors))

@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="stage-2 batch, in volumes (default: %(default)s, as the example config)")
     parser.add_argument("--log-every", type=int, default=10,
                         help="log the windowed loss and steps/s every K steps (default: %(default)s)")
+    parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
+                        help="what both stages predict; the example configs say v_prediction, the published "
+                        "figures were taken with epsilon, the paper's eq. 4 (default: %(default)s)")
     parser.add_argument("--lr2", type=float, default=None,
                         help="learning rate of the stage-2 runs and the control (default: the stage-2 example's)")
     parser.add_argument("--warmup2", type=int, default=None,
@@ -167,9 +170,10 @@ def run_config(run: str, stage: str, trainable: str | None, data: dict[str, Any]
                 "max_steps": args.steps1 if first else args.steps2, "checkpoint_every": 0, "tracker": "csv"},
         "data": {**data, "batch_size": args.batch1 if stage == "slices" else args.batch2},
         "optim": {"mixed_precision": args.mixed_precision},
+        "model": {"prediction_type": args.prediction_type},
     }
     if not first:
-        overrides["model"] = {"pretrained": str(stage1_model)}
+        overrides["model"]["pretrained"] = str(stage1_model)
     if stage == "volumes":
         overrides["lift"] = {"trainable": trainable}
     if run == "stage1-continued":  # stage 2's optimizer settings and slices per step

@@ -49,7 +49,8 @@ def demo_config(out: Path, scale: DemoScale, stage: str, seed: int) -> TrainConf
         "run": {"stage": stage, "output_dir": str(out / ("stage1" if stage == "slices" else "stage2")),
                 "seed": seed, "log_every": 20, "checkpoint_every": 0},
         "data": {"dataset": "phantom", "options": data},
-        "model": {"block_out_channels": list(scale.widths), "layers_per_block": 1},
+        # v-prediction: in pixel space after a few hundred steps, an epsilon model's samples are noise.
+        "model": {"block_out_channels": list(scale.widths), "layers_per_block": 1, "prediction_type": "v_prediction"},
         "autoencoder": {"name": "identity"},
     }
     if stage == "slices":

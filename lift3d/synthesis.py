@@ -228,9 +228,10 @@ def load_synthesis_model(folder: str | os.PathLike, *, device: str | torch.devic
 
 
 def make_scheduler(name: str, scheduler_config: dict[str, Any], steps: int | None = None, *,
-                   device: torch.device | str | None = None):
+                   device: torch.device | str | None = None, clip_x0: bool = False):
     """The diffusers sampler ``name`` (see :data:`SCHEDULERS`) on the training noise schedule,
-    with ``steps`` inference steps (the sampler's default when None)."""
+    with ``steps`` inference steps (the sampler's default when None). ``clip_x0`` clamps the
+    sampler's x0 estimate to [-1, 1] at every step (diffusers' ``thresholding`` at 1.0)."""
     if name not in SCHEDULERS:
         raise ValueError(f"Unknown scheduler {name!r}; available: {', '.join(SCHEDULERS)}")
     class_name, default_steps = SCHEDULERS[name]
@@ -240,6 +241,8 @@ def make_scheduler(name: str, scheduler_config: dict[str, Any], steps: int | Non
         raise ValueError(f"steps must be an integer from 1 to the {train_steps} training timesteps, got {steps!r}")
     import diffusers
 
+    if clip_x0:  # dynamic thresholding with its ceiling at 1.0 is a plain clamp to [-1, 1]
+        scheduler_config = {**scheduler_config, "thresholding": True, "sample_max_value": 1.0}
     scheduler = getattr(diffusers, class_name).from_config(scheduler_config)
     scheduler.set_timesteps(steps, device=device)
     return scheduler
@@ -373,6 +376,7 @@ def synthesize(
     window: int | None = None,
     overlap: int | None = None,
     slice_wise: bool = False,
+    clip_x0: bool = False,
     progress: bool | None = True,
 ) -> Tensor:
     """Synthesise the target modality for ``source`` ``(b, c, n, h, w)`` in [-1, 1]; same shape out.
@@ -387,6 +391,10 @@ def synthesize(
     :param overlap: slices shared by neighbouring windows (default ``window // 4``, at least 1).
     :param slice_wise: the paper's "w/o volumetric layers" ablation: the volumetric layers are
         switched off, so every slice is denoised by the 2D model on its own; all else is equal.
+    :param clip_x0: clamp the predicted clean sample to [-1, 1] at every step. Only for pixel-space
+        models (an autoencoder with downsampling factor 1), whose data lie in [-1, 1]. An epsilon
+        model in pixel space with little training can diverge without it (whole slices end at
+        -1 or +1); a v-prediction model rarely needs it.
     :param progress: show a tqdm bar over the denoising steps (None: only on a terminal).
 
     With ``conditioning = "none"`` (plain volume generation) the source only sets the shape.
@@ -395,7 +403,11 @@ def synthesize(
     b, _, n, h, w = source.shape
     windowing = resolve_window(model, n, window, overlap, slice_wise)
     device = model.device
-    sampler = make_scheduler(scheduler, model.scheduler_config, steps, device=device)
+    if clip_x0 and model.autoencoder.downsampling_factor != 1:
+        raise ValueError(f"clip_x0 is for pixel-space models, but this one samples in the latent space of an "
+                         f"autoencoder with downsampling factor {model.autoencoder.downsampling_factor}, where "
+                         "values are not bounded by [-1, 1]")
+    sampler = make_scheduler(scheduler, model.scheduler_config, steps, device=device, clip_x0=clip_x0)
     ae_dtype = getattr(model.autoencoder, "dtype", None) or model.dtype
     condition = None
     if model.conditioning == "concat":

@@ -106,11 +106,26 @@ def load_unet2d(folder: str | os.PathLike) -> nn.Module:
     return model
 
 
+def check_pretrained_settings(cfg: TrainConfig, folder: Path) -> None:
+    """Refuse to fine-tune a lift3d export towards a different target than it was trained on
+    (say a v-prediction stage 1 under an epsilon stage 2): training would run, and silently ruin it."""
+    path = folder / TRAINING_SETTINGS
+    if not path.is_file():  # a plain diffusers folder: nothing recorded to compare with
+        return
+    settings = json.loads(path.read_text())
+    for key, ours in (("prediction_type", cfg.model.prediction_type), ("conditioning", cfg.model.conditioning)):
+        theirs = settings.get(key)
+        if theirs is not None and theirs != ours:
+            raise ValueError(f"pretrained model {folder} was trained with {key} {theirs!r}, but this run says "
+                             f"{ours!r}; set --model.{key} {theirs} (or [model] {key} = \"{theirs}\")")
+
+
 def build_unet(cfg: TrainConfig, autoencoder, sample_size: int) -> nn.Module:
     in_channels, out_channels = unet_channels(cfg, autoencoder)
     if cfg.model.pretrained:
         folder = Path(cfg.model.pretrained)
         unet = load_lifted(folder) if (folder / "lift3d.json").is_file() else load_unet2d(folder)
+        check_pretrained_settings(cfg, folder)
         got_in, got_out = unet.config.in_channels, unet.config.out_channels
         if (got_in, got_out) != (in_channels, out_channels):
             raise ValueError(f"pretrained U-Net {folder} takes {got_in} -> {got_out} channels, but autoencoder "

@@ -124,6 +124,35 @@ def test_unknown_scheduler_and_bad_steps(folders, source):
         synthesize(model, source, steps=0, progress=False)
 
 
+@pytest.mark.parametrize("name", ["ddim", "dpm", "ddpm"])
+def test_clip_x0_bounds_every_x0_estimate(folders, source, monkeypatch, name):
+    """An untrained epsilon model's x0 estimates leave [-1, 1]; clip_x0 holds them there at every step."""
+    x0_seen = []
+
+    def recording(*args, **kwargs):
+        scheduler = make_scheduler(*args, **kwargs)
+        step = scheduler.step
+
+        def step_and_record(*a, **k):
+            out = step(*a, **k)
+            x0 = getattr(out, "pred_original_sample", None)
+            if x0 is None:  # DPM-Solver++ keeps its x0 estimates in model_outputs
+                x0 = scheduler.model_outputs[-1]
+            x0_seen.append(x0.abs().max().item())
+            return out
+
+        scheduler.step = step_and_record
+        return scheduler
+
+    monkeypatch.setattr(synthesis, "make_scheduler", recording)
+    model = load_synthesis_model(folders["random"], device="cpu")
+    synthesize(model, source, scheduler=name, steps=3, progress=False)
+    assert max(x0_seen) > 1.5
+    x0_seen.clear()
+    synthesize(model, source, scheduler=name, steps=3, clip_x0=True, progress=False)
+    assert len(x0_seen) == 3 and max(x0_seen) <= 1.0 + 1e-6
+
+
 def test_window_weights_blend_to_one_and_keep_volume_ends():
     for n, window, overlap in [(8, 4, 2), (20, 16, 4), (10, 4, 1), (9, 4, 0), (12, 5, 3)]:
         windows = window_weights(n, window, overlap)
@@ -289,6 +318,8 @@ def test_latent_model_with_exported_kl_autoencoder(tmp_path, monkeypatch, source
     out = synthesize(model, source, steps=2, progress=False)
     assert out.shape == source.shape and torch.isfinite(out).all()
     assert len(calls) == 2
+    with pytest.raises(ValueError, match="clip_x0 is for pixel-space models.*downsampling factor 4"):
+        synthesize(model, source, steps=2, clip_x0=True, progress=False)
 
 
 def test_reduced_precision_runs_and_returns_float32(folders, source):

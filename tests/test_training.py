@@ -67,6 +67,19 @@ def test_both_stages_loss_falls_and_stage2_starts_at_the_stage1_loss(tmp_path):
     assert settings["stage"] == "volumes" and settings["conditioning"] == "concat"
 
 
+def test_stage2_must_predict_what_stage1_predicts(tmp_path):
+    stage1 = train(tiny_cfg(tmp_path / "s1", model={"prediction_type": "v_prediction"}, run={"max_steps": 1}))
+    with pytest.raises(ValueError, match=r"trained with prediction_type 'v_prediction', but this run says 'epsilon'; "
+                                         r"set --model.prediction_type v_prediction"):
+        train(tiny_cfg(tmp_path / "s2", stage="volumes", model={"pretrained": str(stage1)}, data={"batch_size": 1}))
+    assert not (tmp_path / "s2" / "model").exists()
+    model = train(tiny_cfg(tmp_path / "s2", stage="volumes", data={"batch_size": 1}, run={"max_steps": 1},
+                           model={"pretrained": str(stage1), "prediction_type": "v_prediction"}))
+    settings = json.loads((model / "lift3d_training.json").read_text())
+    assert settings["prediction_type"] == "v_prediction"
+    assert json.loads((model / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+
+
 def test_same_seed_gives_identical_safetensors(tmp_path):
     a = train(tiny_cfg(tmp_path / "a", run={"max_steps": 3}))
     b = train(tiny_cfg(tmp_path / "b", run={"max_steps": 3}))

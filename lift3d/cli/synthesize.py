@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slice-wise", action="store_true",
                         help="the paper's 'w/o volumetric layers' ablation: switch the volumetric layers off "
                         "so each slice is denoised by the 2D model on its own; everything else is unchanged")
+    parser.add_argument("--clip-x0", action="store_true",
+                        help="clamp the sampler's estimate of the clean volume to [-1, 1] at every step. Pixel-"
+                        "space models only (identity autoencoder); helps an epsilon model that drifts to "
+                        "black or white slices")
     parser.add_argument("--num-slices", type=_slice_count, metavar="N|native",
                         help="resample each source to N slices instead of the training slice count; "
                         "'native' keeps the source's own slice count (longer volumes are then windowed)")
@@ -241,7 +245,7 @@ def _synthesise_one(model: SynthesisModel, path: Path, grid: TrainingGrid, dest:
     source = torch.from_numpy(array)[None, None]
     tic = time.perf_counter()
     result = synthesize(model, source, scheduler=args.scheduler, steps=args.steps, seed=args.seed,
-                        window=args.window, overlap=args.overlap, slice_wise=args.slice_wise, progress=None)
+                        window=args.window, overlap=args.overlap, slice_wise=args.slice_wise, clip_x0=args.clip_x0, progress=None)
     elapsed = time.perf_counter() - tic
     try:
         save_volume(dest, result[0], meta)
@@ -266,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     for grid in grids:
         resolve_window(model, grid.num_slices, args.window, args.overlap, args.slice_wise)
     make_scheduler(args.scheduler, model.scheduler_config, args.steps)  # checks --steps
+    if args.clip_x0 and model.autoencoder.downsampling_factor != 1:
+        raise UserError(f"--clip-x0 is for pixel-space models, but {args.model} samples in the latent space of "
+                        f"{model.settings['autoencoder']['name']!r} (downsampling factor "
+                        f"{model.autoencoder.downsampling_factor}), whose values are not bounded by [-1, 1]")
     out = Path(args.out)
     created = prepare_out(out)
     steps = args.steps or SCHEDULERS[args.scheduler][1]
