@@ -118,9 +118,10 @@ SCALES = {
     # About an hour on 2 CPU cores at load ~5 (timed: ~1.3 s per stage-1 step of 16 slices, ~3.3 s
     # per stage-2 step, ~3 s per lifted U-Net call on 3 test volumes); a busier machine takes longer.
     "cpu": Scale(voxel_mm=2, size=48, num_slices=24, widths=(16, 32, 64), layers_per_block=1,
-                 stage1_steps=700, stage1_batch=16, stage1_lr=1e-3, stage1_prediction="v_prediction", stage2_candidates=(40, 80), stage2_lr=5e-4,
-                 baseline_features=(16, 16, 32, 64, 128, 16), baseline_steps=200, baseline_batch=2,
-                 baseline_lr=1e-3, baseline_val_every=25, ddim_steps=200, dpm_steps=25, selection_steps=25,
+                 stage1_steps=2000, stage1_batch=16, stage1_lr=1e-3, stage1_prediction="v_prediction",
+                 stage2_candidates=(600, 1200), stage2_lr=2e-3,
+                 baseline_features=(16, 16, 32, 64, 128, 16), baseline_steps=1000, baseline_batch=2,
+                 baseline_lr=1e-3, baseline_val_every=50, ddim_steps=200, dpm_steps=25, selection_steps=25,
                  hardware="2 CPU cores"),
     # The paper's RIRE grid, 256 x 256 x 35, for one GPU. Pixel space (identity autoencoder): no
     # pretrained KL autoencoder (the paper's f = 4 latent space) is available here.
