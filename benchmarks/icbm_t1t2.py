@@ -23,18 +23,20 @@ back through the ``paired-nifti`` plugin with explicit train/val/test lists, as 
 Selection rule: nothing is chosen by looking at the test subjects. The stage-2 export (each
 ``--variant`` run and the default, at each of the scale's step counts) is chosen by PSNR on the
 validation subject (lifted, DPM-Solver++ 25 steps); the 3D U-Net keeps the weights with the lowest L1
-on the validation subject. ``--x0-clip`` clips the samplers' x0 estimate to [-1, 1] at every step
-(pixel space; on the cpu scale it was chosen on the validation subject: without it, whole slices
-diverge to -1 or +1). ``--reuse`` takes finished phases from an earlier run in the same ``--out``.
+on the validation subject. Both diffusion stages predict v (``v_prediction``): with epsilon, a
+pixel-space model this small samples mostly noise (see benchmarks/RESULTS.md). ``--x0-clip`` clips
+the samplers' x0 estimate to [-1, 1] at every step; it rescued the epsilon models, and made no
+difference to the v models on the validation subject, so the published run leaves it off.
+``--reuse`` takes finished phases from an earlier run in the same ``--out``.
 
 Metrics (``lift3d.metrics``): on the training grid, inside the brain mask, volumes scaled to
 [0, 255] by the target's range; 3D SSIM; z-inconsistency = through-plane error relative to the
 target's own slice-to-slice change (lower is better).
 
     python benchmarks/icbm_t1t2.py --scale smoke --out /tmp/icbm-smoke         # < 1 minute
-    python benchmarks/icbm_t1t2.py --scale cpu --publish --x0-clip \
-        --variant trainable=all,learning_rate=1e-4 --variant kernel_size=5       # ~1 hour, 2 idle CPU cores
-    python benchmarks/icbm_t1t2.py --scale paper --device cuda --publish --x0-clip   # a GPU
+    python benchmarks/icbm_t1t2.py --scale cpu --publish \
+        --variant trainable=all,learning_rate=1e-4                               # ~45 min, 2 idle CPU cores
+    python benchmarks/icbm_t1t2.py --scale paper --device cuda --publish        # a GPU
 """
 
 from __future__ import annotations
@@ -115,8 +117,9 @@ class Scale:
 
 
 SCALES = {
-    # About an hour on 2 CPU cores at load ~5 (timed: ~1.3 s per stage-1 step of 16 slices, ~3.3 s
-    # per stage-2 step, ~3 s per lifted U-Net call on 3 test volumes); a busier machine takes longer.
+    # About 45 minutes on 2 idle CPU cores (timed: ~0.25 s per stage-1 step of 16 slices, ~0.45 s per
+    # stage-2 step of one volume); at load ~5 every step takes 3-10x longer. Stage-2 length and
+    # learning rate were chosen on the validation subject (benchmarks/RESULTS.md).
     "cpu": Scale(voxel_mm=2, size=48, num_slices=24, widths=(16, 32, 64), layers_per_block=1,
                  stage1_steps=2000, stage1_batch=16, stage1_lr=1e-3, stage1_prediction="v_prediction",
                  stage2_candidates=(600, 1200), stage2_lr=2e-3,

@@ -89,6 +89,15 @@ def test_unknown_name_lists_available():
         manager.registry("samplers")
 
 
+def test_misspelt_option_lists_the_valid_ones():
+    manager = PluginManager(autoload=False)
+    with pytest.raises(PluginError, match=r"dataset 'phantom' has no option 'num_subject'; valid: .*num_subjects"):
+        manager.registry("datasets").create("phantom", split="train", num_subject=3)
+    with pytest.raises(PluginError, match=r"autoencoder 'kl' has no option 'pth'; valid: path, config"):
+        manager.registry("autoencoders").create("kl", pth="vae")
+    assert manager.registry("datasets").create("phantom", split="train", num_subjects=3, size=16, num_slices=4)
+
+
 def test_bad_names_rejected():
     with pytest.raises(PluginError, match="non-empty strings, got ''"):
         Registry("datasets").add("", list)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterator, TypeVar
@@ -32,7 +33,7 @@ T = TypeVar("T")
 
 
 class PluginError(ValueError):
-    """A plugin name is unknown or registered twice."""
+    """A plugin name is unknown or registered twice, or a plugin is given an option it does not take."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,9 @@ class Registry(Generic[T]):
         return self.entry(name).factory
 
     def create(self, name: str, /, **options: Any) -> T:
-        return self.get(name)(**options)
+        factory = self.get(name)
+        _check_options(f"{self._noun} {name!r}", factory, options)
+        return factory(**options)
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -104,6 +107,20 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {self.names()})"
+
+
+def _check_options(what: str, factory: Callable[..., Any], options: dict[str, Any]) -> None:
+    """A misspelt option names itself and the valid ones (instead of Python's bare TypeError)."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins): let the call decide
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    valid = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise PluginError(f"{what} has no option {', '.join(map(repr, unknown))}; valid: {', '.join(valid) or 'none'}")
 
 
 def _load_entrypoint_plugins(pm: pluggy.PluginManager) -> None:
