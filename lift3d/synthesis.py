@@ -366,6 +366,15 @@ def predict_noise_windowed(model: SynthesisModel, sample: Tensor, condition: Ten
 
 
 @torch.no_grad()
+def check_clip_x0(model: SynthesisModel) -> None:
+    """x0 clipping assumes pixel space, where the data lie in [-1, 1]; latents are not bounded."""
+    factor = model.autoencoder.downsampling_factor
+    if factor != 1:
+        raise ValueError(f"clip_x0 (--clip-x0) is for pixel-space models, but this one samples in the latent space "
+                         f"of the {model.settings['autoencoder']['name']!r} autoencoder (downsampling factor "
+                         f"{factor}), whose values are not bounded by [-1, 1]")
+
+
 def synthesize(
     model: SynthesisModel,
     source: Tensor,
@@ -403,10 +412,8 @@ def synthesize(
     b, _, n, h, w = source.shape
     windowing = resolve_window(model, n, window, overlap, slice_wise)
     device = model.device
-    if clip_x0 and model.autoencoder.downsampling_factor != 1:
-        raise ValueError(f"clip_x0 is for pixel-space models, but this one samples in the latent space of an "
-                         f"autoencoder with downsampling factor {model.autoencoder.downsampling_factor}, where "
-                         "values are not bounded by [-1, 1]")
+    if clip_x0:
+        check_clip_x0(model)
     sampler = make_scheduler(scheduler, model.scheduler_config, steps, device=device, clip_x0=clip_x0)
     ae_dtype = getattr(model.autoencoder, "dtype", None) or model.dtype
     condition = None

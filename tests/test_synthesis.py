@@ -318,7 +318,8 @@ def test_latent_model_with_exported_kl_autoencoder(tmp_path, monkeypatch, source
     out = synthesize(model, source, steps=2, progress=False)
     assert out.shape == source.shape and torch.isfinite(out).all()
     assert len(calls) == 2
-    with pytest.raises(ValueError, match="clip_x0 is for pixel-space models.*downsampling factor 4"):
+    with pytest.raises(ValueError, match=r"clip_x0 \(--clip-x0\) is for pixel-space models.*'kl' autoencoder "
+                                         r"\(downsampling factor 4\)"):
         synthesize(model, source, steps=2, clip_x0=True, progress=False)
 
 

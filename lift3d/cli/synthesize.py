@@ -23,8 +23,8 @@ from lift3d.cli._common import UserError, run_cli
 from lift3d.data.nifti import IMAGE_SUFFIXES, image_suffix, load_image, save_volume
 from lift3d.data.orientation import orientation_codes, slice_shape
 from lift3d.data.volume import TrainingGrid, prepare_volume
-from lift3d.synthesis import (DTYPES, SCHEDULERS, SynthesisModel, load_synthesis_model, make_scheduler, resolve_window,
-                              synthesize)
+from lift3d.synthesis import (DTYPES, SCHEDULERS, SynthesisModel, check_clip_x0, load_synthesis_model, make_scheduler,
+                              resolve_window, synthesize)
 
 OUTPUT_SUFFIX = "_synth.nii.gz"
 NATIVE = "native"
@@ -245,7 +245,8 @@ def _synthesise_one(model: SynthesisModel, path: Path, grid: TrainingGrid, dest:
     source = torch.from_numpy(array)[None, None]
     tic = time.perf_counter()
     result = synthesize(model, source, scheduler=args.scheduler, steps=args.steps, seed=args.seed,
-                        window=args.window, overlap=args.overlap, slice_wise=args.slice_wise, clip_x0=args.clip_x0, progress=None)
+                        window=args.window, overlap=args.overlap, slice_wise=args.slice_wise,
+                        clip_x0=args.clip_x0, progress=None)
     elapsed = time.perf_counter() - tic
     try:
         save_volume(dest, result[0], meta)
@@ -270,10 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     for grid in grids:
         resolve_window(model, grid.num_slices, args.window, args.overlap, args.slice_wise)
     make_scheduler(args.scheduler, model.scheduler_config, args.steps)  # checks --steps
-    if args.clip_x0 and model.autoencoder.downsampling_factor != 1:
-        raise UserError(f"--clip-x0 is for pixel-space models, but {args.model} samples in the latent space of "
-                        f"{model.settings['autoencoder']['name']!r} (downsampling factor "
-                        f"{model.autoencoder.downsampling_factor}), whose values are not bounded by [-1, 1]")
+    if args.clip_x0:
+        check_clip_x0(model)
     out = Path(args.out)
     created = prepare_out(out)
     steps = args.steps or SCHEDULERS[args.scheduler][1]
