@@ -703,7 +703,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the ICBM 152 2009c folder (1mm_T1, 1mm_T2_brain, 1mm_brainmask .nii.gz) "
                              "(default: ../shared/data/icbm152-2009c next to the repository)")
     parser.add_argument("--scale", choices=tuple(SCALES), default="cpu",
-                        help="cpu: ~1 hour on 2 CPU cores; paper: 256 x 256 x 35 on a GPU; smoke: seconds, for tests")
+                        help="cpu: ~45 minutes on 2 idle CPU cores; paper: 256 x 256 x 35 on a GPU; smoke: seconds, for tests")
     parser.add_argument("--out", type=Path, default=None,
                         help="work folder: subjects, models, results.json, views.png (default: runs/icbm_t1t2-<scale>)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
