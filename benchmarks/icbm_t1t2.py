@@ -46,15 +46,16 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _common.py, also when loaded by path
+from _common import machine_info, write_json  # noqa: E402
 
 import numpy as np
 import torch
@@ -620,30 +621,6 @@ def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # Reporting
 
 
-def machine() -> dict[str, Any]:
-    import diffusers
-
-    import lift3d
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "lift3d": lift3d.__version__}
-    try:
-        info["commit"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                        text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def goal_check(summary: dict[str, Any], lifted: str, slice_wise: str) -> dict[str, Any]:
     a, b = summary[slice_wise], summary[lifted]
     observed = {"psnr_gain_db": b["psnr"]["mean"] - a["psnr"]["mean"],
@@ -663,7 +640,7 @@ def fmt(stats: dict[str, float], digits: int) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The RESULTS.md table for one run."""
     s, m, t = report["settings"], report["machine"], report["timing"]
-    where = m.get("gpu") or f"{m['cpu_count']} cores, {m['torch_threads']} torch threads"
+    where = m.get("gpu") or f"{m['logical_cpus']} cores, {m['torch_threads']} torch threads"
     lines = [
         f"Scale `{report['scale']}`: {s['grid']} axial grid; {s['unet']}. Machine: {m['cpu']} ({where}), "
         f"torch {m['torch']}. Wall time {t['total_with_reused_s'] / 60:.1f} min end to end.",
@@ -751,7 +728,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         diffusion_config("volumes", out, scale, {}, args.seed, 1, None, overrides)
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "predictions"
-    start, load_before, machine_info = time.perf_counter(), os.getloadavg(), machine()  # the commit at start
+    start, load_before, machine = time.perf_counter(), os.getloadavg(), machine_info()  # the commit at start
     timing: dict[str, Any] = {}
 
     tic = time.perf_counter()
@@ -824,7 +801,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report = {
         "benchmark": "icbm_t1t2", "scale": args.scale,
         "command": " ".join(["python benchmarks/icbm_t1t2.py", *map(shlex.quote, args.argv)]),
-        "machine": machine_info | {"load_average_at_start": load_before, "load_average_at_end": os.getloadavg()},
+        "machine": machine | {"load_average_at_start": load_before, "load_average_at_end": os.getloadavg()},
         "data": {"folder": str(args.data), "subjects": {n: {"split": sp, "seed": sd} for n, sp, sd in subject_plan()},
                  "generation_voxel_mm": scale.voxel_mm, "corruption": asdict(Corruption()),
                  "how": "one template brain; per subject a random smooth deformation + rotation applied identically "
@@ -856,7 +833,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "paper_rire_other_dataset": {k: dict(zip(("mae", "ssim", "psnr"), v)) for k, v in PAPER_RIRE.items()},
         "timing": timing,
     }
-    (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    write_json(out / "results.json", report)
     (out / "results.md").write_text(markdown(report) + "\n")
     if args.publish:
         RESULTS.mkdir(parents=True, exist_ok=True)

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import multiprocessing
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -42,6 +40,9 @@ from einops import rearrange
 from torch.utils.flop_counter import FlopCounterMode
 
 import lift3d
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _common.py, also when loaded by path
+from _common import machine_info, write_json  # noqa: E402
 
 UNET_CONFIGS: dict[str, dict[str, Any]] = {
     # Realistic width for 64x64 latents. Self-attention at 16x16 only, as in DDPM (Ho et al., 2020),
@@ -396,35 +397,6 @@ def plan(args: argparse.Namespace, configs: list[Configuration]) -> list[tuple[i
     return jobs
 
 
-def source_revision() -> str | None:
-    """The checkout's commit, marked ``-dirty`` when lift3d/ has uncommitted changes."""
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "lift3d"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("-dirty" if dirty else "")
-
-
-def machine(torch_threads: int) -> dict:
-    import diffusers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "lift3d": lift3d.__version__,
-            "torch_threads": torch_threads, "platform": platform.platform()}
-
-
 def summarise(samples: list[dict], configs: list[Configuration], args: argparse.Namespace) -> dict:
     """``results[n][mode][name]``: times, peaks and, for lifted models, per-repeat lifted/2D ratios."""
     baseline_mode = {"forward": "forward", "train-all": "train-all", "train-volumetric": "train-all"}
@@ -516,7 +488,7 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    revision = source_revision()  # now: the children run the lift3d imported at start
+    machine = machine_info()  # now: the children run the lift3d imported at start
     size = "small" if args.small else "full"
     configs = configurations(args)
     common = {"size": size, "device": args.device, "dtype": args.dtype, "threads": args.threads,
@@ -543,8 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "inflate_overhead",
         "command": " ".join(["python", os.path.relpath(__file__), *(sys.argv[1:] if argv is None else argv)]),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
-        "machine": machine(described["torch_threads"]),
-        "lift3d_revision": revision,
+        "machine": machine | {"torch_threads": described["torch_threads"]},
         "model": {"size": size, "config": UNET_CONFIGS[size],
                   "parameters": described["configs"][BASELINE]["parameters"]},
         "peak_method": samples[0]["peak_method"] if samples else None,
@@ -555,9 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(report))
     print(f"\nruntime {report['runtime_s']:.0f} s", file=sys.stderr)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.json, report)
     return 0
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import os
 import statistics
 import sys
@@ -45,8 +44,9 @@ from diffusers import UNet2DModel
 from torch import nn
 
 import lift3d
-from inflate_overhead import (UNET_CONFIGS, MemoryProbe, _flop_counter, _sync, machine, make_batch, make_step,
-                              run_forked, run_inline)
+from _common import machine_info, write_json
+from inflate_overhead import (UNET_CONFIGS, MemoryProbe, _flop_counter, _sync, make_batch, make_step, run_forked,
+                              run_inline)
 
 try:
     from monai.networks.nets import DiffusionModelUNet
@@ -629,8 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "speed",
         "command": " ".join(["python", os.path.relpath(__file__), *(sys.argv[1:] if argv is None else argv)]),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
-        "machine": {**machine(described["torch_threads"]),
-                    **({"gpu": torch.cuda.get_device_name(args.device)} if args.device == "cuda" else {})},
+        "machine": machine_info(torch_threads=described["torch_threads"]),
         "unet2d_config": UNET_CONFIGS[size],
         "native3d_config": native3d_config(UNET_CONFIGS[size]) if "native3d" in models else None,
         "native3d_padding": "zeros appended along n to a multiple of 2 ** (levels - 1), output cropped back",
@@ -652,9 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(markdown(report))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.json, report)
     return 0
 
 

@@ -32,15 +32,16 @@ import csv
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _common.py, also when loaded by path
+from _common import machine_info, write_json  # noqa: E402
 
 import torch  # CUDA starts on first use, so main() can still hide the GPU for --device cpu
 
@@ -335,33 +336,6 @@ def checks_for(name: str, runs: dict[str, Any]) -> list[dict[str, Any]]:
 # Report
 
 
-def machine(args: argparse.Namespace) -> dict[str, Any]:
-    import accelerate
-    import diffusers
-
-    cpu = platform.processor()
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "accelerate": accelerate.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "mixed_precision": args.mixed_precision}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    try:  # the timings belong to this code: the commit, and any uncommitted change to lift3d/
-        git = ["git", "-C", str(REPO)]
-        info["commit"] = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        check=True).stdout.strip()
-        info["uncommitted"] = subprocess.run(git + ["status", "--porcelain", "--", "lift3d", "plugins"],
-                                             capture_output=True, text=True, check=True).stdout.split("\n")[:-1]
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return info
-
-
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -464,7 +438,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="lift3d-train-curves-")) if args.work is None else args.work
     work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    machine_info = machine(args)  # before the runs: the code they ran is the code at the start
+    import accelerate
+
+    machine = machine_info(accelerate=accelerate.__version__, mixed_precision=args.mixed_precision,
+                           device="cuda" if torch.cuda.is_available() else "cpu")  # before the runs: the code at start
     started, load_before = time.perf_counter(), os.getloadavg()
     results: dict[str, Any] = {}
     try:
@@ -482,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = [c for name in results for c in checks_for(name, results[name]["runs"])]
     report = {
         "command": "python benchmarks/train_curves.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": {**machine_info, "load_average_1_5_15_min": {"start": load_before, "end": os.getloadavg()}},
+        "machine": {**machine, "load_average_1_5_15_min": {"start": load_before, "end": os.getloadavg()}},
         "total_wall_s": time.perf_counter() - started,
         "icbm": {"files": "1mm_T1.nii.gz masked with 1mm_brainmask.nii.gz -> 1mm_T2_brain.nii.gz",
                  "subjects": "one (train = val)"} if "icbm" in results else None,
@@ -490,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         "checks": checks, "datasets": results,
     }
     stem = args.out / ("train_curves" + (f"-{args.tag}" if args.tag else ""))  # a tag may hold dots
-    Path(f"{stem}.json").write_text(json.dumps(report, indent=1))
+    write_json(f"{stem}.json", report)
     plot(results, Path(f"{stem}.png"))
     print_table(results)
     for c in checks:

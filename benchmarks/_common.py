@@ -1,0 +1,60 @@
+"""What every benchmark records next to its figures: the machine, the code, and the JSON report."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cpu_model() -> str:
+    """lscpu's "Model name" (what RESULTS.md quotes), else /proc/cpuinfo's, else platform's guess."""
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine_info(**extra: Any) -> dict[str, Any]:
+    """The machine, the library versions, and the commit (plus any uncommitted change to ``lift3d/``
+    or ``plugins/``) the figures belong to. Call it before the measurements start."""
+    import diffusers
+
+    import lift3d
+
+    info: dict[str, Any] = {
+        "cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+        "diffusers": diffusers.__version__, "lift3d": lift3d.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        git = ["git", "-C", str(REPO)]
+        info["commit"] = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        check=True).stdout.strip()
+        info["uncommitted"] = subprocess.run(git + ["status", "--porcelain", "--", "lift3d", "plugins"],
+                                             capture_output=True, text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info | extra
+
+
+def write_json(path: str | os.PathLike, report: dict[str, Any]) -> None:
+    """Write ``report`` to ``path``, creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, default=str))
