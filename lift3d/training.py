@@ -461,19 +461,22 @@ def train(cfg: TrainConfig) -> Path:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
+    # Inputs first (data, autoencoder, pretrained U-Net): a bad one fails before output_dir exists.
+    set_seed(cfg.run.seed)
+    dataset = create("datasets", cfg.data.dataset, split="train", **cfg.data.options)
+    autoencoder = build_autoencoder(cfg)
+    sample = dataset[0].source
+    sample_size = sample.shape[-1] // autoencoder.downsampling_factor
+    unet = build_unet(cfg, autoencoder, sample_size)
+
     output_dir = Path(cfg.run.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg, output_dir)
-    set_seed(cfg.run.seed)
     device = accelerator.device
-
-    dataset = create("datasets", cfg.data.dataset, split="train", **cfg.data.options)
-    autoencoder = build_autoencoder(cfg).to(device)
+    autoencoder.to(device)
     if accelerator.mixed_precision != "no":  # the frozen autoencoder runs in the compute dtype
         autoencoder.to(torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
-    sample = dataset[0].source
-    sample_size = sample.shape[-1] // autoencoder.downsampling_factor
-    unet = build_unet(cfg, autoencoder, sample_size).to(device)
+    unet.to(device)
     noise_scheduler = build_noise_scheduler(cfg)
     sampler_name = cfg.diffusion.timestep_sampler or ("uniform-slice" if cfg.run.stage == "slices" else "make-a-volume")
     sampler = create("timestep_samplers", sampler_name)

@@ -72,7 +72,7 @@ def test_stage2_must_predict_what_stage1_predicts(tmp_path):
     with pytest.raises(ValueError, match=r"trained with prediction_type 'v_prediction', but this run says 'epsilon'; "
                                          r"set --model.prediction_type v_prediction"):
         train(tiny_cfg(tmp_path / "s2", stage="volumes", model={"pretrained": str(stage1)}, data={"batch_size": 1}))
-    assert not (tmp_path / "s2" / "model").exists()
+    assert not (tmp_path / "s2").exists()  # refused before anything is written
     model = train(tiny_cfg(tmp_path / "s2", stage="volumes", data={"batch_size": 1}, run={"max_steps": 1},
                            model={"pretrained": str(stage1), "prediction_type": "v_prediction"}))
     settings = json.loads((model / "lift3d_training.json").read_text())
