@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
+from safetensors.torch import save as _safetensors_bytes
 from torch import nn
 
 import lift3d
@@ -29,6 +30,41 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not match the model."""
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors.torch.save_file``, but byte-for-byte reproducible, written atomically.
+
+    safetensors keeps ``__metadata__`` in a hash map, so its key order (and the file's sha256)
+    changes from process to process. The header is rewritten here with the keys sorted; tensor
+    offsets are relative to the end of the header, so only the header changes.
+    """
+    path = Path(path)
+    raw = _safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + length])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, as safetensors does
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length:])
+    os.replace(tmp, path)
+    return path
+
+
+def read_safetensors(path: str | os.PathLike, what: str = "checkpoint file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; a missing or corrupt one is a :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
 
 
 def _metadata(model: nn.Module) -> dict[str, str]:
@@ -44,17 +80,6 @@ def _check_keys(expected: set[str], found: set[str], what: str) -> None:
             return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "") if keys else "none"
         raise CheckpointError(f"{what} does not match the model: missing keys: {show(missing)}; "
                               f"unexpected keys: {show(unexpected)}")
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        return load_file(str(path)), metadata
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
 
 
 def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
@@ -76,17 +101,13 @@ def save_volumetric(model: nn.Module, path: str | os.PathLike, *, state_dict: di
     path = Path(path)
     weights = volumetric_state_dict(model) if state_dict is None else {
         k: v for k, v in state_dict.items() if lift3d.is_volumetric_parameter(k)}
-    weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(weights, str(tmp), metadata=_metadata(model))
-    os.replace(tmp, path)
-    return path
+    return save_safetensors(weights, path, _metadata(model))
 
 
 def load_volumetric(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     """Load volumetric layers saved by :func:`save_volumetric` into a lifted model. Returns the metadata."""
-    weights, metadata = _read_safetensors(Path(path))
+    weights, metadata = read_safetensors(Path(path))
     if metadata.get("format") != "lift3d":
         raise CheckpointError(f"{path} has no lift3d metadata; it was not written by lift3d.save_volumetric")
     own = volumetric_state_dict(model)
@@ -110,8 +131,7 @@ def save_diffusers_folder(model: nn.Module, folder: str | os.PathLike,
     """
     folder = Path(folder)
     model.save_pretrained(folder, safe_serialization=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
-    save_file(weights, str(folder / DIFFUSERS_WEIGHTS), metadata=metadata or {"format": "pt"})
+    save_safetensors(state_dict or model.state_dict(), folder / DIFFUSERS_WEIGHTS, metadata or {"format": "pt"})
     return folder
 
 
@@ -132,8 +152,7 @@ def save_lifted(model: nn.Module, folder: str | os.PathLike, *, state_dict: dict
             save_diffusers_folder(model, tmp, state_dict, _metadata(model))
             weights_file = DIFFUSERS_WEIGHTS
         else:
-            weights = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
-            save_file(weights, str(tmp / GENERIC_WEIGHTS), metadata=_metadata(model))
+            save_safetensors(state_dict or model.state_dict(), tmp / GENERIC_WEIGHTS, _metadata(model))
             weights_file = GENERIC_WEIGHTS
         settings = {"lift3d_version": lift3d.__version__,
                     "class": f"{type(model).__module__}.{type(model).__qualname__}",
@@ -194,6 +213,6 @@ def load_lifted(folder: str | os.PathLike, model: nn.Module | None = None) -> nn
     lift = settings["lift"]
     inflate(model, kernel_size=lift["kernel_size"], where=lift["where"], padding_mode=lift["padding_mode"],
             groups=lift["groups"])
-    weights, _ = _read_safetensors(folder / settings.get("weights", GENERIC_WEIGHTS))
+    weights, _ = read_safetensors(folder / settings.get("weights", GENERIC_WEIGHTS))
     load_state_dict_checked(model, weights, f"model weights in {folder}")
     return model.eval()  # as diffusers' from_pretrained does

@@ -20,8 +20,33 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-def opt(default: Any, help: str, choices: tuple | None = None, **kwargs: Any) -> Any:
-    metadata = {"help": help, "choices": choices}
+class Rule:
+    """A constraint on one option's value, checked wherever a config is built (TOML, CLI, Python)."""
+
+    def __init__(self, holds, text: str) -> None:
+        self.holds, self.text = holds, text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def at_least(low: float) -> Rule:
+    return Rule(lambda v: v >= low, f">= {low}")
+
+
+def above(low: float) -> Rule:
+    return Rule(lambda v: v > low, f"> {low}")
+
+
+def between(low: float, high: float) -> Rule:
+    return Rule(lambda v: low <= v < high, f"in [{low}, {high})")
+
+
+ODD = Rule(lambda v: v >= 1 and v % 2 == 1, "an odd number >= 1")
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, rule: Rule | None = None, **kwargs: Any) -> Any:
+    metadata = {"help": help, "choices": choices, "rule": rule}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: json.loads(json.dumps(default)), metadata=metadata)
     return field(default=default, metadata=metadata, **kwargs)
@@ -36,11 +61,12 @@ class RunConfig:
                      "'volumes' = stage 2 (inflate, then fine-tune on volumes, t per volume)", STAGES)
     output_dir: str = opt("runs/lift3d", "folder for checkpoints, logs and the exported model")
     seed: int = opt(0, "seed for weights, data order, noise and timesteps")
-    max_steps: int = opt(200, "optimizer steps to train")
-    checkpoint_every: int = opt(100, "save the full training state every K optimizer steps (0 = never)")
-    checkpoints_keep: int = opt(2, "keep the last M training-state checkpoints")
+    max_steps: int = opt(200, "optimizer steps to train", rule=at_least(1))
+    checkpoint_every: int = opt(100, "save the full training state every K optimizer steps (0 = never)",
+                               rule=at_least(0))
+    checkpoints_keep: int = opt(2, "keep the last M training-state checkpoints", rule=at_least(1))
     resume: str = opt("", "'latest' to continue from the newest checkpoint in output_dir, or a checkpoint folder")
-    log_every: int = opt(10, "log loss, learning rate and steps/s every K steps")
+    log_every: int = opt(10, "log loss, learning rate and steps/s every K steps", rule=at_least(1))
     tracker: str = opt("csv", "Accelerate tracker for the logs", ("csv", "tensorboard", "none"))
 
 
@@ -48,9 +74,11 @@ class RunConfig:
 class DataConfig:
     dataset: str = opt("phantom", "dataset plugin name (see `lift3d plugins`)")
     options: dict = opt({}, "options passed to the dataset plugin, e.g. {root = 'data', size = 64}")
-    batch_size: int = opt(4, "per process: slices per batch in stage 1, volumes (or windows) per batch in stage 2")
-    window: int = opt(0, "stage 2: train on windows of this many consecutive slices (0 = whole volumes)")
-    num_workers: int = opt(0, "DataLoader worker processes")
+    batch_size: int = opt(4, "per process: slices per batch in stage 1, volumes (or windows) per batch in stage 2",
+                         rule=at_least(1))
+    window: int = opt(0, "stage 2: train on windows of this many consecutive slices (0 = whole volumes)",
+                      rule=at_least(0))
+    num_workers: int = opt(0, "DataLoader worker processes", rule=at_least(0))
 
 
 @dataclass
@@ -58,9 +86,9 @@ class ModelConfig:
     pretrained: str = opt("", "local folder to start from: a diffusers 2D U-Net folder (stage 1 or 2) or a "
                           "stage-1 output (stage 2); empty = a new UNet2DModel from the fields below")
     block_out_channels: list = opt([32, 64], "UNet2DModel widths, when built from config")
-    layers_per_block: int = opt(1, "UNet2DModel resnets per block, when built from config")
+    layers_per_block: int = opt(1, "UNet2DModel resnets per block, when built from config", rule=at_least(1))
     attention: bool = opt(False, "use attention blocks at the lowest resolution, when built from config")
-    norm_num_groups: int = opt(8, "GroupNorm groups, when built from config")
+    norm_num_groups: int = opt(8, "GroupNorm groups, when built from config", rule=at_least(1))
     conditioning: str = opt("concat", "'concat': the source latent is concatenated on channels (cross-modality); "
                             "'none': plain volume generation", ("concat", "none"))
     prediction_type: str = opt("epsilon", "what the U-Net predicts (the paper: epsilon, eq. 4)",
@@ -70,7 +98,7 @@ class ModelConfig:
 
 @dataclass
 class LiftConfig:
-    kernel_size: int = opt(3, "odd kernel size of the volumetric 1D convs")
+    kernel_size: int = opt(3, "odd kernel size of the volumetric 1D convs", rule=ODD)
     where: str = opt("resnet", "placement preset of the volumetric layers", ("resnet", "spatial", "block-output"))
     padding_mode: str = opt("zeros", "border handling along the slice axis", ("zeros", "replicate"))
     trainable: str = opt("volumetric", "stage 2: train the volumetric layers only, or everything",
@@ -86,26 +114,26 @@ class AutoencoderConfig:
 
 @dataclass
 class DiffusionConfig:
-    num_train_timesteps: int = opt(1000, "diffusion steps T")
+    num_train_timesteps: int = opt(1000, "diffusion steps T", rule=at_least(1))
     beta_schedule: str = opt("scaled_linear", "diffusers beta schedule (LDM: scaled_linear 0.0015..0.0195)")
-    beta_start: float = opt(0.0015, "first beta (LDM)")
-    beta_end: float = opt(0.0195, "last beta (LDM)")
+    beta_start: float = opt(0.0015, "first beta (LDM)", rule=between(0, 1))
+    beta_end: float = opt(0.0195, "last beta (LDM)", rule=between(0, 1))
     timestep_sampler: str = opt("", "timestep sampler plugin; empty = 'uniform-slice' in stage 1, "
                                 "'make-a-volume' (weight 2T - t, one t per volume) in stage 2")
 
 
 @dataclass
 class OptimConfig:
-    learning_rate: float = opt(1e-4, "AdamW learning rate")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
+    learning_rate: float = opt(1e-4, "AdamW learning rate", rule=above(0))
+    weight_decay: float = opt(0.0, "AdamW weight decay", rule=at_least(0))
     lr_scheduler: str = opt("constant_with_warmup", "diffusers learning-rate schedule",
                             ("constant", "constant_with_warmup", "linear", "cosine"))
-    warmup_steps: int = opt(0, "learning-rate warm-up steps")
-    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
+    warmup_steps: int = opt(0, "learning-rate warm-up steps", rule=at_least(0))
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", rule=at_least(1))
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)", rule=at_least(0))
     mixed_precision: str = opt("no", "Accelerate mixed precision", ("no", "fp16", "bf16"))
     ema: bool = opt(False, "keep an exponential moving average of the trained weights (exported if on)")
-    ema_decay: float = opt(0.999, "EMA decay")
+    ema_decay: float = opt(0.999, "EMA decay", rule=between(0, 1))
 
 
 @dataclass
@@ -139,7 +167,15 @@ def _parse_inline(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
 
 
-def _coerce(section: str, name: str, value: Any, kind: Any, choices: tuple | None) -> Any:
+def _check(where: str, value: Any, choices: tuple | None, rule: Rule | None) -> Any:
+    if choices and value not in choices:
+        raise ConfigError(f"{where} = {value!r} is not allowed; choose one of: {', '.join(map(str, choices))}")
+    if rule is not None and not rule.holds(value):
+        raise ConfigError(f"{where} = {value!r} is not allowed; it must be {rule}")
+    return value
+
+
+def _coerce(section: str, name: str, value: Any, kind: Any, metadata) -> Any:
     where = f"{section}.{name}"
     try:
         if kind is bool and isinstance(value, str):
@@ -156,9 +192,7 @@ def _coerce(section: str, name: str, value: Any, kind: Any, choices: tuple | Non
             raise ValueError
     except (ValueError, TypeError, json.JSONDecodeError, tomllib.TOMLDecodeError):
         raise ConfigError(f"{where} = {value!r} is not a valid {kind.__name__}") from None
-    if choices and value not in choices:
-        raise ConfigError(f"{where} = {value!r} is not allowed; choose one of: {', '.join(map(str, choices))}")
-    return value
+    return _check(where, value, metadata.get("choices"), metadata.get("rule"))
 
 
 def apply(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
@@ -175,7 +209,18 @@ def apply(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
         for name, value in entries.items():
             if name not in fields:
                 raise ConfigError(f"{source}: unknown option {section}.{name}; available: {', '.join(fields)}")
-            setattr(obj, name, _coerce(section, name, value, hints[name], fields[name].metadata.get("choices")))
+            setattr(obj, name, _coerce(section, name, value, hints[name], fields[name].metadata))
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check every option of a config built in Python (``apply`` checks what it sets)."""
+    for section, obj in _sections(cfg):
+        for f in dataclasses.fields(obj):
+            _check(f"{section}.{f.name}", getattr(obj, f.name), f.metadata.get("choices"), f.metadata.get("rule"))
+    if cfg.diffusion.beta_start >= cfg.diffusion.beta_end:
+        raise ConfigError(f"diffusion.beta_start = {cfg.diffusion.beta_start} must be below diffusion.beta_end = "
+                          f"{cfg.diffusion.beta_end}")
     return cfg
 
 
@@ -197,9 +242,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(f"[{section}]")
         for f in dataclasses.fields(obj):
             default = getattr(obj, f.name)
-            choices = f.metadata.get("choices")
+            choices, rule = f.metadata.get("choices"), f.metadata.get("rule")
             shown = json.dumps(default) if isinstance(default, (dict, list)) else repr(default)
-            help_text = f.metadata["help"] + f" (default: {shown}" + (f"; one of {', '.join(map(str, choices))})" if choices else ")")
+            allowed = f"; one of {', '.join(map(str, choices))}" if choices else (f"; {rule}" if rule else "")
+            help_text = f.metadata["help"] + f" (default: {shown}{allowed})"
             group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", metavar="VALUE",
                                default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
 

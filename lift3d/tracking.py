@@ -48,3 +48,23 @@ class CSVTracker(GeneralTracker):
                 writer.writerows(rows)
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=self._columns, extrasaction="ignore").writerow(row)
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep only the rows of ``path`` logged at or before ``step`` (all of them go for ``step < 0``).
+
+    A run resumed from the checkpoint at ``step`` logs the later steps again; without this they
+    would appear twice.
+    """
+    if step < 0:
+        path.unlink()
+        return
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns, rows = reader.fieldnames or [], [r for r in reader if r["step"] and int(r["step"]) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)

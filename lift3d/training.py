@@ -28,11 +28,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import lift3d
-from lift3d.checkpoint import (CheckpointError, load_lifted, load_state_dict_checked, save_diffusers_folder, save_lifted,
-                               save_volumetric)
-from lift3d.config import TrainConfig
+from lift3d.checkpoint import (CheckpointError, load_lifted, load_state_dict_checked, read_safetensors,
+                               save_diffusers_folder, save_lifted, save_volumetric)
+from lift3d.config import TrainConfig, validate
 from lift3d.data.dataset import stack_items
 from lift3d.plugins import create
+from lift3d.tracking import drop_rows_after
+from lift3d.training_state import (TRAINER_STATE, check_checkpoint_files, load_training_state, read_trainer_state,
+                                   save_training_state)
 
 logger = logging.getLogger("lift3d.training")
 
@@ -43,7 +46,7 @@ VAL_SEED = 1234
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; training stopped and the last good checkpoint was kept."""
+    """The loss or the weights became NaN or inf; training stopped, the checkpoints already written were kept."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,7 +94,10 @@ def load_unet2d(folder: str | os.PathLike) -> nn.Module:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder} is not a diffusers model folder: config.json is missing")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON ({exc})") from None
     name = config.get("_class_name")
     cls = getattr(diffusers, name or "", None)
     if cls is None:
@@ -99,10 +105,8 @@ def load_unet2d(folder: str | os.PathLike) -> nn.Module:
     weights = folder / "diffusion_pytorch_model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{folder} has no diffusion_pytorch_model.safetensors (lift3d reads safetensors only)")
-    from safetensors.torch import load_file
-
     model = cls.from_config(config)
-    load_state_dict_checked(model, load_file(str(weights)), f"weights in {folder}")
+    load_state_dict_checked(model, read_safetensors(weights)[0], f"weights in {folder}")
     return model
 
 
@@ -308,30 +312,53 @@ def diffusion_loss(unet, noise_scheduler, latents: Tensor, source_latents: Tenso
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete training-state checkpoints, oldest first (temp folders are never listed)."""
-    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "trainer_state.json").is_file()]
+    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
+             if (p / TRAINER_STATE).is_file() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path:
-    """``save_state`` into a temp folder, then a rename: a crash never leaves a half checkpoint."""
+@dataclass
+class TrainingState:
+    """Everything a checkpoint restores, as :mod:`lift3d.training_state` writes it (no pickle)."""
+
+    model: nn.Module
+    optimizer: Any
+    lr_scheduler: Any
+    ema: Any = None
+    scaler: Any = None
+
+
+def check_weights_finite(params: list[nn.Parameter], step: int) -> None:
+    bad = sum(int(not torch.isfinite(p).all()) for p in params)
+    if bad:
+        raise NonFiniteLossError(f"{bad} trained weight tensor(s) hold NaN or inf at step {step}; stopped without "
+                                 "saving them (lower optim.learning_rate, or try mixed_precision = 'no')")
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, state: TrainingState,
+                    loss: float | None = None) -> Path:
+    """Write the training state into a temp folder, then rename: a crash never leaves a half checkpoint."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = output_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    save_training_state(tmp, model=accelerator.unwrap_model(state.model), optimizer=state.optimizer,
+                        lr_scheduler=state.lr_scheduler, ema=state.ema, scaler=state.scaler, step=step, loss=loss,
+                        is_main_process=accelerator.is_main_process, process_index=accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
 def resolve_resume(cfg: TrainConfig, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from; every file in it is checked before anything is written."""
     if not cfg.run.resume:
         return None
     if cfg.run.resume == "latest":
@@ -339,11 +366,14 @@ def resolve_resume(cfg: TrainConfig, output_dir: Path) -> Path | None:
         if not found:
             logger.warning("run.resume = 'latest' but %s holds no checkpoint; starting from scratch", output_dir)
             return None
-        return found[-1]
-    path = Path(cfg.run.resume)
-    if not (path / "trainer_state.json").is_file():
-        raise CheckpointError(f"run.resume = {cfg.run.resume!r} is not a complete lift3d checkpoint folder "
-                              "(no trainer_state.json); use 'latest' or a checkpoint-<step> folder")
+        path = found[-1]
+    else:
+        path = Path(cfg.run.resume)
+        if not (path / TRAINER_STATE).is_file():
+            raise CheckpointError(f"run.resume = {cfg.run.resume!r} is not a complete lift3d checkpoint folder "
+                                  f"(no {TRAINER_STATE}); use 'latest' or a checkpoint-<step> folder")
+    check_checkpoint_files(path)
+    read_trainer_state(path)
     return path
 
 
@@ -457,20 +487,39 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path):
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Run one stage as configured; returns the exported model folder."""
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
+    """Run one stage as configured; returns the exported model folder.
 
-    # Inputs first (data, autoencoder, pretrained U-Net): a bad one fails before output_dir exists.
+    Every input (options, data, autoencoder, pretrained U-Net, sampler, resume checkpoint) is
+    checked before ``output_dir`` is touched. If the run then fails before its first checkpoint,
+    a folder it created is removed again, so a refused run leaves nothing behind.
+    """
+    from accelerate.utils import set_seed
+
+    validate(cfg)
     set_seed(cfg.run.seed)
     dataset = create("datasets", cfg.data.dataset, split="train", **cfg.data.options)
     autoencoder = build_autoencoder(cfg)
     sample = dataset[0].source
     sample_size = sample.shape[-1] // autoencoder.downsampling_factor
     unet = build_unet(cfg, autoencoder, sample_size)
-
+    sampler_name = cfg.diffusion.timestep_sampler or ("uniform-slice" if cfg.run.stage == "slices" else "make-a-volume")
+    sampler = create("timestep_samplers", sampler_name)
     output_dir = Path(cfg.run.output_dir)
+    resume_from = resolve_resume(cfg, output_dir)
+
+    created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train(cfg, dataset, autoencoder, unet, sampler, output_dir, resume_from)
+    except Exception as exc:
+        if created and not isinstance(exc, NonFiniteLossError) and not list_checkpoints(output_dir):
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+
+
+def _train(cfg: TrainConfig, dataset, autoencoder, unet, sampler, output_dir: Path, resume_from: Path | None) -> Path:
+    from diffusers.optimization import get_scheduler
+
     accelerator = make_accelerator(cfg, output_dir)
     device = accelerator.device
     autoencoder.to(device)
@@ -478,8 +527,6 @@ def train(cfg: TrainConfig) -> Path:
         autoencoder.to(torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
     unet.to(device)
     noise_scheduler = build_noise_scheduler(cfg)
-    sampler_name = cfg.diffusion.timestep_sampler or ("uniform-slice" if cfg.run.stage == "slices" else "make-a-volume")
-    sampler = create("timestep_samplers", sampler_name)
     encoder = LatentEncoder(autoencoder, cache=cfg.autoencoder.cache_latents)
 
     params = trainable_parameters(cfg, unet)
@@ -491,15 +538,14 @@ def train(cfg: TrainConfig) -> Path:
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(params, decay=cfg.optim.ema_decay)
-        accelerator.register_for_checkpointing(ema)
-    accelerator.register_for_checkpointing(lr_scheduler)
     unet, optimizer = accelerator.prepare(unet, optimizer)
+    state = TrainingState(unet, optimizer, lr_scheduler, ema, accelerator.scaler)
 
     step = 0
-    resume_from = resolve_resume(cfg, output_dir)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
+        step = load_training_state(resume_from, model=accelerator.unwrap_model(unet), optimizer=optimizer,
+                                   lr_scheduler=lr_scheduler, ema=ema, scaler=accelerator.scaler,
+                                   process_index=accelerator.process_index)
         accelerator.print(f"lift3d: resumed from {resume_from} at step {step}")
 
     view = IndexedView(build_view(cfg, dataset))
@@ -509,9 +555,11 @@ def train(cfg: TrainConfig) -> Path:
     loader = torch.utils.data.DataLoader(view, batch_sampler=_PlannedBatches(plan, step * accum, remaining),
                                          collate_fn=stack_items, num_workers=cfg.data.num_workers)
 
-    stale_log = output_dir / "logs" / "metrics.csv"
-    if resume_from is None and accelerator.is_main_process and stale_log.is_file():
-        stale_log.unlink()  # a fresh run in an old folder starts a fresh log; a resumed run appends
+    log_file = output_dir / "logs" / "metrics.csv"
+    if accelerator.is_main_process and log_file.is_file():
+        # A fresh run in an old folder starts a fresh log; a resumed run drops the rows logged after
+        # its checkpoint (they are logged again), then appends.
+        drop_rows_after(log_file, step if resume_from is not None else -1)
     accelerator.init_trackers("logs", config={k: json.dumps(v) for k, v in cfg.to_dict().items()})
     if step == 0:
         val = fixed_volume_loss(accelerator.unwrap_model(unet), noise_scheduler, encoder, dataset, cfg, device)
@@ -522,6 +570,7 @@ def train(cfg: TrainConfig) -> Path:
     unet.train()
     conditioning = cfg.model.conditioning == "concat"
     window_losses: list[float] = []
+    last_logged: float | None = None
     tic = time.perf_counter()
     micro = step * accum
     for batch in loader:
@@ -548,13 +597,15 @@ def train(cfg: TrainConfig) -> Path:
         progress.update(1)
         if step % cfg.run.log_every == 0 or step == cfg.run.max_steps:
             elapsed = time.perf_counter() - tic
-            logs = {"loss": sum(window_losses) / len(window_losses), "lr": lr_scheduler.get_last_lr()[0],
+            last_logged = sum(window_losses) / len(window_losses)
+            logs = {"loss": last_logged, "lr": lr_scheduler.get_last_lr()[0],
                     "steps_per_s": (len(window_losses) / accum) / max(elapsed, 1e-9)}
             accelerator.log(logs, step=step)
             progress.set_postfix(loss=f"{logs['loss']:.4f}")
             window_losses, tic = [], time.perf_counter()
         if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
-            save_checkpoint(accelerator, output_dir, step, cfg.run.checkpoints_keep)
+            check_weights_finite(params, step)
+            save_checkpoint(accelerator, output_dir, step, cfg.run.checkpoints_keep, state, last_logged)
     progress.close()
 
     accelerator.wait_for_everyone()
@@ -579,6 +630,13 @@ def check_finite(accelerator, loss: Tensor, step: int, output_dir: Path) -> None
     values = accelerator.gather(loss.detach()[None])
     if not torch.isfinite(values).all():
         found = list_checkpoints(output_dir)
-        kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint had been saved yet"
-        raise NonFiniteLossError(f"training loss became {values.tolist()} at step {step + 1}; stopped. {kept} "
-                                 "(lower optim.learning_rate, check the data for NaN, or try mixed_precision = 'no')")
+        if found:
+            saved = read_trainer_state(found[-1])
+            last = saved.get("last_logged_loss")
+            kept = (f"the newest checkpoint is {found[-1]} (step {saved['step']}, last logged loss "
+                    f"{'unknown' if last is None else f'{last:.6g}'}; if that loss was already climbing, resume "
+                    "from an older run or restart)")
+        else:
+            kept = "no checkpoint had been saved yet"
+        raise NonFiniteLossError(f"training loss became {values.tolist()} at step {step + 1}; stopped. {kept}. "
+                                 "Lower optim.learning_rate, check the data for NaN, or try mixed_precision = 'no'")

@@ -96,11 +96,14 @@ KILLER = textwrap.dedent("""
 
     original = T.save_checkpoint
 
-    def save_then_die(accelerator, output_dir, step, keep):
+    def save_then_die(accelerator, output_dir, step, keep, state, loss=None):
         if step == 4:  # killed while writing: the temp folder exists, the rename never happens
-            accelerator.save_state(str(output_dir / f".tmp-checkpoint-{step}"))
+            tmp = output_dir / f".tmp-checkpoint-{step}"
+            tmp.mkdir()
+            T.save_training_state(tmp, model=state.model, optimizer=state.optimizer, lr_scheduler=state.lr_scheduler,
+                                  step=step, loss=loss)
             os.kill(os.getpid(), signal.SIGKILL)
-        return original(accelerator, output_dir, step, keep)
+        return original(accelerator, output_dir, step, keep, state, loss)
 
     T.save_checkpoint = save_then_die
     sys.exit(main(sys.argv[1:]))
@@ -149,6 +152,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     assert clean.returncode == 0, clean.stderr[-2000:]
     assert max_diff(weights(tmp_path / "killed" / "model"), weights(tmp_path / "clean" / "model")) <= 1e-5
     assert [p.name for p in list_checkpoints(tmp_path / "clean")] == ["checkpoint-4", "checkpoint-6"]  # keeps 2
+    # The rows logged between the checkpoint and the kill are not kept twice.
+    steps = lambda out: [(r["step"], bool(r["loss"])) for r in losses(out)]  # noqa: E731
+    assert steps(tmp_path / "killed") == steps(tmp_path / "clean")
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
