@@ -6,6 +6,10 @@ makes them. Panels per row: in-plane ``v[n // 2]`` (h vertical), then ``v[:, h /
 ``v[:, :, w // 2]`` with the slice axis vertical; every panel is drawn with index 0 at the bottom
 left (``origin="lower"``). For axial slices of a canonical (RAS) image that is axial (anterior up),
 coronal and sagittal (superior up), with the patient's right on the right.
+
+Below the volumes come ``|error|`` rows and, for predictions that are the mean of several samples,
+rows of their per-voxel standard deviation (the uncertainty map of
+:func:`lift3d.synthesis.synthesize_posterior`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ PLANE_NAMES = ("axial", "coronal", "sagittal")
 # Grey levels clip the rarest 0.5 % at each end so a few bright voxels do not darken the panel.
 DISPLAY_PERCENTILES = (0.5, 99.5)
 PANEL_INCHES = 2.4
+ERROR_CMAP, STD_CMAP = "hot", "viridis"
 
 
 def _mid_planes(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,6 +58,32 @@ def _error_pairs(
     return pairs  # type: ignore[return-value]
 
 
+def _uncertainty_rows(
+    uncertainty: Mapping[str, np.ndarray] | None, arrays: Mapping[str, np.ndarray], pairs: list[tuple[str, str]]
+) -> tuple[dict[str, np.ndarray], str]:
+    """``std(name)`` -> the std map on the metrics' [0, 255] scale where ``name`` has a target in
+    ``pairs`` (the scale of the error rows), else in its own units; and the colourbar label."""
+    if not uncertainty:
+        return {}, ""
+    targets = dict(reversed(pairs))  # the first pair naming a prediction wins, as for grey levels
+    rows, scaled = {}, []
+    for name, std in uncertainty.items():
+        if name not in arrays:
+            raise KeyError(f"uncertainty names '{name}', which is not in volumes; available: {', '.join(arrays)}")
+        std = np.asarray(std, dtype=np.float64)
+        if std.shape != arrays[name].shape:
+            raise ValueError(f"the std map of '{name}' has shape {std.shape} but '{name}' has {arrays[name].shape}; "
+                             "they must match")
+        if name in targets:
+            target = arrays[targets[name]]
+            lo, hi = float(target.min()), float(target.max())
+            std = std * (DATA_RANGE / (hi - lo)) if hi > lo else std
+        scaled.append(name in targets)
+        rows[f"std({name})"] = std
+    label = "std, 0-255 scale" if all(scaled) else "std" if not any(scaled) else "std (0-255 where paired)"
+    return rows, label
+
+
 def _display_range(volume: np.ndarray) -> tuple[float, float]:
     lo, hi = (float(v) for v in np.percentile(volume, DISPLAY_PERCENTILES))
     return (lo, hi) if hi > lo else (lo, lo + 1.0)
@@ -64,11 +95,13 @@ def save_orthogonal_views(
     *,
     title: str | None = None,
     error_of: tuple[str, str] | Sequence[tuple[str, str]] | None = ("prediction", "target"),
+    uncertainty: Mapping[str, np.ndarray] | None = None,
     spacing: Sequence[float] | None = None,
     plane_names: Sequence[str] = PLANE_NAMES,
     dpi: int = 100,
 ) -> Figure:
-    """Write a PNG with one row per volume, then one ``|error|`` row per ``error_of`` pair.
+    """Write a PNG with one row per volume, one ``|error|`` row per ``error_of`` pair, then one
+    ``std`` row per ``uncertainty`` map.
 
     :param volumes: name -> ``(n, h, w)`` array, all the same shape; rows follow this order.
     :param error_of: a ``(prediction, target)`` pair of names in ``volumes``, a list of such
@@ -76,9 +109,13 @@ def save_orthogonal_views(
         other rows (a source modality) get their own. The error is ``|pred - target|`` on the
         metrics' [0, 255] scale (:func:`lift3d.metrics.scale_to_target_range`), hot colormap,
         one colour scale shared by all error rows, with a colourbar.
+    :param uncertainty: prediction name (in ``volumes``) -> its per-voxel standard deviation
+        ``(n, h, w)`` over samples. Drawn as ``std(name)`` rows (viridis, one colour scale shared by
+        all of them, with a colourbar), on the same [0, 255] scale as the error rows where the
+        prediction is in an ``error_of`` pair (std x 255 / the target's range), else in its units.
     :param spacing: voxel size ``(slice, row, column)``, e.g. in mm, for true panel aspect.
     :param plane_names: column titles for the in-plane view and the two through-plane views.
-    :returns: the figure (three image axes per row, plus one colourbar axes per error row).
+    :returns: the figure (three image axes per row, plus one colourbar axes per error or std row).
     The file is written to a temporary name in the same folder, then renamed over ``path``.
     """
     names = list(volumes)
@@ -110,13 +147,17 @@ def save_orthogonal_views(
         errors[f"|{prediction} - {target}|"] = np.abs(pred_scaled - target_scaled)
     error_max = max((float(np.percentile(e, 99.5)) for e in errors.values()), default=0.0)
     error_max = error_max if error_max > 0 else DATA_RANGE / 100
+    stds, std_label = _uncertainty_rows(uncertainty, arrays, pairs)
+    std_max = max((float(np.percentile(std, 99.5)) for std in stds.values()), default=0.0)
+    std_max = std_max if std_max > 0 else max((float(std.max()) for std in stds.values()), default=0.0) or 1.0
 
     s_slice, s_row, s_col = spacing
     # imshow aspect = height / width of one pixel.
     aspects = (s_row / s_col, s_slice / s_col, s_slice / s_row)
 
-    rows = [(name, arrays[name], "gray", grey_range[name]) for name in names]
-    rows += [(name, error, "hot", (0.0, error_max)) for name, error in errors.items()]
+    rows = [(name, arrays[name], "gray", grey_range[name], None) for name in names]
+    rows += [(name, error, ERROR_CMAP, (0.0, error_max), "0-255 scale") for name, error in errors.items()]
+    rows += [(name, std, STD_CMAP, (0.0, std_max), std_label) for name, std in stds.items()]
     # Size columns by the panels' physical widths so a thin through-plane view wastes no space.
     n, h, w = shape
     row_height = max(h * s_row, n * s_slice)
@@ -124,9 +165,9 @@ def save_orthogonal_views(
     figsize = (PANEL_INCHES * sum(widths) + 1.4, PANEL_INCHES * len(rows) + (0.5 if title else 0.3))
     fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
-    # A narrow fourth column holds the error colourbars, so every row's panels line up.
+    # A narrow fourth column holds the error and std colourbars, so every row's panels line up.
     grid = fig.add_gridspec(len(rows), 4, width_ratios=(*widths, 0.08))
-    for row_index, (name, volume, cmap, (vmin, vmax)) in enumerate(rows):
+    for row_index, (name, volume, cmap, (vmin, vmax), bar_label) in enumerate(rows):
         image = None
         for column, plane in enumerate(_mid_planes(volume)):
             ax = fig.add_subplot(grid[row_index, column])
@@ -138,9 +179,9 @@ def save_orthogonal_views(
                 ax.set_title(plane_names[column])
             if column == 0:
                 ax.set_ylabel(name)
-        if cmap == "hot":
+        if bar_label is not None:
             colourbar = fig.colorbar(image, cax=fig.add_subplot(grid[row_index, 3]))
-            colourbar.set_label("0-255 scale", fontsize="small")
+            colourbar.set_label(bar_label, fontsize="small")
     if title:
         fig.suptitle(title)
 

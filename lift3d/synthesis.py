@@ -10,19 +10,26 @@ Volumes longer than the model was fine-tuned on are denoised in overlapping wind
 the U-Net runs on each window and the noise predictions are blended with weights that ramp down
 towards inner window edges, then one scheduler step updates the whole volume. (Overwriting the
 overlap instead, as the authors' code does, leaves seams where a window's border slices meet.)
+
+:func:`synthesize_posterior` draws several samples per source and returns their mean and per-voxel
+standard deviation (an uncertainty map); samples are batched through the U-Net together, each
+with its own seed (:func:`sample_seed`). ``noise_correlation`` gives every slice's noise a shared
+component, so the slices of a volume start (and, with DDPM, are perturbed) alike.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
+import dataclasses
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 from einops import rearrange
 from torch import Tensor, nn
@@ -31,7 +38,10 @@ from tqdm.auto import tqdm
 import lift3d
 from lift3d.autoencoding import decode_volume, encode_volume
 from lift3d.checkpoint import SETTINGS_FILE, CheckpointError, load_lifted, read_settings
+from lift3d.data.intensity import IntensityScaling
+from lift3d.data.nifti import save_volume
 from lift3d.data.resample import check_in_plane_size
+from lift3d.data.volume import VolumeMeta
 from lift3d.plugins import create
 from lift3d.training import TRAINING_SETTINGS, load_unet2d
 
@@ -375,10 +385,136 @@ def check_clip_x0(model: SynthesisModel) -> None:
                          f"{factor}), whose values are not bounded by [-1, 1]")
 
 
-def synthesize(
+# --------------------------------------------------------------------------------------------
+# Several samples, correlated noise
+
+
+@dataclass
+class PosteriorEstimate:
+    """What :func:`synthesize_posterior` returns, on the same ``[-1, 1]`` scale as the source.
+
+    :param mean: the mean of the samples ``(b, c, n, h, w)``; with one sample, that sample.
+    :param std: the per-voxel sample standard deviation (Bessel-corrected, ``K - 1`` in the
+        denominator) of the samples, same shape; None for a single sample.
+    :param samples: how many samples were drawn per source volume.
+    """
+
+    mean: Tensor
+    std: Tensor | None
+    samples: int
+
+
+def sample_seed(seed: int, k: int) -> int:
+    """The seed of sample ``k`` of a run seeded with ``seed``.
+
+    Sample 0 uses ``seed`` itself, so one sample is exactly what a single-sample run gives.
+    Sample ``k >= 1`` uses ``numpy.random.SeedSequence([seed mod 2**64, k]).generate_state(1,
+    uint64)[0]``: a hash of the pair, so runs with seeds 0 and 1 share no sample (``seed + k``
+    would make sample 1 of seed 0 equal sample 0 of seed 1).
+    """
+    if k == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed) % 2**64, int(k)]).generate_state(1, np.uint64)[0])
+
+
+def correlate_slices(noise: Tensor, rho: float) -> Tensor:
+    """Independent N(0, 1) ``noise`` ``(b, c, n, h, w)`` -> noise whose slices correlate by ``rho``.
+
+    Every voxel stays N(0, 1); two slices of a volume correlate by ``rho`` at the same (c, h, w),
+    the covariance ``x_k = sqrt(rho) * shared + sqrt(1 - rho) * own_k`` gives. It is made from the
+    draw itself by that covariance's symmetric square root, ``x = sqrt(1 - rho) z +
+    (sqrt(1 - rho + rho n) - sqrt(1 - rho)) mean_k z``, so it needs no extra random numbers and is
+    linear in ``z`` (which lets it act on DDPM's step noise, see :func:`_ddpm_step`). ``rho = 1``
+    gives every slice the same noise; ``rho = 0`` returns ``noise`` unchanged.
+    """
+    if rho == 0:
+        return noise
+    n = noise.shape[2]
+    own = math.sqrt(1.0 - rho)
+    shared = math.sqrt(1.0 - rho + rho * n) - own
+    return own * noise + shared * noise.mean(dim=2, keepdim=True)
+
+
+def check_sampling_options(samples: int = 1, sample_batch: int | None = None, noise_correlation: float = 0.0) -> None:
+    """The ranges :func:`synthesize_posterior` accepts, as one clear :class:`ValueError`."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive integer (1 = a single sample), got {samples!r}")
+    if sample_batch is not None and (isinstance(sample_batch, bool) or not isinstance(sample_batch, int)
+                                     or sample_batch < 1):
+        raise ValueError(f"sample_batch must be a positive integer or None (all samples at once), got {sample_batch!r}")
+    if (isinstance(noise_correlation, bool) or not isinstance(noise_correlation, (int, float))
+            or not 0.0 <= noise_correlation <= 1.0):
+        raise ValueError(f"noise_correlation must be a number from 0 (independent noise per slice) to 1 (the same "
+                         f"noise in every slice), got {noise_correlation!r}")
+
+
+def _ddpm_step(sampler, eps: Tensor, t: Tensor, latents: Tensor, generators: Sequence[torch.Generator],
+               rho: float) -> Tensor:
+    """One DDPM step with sample ``k``'s added noise drawn from ``generators[k]`` (rows
+    ``k*b:(k+1)*b`` of the batch), correlated across slices by ``rho``.
+
+    diffusers' ``DDPMScheduler.step`` (0.42) draws its noise inside, from ``generator``, and takes
+    no ``variance_noise``. The step is ``mean(x_t, eps) + sigma_t z``, linear in ``z``, and a zero
+    input has a zero mean (x0 clipping leaves 0 alone), so the same step on zeros with a copy of
+    the generator returns exactly the noise it added, ``sigma_t z``, which is then swapped for
+    ``sigma_t correlate_slices(z)``. The step keeps no state, so it may run per sample.
+    """
+    b = latents.shape[0] // len(generators)
+    out = []
+    for k, generator in enumerate(generators):
+        rows = slice(k * b, (k + 1) * b)
+        probe = torch.Generator().set_state(generator.get_state()) if rho else None
+        prev = sampler.step(eps[rows], t, latents[rows], generator=generator).prev_sample
+        if probe is not None:
+            added = sampler.step(torch.zeros_like(eps[rows]), t, torch.zeros_like(latents[rows]),
+                                 generator=probe).prev_sample
+            prev = prev - added + correlate_slices(added, rho)
+        out.append(prev)
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def _denoise_samples(model: SynthesisModel, condition: Tensor | None, latent_shape: torch.Size, seeds: Sequence[int],
+                     *, scheduler: str, steps: int | None, clip_x0: bool, windows: list[tuple[int, Tensor]] | None,
+                     slice_wise: bool, rho: float, bar: tqdm) -> list[Tensor]:
+    """Denoise one batch of samples (one seed each) of the ``b`` sources together; returns each
+    sample's decoded ``(b, c, n, h, w)`` volume in [-1, 1]."""
+    device = model.device
+    sampler = make_scheduler(scheduler, model.scheduler_config, steps, device=device, clip_x0=clip_x0)
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    # Drawn on the CPU, so the same seed gives the same noise on every device.
+    noise = [correlate_slices(torch.randn(latent_shape, generator=g), rho) for g in generators]
+    latents = (noise[0] if len(noise) == 1 else torch.cat(noise)).to(device) * sampler.init_noise_sigma
+    if condition is not None and len(seeds) > 1:
+        condition = condition.repeat(len(seeds), *([1] * (condition.ndim - 1)))  # sample-major, like latents
+    from diffusers import DDPMScheduler
+
+    # DDIM (eta = 0, as called here) and DPM-Solver++ add no noise after the start; DDPM adds some
+    # at every step, from each sample's own generator.
+    stochastic = isinstance(sampler, DDPMScheduler)
+    for t in sampler.timesteps:
+        model_in = sampler.scale_model_input(latents, t)
+        if windows is None:
+            eps = predict_noise(model, model_in, condition, t, slice_wise)
+        else:
+            eps = predict_noise_windowed(model, model_in, condition, t, windows, slice_wise)
+        if stochastic:
+            latents = _ddpm_step(sampler, eps, t, latents, generators, rho)
+        else:
+            latents = sampler.step(eps, t, latents).prev_sample
+        bar.update(1)
+    ae_dtype = getattr(model.autoencoder, "dtype", None) or model.dtype
+    b = latent_shape[0]
+    return [decode_volume(model.autoencoder, part.to(ae_dtype)).float().clamp_(-1.0, 1.0)
+            for part in latents.split(b)]
+
+
+@torch.no_grad()
+def synthesize_posterior(
     model: SynthesisModel,
     source: Tensor,
     *,
+    samples: int = 8,
+    sample_batch: int | None = None,
     scheduler: str = "ddim",
     steps: int | None = None,
     seed: int = 0,
@@ -386,15 +522,26 @@ def synthesize(
     overlap: int | None = None,
     slice_wise: bool = False,
     clip_x0: bool = False,
+    noise_correlation: float = 0.0,
     progress: bool | None = True,
-) -> Tensor:
-    """Synthesise the target modality for ``source`` ``(b, c, n, h, w)`` in [-1, 1]; same shape out.
+) -> PosteriorEstimate:
+    """Draw ``samples`` syntheses of ``source`` ``(b, c, n, h, w)`` in [-1, 1]; their mean and std.
 
+    The mean of K samples scores better on PSNR and SSIM than one sample (the target's own noise
+    cannot be predicted, and the mean does not invent any); the std shows where the model is
+    unsure. :func:`synthesize` is this function's mean, with one sample by default.
+
+    :param samples: K, the number of samples per source volume.
+    :param sample_batch: how many samples go through the U-Net together (None: all K). Batching
+        is faster where the device has room; a smaller batch needs less memory. If a batch runs
+        out of memory it is halved and retried (down to 1), with a warning.
     :param scheduler: ``ddpm`` (1000 steps by default), ``ddim`` (200, the paper's) or ``dpm``
         (DPM-Solver++, 25).
     :param steps: inference steps; None = the scheduler's default.
     :param seed: seeds the initial noise (drawn on the CPU, so it is the same on every device) and
-        any noise the sampler adds; the same seed gives the same volume.
+        any noise the sampler adds; the same seed gives the same volume. Sample ``k`` is seeded
+        with :func:`sample_seed` ``(seed, k)``, sample 0 with ``seed`` itself, so the result does
+        not depend on ``sample_batch`` beyond float rounding.
     :param window: denoise in windows of this many slices. None: whole volumes, unless a lifted
         model gets more slices than ``model.max_slices`` (then windows of that size); 0: never.
     :param overlap: slices shared by neighbouring windows (default ``window // 4``, at least 1).
@@ -404,17 +551,22 @@ def synthesize(
         models (an autoencoder with downsampling factor 1), whose data lie in [-1, 1]. An epsilon
         model in pixel space with little training can diverge without it (whole slices end at
         -1 or +1); a v-prediction model rarely needs it.
+    :param noise_correlation: rho in [0, 1]: the noise of any two slices of a volume correlates by
+        rho, each voxel's noise staying N(0, 1) (:func:`correlate_slices`). It applies to the
+        initial noise, and with ``ddpm`` to the noise added at every step; DDIM and DPM-Solver++
+        add none after the start. 0 (the default): independent noise per slice, as in training.
     :param progress: show a tqdm bar over the denoising steps (None: only on a terminal).
 
     With ``conditioning = "none"`` (plain volume generation) the source only sets the shape.
     """
+    check_sampling_options(samples, sample_batch, noise_correlation)
     _check_source(model, source)
     b, _, n, h, w = source.shape
     windowing = resolve_window(model, n, window, overlap, slice_wise)
-    device = model.device
     if clip_x0:
         check_clip_x0(model)
-    sampler = make_scheduler(scheduler, model.scheduler_config, steps, device=device, clip_x0=clip_x0)
+    sampler = make_scheduler(scheduler, model.scheduler_config, steps, clip_x0=clip_x0)  # checks name and steps
+    device = model.device
     ae_dtype = getattr(model.autoencoder, "dtype", None) or model.dtype
     condition = None
     if model.conditioning == "concat":
@@ -423,17 +575,64 @@ def synthesize(
     else:
         f = model.autoencoder.downsampling_factor
         latent_shape = torch.Size((b, model.latent_channels, n, h // f, w // f))
-    generator = torch.Generator().manual_seed(int(seed))
-    latents = torch.randn(latent_shape, generator=generator).to(device) * sampler.init_noise_sigma
-    step_kwargs = {"generator": generator} if "generator" in inspect.signature(sampler.step).parameters else {}
     windows = None if windowing is None else window_weights(n, *windowing)
-    for t in tqdm(sampler.timesteps, desc=f"{scheduler} sampling", disable=None if progress is None else not progress,
-                  dynamic_ncols=True):
-        model_in = sampler.scale_model_input(latents, t)
-        if windows is None:
-            eps = predict_noise(model, model_in, condition, t, slice_wise)
-        else:
-            eps = predict_noise_windowed(model, model_in, condition, t, windows, slice_wise)
-        latents = sampler.step(eps, t, latents, **step_kwargs).prev_sample
-    image = decode_volume(model.autoencoder, latents.to(ae_dtype)).float()
-    return image.clamp_(-1.0, 1.0)
+    seeds = [sample_seed(seed, k) for k in range(samples)]
+    batch = samples if sample_batch is None else min(sample_batch, samples)
+    num_steps = len(sampler.timesteps)
+    desc = f"{scheduler} sampling" + (f", {samples} samples" if samples > 1 else "")
+    drawn: list[Tensor] = []
+    with tqdm(total=num_steps * samples, desc=desc, disable=None if progress is None else not progress,
+              dynamic_ncols=True) as bar:
+        while len(drawn) < samples:
+            chunk = seeds[len(drawn):len(drawn) + batch]
+            done = bar.n
+            try:
+                drawn += _denoise_samples(model, condition, latent_shape, chunk, scheduler=scheduler, steps=steps,
+                                          clip_x0=clip_x0, windows=windows, slice_wise=slice_wise,
+                                          rho=float(noise_correlation), bar=bar)
+            except torch.OutOfMemoryError:
+                if len(chunk) == 1:
+                    raise
+                batch = len(chunk) // 2
+                logger.warning("out of memory denoising %d samples together; retrying %d at a time (set "
+                               "sample_batch / --sample-batch to start there)", len(chunk), batch)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                bar.update(done - bar.n)
+    if samples == 1:
+        return PosteriorEstimate(drawn[0], None, 1)
+    std, mean = torch.std_mean(torch.stack(drawn), dim=0, correction=1)
+    return PosteriorEstimate(mean, std, samples)
+
+
+def synthesize(model: SynthesisModel, source: Tensor, *, samples: int = 1, **options: Any) -> Tensor:
+    """Synthesise the target modality for ``source`` ``(b, c, n, h, w)`` in [-1, 1]; same shape out.
+
+    One sample by default; with ``samples = K`` the mean of K. ``options`` are those of
+    :func:`synthesize_posterior` (``scheduler``, ``steps``, ``seed``, ``window``, ``overlap``,
+    ``slice_wise``, ``clip_x0``, ``sample_batch``, ``noise_correlation``, ``progress``), which also
+    returns the samples' per-voxel std.
+    """
+    return synthesize_posterior(model, source, samples=samples, **options).mean
+
+
+# --------------------------------------------------------------------------------------------
+# Writing the uncertainty map
+
+
+def save_std_volume(path: str | os.PathLike, std: Any, meta: VolumeMeta) -> Path:
+    """Write a std map ``(n, h, w)`` (on the [-1, 1] scale of the synthesis) as NIfTI on the source's grid.
+
+    Like :func:`lift3d.data.save_volume` for the mean, with one difference: a standard deviation
+    is a scale, not an intensity, so it is multiplied by the slope of the source's intensity map,
+    ``(high - low) / 2``, and the offset ``low`` is not added. It is resampled back linearly, as
+    the mean is, which keeps it non-negative.
+    """
+    half_range = (meta.intensity.high - meta.intensity.low) / 2.0
+    # save_volume maps v -> (v + 1) * (high' - low') / 2 + low'; with low' = -2 half_range and
+    # high' = 2 half_range that is v * 2 half_range, so std / 2 comes out as std * half_range.
+    # Halving keeps a Bessel-corrected std (up to sqrt(2) for values in [-1, 1]) clear of the
+    # [-1, 1] clip save_volume applies.
+    scale_only = IntensityScaling(-2.0 * half_range, 2.0 * half_range, meta.intensity.percentiles)
+    array = std.detach().cpu().float() / 2.0 if isinstance(std, Tensor) else np.asarray(std, dtype=np.float32) / 2.0
+    return save_volume(path, array, dataclasses.replace(meta, intensity=scale_only))

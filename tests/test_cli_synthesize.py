@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lift3d
-from lift3d.cli.synthesize import OUTPUT_SUFFIX, main
+from lift3d.cli.synthesize import OUTPUT_SUFFIX, STD_DIR, STD_SUFFIX, main
 from lift3d.config import TrainConfig
 from lift3d.training import build_autoencoder, build_noise_scheduler, export_model, new_unet2d
 
@@ -110,10 +110,12 @@ def test_help_explains_every_option(capsys):
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for option in ("--model", "--source", "--out", "--scheduler", "--steps", "--seed", "--window", "--overlap",
-                   "--slice-wise", "--device", "--dtype", "--num-slices", "--size"):
+                   "--slice-wise", "--device", "--dtype", "--num-slices", "--size", "--samples", "--sample-batch",
+                   "--noise-correlation"):
         assert option in text
     for words in ("ddpm", "ddim", "dpm", "200 for ddim", "25 for dpm", "1000 for ddpm", "'native'",
-                  "w/o volumetric layers", "affine"):
+                  "w/o volumetric layers", "affine", f"{STD_DIR}/<name>{STD_SUFFIX}", "uncertainty map",
+                  "(seed, k)", "sqrt(RHO) x shared + sqrt(1 - RHO) x own-per-slice"):
         assert words in text
 
 
@@ -190,3 +192,67 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, model_folder, tmp
     if case == "forced size not a multiple":
         assert "nearest valid sizes: 14 or 16" in lines[0]
     assert "synth" not in " ".join(p.name for p in tmp_path.rglob("*"))
+
+
+def _synth(model_folder, source, out, capsys, *extra):
+    code, stdout, stderr = run(["--model", model_folder, "--source", source, "--out", out, "--steps", 2, *extra],
+                               capsys)
+    assert code == 0, stderr
+    return stdout
+
+
+def test_samples_write_the_mean_and_a_std_map_on_the_source_grid(model_folder, tmp_path, capsys):
+    source = write_source(tmp_path / "sub-01_T1.nii.gz")
+    one = tmp_path / "one"
+    _synth(model_folder, source, one, capsys, "--samples", 1)
+    assert sorted(p.name for p in one.iterdir()) == [f"sub-01_T1{OUTPUT_SUFFIX}"]  # no std map for one sample
+    out = tmp_path / "three"
+    stdout = _synth(model_folder, source, out, capsys, "--samples", 3, "--scheduler", "ddpm")
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"sub-01_T1{OUTPUT_SUFFIX}", STD_DIR])
+    assert [p.name for p in (out / STD_DIR).iterdir()] == [f"sub-01_T1{STD_SUFFIX}"]
+    assert "3 samples (3 at a time)" in stdout and "(mean of 3)" in stdout and "s per sample" in stdout
+    mean, std = nib.load(out / f"sub-01_T1{OUTPUT_SUFFIX}"), nib.load(out / STD_DIR / f"sub-01_T1{STD_SUFFIX}")
+    for image in (mean, std):
+        assert image.shape == SHAPE
+        np.testing.assert_allclose(image.affine, AFFINE, atol=1e-5)
+    std_data = std.get_fdata()
+    assert np.isfinite(std_data).all() and std_data.min() >= 0 and std_data.mean() > 1  # source units (0-300)
+    assert not np.allclose(mean.get_fdata(), nib.load(one / f"sub-01_T1{OUTPUT_SUFFIX}").get_fdata())
+    # Batching is a matter of speed only.
+    capped = tmp_path / "capped"
+    _synth(model_folder, source, capped, capsys, "--samples", 3, "--scheduler", "ddpm", "--sample-batch", 1)
+    np.testing.assert_allclose(nib.load(capped / f"sub-01_T1{OUTPUT_SUFFIX}").get_fdata(), mean.get_fdata(),
+                               atol=1e-3)
+    np.testing.assert_allclose(nib.load(capped / STD_DIR / f"sub-01_T1{STD_SUFFIX}").get_fdata(), std_data, atol=1e-3)
+
+
+def test_noise_correlation_changes_the_result_and_zero_changes_nothing(model_folder, tmp_path, capsys):
+    source = write_source(tmp_path / "a.nii.gz")
+    default = _synth(model_folder, source, tmp_path / "default", capsys)
+    _synth(model_folder, source, tmp_path / "zero", capsys, "--noise-correlation", 0)
+    stdout = _synth(model_folder, source, tmp_path / "half", capsys, "--noise-correlation", 0.5)
+    assert "noise correlated across slices by 0.5" in stdout and "correlated" not in default
+
+    def load(name):
+        return nib.load(tmp_path / name / f"a{OUTPUT_SUFFIX}").get_fdata()
+
+    assert np.array_equal(load("default"), load("zero"))
+    assert not np.allclose(load("default"), load("half"))
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--samples", "0", "argument --samples: expected a positive integer, got 0"),
+    ("--sample-batch", "-1", "argument --sample-batch: expected a non-negative integer, got -1"),
+    ("--noise-correlation", "1.5", "argument --noise-correlation: expected a number from 0 (independent slices) "
+                                   "to 1 (the same noise in every slice), got '1.5'"),
+    ("--noise-correlation", "high", "got 'high'"),
+])
+def test_bad_sampling_options_exit_2_with_one_error_line(model_folder, tmp_path, capsys, option, value, message):
+    argv = ["--model", model_folder, "--source", write_source(tmp_path / "a.nii.gz"), "--out", tmp_path / "out",
+            option, value]
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0]
+    assert not (tmp_path / "out").exists()

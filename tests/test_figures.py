@@ -1,5 +1,5 @@
 """Tests for lift3d/figures.py: panel count and layout, mid-planes and their orientation, grey
-levels shared by prediction and target, error rows, atomic PNG writing."""
+levels shared by prediction and target, error rows, std (uncertainty) rows, atomic PNG writing."""
 
 from __future__ import annotations
 
@@ -103,6 +103,37 @@ def test_no_error_rows_when_error_of_is_none(tmp_path):
     assert len(fig.axes) == 3
 
 
+def test_uncertainty_rows_follow_the_error_rows_on_the_metric_scale(tmp_path):
+    vol = volumes()
+    vol = {"source": vol["source"], "slice-wise": vol["prediction"], "lifted": vol["target"] + 1.0,
+           "target": vol["target"]}
+    rng = np.random.default_rng(1)
+    stds = {"slice-wise": rng.uniform(0, 4, SHAPE), "lifted": rng.uniform(0, 2, SHAPE)}
+    fig = draw(tmp_path, vol, error_of=[("slice-wise", "target"), ("lifted", "target")], uncertainty=stds)
+    rows = images_by_row(fig)
+    assert len(rows) == 8
+    assert [row[0].get_ylabel() for row in rows[6:]] == ["std(slice-wise)", "std(lifted)"]
+    assert len(fig.axes) == 8 * 3 + 4  # a colourbar for each error and std row
+    assert {ax.get_ylabel() for ax in fig.axes if not ax.images} == {"0-255 scale", "std, 0-255 scale"}
+    scale = 255 / (vol["target"].max() - vol["target"].min())
+    n, h, w = SHAPE
+    sagittal = rows[6][2].images[0]
+    np.testing.assert_allclose(sagittal.get_array(), stds["slice-wise"][:, :, w // 2] * scale)
+    assert sagittal.get_cmap().name == "viridis"
+    assert rows[6][0].images[0].get_clim() == rows[7][0].images[0].get_clim()
+    assert rows[6][0].images[0].get_clim()[0] == 0.0
+    assert rows[6][0].images[0].get_clim()[1] < rows[4][0].images[0].get_clim()[1]  # not the error rows' scale
+
+
+def test_uncertainty_without_a_target_stays_in_its_own_units(tmp_path):
+    std = np.full(SHAPE, 3.0)
+    fig = draw(tmp_path, {"mean": volumes()["target"]}, error_of=None, uncertainty={"mean": std})
+    rows = images_by_row(fig)
+    assert [row[0].get_ylabel() for row in rows] == ["mean", "std(mean)"]
+    np.testing.assert_array_equal(rows[1][0].images[0].get_array(), std[SHAPE[0] // 2])
+    assert [ax.get_ylabel() for ax in fig.axes if not ax.images] == ["std"]
+
+
 @pytest.mark.parametrize(
     ("vol", "kwargs", "error", "message"),
     [
@@ -111,6 +142,10 @@ def test_no_error_rows_when_error_of_is_none(tmp_path):
         ({"a": np.zeros((3, 3))}, {"error_of": None}, ValueError, r"'a' must be 3D.*\(3, 3\)"),
         ({"a": np.zeros(SHAPE), "b": np.zeros((2, 2, 2))}, {"error_of": None}, ValueError, "'b' has shape"),
         ({"a": np.zeros(SHAPE)}, {"error_of": None, "spacing": (1, 0, 1)}, ValueError, "spacing"),
+        ({"a": np.zeros(SHAPE)}, {"error_of": None, "uncertainty": {"b": np.zeros(SHAPE)}}, KeyError,
+         "uncertainty names 'b'.*available: a"),
+        ({"a": np.zeros(SHAPE)}, {"error_of": None, "uncertainty": {"a": np.zeros((2, 2, 2))}}, ValueError,
+         r"std map of 'a' has shape \(2, 2, 2\) but 'a' has \(9, 12, 10\)"),
     ],
 )
 def test_bad_arguments_name_the_problem(tmp_path, vol, kwargs, error, message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -13,9 +14,14 @@ from lift3d.checkpoint import CheckpointError
 from lift3d.config import TrainConfig
 from lift3d.synthesis import (
     SCHEDULERS,
+    correlate_slices,
     load_synthesis_model,
     make_scheduler,
+    predict_noise,
+    sample_seed,
+    save_std_volume,
     synthesize,
+    synthesize_posterior,
     window_weights,
 )
 from lift3d.training import build_autoencoder, build_noise_scheduler, export_model, new_unet2d
@@ -331,3 +337,161 @@ def test_reduced_precision_runs_and_returns_float32(folders, source):
     assert half.dtype == torch.float32 and (half - full).abs().mean() < 0.02
     with pytest.raises(ValueError, match="Unknown dtype 'float8'; valid: float32, float16, bfloat16"):
         load_synthesis_model(folders["random"], device="cpu", dtype="float8")
+
+
+# -- several samples, correlated noise ---------------------------------------------------------
+
+
+def reference_single_sample(model, source, scheduler, steps, seed):
+    """synthesize() as it was before samples and noise_correlation existed: one generator seeds
+    the initial noise and then every noise the sampler adds."""
+    sampler = make_scheduler(scheduler, model.scheduler_config, steps)
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(source.shape, generator=generator) * sampler.init_noise_sigma
+    with torch.no_grad():
+        for t in sampler.timesteps:
+            eps = predict_noise(model, sampler.scale_model_input(latents, t), source, t)
+            latents = sampler.step(eps, t, latents, generator=generator).prev_sample
+    return latents.clamp(-1, 1)
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpm", "ddpm"])
+def test_one_sample_without_correlation_is_the_single_sample_output(folders, source, name):
+    model = load_synthesis_model(folders["random"], device="cpu")
+    two = torch.cat([source, source.flip(2)])  # two volumes: sample 0 keeps one generator for the batch
+    expected = reference_single_sample(model, two, name, 3, 7)
+    assert torch.equal(synthesize(model, two, scheduler=name, steps=3, seed=7, progress=False), expected)
+    assert torch.equal(synthesize(model, two, scheduler=name, steps=3, seed=7, samples=1, noise_correlation=0.0,
+                                  progress=False), expected)
+    posterior = synthesize_posterior(model, two, samples=1, scheduler=name, steps=3, seed=7, progress=False)
+    assert torch.equal(posterior.mean, expected) and posterior.std is None and posterior.samples == 1
+
+
+def test_sample_seeds():
+    assert sample_seed(5, 0) == 5 and sample_seed(-3, 0) == -3
+    seeds = {sample_seed(seed, k) for seed in range(4) for k in range(1, 6)}
+    assert len(seeds) == 20 and not seeds & set(range(10))  # seed 0's sample 1 is not seed 1's sample 0
+    assert sample_seed(0, 1) == sample_seed(0, 1)
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+def test_posterior_is_mean_and_std_of_single_samples_with_derived_seeds(folders, source, name):
+    model = load_synthesis_model(folders["random"], device="cpu")
+    singles = torch.stack([synthesize(model, source, scheduler=name, steps=2, seed=sample_seed(3, k), progress=False)
+                           for k in range(3)])
+    calls = count_calls(model)
+    posterior = synthesize_posterior(model, source, samples=3, scheduler=name, steps=2, seed=3, progress=False)
+    assert len(calls) == 2  # the three samples share each U-Net call
+    assert posterior.samples == 3 and posterior.mean.shape == posterior.std.shape == source.shape
+    torch.testing.assert_close(posterior.mean, singles.mean(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(posterior.std, singles.std(0), atol=1e-5, rtol=0)
+    assert posterior.std.min() >= 0 and posterior.std.mean() > 1e-2
+    mean = synthesize(model, source, scheduler=name, steps=2, seed=3, samples=3, progress=False)
+    assert torch.equal(mean, posterior.mean)
+
+
+def test_sample_batch_caps_the_u_net_batch_and_keeps_the_result(folders, source):
+    model = load_synthesis_model(folders["random"], device="cpu")
+    batches = []
+    model.unet.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    together = synthesize_posterior(model, source, samples=4, scheduler="ddpm", steps=2, progress=False)
+    assert batches == [4 * SLICES] * 2
+    batches.clear()
+    capped = synthesize_posterior(model, source, samples=4, sample_batch=3, scheduler="ddpm", steps=2, progress=False)
+    assert batches == [3 * SLICES] * 2 + [SLICES] * 2
+    torch.testing.assert_close(capped.mean, together.mean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(capped.std, together.std, atol=1e-5, rtol=0)
+
+
+def test_out_of_memory_halves_the_sample_batch(folders, source, monkeypatch, caplog):
+    model = load_synthesis_model(folders["identity"], device="cpu")
+    expected = synthesize_posterior(model, source, samples=4, sample_batch=2, steps=2, progress=False)
+    real = synthesis.predict_noise
+
+    def small_memory(model, sample, *args, **kwargs):
+        if sample.shape[0] > 2:
+            raise torch.OutOfMemoryError("pretend the device is full")
+        return real(model, sample, *args, **kwargs)
+
+    monkeypatch.setattr(synthesis, "predict_noise", small_memory)
+    with caplog.at_level("WARNING", logger="lift3d.synthesis"):
+        result = synthesize_posterior(model, source, samples=4, steps=2, progress=False)
+    assert torch.equal(result.mean, expected.mean) and torch.equal(result.std, expected.std)
+    assert "out of memory denoising 4 samples together; retrying 2 at a time" in caplog.text
+
+
+def test_correlate_slices_keeps_unit_variance_and_sets_the_correlation():
+    z = torch.randn(400, 1, 5, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert correlate_slices(z, 0.0) is z
+    for rho in (0.3, 0.8):
+        x = correlate_slices(z, rho)
+        assert abs(x.var().item() - 1) < 0.02
+        corr = torch.corrcoef(rearrange_slices(x))
+        off_diagonal = corr[~torch.eye(5, dtype=torch.bool)]
+        assert (off_diagonal - rho).abs().max() < 0.03
+    same = correlate_slices(z, 1.0)
+    assert torch.equal(same, same[:, :, :1].expand_as(same)) and abs(same.var().item() - 1) < 0.02
+
+
+def rearrange_slices(x):
+    return x.transpose(0, 2).reshape(x.shape[2], -1)  # slice k -> all its voxels of all volumes
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+def test_full_correlation_gives_a_slice_invariant_model_identical_slices(folders, name):
+    """A 2D model on a source whose slices are all alike: with rho = 1 every slice sees the same noise,
+    at the start and (ddpm) at every step, so every slice comes out the same."""
+    model = load_synthesis_model(folders["2d"], device="cpu")
+    source = long_source(SLICES)[:, :, SLICES // 2:SLICES // 2 + 1].expand(-1, -1, SLICES, -1, -1).contiguous()
+
+    def spread(result):  # largest difference of any slice from the first
+        return (result - result[:, :, :1]).abs().max().item()
+
+    assert spread(synthesize(model, source, scheduler=name, steps=3, progress=False)) > 0.1
+    assert spread(synthesize(model, source, scheduler=name, steps=3, noise_correlation=1.0, progress=False)) < 1e-4
+    partial = synthesize(model, source, scheduler=name, steps=3, noise_correlation=0.5, progress=False)
+    assert 1e-2 < spread(partial)
+
+
+def test_noise_correlation_applies_to_lifted_and_slice_wise(folders, source):
+    model = load_synthesis_model(folders["random"], device="cpu")
+    for slice_wise in (False, True):
+        plain = synthesize(model, source, steps=2, slice_wise=slice_wise, progress=False)
+        correlated = synthesize(model, source, steps=2, slice_wise=slice_wise, noise_correlation=0.5, progress=False)
+        assert (plain - correlated).abs().mean() > 1e-2
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"samples": 0}, "samples must be a positive integer (1 = a single sample), got 0"),
+    ({"samples": True}, "samples must be a positive integer"),
+    ({"samples": 2.0}, "samples must be a positive integer"),
+    ({"sample_batch": 0}, "sample_batch must be a positive integer or None (all samples at once), got 0"),
+    ({"noise_correlation": 1.5}, "noise_correlation must be a number from 0 (independent noise per slice) to 1 "
+                                 "(the same noise in every slice), got 1.5"),
+    ({"noise_correlation": -0.1}, "noise_correlation must be a number from 0"),
+    ({"noise_correlation": float("nan")}, "noise_correlation must be a number from 0"),
+])
+def test_bad_sampling_options_are_one_clear_error(folders, source, options, message):
+    model = load_synthesis_model(folders["2d"], device="cpu")
+    calls = count_calls(model)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        synthesize(model, source, steps=2, progress=False, **options)
+    assert not calls
+
+
+def test_std_map_is_written_as_a_scale_without_the_intensity_offset(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from lift3d.data.volume import TrainingGrid, prepare_volume
+
+    data = np.random.default_rng(0).uniform(100, 900, (SIZE, SIZE, SLICES)).astype(np.float32)
+    image = nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0]))
+    array, meta = prepare_volume(image, TrainingGrid(size=SIZE, num_slices=SLICES, multiple=2))
+    low, high = meta.intensity.low, meta.intensity.high
+    std = torch.rand(SLICES, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 1.4  # may exceed 1
+    written = nib.load(save_std_volume(tmp_path / "std" / "a_std.nii.gz", std, meta))
+    np.testing.assert_allclose(written.affine, image.affine)
+    # Axial slices of a RAS volume at its own size: no resampling, so the map is exact.
+    expected = std.permute(2, 1, 0).numpy() * (high - low) / 2
+    np.testing.assert_allclose(written.get_fdata(), expected, rtol=1e-5, atol=1e-4)

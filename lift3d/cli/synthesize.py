@@ -2,9 +2,11 @@
 
 Each source is prepared exactly as in training (closest canonical orientation, slice axis first,
 percentile normalisation to [-1, 1], resampling to the training grid), synthesised with
-:func:`lift3d.synthesis.synthesize` (Make-A-Volume, DDIM-200 by default), and written as
-``<name>_synth.nii.gz`` back on the source's own grid with the source's affine. Every input and the
-output folder are checked before the first volume is synthesised; each file is written atomically.
+:func:`lift3d.synthesis.synthesize_posterior` (Make-A-Volume, DDIM-200 by default), and written as
+``<name>_synth.nii.gz`` back on the source's own grid with the source's affine; with ``--samples K``
+that is the mean of K samples, and their per-voxel std goes to ``std/<name>_std.nii.gz``. Every
+input and the output folder are checked before the first volume is synthesised; each file is
+written atomically.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ from lift3d.data.nifti import IMAGE_SUFFIXES, image_suffix, load_image, save_vol
 from lift3d.data.orientation import orientation_codes, slice_shape
 from lift3d.data.volume import TrainingGrid, prepare_volume
 from lift3d.synthesis import (DTYPES, SCHEDULERS, SynthesisModel, check_clip_x0, load_synthesis_model, make_scheduler,
-                              resolve_window, synthesize)
+                              resolve_window, save_std_volume, synthesize_posterior)
 
 OUTPUT_SUFFIX = "_synth.nii.gz"
+# Std maps live in a subfolder, so a folder of predictions (lift3d-evaluate --pred DIR) holds predictions only.
+STD_DIR = "std"
+STD_SUFFIX = "_std.nii.gz"
 NATIVE = "native"
 DEFAULT_PERCENTILES = (0.5, 99.5)
 
@@ -39,6 +44,11 @@ Each source is prepared as in training: reoriented to the closest canonical (RAS
 sliced along the training slice axis, intensities clipped at the training percentiles and mapped
 to [-1, 1], and resampled to the training in-plane size and slice count. The result is resampled
 back and written on the source's own grid, with its affine and header, as <name>_synth.nii.gz.
+
+With --samples K, K samples are drawn per source (batched through the U-Net, --sample-batch caps
+how many at once): <name>_synth.nii.gz is their mean, and std/<name>_std.nii.gz their per-voxel
+standard deviation (an uncertainty map, in the same intensity units; a scale, so the intensity
+offset is not added). The mean of several samples usually scores better than one sample.
 """
 
 EPILOG = """\
@@ -47,6 +57,7 @@ examples:
   lift3d-synthesize --model runs/stage2/model --source test-t1/ --out synth/ --scheduler dpm
   lift3d-synthesize --model runs/stage2/model --source a.nii.gz --out synth/ --num-slices native --window 16
   lift3d-synthesize --model runs/stage2/model --source a.nii.gz --out ablation/ --slice-wise
+  lift3d-synthesize --model runs/stage2/model --source a.nii.gz --out mean8/ --scheduler dpm --samples 8
 """
 
 
@@ -61,9 +72,23 @@ def _non_negative(text: str) -> int:
 
 
 def _positive(text: str) -> int:
-    value = _non_negative(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("expected a positive integer, got 0")
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _correlation(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 (independent slices) to 1 (the same noise in "
+                                         f"every slice), got {text!r}")
     return value
 
 
@@ -100,7 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"denoising steps (default: {steps}); more is slower and usually better")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the initial noise (and of ddpm's added noise); the same seed and "
-                        "options give the same volume. Default: 0")
+                        "options give the same volume. With --samples K, sample 0 uses the seed itself and "
+                        "sample k a seed hashed from (seed, k) (lift3d.synthesis.sample_seed). Default: 0")
+    parser.add_argument("--samples", type=_positive, default=1, metavar="K",
+                        help=f"draw K samples per source and write their mean as <name>{OUTPUT_SUFFIX} and "
+                        f"their per-voxel standard deviation as {STD_DIR}/<name>{STD_SUFFIX} (an uncertainty "
+                        "map). K times the work of one sample, less per sample when batched. Default: 1 (one "
+                        "sample, no std map)")
+    parser.add_argument("--sample-batch", type=_positive, metavar="N",
+                        help="denoise at most N of the K samples together (default: all K). Lower it if "
+                        "memory is short; a batch that runs out of memory is halved and retried anyway. "
+                        "The result does not depend on it beyond float rounding")
+    parser.add_argument("--noise-correlation", type=_correlation, default=0.0, metavar="RHO",
+                        help="correlate the noise of all slices of a volume by RHO in [0, 1] (each voxel's "
+                        "noise stays N(0, 1), as sqrt(RHO) x shared + sqrt(1 - RHO) x own-per-slice would "
+                        "give): the initial noise, and ddpm's noise at every step. 0 = independent slices, "
+                        "as in training; 1 = the same noise in every slice. Default: 0")
     parser.add_argument("--window", type=_non_negative, metavar="N",
                         help="denoise in overlapping windows of N slices, blending their noise predictions "
                         "at every step (saves memory on long volumes). 0 = always the whole volume. Default: "
@@ -240,22 +280,30 @@ def source_grid(model: SynthesisModel, image: nib.Nifti1Image, path: Path, *, si
 # --------------------------------------------------------------------------------------------
 
 
-def _synthesise_one(model: SynthesisModel, path: Path, grid: TrainingGrid, dest: Path, args: argparse.Namespace) -> str:
+def _synthesise_one(model: SynthesisModel, path: Path, grid: TrainingGrid, out: Path, args: argparse.Namespace) -> str:
     array, meta = prepare_volume(load_image(path), grid, path=path)
     source = torch.from_numpy(array)[None, None]
     tic = time.perf_counter()
-    result = synthesize(model, source, scheduler=args.scheduler, steps=args.steps, seed=args.seed,
-                        window=args.window, overlap=args.overlap, slice_wise=args.slice_wise,
-                        clip_x0=args.clip_x0, progress=None)
+    result = synthesize_posterior(model, source, samples=args.samples, sample_batch=args.sample_batch,
+                                  scheduler=args.scheduler, steps=args.steps, seed=args.seed, window=args.window,
+                                  overlap=args.overlap, slice_wise=args.slice_wise, clip_x0=args.clip_x0,
+                                  noise_correlation=args.noise_correlation, progress=None)
     elapsed = time.perf_counter() - tic
+    name = subject_name(path)
+    dest, std_dest = out / f"{name}{OUTPUT_SUFFIX}", out / STD_DIR / f"{name}{STD_SUFFIX}"
     try:
-        save_volume(dest, result[0], meta)
+        save_volume(dest, result.mean[0], meta)
+        if result.std is not None:
+            save_std_volume(std_dest, result.std[0, 0], meta)
     except OSError as exc:
         raise UserError(f"cannot write {dest}: {exc.strerror or exc}") from None
     n, h, w = grid.shape
     windows = resolve_window(model, n, args.window, args.overlap, args.slice_wise)
     how = f", windows of {windows[0]} slices overlapping by {windows[1]}" if windows else ""
-    return f"{path} -> {dest} ({n}x{h}x{w} grid{how}, {elapsed:.1f} s)"
+    if result.std is None:
+        return f"{path} -> {dest} ({n}x{h}x{w} grid{how}, {elapsed:.1f} s)"
+    return (f"{path} -> {dest} (mean of {result.samples}), {std_dest} (std) ({n}x{h}x{w} grid{how}, {elapsed:.1f} s, "
+            f"{elapsed / result.samples:.1f} s per sample)")
 
 
 @run_cli
@@ -278,12 +326,18 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or SCHEDULERS[args.scheduler][1]
     mode = ("slice-wise (2D model)" if not model.lifted else
             "slice-wise (volumetric layers off)" if args.slice_wise else "volume-wise")
-    print(f"lift3d-synthesize: {len(sources)} volume(s), {args.scheduler} {steps} steps, {mode}, seed {args.seed}, "
-          f"on {model.device}")
+    sampling = ""
+    if args.samples > 1:
+        batch = min(args.sample_batch or args.samples, args.samples)
+        sampling = f", {args.samples} samples ({batch} at a time)"
+    if args.noise_correlation:
+        sampling += f", noise correlated across slices by {args.noise_correlation:g}"
+    print(f"lift3d-synthesize: {len(sources)} volume(s), {args.scheduler} {steps} steps, {mode}, seed {args.seed}"
+          f"{sampling}, on {model.device}")
     written = 0
     try:
         for path, grid in zip(sources, grids):
-            print(_synthesise_one(model, path, grid, out / f"{subject_name(path)}{OUTPUT_SUFFIX}", args), flush=True)
+            print(_synthesise_one(model, path, grid, out, args), flush=True)
             written += 1
     finally:
         if created and not written and not any(out.iterdir()):
