@@ -10,15 +10,16 @@ on the same test subjects with the same seeds and the same stage-1 weights:
 (c) ``3d-unet``: a deterministic 3D U-Net trained with L1 on the same data (the paper's Pix2pix-3D role);
 (d) the lifted model with DDIM-200 against DPM-Solver++ with 25 steps (and the slice-wise model too).
 
-Subjects. There is one brain, so 17 subjects are made from it: T1 (masked by the brain mask) and
-T2 (brain only) are cropped to a square in-plane field of view around the brain, block-averaged to
-the scale's generation voxel, then each subject gets a random smooth deformation (a coarse random
-displacement grid, cubic-upsampled) and a small random rotation, applied *identically* to T1, T2 and
-mask, and a smooth multiplicative bias field and Gaussian noise drawn *independently* per modality.
-Seeds (fixed by the protocol, not by ``--seed``): training ``1000 + i`` (13 subjects), validation
-``1500`` (1 held-out subject), test ``2000 + i`` (3 subjects). They are written as NIfTI with the
-template's affine (cropped and scaled) to ``<out>/subjects/<subject>/{T1,T2,mask}.nii.gz`` and read
-back through the ``paired-nifti`` plugin with explicit train/val/test lists, as axial slices.
+Subjects. There is one brain, so 17 subjects are made from it by the ``icbm152`` dataset plugin
+(``plugins/datasets/icbm152.py``, the same subject maker as ``lift3d demo``), pointed at the 1 mm
+files: T1 (masked by the brain mask) and T2 (brain only) are cropped to a square in-plane field of
+view around the brain, block-averaged to the scale's generation voxel, then each subject gets a
+random smooth deformation and a small random rotation, applied *identically* to T1, T2 and mask, and
+a smooth multiplicative bias field and Gaussian noise drawn *independently* per modality. Seeds
+(the plugin's, fixed by the protocol, not by ``--seed``): training ``1000 + i`` (13 subjects),
+validation ``1500`` (1 held-out subject), test ``2000 + i`` (3 subjects), served as axial slices.
+These are bit for bit the subjects of the first published runs, which wrote them as NIfTI and read
+them back through ``paired-nifti``.
 
 Selection rule: nothing is chosen by looking at the test subjects. The stage-2 export (each
 ``--variant`` run and the default, at each of the scale's step counts) is chosen by PSNR on the
@@ -67,9 +68,9 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "icbm152-2009c"
 RESULTS = REPO / "benchmarks" / "results"
 TEMPLATE_FILES = {"T1": "1mm_T1.nii.gz", "T2": "1mm_T2_brain.nii.gz", "mask": "1mm_brainmask.nii.gz"}
 
-# The protocol's subjects: (split, count, first seed). 13 + 1 = the paper's 14 training volumes.
-SUBJECT_SEEDS = (("train", 13, 1000), ("val", 1, 1500), ("test", 3, 2000))
-SUBJECTS_MANIFEST = "manifest.json"
+# The protocol's subjects (icbm152 seeds: train 1000 + i, val 1500, test 2000 + i). 13 + 1 = the paper's 14
+# training volumes.
+SUBJECT_COUNTS = {"num_train": 13, "num_val": 1, "num_test": 3}
 
 # Make-A-Volume, Tables 1-2, RIRE T1 -> T2 (another dataset; for context only): MAE, SSIM, PSNR.
 PAPER_RIRE = {
@@ -79,18 +80,6 @@ PAPER_RIRE = {
 }
 # The issue's goal for lifted vs slice-wise.
 GOAL = {"psnr_gain_db": 0.8, "ssim_gain": 0.017, "z_inconsistency_cut": 0.30}
-
-
-@dataclass(frozen=True)
-class Corruption:
-    """How one subject differs from the template (the seeds make each draw reproducible)."""
-
-    displacement_std_mm: float = 3.0  # std of each displacement component at the control points
-    displacement_control_points: int = 5  # per axis, cubic-upsampled to the grid
-    max_rotation_deg: float = 4.0  # uniform in [-max, max] about each axis, around the brain centre
-    bias_log_std: float = 0.1  # the bias field is exp(smooth field with this std): ~ +-20 %
-    bias_control_points: int = 4
-    noise_fraction: float = 0.02  # Gaussian noise std as a fraction of the modality's 99th percentile in the brain
 
 
 @dataclass(frozen=True)
@@ -144,153 +133,14 @@ SCALES = {
 
 
 # --------------------------------------------------------------------------------------------
-# Subjects
+# Subjects: the icbm152 dataset plugin, pointed at the 1 mm template
 
 
-@dataclass
-class Template:
-    """T1 (masked), T2 (brain) and mask on the generation grid, and that grid's affine."""
-
-    t1: np.ndarray
-    t2: np.ndarray
-    mask: np.ndarray
-    affine: np.ndarray
-
-    @property
-    def voxel_mm(self) -> float:
-        return float(np.linalg.norm(self.affine[:3, 0]))
-
-
-def check_data(data: Path) -> None:
-    missing = [name for name in TEMPLATE_FILES.values() if not (data / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"ICBM 152 2009c data not found: {', '.join(missing)} missing in {data} "
-                                "(see shared/data/icbm152-2009c/README.md; pass --data FOLDER)")
-
-
-def load_template(data: Path, voxel_mm: int) -> Template:
-    """The 1 mm template, cropped to a square in-plane field of view around the brain, block-averaged."""
-    import nibabel as nib
-
-    check_data(data)
-    images = {key: nib.load(str(data / name)) for key, name in TEMPLATE_FILES.items()}
-    affine = images["T1"].affine
-    for key, image in images.items():
-        if image.shape != images["T1"].shape or not np.allclose(image.affine, affine, atol=1e-4):
-            raise ValueError(f"{data / TEMPLATE_FILES[key]}: grid differs from {TEMPLATE_FILES['T1']}")
-    if nib.aff2axcodes(affine) != ("R", "A", "S"):
-        raise ValueError(f"{data}: expected RAS-oriented files, got {nib.aff2axcodes(affine)}")
-    mask = np.asarray(images["mask"].dataobj) > 0.5
-    t1 = np.asarray(images["T1"].dataobj, dtype=np.float32) * mask
-    t2 = np.asarray(images["T2"].dataobj, dtype=np.float32) * mask
-
-    # Crop: the brain's bounding box plus a margin, x widened to y's extent so in-plane is square.
-    f = int(voxel_mm)
-    lo, hi = np.argwhere(mask).min(0), np.argwhere(mask).max(0) + 1
-    lo, hi = np.maximum(lo - 4, 0), np.minimum(hi + 4, mask.shape)
-    side = int(hi[1] - lo[1])
-    centre = (lo[0] + hi[0]) // 2
-    lo[0], hi[0] = centre - side // 2, centre - side // 2 + side
-    pad = [(max(0, -int(lo[0])), max(0, int(hi[0]) - mask.shape[0])), (0, 0), (0, 0)]
-    extent = [(hi - lo)[a] // f * f for a in range(3)]  # whole blocks only
-    box = tuple(slice(int(lo[a]) + pad[a][0], int(lo[a]) + pad[a][0] + extent[a]) for a in range(3))
-
-    def crop(volume: np.ndarray) -> np.ndarray:
-        volume = np.pad(volume, pad)[box]
-        shape = [s // f for s in volume.shape]
-        return volume.reshape(shape[0], f, shape[1], f, shape[2], f).mean(axis=(1, 3, 5), dtype=np.float64)
-
-    scale = np.diag([f, f, f, 1.0])
-    scale[:3, 3] = lo + (f - 1) / 2.0  # block centres, in the template's voxel coordinates
-    return Template(crop(t1).astype(np.float32), crop(t2).astype(np.float32),
-                    crop(mask.astype(np.float32)) > 0.5, affine @ scale)
-
-
-def smooth_field(rng: np.random.Generator, shape: tuple[int, ...], control_points: int, std: float) -> np.ndarray:
-    """Gaussian values on a coarse grid of control points, cubic-upsampled to ``shape``."""
-    from scipy.ndimage import zoom
-
-    coarse = rng.normal(0.0, std, size=(control_points,) * len(shape))
-    field_ = zoom(coarse, [s / control_points for s in shape], order=3, mode="nearest")
-    if field_.shape != tuple(shape):  # float rounding in zoom's output size
-        field_ = np.pad(field_, [(0, max(0, s - g)) for s, g in zip(shape, field_.shape)], mode="edge")
-        field_ = field_[tuple(slice(0, s) for s in shape)]
-    return field_
-
-
-def rotation_matrix(angles_deg: np.ndarray) -> np.ndarray:
-    ax, ay, az = np.deg2rad(angles_deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
-def make_subject(template: Template, seed: int, corruption: Corruption = Corruption()) -> dict[str, np.ndarray]:
-    """One subject: the same deformation and rotation for T1, T2 and mask; bias and noise per modality."""
-    from scipy.ndimage import map_coordinates
-
-    rng = np.random.default_rng(seed)
-    shape = template.t1.shape
-    voxel = template.voxel_mm
-    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij"))
-    centre = np.argwhere(template.mask).mean(0)[:, None, None, None]
-    displacement = np.stack([smooth_field(rng, shape, corruption.displacement_control_points,
-                                          corruption.displacement_std_mm / voxel) for _ in range(3)])
-    rotation = rotation_matrix(rng.uniform(-corruption.max_rotation_deg, corruption.max_rotation_deg, 3))
-    # Output voxel p reads the template at R (p - c) + c + d(p).
-    coords = np.einsum("ij,j...->i...", rotation, grid - centre) + centre + displacement
-    warp = lambda v: map_coordinates(v.astype(np.float32), coords, order=1, mode="constant", cval=0.0)  # noqa: E731
-    mask = warp(template.mask.astype(np.float32)) > 0.5
-    out = {"mask": mask}
-    for name, volume in (("T1", template.t1), ("T2", template.t2)):
-        warped = warp(volume)
-        bias = np.exp(smooth_field(rng, shape, corruption.bias_control_points, corruption.bias_log_std))
-        reference = float(np.percentile(volume[template.mask], 99)) if template.mask.any() else 1.0
-        noise = rng.normal(0.0, corruption.noise_fraction * reference, size=shape)
-        out[name] = (np.clip(warped * bias + noise, 0.0, None) * mask).astype(np.float32)
-    return out
-
-
-def subject_plan() -> list[tuple[str, str, int]]:
-    """``(subject, split, seed)`` for all 17 subjects; seeds are disjoint across splits."""
-    return [(f"{split}-{i:02d}", split, first + i) for split, count, first in SUBJECT_SEEDS for i in range(count)]
-
-
-def write_subjects(data: Path, root: Path, voxel_mm: int, corruption: Corruption = Corruption()) -> dict[str, list[str]]:
-    """Write every subject under ``root`` (skipped when ``root/manifest.json`` says it is already there)."""
-    import nibabel as nib
-
-    plan = subject_plan()
-    manifest = {"data": str(Path(data).resolve()), "voxel_mm": voxel_mm, "corruption": asdict(corruption),
-                "subjects": {name: {"split": split, "seed": seed} for name, split, seed in plan}}
-    manifest_path = root / SUBJECTS_MANIFEST
-    if manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest:
-        print(f"[data] reusing the subjects in {root}")
-    else:
-        shutil.rmtree(root, ignore_errors=True)
-        template = load_template(data, voxel_mm)
-        for name, split, seed in plan:
-            volumes = make_subject(template, seed, corruption)
-            folder = root / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for key, volume in volumes.items():
-                image = nib.Nifti1Image(volume.astype(np.uint8 if key == "mask" else np.float32), template.affine)
-                image.set_qform(template.affine, code=1)
-                image.set_sform(template.affine, code=1)
-                nib.save(image, str(folder / f"{key}.nii.gz"))
-        manifest_path.write_text(json.dumps(manifest, indent=2))
-        print(f"[data] wrote {len(plan)} subjects ({template.t1.shape} voxels of {voxel_mm} mm) to {root}")
-    splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    for name, split, _ in plan:
-        splits[split].append(name)
-    return splits
-
-
-def dataset_options(root: Path, splits: dict[str, list[str]], scale: Scale) -> dict[str, Any]:
-    return {"root": str(root), "source": "T1", "target": "T2", "mask": "mask", "size": scale.size,
-            "num_slices": scale.num_slices, "slice_axis": "axial", "train": splits["train"], "val": splits["val"],
-            "test": splits["test"], "cache": True}
+def dataset_options(data: Path, scale: Scale) -> dict[str, Any]:
+    """The ``icbm152`` options of the protocol: 1 mm files, block-averaged to the scale's voxel, 13/1/3 subjects."""
+    return {"root": str(data), "files": TEMPLATE_FILES, "voxel_mm": scale.voxel_mm, **SUBJECT_COUNTS,
+            "source": "T1", "target": "T2", "size": scale.size, "num_slices": scale.num_slices,
+            "slice_axis": "axial", "cache": True}
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,7 +220,7 @@ def diffusion_config(stage: str, folder: Path, scale: Scale, data: dict[str, Any
     common = {
         "run": {"stage": stage, "output_dir": str(folder), "seed": seed, "max_steps": steps, "log_every": 10,
                 "checkpoint_every": 0},
-        "data": {"dataset": "paired-nifti", "options": data},
+        "data": {"dataset": "icbm152", "options": data},
         "model": {"block_out_channels": list(scale.widths), "layers_per_block": scale.layers_per_block,
                   "prediction_type": scale.stage1_prediction},
         "autoencoder": {"name": "identity"},
@@ -583,14 +433,6 @@ def evaluate(pred: torch.Tensor, pairs) -> list[dict[str, Any]]:
                                                       p.extra["mask"][0].numpy())} for i, p in enumerate(pairs)]
 
 
-def grid_spacing(pair) -> tuple[float, float, float]:
-    """Voxel size ``(slice, row, column)`` in mm of the training grid, for true figure aspect."""
-    meta = pair.meta
-    voxel = meta.voxel_size  # RAS files: (R, A, S); axial slices are (S, A, R)
-    sizes = (voxel[2], voxel[1], voxel[0])
-    return tuple(float(v * s / g) for v, s, g in zip(sizes, meta.slice_shape, meta.grid_shape))  # type: ignore[return-value]
-
-
 def select(stage1: Method, stage2: dict[str, tuple[dict[int, Path], dict]], val_pairs, scale: Scale, seed: int,
            device, cache: Path, reuse: bool) -> list[dict[str, Any]]:
     """Validation metrics of the slice-wise model and of every (variant, stage-2 steps) export."""
@@ -677,8 +519,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                        help="the ICBM 152 2009c folder (1mm_T1, 1mm_T2_brain, 1mm_brainmask .nii.gz) "
-                             "(default: ../shared/data/icbm152-2009c next to the repository)")
+                        help="the ICBM 152 2009c folder (1mm_T1, 1mm_T2_brain, 1mm_brainmask .nii.gz), read by the "
+                             "icbm152 dataset plugin (default: ../shared/data/icbm152-2009c next to the repository)")
     parser.add_argument("--scale", choices=tuple(SCALES), default="cpu",
                         help="cpu: ~45 minutes on 2 idle CPU cores; paper: 256 x 256 x 35 on a GPU; smoke: seconds, for tests")
     parser.add_argument("--out", type=Path, default=None,
@@ -715,6 +557,7 @@ def resolve_device(name: str) -> torch.device:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.device == "cpu":  # Accelerate (lift3d.training) would otherwise take a GPU
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    from lift3d.demo import grid_spacing
     from lift3d.figures import save_orthogonal_views
     from lift3d.metrics import INTENSITY_RULE, summarize
     from lift3d.plugins import create
@@ -723,23 +566,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scale = SCALES[args.scale]
     variants = [{}] + [parse_variant(v) for v in args.variant]
     out = (args.out or REPO / "runs" / f"icbm_t1t2-{args.scale}").resolve()
-    check_data(args.data)
+    data = dataset_options(args.data, scale)
+    tic = time.perf_counter()
+    datasets = {split: create("datasets", "icbm152", split=split, **data) for split in ("train", "val", "test")}
+    data_s = time.perf_counter() - tic  # a missing or unreadable template file has failed by now
     for overrides in variants:  # a bad variant fails now, not after stage 1
         diffusion_config("volumes", out, scale, {}, args.seed, 1, None, overrides)
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "predictions"
     start, load_before, machine = time.perf_counter(), os.getloadavg(), machine_info()  # the commit at start
-    timing: dict[str, Any] = {}
-
-    tic = time.perf_counter()
-    splits = write_subjects(args.data, out / "subjects", scale.voxel_mm)
-    data = dataset_options(out / "subjects", splits, scale)
-    timing["data_s"] = time.perf_counter() - tic
+    timing: dict[str, Any] = {"data_s": data_s}
     stage1_model, stage1_record = train_stage1(out, scale, data, args.seed, args.reuse)
     stage2 = {variant_name(o): train_stage2(out, scale, data, args.seed, (stage1_model, stage1_record), o, args.reuse)
               for o in variants}
-    pairs = {split: [ds[i] for i in range(len(ds))] for split in ("train", "val", "test")
-             for ds in [create("datasets", "paired-nifti", split=split, **data)]}
+    pairs = {split: [ds[i] for i in range(len(ds))] for split, ds in datasets.items()}
     baseline, baseline_record = train_baseline(out, scale, data, pairs["train"], pairs["val"], args.seed, device,
                                                args.reuse)
 
@@ -802,8 +642,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "icbm_t1t2", "scale": args.scale,
         "command": " ".join(["python benchmarks/icbm_t1t2.py", *map(shlex.quote, args.argv)]),
         "machine": machine | {"load_average_at_start": load_before, "load_average_at_end": os.getloadavg()},
-        "data": {"folder": str(args.data), "subjects": {n: {"split": sp, "seed": sd} for n, sp, sd in subject_plan()},
-                 "generation_voxel_mm": scale.voxel_mm, "corruption": asdict(Corruption()),
+        "data": {"dataset": "icbm152", "folder": os.path.relpath(Path(args.data).resolve(), REPO),
+                 "files": TEMPLATE_FILES,
+                 "subjects": {name: {"split": split, "seed": seed} for split, ds in datasets.items()
+                              for name, seed in ds.seeds().items()},
+                 "generation_voxel_mm": scale.voxel_mm, "corruption": asdict(datasets["train"].corruption),
                  "how": "one template brain; per subject a random smooth deformation + rotation applied identically "
                         "to T1, T2 and mask, and a bias field + Gaussian noise drawn independently per modality"},
         "settings": {
@@ -825,7 +668,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "selection": {"rule": "the lifted export (variant, stage-2 steps) with the highest validation PSNR, "
                               f"DPM-Solver++ {scale.selection_steps}; 3D U-Net: lowest validation L1",
-                      "validation_subject": splits["val"], "validation": validation,
+                      "validation_subject": datasets["val"].subjects(), "validation": validation,
                       "chosen": {k: chosen[k] for k in ("variant", "stage2_steps", "folder")},
                       "baseline_history": baseline_record["info"]["history"]},
         "methods": results,

@@ -1,7 +1,8 @@
-"""benchmarks/icbm_t1t2.py: subjects made from one template, and the whole benchmark at smoke scale.
+"""benchmarks/icbm_t1t2.py: its subjects come from the icbm152 plugin, and the whole benchmark at smoke scale.
 
 The end-to-end test needs the ICBM 152 2009c files (``shared/data/icbm152-2009c`` next to the
-checkout, or ``LIFT3D_ICBM_DIR``) and is skipped without them; the subject tests need nothing.
+checkout, or ``LIFT3D_ICBM_DIR``) and is skipped without them. The subject maker itself is tested
+in tests/test_icbm152_plugin.py.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "icbm_t1t2.py"
@@ -33,48 +32,19 @@ def bench():
 
 def icbm_dir(bench) -> Path:
     folder = Path(os.environ.get("LIFT3D_ICBM_DIR") or bench.DEFAULT_DATA)
-    try:
-        bench.check_data(folder)
-    except FileNotFoundError as exc:
-        pytest.skip(f"{exc}; set LIFT3D_ICBM_DIR to run the ICBM benchmark smoke test")
+    missing = [name for name in bench.TEMPLATE_FILES.values() if not (folder / name).is_file()]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not found in {folder}; set LIFT3D_ICBM_DIR to run the ICBM benchmark smoke test")
     return folder
 
 
-def phantom_template(bench, same_contrast: bool):
-    """A 24^3 ellipsoid 'brain' with structure inside, on a 2 mm grid."""
-    rng = np.random.default_rng(0)
-    z, y, x = np.meshgrid(*[np.linspace(-1, 1, 24)] * 3, indexing="ij")
-    mask = x**2 + y**2 / 0.8 + z**2 / 0.7 < 0.8
-    t1 = ((1 + np.sin(6 * x) * np.cos(5 * y) + 0.3 * rng.random(x.shape)) * 100 * mask).astype(np.float32)
-    t2 = t1.copy() if same_contrast else (300 - t1) * mask
-    return bench.Template(t1, t2.astype(np.float32), mask, np.diag([2.0, 2.0, 2.0, 1.0]))
-
-
-def test_deformation_is_shared_by_both_modalities_and_bias_and_noise_are_not(bench):
-    template = phantom_template(bench, same_contrast=True)
-    clean = bench.make_subject(template, 1000, bench.Corruption(bias_log_std=0.0, noise_fraction=0.0))
-    # With T1 == T2 and neither bias nor noise, an identical deformation gives identical volumes.
-    assert np.array_equal(clean["T1"], clean["T2"])
-    changed = np.abs(clean["T1"] - template.t1 * clean["mask"]).mean() / template.t1[template.mask].mean()
-    assert changed > 0.05, f"the deformation barely moved anything ({changed:.3f})"
-
-    subject = bench.make_subject(template, 1000)
-    assert np.array_equal(subject["mask"], clean["mask"])  # the deformation is drawn first, from the seed
-    assert not np.allclose(subject["T1"], subject["T2"])  # bias field and noise are drawn per modality
-    for name in ("T1", "T2"):
-        assert (subject[name][~subject["mask"]] == 0).all()
-        assert (subject[name] >= 0).all()
-    again = bench.make_subject(template, 1000)
-    assert all(np.array_equal(again[k], subject[k]) for k in subject)
-    other = bench.make_subject(template, 2000)
-    assert not np.array_equal(other["mask"], subject["mask"])
-
-
-def test_subject_seeds_are_disjoint_and_as_documented(bench):
-    plan = bench.subject_plan()
-    by_split = {split: [seed for _, s, seed in plan if s == split] for split in ("train", "val", "test")}
-    assert by_split == {"train": list(range(1000, 1013)), "val": [1500], "test": [2000, 2001, 2002]}
-    assert len({name for name, _, _ in plan}) == 17
+def test_protocol_subjects_are_the_plugins_with_the_published_seeds(bench):
+    options = bench.dataset_options(Path("/data/icbm"), bench.SCALES["cpu"])
+    assert {k: options[k] for k in ("num_train", "num_val", "num_test", "voxel_mm")} == {
+        "num_train": 13, "num_val": 1, "num_test": 3, "voxel_mm": 2}
+    assert options["files"] == {"T1": "1mm_T1.nii.gz", "T2": "1mm_T2_brain.nii.gz", "mask": "1mm_brainmask.nii.gz"}
+    cfg = bench.diffusion_config("slices", Path("/tmp/x"), bench.SCALES["cpu"], options, 0, 1)
+    assert cfg.data.dataset == "icbm152"
 
 
 def test_missing_data_is_one_clear_error(bench, tmp_path, capsys):
@@ -82,6 +52,7 @@ def test_missing_data_is_one_clear_error(bench, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "1mm_T1.nii.gz" in err and "nowhere" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_smoke_run_end_to_end(bench, tmp_path):
@@ -96,18 +67,14 @@ def test_smoke_run_end_to_end(bench, tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())
 
-    # Subjects: written with the template's geometry, skull-stripped, split as planned.
+    # Subjects: the icbm152 plugin's, with the protocol's seeds, and no copy written to disk.
     test_subjects = ["test-00", "test-01", "test-02"]
-    assert sorted(p.name for p in (out / "subjects").iterdir() if p.is_dir()) == sorted(
-        name for name, _, _ in bench.subject_plan())
-    images = {k: nib.load(out / "subjects" / "test-00" / f"{k}.nii.gz") for k in ("T1", "T2", "mask")}
-    assert nib.aff2axcodes(images["T1"].affine) == ("R", "A", "S")
-    np.testing.assert_allclose(np.linalg.norm(images["T1"].affine[:3, :3], axis=0), [4.0, 4.0, 4.0])
-    mask = images["mask"].get_fdata() > 0.5
-    for name in ("T1", "T2"):
-        np.testing.assert_allclose(images[name].affine, images["mask"].affine)
-        volume = images[name].get_fdata()
-        assert (volume[~mask] == 0).all() and (volume[mask] > 0).mean() > 0.9
+    subjects = report["data"]["subjects"]
+    assert {name: (entry["split"], entry["seed"]) for name, entry in subjects.items()} == {
+        **{f"train-{i:02d}": ("train", 1000 + i) for i in range(13)}, "val-00": ("val", 1500),
+        **{f"test-{i:02d}": ("test", 2000 + i) for i in range(3)}}
+    assert report["data"]["dataset"] == "icbm152" and not Path(report["data"]["folder"]).is_absolute()
+    assert not (out / "subjects").exists()
 
     # Every method on the same three test subjects, with finite metrics.
     methods = report["methods"]

@@ -1,4 +1,4 @@
-"""Real-data integration test: the ICBM 152 2009c T1/T2 template through paired-nifti and back.
+"""Real-data integration tests: the ICBM 152 2009c template through paired-nifti and back, and the icbm152 plugin's data.
 
 The data live next to the checkout (``shared/data/icbm152-2009c``, see its README.md) or where
 ``LIFT3D_ICBM_DIR`` points; without them the test is skipped.
@@ -79,3 +79,36 @@ def test_icbm_round_trip_through_paired_nifti(icbm, tmp_path, orientation):
         # axis swap or off-by-one in the geometry, while allowing the resolution loss.
         assert error < 0.05, f"{name}: mean abs error {error:.3f} of the intensity range in the brain"
         assert error < 0.75 * one_voxel_off, f"{name}: {error:.3f} vs one voxel off {one_voxel_off:.3f}"
+
+
+def test_packaged_template_is_the_2mm_template_cropped(icbm):
+    """The icbm152 plugin's data (see its README): the 2 mm files, voxel for voxel, in a box."""
+    from lift3d_plugins.datasets.icbm152 import FILES as PACKAGED_FILES
+    from lift3d_plugins.datasets.icbm152 import PACKAGED
+
+    box = (slice(4, 93), slice(4, 111), slice(0, 89))
+    for key, source in zip(("T1", "T2", "mask"), FILES):
+        original, packaged = nib.load(icbm / source), nib.load(PACKAGED / PACKAGED_FILES[key])
+        assert packaged.get_data_dtype() == original.get_data_dtype()
+        np.testing.assert_array_equal(np.asarray(packaged.dataobj), np.asarray(original.dataobj)[box])
+        np.testing.assert_allclose(packaged.affine, original.slicer[box].affine)
+
+
+ONE_MM = {"T1": "1mm_T1.nii.gz", "T2": "1mm_T2_brain.nii.gz", "mask": "1mm_brainmask.nii.gz"}
+
+
+def test_icbm152_from_the_1mm_folder_gives_the_published_benchmark_subjects(icbm):
+    """benchmarks/icbm_t1t2.py's subjects (smoke grid): the intensity maps its first runs got from
+    subjects written as NIfTI and read back by paired-nifti (recorded at commit 1f9f303)."""
+    if not all((icbm / name).is_file() for name in ONE_MM.values()):
+        pytest.skip(f"1 mm ICBM files not found in {icbm}")
+    published = {"train-00": 9130.711484375, "val-00": 10443.422578125, "test-00": 9778.632866210939}
+    manager = PluginManager(autoload=False)
+    for subject, high in published.items():
+        split = subject.split("-")[0]
+        dataset = manager.datasets.create("icbm152", root=icbm, files=ONE_MM, split=split, voxel_mm=4,
+                                          num_train=13, num_val=1, num_test=3, size=32, num_slices=16)
+        pair = dataset[0]
+        assert pair.subject == subject
+        assert pair.meta.intensity.low == 0.0 and pair.meta.intensity.high == pytest.approx(high, rel=1e-12)
+        assert pair.source.shape == pair.target.shape == (1, 16, 32, 32)

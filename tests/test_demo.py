@@ -1,26 +1,37 @@
-"""A shortened ``lift3d demo`` writes every promised file and reports both methods."""
+"""A shortened ``lift3d demo`` writes every promised file and reports both methods, on icbm152 and the phantom."""
 
 import json
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from lift3d.cli.main import main
 from lift3d.data import load_image
 
 
-def test_quick_demo_end_to_end(tmp_path, capsys):
+@pytest.mark.parametrize("dataset", ["icbm152", "phantom"])
+def test_quick_demo_end_to_end(tmp_path, capsys, dataset):
     out = tmp_path / "demo"
-    assert main(["demo", "--scale", "quick", "--out", str(out)]) == 0
+    argv = ["demo", "--scale", "quick", "--out", str(out)] + (["--dataset", dataset] if dataset != "icbm152" else [])
+    assert main(argv) == 0
     printed = capsys.readouterr().out
-    for needle in ("stage 1", "stage-2", "synthesis", "evaluation", "metrics JSON", "slice-wise", "lifted"):
+    for needle in ("stage 1", "stage-2", "synthesis", "evaluation", "metrics JSON", "slice-wise", "lifted",
+                   "lifted vs slice-wise: z-inconsistency"):
         assert needle in printed
+    assert ("ICBM 152 subjects (real anatomy)" in printed) == (dataset == "icbm152")
     model = out / "stage2" / "model"
     assert (model / "diffusion_pytorch_model.safetensors").is_file() and (model / "volumetric.safetensors").is_file()
     summary = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert summary["dataset"] == dataset
     assert set(summary["methods"]) == {"slice-wise", "lifted"}
     for stats in summary["methods"].values():
         assert {"mae", "ssim", "psnr", "z_inconsistency"} <= set(stats)
+    # icbm152 also scores against the clean target (before its bias field and noise), inside the brain.
+    assert ("methods_vs_clean_target" in summary) == (dataset == "icbm152")
+    assert summary["scored_inside"] == ("the brain mask" if dataset == "icbm152" else "the whole volume")
+    trained_on = json.loads((out / "stage1" / "model" / "lift3d_training.json").read_text())
+    assert trained_on["data"]["dataset"] == dataset
     figures = list((out / "evaluation" / "figures").glob("*.png"))
     assert figures and figures[0].stat().st_size > 10_000
     synth = sorted((out / "synthesis").glob("*_lifted.nii.gz"))
@@ -28,3 +39,20 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     source = load_image(str(synth[0]).replace("_lifted", "_source"))
     lifted = nib.load(synth[0])
     assert lifted.shape == source.shape and np.allclose(lifted.affine, source.affine)
+    if dataset == "icbm152":  # written back on the generation grid: 8 mm voxels in RAS
+        assert nib.aff2axcodes(lifted.affine) == ("R", "A", "S")
+        np.testing.assert_allclose(np.linalg.norm(lifted.affine[:3, :3], axis=0), [8.0, 8.0, 8.0])
+
+
+def test_demo_help_says_which_data(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "ICBM 152 2009c template that ships with lift3d" in text and "--dataset phantom" in text
+
+
+def test_unknown_demo_dataset_is_one_clear_error(capsys):
+    from lift3d.demo import run_demo
+
+    with pytest.raises(ValueError, match="Unknown demo dataset 'brats'; available: icbm152, phantom"):
+        run_demo("unused", dataset="brats")

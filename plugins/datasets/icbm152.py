@@ -85,8 +85,8 @@ def template_files(root: Path | str | None = None, files: dict[str, str] | None 
         names[key] = str(name)
     folder = PACKAGED if root is None else Path(root).expanduser()
     if root is not None and not folder.is_dir():
-        raise VolumeError(f"{folder}: template folder not found" if not folder.exists() else
-                          f"{folder}: is a file; icbm152 needs a folder holding {', '.join(names.values())}")
+        problem = "template folder not found" if not folder.exists() else "is a file"
+        raise VolumeError(f"{folder}: {problem}; icbm152 needs a folder holding {', '.join(names.values())}")
     missing = [name for name in names.values() if not (folder / name).is_file()]
     if missing:
         if root is None:
