@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,25 @@ def machine_info(**extra: Any) -> dict[str, Any]:
     return info | extra
 
 
+def portable(value: Any) -> Any:
+    """``value`` with every absolute path made relative to the repository (temp folders as ``<tmp>/...``),
+    so that a report does not record where the machine that ran it kept things."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v) for v in value]
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str) and value.startswith("/") and " " not in value:
+        tmp = tempfile.gettempdir()
+        if value == tmp or value.startswith(tmp + "/"):
+            return "<tmp>" + value[len(tmp):]
+        return os.path.relpath(value, REPO)
+    return value
+
+
 def write_json(path: str | os.PathLike, report: dict[str, Any]) -> None:
-    """Write ``report`` to ``path``, creating its folder."""
+    """Write ``report`` to ``path``, creating its folder; paths in it are made relative (:func:`portable`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1, default=str))
+    path.write_text(json.dumps(portable(json.loads(json.dumps(report, default=str))), indent=1))

@@ -144,14 +144,19 @@ def save_training_state(folder: Path, *, model: nn.Module, optimizer, lr_schedul
     _write_json(folder / TRAINER_STATE, {"format": STATE_FORMAT, "step": step, "last_logged_loss": loss})
 
 
-def check_checkpoint_files(folder: Path) -> None:
-    """Refuse a checkpoint folder holding files lift3d does not read safely (pickles, say), by name."""
-    unknown = sorted(p.name for p in folder.iterdir() if p.name not in KNOWN_FILES and not RNG.fullmatch(p.name))
+def check_checkpoint_files(folder: Path, expected: set[str] | None = None) -> None:
+    """Refuse a checkpoint folder holding files lift3d does not read safely (pickles, say), by name.
+
+    ``expected`` narrows the accepted names to those this run reads (no ``ema.*`` without an EMA).
+    """
+    accepted = KNOWN_FILES if expected is None else expected
+    unknown = sorted(p.name for p in folder.iterdir() if p.name not in accepted and not RNG.fullmatch(p.name))
     if unknown:
         raise CheckpointError(
             f"checkpoint {folder} holds files lift3d does not read safely: {', '.join(unknown)}. lift3d reads only "
-            f"its own safetensors and JSON ({', '.join(sorted(KNOWN_FILES))}, rng-<rank>.safetensors); a checkpoint "
-            "written by Accelerate's save_state (pickles) cannot be resumed. Remove those files, or start afresh")
+            f"its own safetensors and JSON ({', '.join(sorted(accepted))}, rng-<rank>.safetensors); a checkpoint "
+            "written by Accelerate's save_state (pickles) or by a run with other optim.ema / mixed_precision "
+            "settings cannot be resumed here. Remove those files, or start afresh")
 
 
 def read_trainer_state(folder: Path) -> dict[str, Any]:
@@ -164,7 +169,8 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
 def load_training_state(folder: Path, *, model: nn.Module, optimizer, lr_scheduler, ema=None, scaler=None,
                         process_index: int = 0) -> int:
     """Restore what :func:`save_training_state` wrote; returns the step to continue from."""
-    check_checkpoint_files(folder)
+    expected = KNOWN_FILES - ({EMA, EMA_SETTINGS} if ema is None else set()) - ({SCALER} if scaler is None else set())
+    check_checkpoint_files(folder, expected)
     step = read_trainer_state(folder)["step"]
     weights, _ = read_safetensors(folder / MODEL)
     load_state_dict_checked(model, weights, f"model weights in {folder}")

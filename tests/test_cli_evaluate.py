@@ -157,6 +157,12 @@ def bad_case(tmp_path, case):
     if case == "shape mismatch":
         other = save(tmp_path / "small.nii.gz", np.zeros((10, 12, 9)))
         return ["--pred", other, "--target", good_t], r"small\.nii\.gz has shape \(10, 12, 9\) but target .*t\.nii\.gz has shape \(10, 12, 8\)"
+    if case == "shifted affine":
+        far = np.diag([1.0, 1.0, 2.0, 1.0])
+        far[:3, 3] = 1000.0
+        moved = save(tmp_path / "moved.nii.gz", phantom(1), affine=far)
+        return ["--pred", moved, "--target", good_t], (r"grid mismatch for subject 'moved': prediction .*moved\.nii\.gz "
+                                                       r"lies elsewhere in space than target .* share 0%")
     if case == "2D image":
         flat = save(tmp_path / "flat.nii.gz", np.zeros((10, 12)))
         return ["--pred", flat, "--target", good_t], r"flat\.nii\.gz is not a 3D image: shape \(10, 12\)"
@@ -181,7 +187,7 @@ def bad_case(tmp_path, case):
     raise AssertionError(case)
 
 
-BAD_CASES = ["missing prediction", "missing target", "shape mismatch", "2D image", "4D image", "not nifti",
+BAD_CASES = ["missing prediction", "missing target", "shape mismatch", "shifted affine", "2D image", "4D image", "not nifti",
              "count mismatch", "mask count", "source directory lacks a file"]
 
 

@@ -14,7 +14,17 @@ class UserError(ValueError):
     """An error the user can fix (bad path, bad value, bad file). Its message is the whole story."""
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, TypeError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, KeyError)
+# OSError covers what the file system refuses: a missing path, no permission, a read-only or full disk.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, TypeError, OSError, KeyError)
+
+
+def _message(exc: BaseException) -> object:
+    if isinstance(exc, KeyError) and exc.args:
+        return exc.args[0]
+    if isinstance(exc, OSError) and exc.strerror:
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f)
+        return f"cannot write or read {where}: {exc.strerror}" if where else exc.strerror
+    return exc
 
 
 def run_cli(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
@@ -31,8 +41,7 @@ def run_cli(main: Callable[[list[str] | None], int | None]) -> Callable[[list[st
         except USER_ERRORS as exc:
             if os.environ.get("LIFT3D_DEBUG"):
                 raise
-            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            print(f"{prog}: error: {message}", file=sys.stderr)
+            print(f"{prog}: error: {_message(exc)}", file=sys.stderr)
             return EXIT_USER_ERROR
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr)

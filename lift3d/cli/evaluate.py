@@ -26,6 +26,7 @@ from nibabel.filebasedimages import ImageFileError
 from tqdm import tqdm
 
 from lift3d.cli._common import UserError, run_cli
+from lift3d.data.align import field_of_view_overlap, world_bounds
 from lift3d.data.nifti import load_image
 from lift3d.data.orientation import SLICE_AXES, to_slices
 from lift3d.figures import save_orthogonal_views
@@ -191,19 +192,46 @@ def load_volume(path: Path, slice_axis: str) -> tuple[np.ndarray, tuple[float, f
     return to_slices(canonical, slice_axis), spacing  # type: ignore[return-value]
 
 
+def _canonical_grid(image: nib.Nifti1Image) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape and affine after reorientation to RAS, from the header alone (no voxel is read)."""
+    ornt = nib.io_orientation(image.affine)
+    affine = image.affine @ nib.orientations.inv_ornt_aff(ornt, image.shape[:3])
+    shape = tuple(int(image.shape[int(axis)]) for axis in ornt[:, 0])
+    return shape, affine
+
+
+def _same_canonical_grid(a: nib.Nifti1Image, b: nib.Nifti1Image, tolerance: float = 0.01) -> bool:
+    """Voxel-aligned once both are reoriented to RAS, as evaluation compares them (``same_grid`` after
+    ``as_closest_canonical``)."""
+    (shape_a, affine_a), (shape_b, affine_b) = _canonical_grid(a), _canonical_grid(b)
+    return shape_a == shape_b and bool(np.allclose(affine_a, affine_b, rtol=0.0, atol=tolerance))
+
+
 def check_shapes(subjects: list[Subject]) -> None:
-    """Fail before any work if a subject's files disagree in shape or are not 3D (headers only)."""
+    """Fail before any work if a subject's files disagree in shape or grid, or are not 3D (headers only).
+
+    Scores compare voxel with voxel, so every file must lie on the target's grid: the same shape and,
+    within 0.01 mm, the same affine.
+    """
     for subject in subjects:
-        target_shape = _load_header(subject.target, "target").shape[:3]
+        target = _load_header(subject.target, "target")
         others = [("prediction", subject.prediction), ("mask", subject.mask), ("source", subject.source)]
         for role, path in others:
             if path is None:
                 continue
-            shape = _load_header(path, role).shape[:3]
-            if shape != target_shape:
+            image = _load_header(path, role)
+            if image.shape[:3] != target.shape[:3]:
                 raise UserError(
-                    f"shape mismatch for subject '{subject.name}': {role} {path} has shape {shape} "
-                    f"but target {subject.target} has shape {target_shape}"
+                    f"shape mismatch for subject '{subject.name}': {role} {path} has shape {image.shape[:3]} "
+                    f"but target {subject.target} has shape {target.shape[:3]}"
+                )
+            if not _same_canonical_grid(image, target):
+                overlap = field_of_view_overlap(image, target)
+                raise UserError(
+                    f"grid mismatch for subject '{subject.name}': {role} {path} lies elsewhere in space than target "
+                    f"{subject.target} (affines differ; the fields of view share {overlap:.0%}; in world mm, "
+                    f"{role}: {world_bounds(image)}; target: {world_bounds(target)}). Scores compare voxel with "
+                    "voxel: resample it onto the target's grid first"
                 )
 
 

@@ -22,7 +22,8 @@ inserts identity-initialised volumetric layers with lift3d.inflate, and fine-tun
 with one timestep per volume (make-a-volume: weight 2T - t).
 
 Options come from defaults, then the --config TOML file, then --section.field flags. The result
-is written to <run.output_dir>/model (safetensors), with training-state checkpoints beside it.
+is written to <run.output_dir>/model (safetensors), with training-state checkpoints beside it
+(safetensors and JSON only: resuming refuses a checkpoint folder holding any other file).
 """
 
 EPILOG = """\
@@ -30,6 +31,7 @@ examples:
   lift3d-finetune --config examples/configs/phantom-stage1.toml
   lift3d-finetune --config examples/configs/phantom-stage2.toml --model.pretrained runs/stage1/model
   accelerate launch -m lift3d.finetune --config examples/configs/phantom-stage2.toml --optim.mixed_precision bf16
+  accelerate launch "$(which lift3d-finetune)" --config stage2.toml   (not: accelerate launch lift3d-finetune)
   lift3d-finetune --config stage2.toml --run.resume latest
 """
 

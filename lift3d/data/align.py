@@ -35,7 +35,7 @@ def field_of_view_overlap(a: nib.Nifti1Image, b: nib.Nifti1Image) -> float:
     return max(_fraction_inside(a, b), _fraction_inside(b, a))
 
 
-def _bounds(image: nib.Nifti1Image) -> str:
+def world_bounds(image: nib.Nifti1Image) -> str:
     corners = np.array([[i, j, k] for i in (-0.5, image.shape[0] - 0.5) for j in (-0.5, image.shape[1] - 0.5) for k in (-0.5, image.shape[2] - 0.5)])
     world = nib.affines.apply_affine(image.affine, corners)
     return " ".join(f"{ax} [{lo:.1f}, {hi:.1f}]" for ax, lo, hi in zip("xyz", world.min(0), world.max(0)))
@@ -62,8 +62,8 @@ def align_to(
     if overlap < min_overlap:
         raise VolumeError(
             f"{names[1]}: cannot be aligned with {names[0]}: their fields of view share {overlap:.0%} of the "
-            f"smaller one (at least {min_overlap:.0%} needed). In world mm, source: {_bounds(source)}; "
-            f"target: {_bounds(target)}. Check that both headers (qform/sform) place them in the same space."
+            f"smaller one (at least {min_overlap:.0%} needed). In world mm, source: {world_bounds(source)}; "
+            f"target: {world_bounds(target)}. Check that both headers (qform/sform) place them in the same space."
         )
     data = np.asarray(target.dataobj, dtype=np.float32)
     moved = resample_from_to(target, (source.shape[:3], source.affine), order=order, mode="constant", cval=float(data.min()))
