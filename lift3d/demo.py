@@ -111,10 +111,19 @@ def score(pred, pair, target) -> dict:
     return evaluate_volumes(pred, target, None if mask is None else mask[0].numpy())
 
 
-def run_demo(out: str | Path, *, dataset: str = "icbm152", scale: str = "default", seed: int = 0) -> dict:
-    """Run the pipeline into ``out``; returns the paths written and the metrics."""
+def run_demo(out: str | Path, *, dataset: str = "icbm152", scale: str = "default", seed: int = 0,
+             threads: int | None = None) -> dict:
+    """Run the pipeline into ``out``; returns the paths written and the metrics.
+
+    ``threads``: torch's intra-op threads (None: torch's default). On a CPU shared with other jobs, 1
+    avoids oversubscription, which can make each step several times slower.
+    """
     check_choice("dataset", dataset, DATASETS)
     check_choice("scale", scale, SCALES[dataset])
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        torch.set_num_threads(threads)
     s, out = SCALES[dataset][scale], Path(out)
     start = time.perf_counter()
     test = create("datasets", dataset, split="test", **dataset_options(dataset, s, seed))  # bad data fails here

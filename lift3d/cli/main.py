@@ -48,7 +48,7 @@ def add_plugins_parser(subparsers) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from lift3d.demo import run_demo
 
-    run_demo(args.out, dataset=args.dataset, scale=args.scale, seed=args.seed)
+    run_demo(args.out, dataset=args.dataset, scale=args.scale, seed=args.seed, threads=args.threads)
     return 0
 
 
@@ -75,6 +75,9 @@ def add_demo_parser(subparsers) -> None:
                              "'quick' (seconds, too short to learn anything; for a first look and for tests)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for training and sampling, and for the icbm152 subjects (default: 0)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); on a machine shared with other jobs, "
+                             "--threads 1 is often faster")
     parser.set_defaults(func=_demo)
 
 
