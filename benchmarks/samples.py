@@ -1,14 +1,16 @@
 """What K samples per volume cost: seconds per volume for K = 1, 4, 8, batched against unbatched.
 
 Protocol
-- Model: a lifted pixel-space U-Net of the ICBM benchmark's cpu scale (48 x 48 x 24 grid,
-  block_out_channels (16, 32, 64), one layer per block), random weights: speed does not depend
-  on what the weights have learned. It is exported and loaded as ``lift3d-synthesize`` does.
+- Model: a lifted pixel-space U-Net of the ICBM benchmark's cpu scale (block_out_channels
+  (16, 32, 64), one layer per block) on that benchmark's 48 x 48 x 24 grid and on a tiny
+  16 x 16 x 8 one, random weights: speed does not depend on what the weights have learned. It is
+  exported and loaded as ``lift3d-synthesize`` does.
 - Methods: ``lift3d.synthesis.synthesize_posterior`` with K samples, all K through the U-Net at
-  once (``sample_batch=None``) or one at a time (``sample_batch=1``), DPM-Solver++ 25 steps (the
+  once (``sample_batch=K``) or one at a time (``sample_batch=1``), DPM-Solver++ 25 steps (the
   sampler the issue-14 averaging run used).
-- Timing: one volume, each configuration run ``--repeats`` times in interleaved rounds (so a change
-  in machine load hits every configuration alike), the median kept; one untimed warm-up first;
+- Timing: one volume, each configuration (grid x K x batching) run ``--repeats`` times in
+  interleaved rounds (so a change in machine load hits every configuration alike), the median
+  kept; one untimed warm-up per grid first;
   ``--threads`` intra-op threads (1 by default, as on the shared 2-core machine).
 - Report: seconds per volume and per sample, batched/unbatched ratios and the cost of K samples
   relative to one, all from the same run, with the load average before and after.
@@ -40,8 +42,8 @@ from lift3d.training import build_autoencoder, build_noise_scheduler, export_mod
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--size", type=int, default=48, help="in-plane size of the volume")
-    parser.add_argument("--num-slices", type=int, default=24, help="slices of the volume")
+    parser.add_argument("--grids", nargs="+", default=["48x24", "16x8"], metavar="SIZExSLICES",
+                        help="volume grids: in-plane size x slice count")
     parser.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64], help="U-Net block_out_channels")
     parser.add_argument("--scheduler", default="dpm", choices=("ddim", "dpm", "ddpm"))
     parser.add_argument("--steps", type=int, default=25)
@@ -58,35 +60,34 @@ class _Dataset:
         self.num_slices = num_slices
 
 
-def build_model(folder: Path, args: argparse.Namespace):
+def build_model(folder: Path, args: argparse.Namespace, size: int, num_slices: int):
     cfg = TrainConfig()
     cfg.run.stage = "volumes"
     cfg.model.block_out_channels = list(args.widths)
     cfg.model.layers_per_block = 1
     cfg.model.prediction_type = "v_prediction"
-    cfg.data.options = {"size": args.size, "num_slices": args.num_slices}
+    cfg.data.options = {"size": size, "num_slices": num_slices}
     torch.manual_seed(0)
-    unet = lift3d.inflate(new_unet2d(cfg, 2, 1, args.size))
+    unet = lift3d.inflate(new_unet2d(cfg, 2, 1, size))
     generator = torch.Generator().manual_seed(1)
     for _, layer in lift3d.volumetric_layers(unet):
         layer.init_random_(std=0.05, generator=generator)
-    folder = export_model(cfg, unet, build_autoencoder(cfg), build_noise_scheduler(cfg), _Dataset(args.num_slices),
-                          folder)
+    folder = export_model(cfg, unet, build_autoencoder(cfg), build_noise_scheduler(cfg), _Dataset(num_slices), folder)
     return load_synthesis_model(folder, device=args.device)
 
 
-def configurations(samples: list[int]) -> list[tuple[str, int, int | None]]:
+def configurations(samples: list[int]) -> list[tuple[str, int, int]]:
     """(name, K, sample_batch): K = 1 once, every other K batched and unbatched."""
     out = []
     for k in samples:
         if k == 1:
-            out.append(("K=1", 1, None))
+            out.append(("K=1", 1, 1))
         else:
-            out += [(f"K={k} batched", k, None), (f"K={k} unbatched", k, 1)]
+            out += [(f"K={k} batched", k, k), (f"K={k} unbatched", k, 1)]
     return out
 
 
-def time_one(model, source, args, k: int, batch: int | None) -> float:
+def time_one(model, source, args, k: int, batch: int) -> float:
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -101,42 +102,52 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     info = machine_info(load_average_before=os.getloadavg())
-    with tempfile.TemporaryDirectory() as tmp:
-        model = build_model(Path(tmp) / "model", args)
-    source = torch.rand(1, 1, args.num_slices, args.size, args.size, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    synthesize_posterior(model, source[:, :, :2], samples=2, scheduler=args.scheduler, steps=1, progress=False)  # warm-up
+    grids = {}
+    for text in args.grids:
+        size, num_slices = (int(v) for v in text.lower().split("x"))
+        with tempfile.TemporaryDirectory() as tmp:
+            model = build_model(Path(tmp) / "model", args, size, num_slices)
+        source = torch.rand(1, 1, num_slices, size, size, generator=torch.Generator().manual_seed(2)) * 2 - 1
+        synthesize_posterior(model, source[:, :, :2], samples=2, sample_batch=2, scheduler=args.scheduler, steps=1,
+                             progress=False)  # warm-up
+        grids[f"{size}x{size}x{num_slices}"] = (model, source)
     configs = configurations(args.samples)
-    times: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+    times = {(grid, name): [] for grid in grids for name, _, _ in configs}
     for round_index in range(args.repeats):
+        for grid, (model, source) in grids.items():
+            for name, k, batch in configs:
+                times[grid, name].append(time_one(model, source, args, k, batch))
+                print(f"round {round_index + 1}/{args.repeats} {grid} {name}: {times[grid, name][-1]:.2f} s", flush=True)
+    results: dict[str, dict] = {}
+    for grid in grids:
+        median = {name: statistics.median(times[grid, name]) for name, _, _ in configs}
+        single = median.get("K=1")
+        results[grid] = {}
         for name, k, batch in configs:
-            times[name].append(time_one(model, source, args, k, batch))
-            print(f"round {round_index + 1}/{args.repeats} {name}: {times[name][-1]:.2f} s", flush=True)
-    median = {name: statistics.median(values) for name, values in times.items()}
-    single = median.get("K=1")
-    results = {}
-    for name, k, batch in configs:
-        row = {"samples": k, "sample_batch": batch, "s_per_volume": median[name], "s_per_sample": median[name] / k,
-               "runs_s": times[name]}
-        if single:
-            row["cost_vs_one_sample"] = median[name] / single
-        if batch is None and k > 1:
-            row["batched_over_unbatched"] = median[name] / median[f"K={k} unbatched"]
-        results[name] = row
+            row = {"samples": k, "sample_batch": batch, "s_per_volume": median[name],
+                   "s_per_sample": median[name] / k, "runs_s": times[grid, name]}
+            if single:
+                row["cost_vs_one_sample"] = median[name] / single
+            if batch == k > 1:
+                row["batched_over_unbatched"] = median[name] / median[f"K={k} unbatched"]
+            results[grid][name] = row
     command = "python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(REPO)), *sys.argv[1:]])
     report = {
         "command": command,
         "machine": info | {"load_average_after": os.getloadavg()},
         "protocol": __doc__.split("\n\n")[1],
-        "setup": {"grid": f"{args.size} x {args.size} x {args.num_slices}", "widths": args.widths,
+        "setup": {"grids": list(grids), "widths": args.widths,
                   "layers_per_block": 1, "sampler": f"{args.scheduler}-{args.steps}", "threads": args.threads,
                   "device": args.device, "repeats": args.repeats, "statistic": "median over repeats"},
         "results": results,
     }
     out = REPO / args.out
     write_json(out, report)
-    for name, row in results.items():
-        extra = f", batched/unbatched {row['batched_over_unbatched']:.2f}" if "batched_over_unbatched" in row else ""
-        print(f"{name:>14}: {row['s_per_volume']:.2f} s per volume, {row['s_per_sample']:.2f} s per sample{extra}")
+    for grid, rows in results.items():
+        for name, row in rows.items():
+            extra = f", batched/unbatched {row['batched_over_unbatched']:.2f}" if "batched_over_unbatched" in row else ""
+            print(f"{grid} {name:>14}: {row['s_per_volume']:.2f} s per volume, {row['s_per_sample']:.2f} s per "
+                  f"sample{extra}")
     print(f"wrote {args.out}")
 
 

@@ -441,11 +441,20 @@ def check_sampling_options(samples: int = 1, sample_batch: int | None = None, no
         raise ValueError(f"samples must be a positive integer (1 = a single sample), got {samples!r}")
     if sample_batch is not None and (isinstance(sample_batch, bool) or not isinstance(sample_batch, int)
                                      or sample_batch < 1):
-        raise ValueError(f"sample_batch must be a positive integer or None (all samples at once), got {sample_batch!r}")
+        raise ValueError(f"sample_batch must be a positive integer or None (the device's default), got {sample_batch!r}")
     if (isinstance(noise_correlation, bool) or not isinstance(noise_correlation, (int, float))
             or not 0.0 <= noise_correlation <= 1.0):
         raise ValueError(f"noise_correlation must be a number from 0 (independent noise per slice) to 1 (the same "
                          f"noise in every slice), got {noise_correlation!r}")
+
+
+def resolve_sample_batch(sample_batch: int | None, samples: int, device: torch.device) -> int:
+    """How many samples :func:`synthesize_posterior` denoises together: ``sample_batch`` (at most
+    ``samples``), or by default all of them on an accelerator and one at a time on the CPU, where a
+    batch of samples measured slower per sample than one at a time (``benchmarks/samples.py``)."""
+    if sample_batch is None:
+        return samples if device.type != "cpu" else 1
+    return min(sample_batch, samples)
 
 
 def _ddpm_step(sampler, eps: Tensor, t: Tensor, latents: Tensor, generators: Sequence[torch.Generator],
@@ -532,9 +541,10 @@ def synthesize_posterior(
     unsure. :func:`synthesize` is this function's mean, with one sample by default.
 
     :param samples: K, the number of samples per source volume.
-    :param sample_batch: how many samples go through the U-Net together (None: all K). Batching
-        is faster where the device has room; a smaller batch needs less memory. If a batch runs
-        out of memory it is halved and retried (down to 1), with a warning.
+    :param sample_batch: how many samples go through the U-Net together. None: all K on a GPU
+        (or other accelerator), one at a time on the CPU, where batching measured slower
+        (:func:`resolve_sample_batch`). A smaller batch needs less memory; a batch that runs out of
+        memory is halved and retried (down to 1), with a warning.
     :param scheduler: ``ddpm`` (1000 steps by default), ``ddim`` (200, the paper's) or ``dpm``
         (DPM-Solver++, 25).
     :param steps: inference steps; None = the scheduler's default.
@@ -577,7 +587,7 @@ def synthesize_posterior(
         latent_shape = torch.Size((b, model.latent_channels, n, h // f, w // f))
     windows = None if windowing is None else window_weights(n, *windowing)
     seeds = [sample_seed(seed, k) for k in range(samples)]
-    batch = samples if sample_batch is None else min(sample_batch, samples)
+    batch = resolve_sample_batch(sample_batch, samples, device)
     num_steps = len(sampler.timesteps)
     desc = f"{scheduler} sampling" + (f", {samples} samples" if samples > 1 else "")
     drawn: list[Tensor] = []

@@ -207,7 +207,7 @@ def test_samples_write_the_mean_and_a_std_map_on_the_source_grid(model_folder, t
     _synth(model_folder, source, one, capsys, "--samples", 1)
     assert sorted(p.name for p in one.iterdir()) == [f"sub-01_T1{OUTPUT_SUFFIX}"]  # no std map for one sample
     out = tmp_path / "three"
-    stdout = _synth(model_folder, source, out, capsys, "--samples", 3, "--scheduler", "ddpm")
+    stdout = _synth(model_folder, source, out, capsys, "--samples", 3, "--scheduler", "ddpm", "--sample-batch", 3)
     assert sorted(p.name for p in out.iterdir()) == sorted([f"sub-01_T1{OUTPUT_SUFFIX}", STD_DIR])
     assert [p.name for p in (out / STD_DIR).iterdir()] == [f"sub-01_T1{STD_SUFFIX}"]
     assert "3 samples (3 at a time)" in stdout and "(mean of 3)" in stdout and "s per sample" in stdout
@@ -218,9 +218,10 @@ def test_samples_write_the_mean_and_a_std_map_on_the_source_grid(model_folder, t
     std_data = std.get_fdata()
     assert np.isfinite(std_data).all() and std_data.min() >= 0 and std_data.mean() > 1  # source units (0-300)
     assert not np.allclose(mean.get_fdata(), nib.load(one / f"sub-01_T1{OUTPUT_SUFFIX}").get_fdata())
-    # Batching is a matter of speed only.
+    # Batching is a matter of speed only (on the CPU the default is one sample at a time).
     capped = tmp_path / "capped"
-    _synth(model_folder, source, capped, capsys, "--samples", 3, "--scheduler", "ddpm", "--sample-batch", 1)
+    assert "3 samples (1 at a time)" in _synth(model_folder, source, capped, capsys, "--samples", 3, "--scheduler",
+                                               "ddpm")
     np.testing.assert_allclose(nib.load(capped / f"sub-01_T1{OUTPUT_SUFFIX}").get_fdata(), mean.get_fdata(),
                                atol=1e-3)
     np.testing.assert_allclose(nib.load(capped / STD_DIR / f"sub-01_T1{STD_SUFFIX}").get_fdata(), std_data, atol=1e-3)
@@ -242,7 +243,7 @@ def test_noise_correlation_changes_the_result_and_zero_changes_nothing(model_fol
 
 @pytest.mark.parametrize("option, value, message", [
     ("--samples", "0", "argument --samples: expected a positive integer, got 0"),
-    ("--sample-batch", "-1", "argument --sample-batch: expected a non-negative integer, got -1"),
+    ("--sample-batch", "0", "argument --sample-batch: expected a positive integer, got 0"),
     ("--noise-correlation", "1.5", "argument --noise-correlation: expected a number from 0 (independent slices) "
                                    "to 1 (the same noise in every slice), got '1.5'"),
     ("--noise-correlation", "high", "got 'high'"),
@@ -256,3 +257,10 @@ def test_bad_sampling_options_exit_2_with_one_error_line(model_folder, tmp_path,
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_negative_step_count_is_called_what_it_is(capsys):
+    with pytest.raises(SystemExit):
+        main(["--model", "m", "--source", "s.nii.gz", "--out", "o", "--steps=-5"])
+    err = capsys.readouterr().err
+    assert "argument --steps: expected a positive integer, got -5" in err and "non-negative" not in err

@@ -18,6 +18,7 @@ from lift3d.synthesis import (
     load_synthesis_model,
     make_scheduler,
     predict_noise,
+    resolve_sample_batch,
     sample_seed,
     save_std_volume,
     synthesize,
@@ -380,13 +381,14 @@ def test_posterior_is_mean_and_std_of_single_samples_with_derived_seeds(folders,
     singles = torch.stack([synthesize(model, source, scheduler=name, steps=2, seed=sample_seed(3, k), progress=False)
                            for k in range(3)])
     calls = count_calls(model)
-    posterior = synthesize_posterior(model, source, samples=3, scheduler=name, steps=2, seed=3, progress=False)
+    posterior = synthesize_posterior(model, source, samples=3, sample_batch=3, scheduler=name, steps=2, seed=3,
+                                     progress=False)
     assert len(calls) == 2  # the three samples share each U-Net call
     assert posterior.samples == 3 and posterior.mean.shape == posterior.std.shape == source.shape
     torch.testing.assert_close(posterior.mean, singles.mean(0), atol=1e-5, rtol=0)
     torch.testing.assert_close(posterior.std, singles.std(0), atol=1e-5, rtol=0)
     assert posterior.std.min() >= 0 and posterior.std.mean() > 1e-2
-    mean = synthesize(model, source, scheduler=name, steps=2, seed=3, samples=3, progress=False)
+    mean = synthesize(model, source, scheduler=name, steps=2, seed=3, samples=3, sample_batch=3, progress=False)
     assert torch.equal(mean, posterior.mean)
 
 
@@ -394,13 +396,17 @@ def test_sample_batch_caps_the_u_net_batch_and_keeps_the_result(folders, source)
     model = load_synthesis_model(folders["random"], device="cpu")
     batches = []
     model.unet.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
-    together = synthesize_posterior(model, source, samples=4, scheduler="ddpm", steps=2, progress=False)
+    together = synthesize_posterior(model, source, samples=4, sample_batch=8, scheduler="ddpm", steps=2, progress=False)
     assert batches == [4 * SLICES] * 2
     batches.clear()
     capped = synthesize_posterior(model, source, samples=4, sample_batch=3, scheduler="ddpm", steps=2, progress=False)
     assert batches == [3 * SLICES] * 2 + [SLICES] * 2
     torch.testing.assert_close(capped.mean, together.mean, atol=1e-5, rtol=0)
     torch.testing.assert_close(capped.std, together.std, atol=1e-5, rtol=0)
+    batches.clear()
+    synthesize_posterior(model, source, samples=2, scheduler="ddpm", steps=2, progress=False)
+    assert batches == [SLICES] * 4  # on the CPU, one sample at a time unless told otherwise
+    assert resolve_sample_batch(None, 8, torch.device("cuda")) == 8 and resolve_sample_batch(16, 8, torch.device("cpu")) == 8
 
 
 def test_out_of_memory_halves_the_sample_batch(folders, source, monkeypatch, caplog):
@@ -415,7 +421,7 @@ def test_out_of_memory_halves_the_sample_batch(folders, source, monkeypatch, cap
 
     monkeypatch.setattr(synthesis, "predict_noise", small_memory)
     with caplog.at_level("WARNING", logger="lift3d.synthesis"):
-        result = synthesize_posterior(model, source, samples=4, steps=2, progress=False)
+        result = synthesize_posterior(model, source, samples=4, sample_batch=4, steps=2, progress=False)
     assert torch.equal(result.mean, expected.mean) and torch.equal(result.std, expected.std)
     assert "out of memory denoising 4 samples together; retrying 2 at a time" in caplog.text
 
@@ -465,7 +471,7 @@ def test_noise_correlation_applies_to_lifted_and_slice_wise(folders, source):
     ({"samples": 0}, "samples must be a positive integer (1 = a single sample), got 0"),
     ({"samples": True}, "samples must be a positive integer"),
     ({"samples": 2.0}, "samples must be a positive integer"),
-    ({"sample_batch": 0}, "sample_batch must be a positive integer or None (all samples at once), got 0"),
+    ({"sample_batch": 0}, "sample_batch must be a positive integer or None (the device's default), got 0"),
     ({"noise_correlation": 1.5}, "noise_correlation must be a number from 0 (independent noise per slice) to 1 "
                                  "(the same noise in every slice), got 1.5"),
     ({"noise_correlation": -0.1}, "noise_correlation must be a number from 0"),

@@ -26,7 +26,7 @@ from lift3d.data.nifti import IMAGE_SUFFIXES, image_suffix, load_image, save_vol
 from lift3d.data.orientation import orientation_codes, slice_shape
 from lift3d.data.volume import TrainingGrid, prepare_volume
 from lift3d.synthesis import (DTYPES, SCHEDULERS, SynthesisModel, check_clip_x0, load_synthesis_model, make_scheduler,
-                              resolve_window, save_std_volume, synthesize_posterior)
+                              resolve_sample_batch, resolve_window, save_std_volume, synthesize_posterior)
 
 OUTPUT_SUFFIX = "_synth.nii.gz"
 # Std maps live in a subfolder, so a folder of predictions (lift3d-evaluate --pred DIR) holds predictions only.
@@ -45,8 +45,8 @@ sliced along the training slice axis, intensities clipped at the training percen
 to [-1, 1], and resampled to the training in-plane size and slice count. The result is resampled
 back and written on the source's own grid, with its affine and header, as <name>_synth.nii.gz.
 
-With --samples K, K samples are drawn per source (batched through the U-Net, --sample-batch caps
-how many at once): <name>_synth.nii.gz is their mean, and std/<name>_std.nii.gz their per-voxel
+With --samples K, K samples are drawn per source (on a GPU batched through the U-Net; --sample-
+batch sets how many at once): <name>_synth.nii.gz is their mean, and std/<name>_std.nii.gz their per-voxel
 standard deviation (an uncertainty map, in the same intensity units; a scale, so the intensity
 offset is not added). The mean of several samples usually scores better than one sample.
 """
@@ -133,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "map). K times the work of one sample, less per sample when batched. Default: 1 (one "
                         "sample, no std map)")
     parser.add_argument("--sample-batch", type=_positive, metavar="N",
-                        help="denoise at most N of the K samples together (default: all K). Lower it if "
-                        "memory is short; a batch that runs out of memory is halved and retried anyway. "
-                        "The result does not depend on it beyond float rounding")
+                        help="denoise N of the K samples together (default: all K on a GPU, 1 on the CPU, "
+                        "where batching measured slower). Lower it if GPU memory is short; a batch that runs "
+                        "out of memory is halved and retried anyway. The result does not depend on it beyond "
+                        "float rounding")
     parser.add_argument("--noise-correlation", type=_correlation, default=0.0, metavar="RHO",
                         help="correlate the noise of all slices of a volume by RHO in [0, 1] (each voxel's "
                         "noise stays N(0, 1), as sqrt(RHO) x shared + sqrt(1 - RHO) x own-per-slice would "
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             "slice-wise (volumetric layers off)" if args.slice_wise else "volume-wise")
     sampling = ""
     if args.samples > 1:
-        batch = min(args.sample_batch or args.samples, args.samples)
+        batch = resolve_sample_batch(args.sample_batch, args.samples, model.device)
         sampling = f", {args.samples} samples ({batch} at a time)"
     if args.noise_correlation:
         sampling += f", noise correlated across slices by {args.noise_correlation:g}"
