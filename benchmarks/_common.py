@@ -76,3 +76,26 @@ def write_json(path: str | os.PathLike, report: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(portable(json.loads(json.dumps(report, default=str))), indent=1))
+
+
+def parse_kind(spec: str) -> dict[str, Any]:
+    """A layer kind and its settings as written on a benchmark's command line, as ``lift3d.inflate``
+    keywords: ``"low-rank:train_down=false,rank=4"`` -> ``{"kind": "low-rank", "train_down": False,
+    "rank": 4}`` (``true``/``false``, ints and floats are converted, anything else stays a string)."""
+    kind, _, rest = spec.partition(":")
+    settings: dict[str, Any] = {"kind": kind}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{item!r} in {spec!r} is not key=value")
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            settings[key] = lowered == "true"
+            continue
+        for convert in (int, float, str):
+            try:
+                settings[key] = convert(value)
+                break
+            except ValueError:
+                continue
+    return settings

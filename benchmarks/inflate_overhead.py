@@ -53,6 +53,14 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
         down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
     ),
+    # Half the widths on 32x32 latents (1/16 of the FLOPs): the trade table of layer kinds, where
+    # every kind must be measured in one run on a shared CPU.
+    "medium": dict(
+        sample_size=32, in_channels=6, out_channels=3, block_out_channels=(64, 128, 256, 256),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    ),
     # The smoke-test size: the same kinds of blocks, a few milliseconds per step.
     "small": dict(
         sample_size=16, in_channels=6, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,

@@ -5,7 +5,10 @@ network. For one volume of N slices of 64x64 latents this measures, in one run, 
 forward pass and a train step (forward + MSE + backward + AdamW step) of four models:
 
 - ``2d``: the diffusers ``UNet2DModel`` run slice-wise (its slices flattened to a batch);
-- ``lifted``: the same model after :func:`lift3d.inflate` (default placement), everything trained;
+- ``lifted``: the same model after :func:`lift3d.inflate` (its defaults), everything trained;
+- ``lifted:<kind>[:key=value,...]`` (``--kinds``): a layer kind and its settings, e.g. ``full``,
+  ``low-rank:train_down=false``, ``full:where=resnet-coarse``, ``low-rank:recompute=true`` (recompute
+  the layers' inputs in backward), ``full:fused=true`` (:func:`lift3d.fuse`, forward only);
 - ``lifted-volumetric``: the lifted model with only its volumetric layers trained
   (``lift3d.set_trainable(model, "volumetric")``; its forward pass is ``lifted``'s);
 - ``native3d``: the peer a user would pick instead, MONAI's ``DiffusionModelUNet(spatial_dims=3)``
@@ -25,6 +28,13 @@ repeats of two figures measured back to back.
     python benchmarks/speed.py --device cuda --dtype bfloat16 --slices 35 100 --repeats 5 --sample-at 35 100 \
         --fit-check 100 --json benchmarks/results/speed_cuda.json
     python benchmarks/speed.py --small --slices 3 --repeats 1 --threads 1      # smoke test
+
+The trade table of layer kinds (benchmarks/RESULTS.md) is one run of the ``medium`` size:
+
+    python benchmarks/speed.py --size medium --slices 16 --threads 1 --repeats 3 --models 2d --sample-at \
+        --kinds full low-rank low-rank:train_down=false depthwise full:where=resnet-coarse \
+        low-rank:where=resnet-coarse full:recompute=true low-rank:recompute=true full:fused=true \
+        low-rank:fused=true --json benchmarks/results/layer_kinds_speed_cpu.json
 """
 
 from __future__ import annotations
@@ -44,7 +54,7 @@ from diffusers import UNet2DModel
 from torch import nn
 
 import lift3d
-from _common import machine_info, write_json
+from _common import machine_info, parse_kind, write_json
 from inflate_overhead import (UNET_CONFIGS, MemoryProbe, _flop_counter, _sync, make_batch, make_step, run_forked,
                               run_inline)
 
@@ -113,6 +123,13 @@ class NativeUNet3D(nn.Module):
         return SimpleNamespace(sample=out[:, :, :n])
 
 
+def kind_settings(name: str) -> dict[str, Any]:
+    """The inflate keywords of a model name (``lifted`` = inflate's defaults)."""
+    if name.startswith("lifted:"):
+        return parse_kind(name[len("lifted:"):])
+    return {}
+
+
 def build_model(size: str, name: str) -> nn.Module:
     torch.manual_seed(0)
     config = UNET_CONFIGS[size]
@@ -122,7 +139,8 @@ def build_model(size: str, name: str) -> nn.Module:
         return NativeUNet3D(DiffusionModelUNet(**native3d_config(config)), 2 ** (len(config["block_out_channels"]) - 1))
     model = UNet2DModel(**config)
     if name != BASELINE:
-        lift3d.inflate(model)
+        settings = {k: v for k, v in kind_settings(name).items() if k != "fused"}
+        lift3d.inflate(model, **settings)
     return model
 
 
@@ -132,7 +150,7 @@ def _volume_input(name: str) -> bool:
 
 
 def _lifted(name: str) -> bool:
-    return name in ("lifted", "lifted-volumetric")
+    return name.startswith("lifted")
 
 
 def _inflate_overhead_mode(name: str, mode: str) -> str:
@@ -188,6 +206,9 @@ def measure(job: dict) -> dict:
     if fit:
         model.enable_gradient_checkpointing()
         step = _mixed_precision_train_step(model, device)
+    elif kind_settings(job["model"]).get("fused"):
+        lift3d.fuse(model)
+        step = make_step(model, "forward", True)
     else:
         step = make_step(model, _inflate_overhead_mode(job["model"], job["mode"]), _lifted(job["model"]))
     volume = _volume_input(job["model"])
@@ -342,6 +363,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="measurements to leave out, shell-style patterns, e.g. native3d:train:* or "
                              f"native3d:forward:100 (models: {', '.join(MODELS)}; modes: {', '.join(MODES)})")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--kinds", nargs="*", default=[], metavar="KIND[:KEY=VALUE,...]",
+                        help="more lifted models, one per layer kind and setting (see the module docstring); "
+                             f"kinds: {', '.join(lift3d.layer_kinds.names())}")
+    parser.add_argument("--size", choices=tuple(UNET_CONFIGS), default=None,
+                        help="U-Net widths and latent size (default full; --small is --size small)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed steps at full size per measurement (default: cpu 0, cuda 3)")
     parser.add_argument("--iters", type=int, default=None,
@@ -382,6 +408,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--sample-steps must be from 1 to 200, got {args.sample_steps}")
     if BASELINE not in args.models:
         parser.error(f"--models must include {BASELINE!r}: every ratio is taken against it")
+    for spec in args.kinds:
+        try:
+            settings = parse_kind(spec)
+            lift3d.layer_kinds.check_options(settings["kind"], {k: v for k, v in settings.items() if k not in
+                                                                ("kind", "fused", "where", "recompute", "kernel_size",
+                                                                 "padding_mode")})
+        except ValueError as exc:
+            parser.error(f"--kinds {spec!r}: {exc}")
+    args.models = args.models + [f"lifted:{spec}" for spec in args.kinds]
+    args.size = args.size or ("small" if args.small else "full")
     return args
 
 
@@ -389,6 +425,10 @@ def _skipped(args: argparse.Namespace, model: str, mode: str, n: int) -> str | N
     """Why (model, mode, n) is not measured, or None."""
     if mode == "forward" and model == "lifted-volumetric":
         return None  # not a measurement: its forward pass is lifted's
+    if mode == "train" and kind_settings(model).get("fused"):
+        return "a fused model is for inference only"
+    if mode == "forward" and kind_settings(model).get("recompute"):
+        return "recompute changes only the train step"
     if model == "native3d" and DiffusionModelUNet is None:
         return "MONAI is not installed (pip install 'lift3d[bench]')"
     if mode == "train" and n in args.skip_train_at:
@@ -448,7 +488,8 @@ def summarise(samples: list[dict], args: argparse.Namespace) -> dict:
             if not entries:
                 continue
             ratios = {}
-            for a, b in RATIOS:
+            pairs_wanted = list(RATIOS) + [(m, BASELINE) for m in args.models if m.startswith("lifted:")]
+            for a, b in pairs_wanted:
                 pairs = [(by_key[k], by_key.get((k[0], n, mode, b))) for k in by_key if k[1:] == (n, mode, a)]
                 pairs = [(x, y) for x, y in pairs if y is not None]
                 if pairs:
@@ -494,7 +535,8 @@ def markdown(report: dict) -> str:
     rounds = {(n, mode): max(len(e["times_s"]) for e in results[n][mode]["models"].values()) for n, mode in columns}
     header = " | ".join(f"{mode} N={n} ({rounds[n, mode]}x)" for n, mode in columns)
     rule = " | ".join("---:" for _ in columns)
-    names = [m for m in MODELS if m in models]
+    names = [m for m in (*MODELS, *models) if m in models]
+    names = list(dict.fromkeys(names))
 
     def cell(n: str, mode: str, name: str, what: str) -> str:
         entry = results[n][mode]["models"].get(name)
@@ -580,7 +622,7 @@ def _run_job(run: Callable, function: Callable, job: dict) -> tuple[dict | None,
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    size = "small" if args.small else "full"
+    size = args.size
     models = [m for m in args.models if m != "native3d" or DiffusionModelUNet is not None]
     common = {"size": size, "device": args.device, "dtype": args.dtype, "threads": args.threads,
               "warmup": args.warmup, "iters": args.iters}

@@ -1,7 +1,8 @@
 """lift3d: lift a pretrained 2D diffusion U-Net into a volume-aware 3D model.
 
 Implements Make-A-Volume (Zhu et al., MICCAI 2023): identity-initialised 1D convolutions along
-the slice axis, inserted into any 2D network by :func:`inflate`.
+the slice axis, inserted into any 2D network by :func:`inflate`; :func:`fuse` folds them into their
+host convs for inference.
 """
 
 from importlib.metadata import PackageNotFoundError, version as _version
@@ -11,24 +12,28 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
+from lift3d.fuse import fuse, fused_layers
 from lift3d.inflate import (
     PRESETS,
     InflationReport,
     inflate,
     is_lifted,
     is_volumetric_parameter,
+    lift_settings,
     report,
+    set_recompute,
     set_trainable,
     volume_batch,
     volumetric_disabled,
     volumetric_layers,
     volumetric_state_dict,
 )
+from lift3d.low_rank import LowRankVolumetricConv
 from lift3d.plugins import hookimpl
 from lift3d.volumetric import VolumetricConv
 
 __all__ = [
-    "PRESETS", "InflationReport", "VolumetricConv", "__version__", "hookimpl", "inflate", "is_lifted",
-    "is_volumetric_parameter", "report", "set_trainable", "volume_batch", "volumetric_disabled",
-    "volumetric_layers", "volumetric_state_dict",
+    "PRESETS", "InflationReport", "LowRankVolumetricConv", "VolumetricConv", "__version__", "fuse", "fused_layers",
+    "hookimpl", "inflate", "is_lifted", "is_volumetric_parameter", "lift_settings", "report", "set_recompute",
+    "set_trainable", "volume_batch", "volumetric_disabled", "volumetric_layers", "volumetric_state_dict",
 ]

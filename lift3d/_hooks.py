@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -32,8 +33,12 @@ class LiftState:
     kernel_size: int
     where: list[str]
     padding_mode: str
-    groups: int | str
+    kind: str
+    options: dict[str, Any]
     channels: dict[str, int]
+    placement: str = ""  # how the hosts were chosen, for the report
+    recompute: bool = False
+    fused: bool = False
     num_slices: int | None = None
     forced_num_slices: int | None = None
     enabled: bool = True
@@ -42,17 +47,84 @@ class LiftState:
 
     def settings(self) -> dict[str, Any]:
         """What a loader needs to re-lift a fresh 2D model identically (JSON-serialisable)."""
-        return {"kernel_size": self.kernel_size, "where": list(self.where), "padding_mode": self.padding_mode,
-                "groups": self.groups, "num_layers": len(self.where)}
+        return {"kind": self.kind, "kernel_size": self.kernel_size, "where": list(self.where),
+                "padding_mode": self.padding_mode, "options": dict(self.options), "num_layers": len(self.where)}
 
 
-def make_host_hook(state: LiftState):
-    def hook(host: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+def same_layout(out: Tensor, like: Tensor) -> Tensor:
+    """``out`` with the strides of ``like``, the host output it replaces.
+
+    Kernels downstream (GroupNorm, attention) choose their path, and so their summation order, by
+    the input's strides, even those of size-1 dims: a one-slice batch whose layer output came back
+    with other strides than the host's differed from the 2D model by ~1e-6. Where only the strides
+    of size-1 dims differ this is a free restride; otherwise a copy.
+    """
+    if out.stride() == like.stride():
+        return out
+    if all(s == t for n, s, t in zip(out.shape, out.stride(), like.stride()) if n > 1):
+        return out.as_strided(like.shape, like.stride(), out.storage_offset())
+    return torch.empty_like(like).copy_(out)
+
+
+class _Recomputed:
+    """A saved tensor dropped in forward and recomputed from the host's input in backward."""
+
+    __slots__ = ("size", "stride", "offset")
+
+    def __init__(self, t: Tensor) -> None:
+        self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset()
+
+
+def _run_recomputing_host(layer: nn.Module, host: nn.Conv2d, x: Tensor, output: Tensor, n: int) -> Tensor:
+    """Run ``layer(output)`` without keeping ``output`` (the host conv's result) for backward.
+
+    The layer needs its input for its weight gradient; the 2D model never kept that tensor (the
+    next op keeps only its own input). Every tensor the layer saves that lives in ``output``'s storage
+    is packed as "recompute": in backward the host conv runs again on ``x``, which the host conv
+    has kept for its own gradient anyway.
+    """
+    storage = output.untyped_storage().data_ptr()
+
+    def pack(t: Tensor):
+        if t.device == output.device and t.untyped_storage().data_ptr() == storage:
+            return _Recomputed(t)
+        return t
+
+    def unpack(saved):
+        if not isinstance(saved, _Recomputed):
+            return saved
+        with torch.no_grad():
+            y = host._conv_forward(x, host.weight, host.bias)
+        return y.as_strided(saved.size, saved.stride, saved.offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return layer(output, n)
+
+
+class _Hook:
+    """A hook that holds the lift state as an attribute, not in a closure: ``copy.deepcopy`` of a
+    lifted model then gives hooks that share the *copy's* state (a closure would keep the original's)."""
+
+    def __init__(self, state: LiftState) -> None:
+        self.state = state
+
+
+class HostHook(_Hook):
+    def __call__(self, host: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        state, layer = self.state, getattr(host, LAYER_NAME)
         if state.num_slices is None or not state.enabled:
-            return None
-        return getattr(host, LAYER_NAME)(output, state.num_slices)
+            # A fused host computes A conv(x) + c: the layer gives back the 2D host's output.
+            return same_layout(layer.unfuse(output), output) if getattr(layer, "fused", False) else None
+        if (state.recompute and torch.is_grad_enabled() and output.requires_grad and type(host) is nn.Conv2d
+                and args and isinstance(args[0], Tensor)):
+            out = _run_recomputing_host(layer, host, args[0], output, state.num_slices)
+        else:
+            out = layer(output, state.num_slices)
+        return same_layout(out, output)
 
-    return hook
+
+def make_host_hook(state: LiftState) -> HostHook:
+    return HostHook(state)
 
 
 SAMPLE_KWARGS = ("sample", "x", "input", "inputs")
@@ -76,8 +148,9 @@ def _to_slices(value: Any, b: int, n: int) -> Any:
     return value
 
 
-def make_flatten_hook(state: LiftState):
-    def hook(model: nn.Module, args: tuple, kwargs: dict):
+class FlattenHook(_Hook):
+    def __call__(self, model: nn.Module, args: tuple, kwargs: dict):
+        state = self.state
         where = _find_sample(args, kwargs)
         sample = None if where is None else (args[where] if isinstance(where, int) else kwargs[where])
         state.volume_shape = None
@@ -91,7 +164,9 @@ def make_flatten_hook(state: LiftState):
         kwargs = {k: flat if k == where else _to_slices(v, b, n) for k, v in kwargs.items()}
         return args, kwargs
 
-    return hook
+
+def make_flatten_hook(state: LiftState) -> FlattenHook:
+    return FlattenHook(state)
 
 
 def _to_volumes(value: Any, b: int, n: int) -> Any:
@@ -112,15 +187,17 @@ def _to_volumes(value: Any, b: int, n: int) -> Any:
     return value
 
 
-def make_unflatten_hook(state: LiftState):
-    def hook(model: nn.Module, args: tuple, kwargs: dict, output: Any):
-        shape = state.volume_shape
+class UnflattenHook(_Hook):
+    def __call__(self, model: nn.Module, args: tuple, kwargs: dict, output: Any):
+        shape = self.state.volume_shape
         if shape is None:
             return None
-        state.volume_shape = None
+        self.state.volume_shape = None
         return _to_volumes(output, *shape)
 
-    return hook
+
+def make_unflatten_hook(state: LiftState) -> UnflattenHook:
+    return UnflattenHook(state)
 
 
 def accept_2d_state_dict(model: nn.Module, incompatible) -> None:

@@ -105,11 +105,23 @@ def save_volumetric(model: nn.Module, path: str | os.PathLike, *, state_dict: di
     return save_safetensors(weights, path, _metadata(model))
 
 
+def inflate_arguments(lift: dict[str, Any]) -> dict[str, Any]:
+    """:func:`lift3d.inflate` keywords from saved lift settings; settings written before layer kinds
+    existed (no ``kind``, a top-level ``groups``) are the full layer."""
+    options = lift.get("options", {"groups": lift.get("groups", 1)})
+    return {"kind": lift.get("kind", "full"), "kernel_size": lift["kernel_size"], "where": lift["where"],
+            "padding_mode": lift["padding_mode"], **options}
+
+
 def load_volumetric(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     """Load volumetric layers saved by :func:`save_volumetric` into a lifted model. Returns the metadata."""
     weights, metadata = read_safetensors(Path(path))
     if metadata.get("format") != "lift3d":
         raise CheckpointError(f"{path} has no lift3d metadata; it was not written by lift3d.save_volumetric")
+    saved_kind, own_kind = json.loads(metadata.get("kind", '"full"')), lift_settings(model)["kind"]
+    if saved_kind != own_kind:
+        raise CheckpointError(f"volumetric checkpoint {path} holds layers of kind {saved_kind!r}, but the model's "
+                              f"are {own_kind!r}; lift it with lift3d.inflate(model, kind={saved_kind!r})")
     own = volumetric_state_dict(model)
     _check_keys(set(own), set(weights), f"volumetric checkpoint {path}")
     full = {**model.state_dict(), **weights}
@@ -210,9 +222,7 @@ def load_lifted(folder: str | os.PathLike, model: nn.Module | None = None) -> nn
         if not config_path.is_file():
             raise CheckpointError(f"{folder} has no config.json for its {name}")
         model = cls.from_config(json.loads(config_path.read_text()))
-    lift = settings["lift"]
-    inflate(model, kernel_size=lift["kernel_size"], where=lift["where"], padding_mode=lift["padding_mode"],
-            groups=lift["groups"])
+    inflate(model, **inflate_arguments(settings["lift"]))
     weights, _ = read_safetensors(folder / settings.get("weights", GENERIC_WEIGHTS))
     load_state_dict_checked(model, weights, f"model weights in {folder}")
     return model.eval()  # as diffusers' from_pretrained does

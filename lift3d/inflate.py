@@ -1,9 +1,9 @@
 """Lift a 2D network into a volume-aware one: :func:`inflate` (Make-A-Volume, sec. 2.3).
 
-``inflate`` walks the module graph, attaches a :class:`~lift3d.volumetric.VolumetricConv` to each
-chosen host module (:mod:`lift3d.placement`) as a child named ``volumetric`` (so ``conv1.weight``
-keeps its name and the new weights read ``conv1.volumetric.weight``), and runs it from a forward
-hook on the host. Two hooks on the root model (:mod:`lift3d._hooks`) let it take a volume batch
+``inflate`` walks the module graph, attaches a volumetric layer of the chosen kind
+(:mod:`lift3d.layer_kinds`) to each chosen host module (:mod:`lift3d.placement`) as a child named
+``volumetric`` (so ``conv1.weight`` keeps its name and the new weights read
+``conv1.volumetric.weight``), and runs it from a forward hook on the host. Two hooks on the root model (:mod:`lift3d._hooks`) let it take a volume batch
 ``(b, c, n, h, w)``: the slices are flattened to ``(b n) c h w`` for the 2D network, per-volume
 conditioning is repeated for each slice, and the output is folded back to ``(b, c', n, h, w)``.
 A plain 4D batch runs exactly as before.
@@ -18,13 +18,15 @@ from typing import Iterator
 
 from torch import Tensor, nn
 
+from lift3d import layer_kinds
 from lift3d._hooks import (LAYER_NAME, LiftState, accept_2d_state_dict, is_volumetric_parameter, make_flatten_hook,
                            make_host_hook, make_unflatten_hook)
-from lift3d.placement import PRESETS, Where, out_channels, select_hosts
-from lift3d.volumetric import PADDING_MODES, VolumetricConv
+from lift3d.placement import PRESETS, Where, choose_hosts, out_channels
+from lift3d.volumetric import PADDING_MODES
 
 __all__ = ["LAYER_NAME", "PRESETS", "InflationReport", "inflate", "is_lifted", "is_volumetric_parameter", "lift_settings", "report",
-           "set_trainable", "volume_batch", "volumetric_disabled", "volumetric_layers", "volumetric_state_dict"]
+           "set_recompute", "set_trainable", "volume_batch", "volumetric_disabled", "volumetric_layers",
+           "volumetric_state_dict"]
 
 logger = logging.getLogger("lift3d")
 
@@ -34,7 +36,9 @@ class InflationReport:
 
     hosts: tuple[tuple[str, int], ...]  # (host module name, channels)
     base_parameters: int
-    volumetric_parameters: int
+    volumetric_parameters: int  # stored weights: parameters and fixed buffers (low-rank ``train_down=False``)
+    kind: str = ""
+    placement: str = ""
 
     @property
     def num_layers(self) -> int:
@@ -44,8 +48,11 @@ class InflationReport:
     def overhead(self) -> float:
         return self.volumetric_parameters / max(self.base_parameters, 1)
 
+    def headline(self) -> str:
+        return str(self).split("\n", 1)[0]
+
     def __str__(self) -> str:
-        lines = [f"lift3d: inserted {self.num_layers} volumetric layers, "
+        lines = [f"lift3d: inserted {self.num_layers} volumetric layers of kind {self.kind!r} at {self.placement}, "
                  f"{self.volumetric_parameters:,} parameters (+{100 * self.overhead:.2f}% over "
                  f"{self.base_parameters:,})"]
         lines += [f"  {name}.{LAYER_NAME} ({channels} ch)" for name, channels in self.hosts]
@@ -59,48 +66,68 @@ def _state(model: nn.Module) -> LiftState:
     return state
 
 
+def _unfused_state(model: nn.Module, doing: str) -> LiftState:
+    state = _state(model)
+    if state.fused:
+        raise ValueError(f"{type(model).__name__} is fused for inference (lift3d.fuse), so it cannot {doing}; "
+                         "do that before fusing, or load the model again")
+    return state
+
+
 def lift_settings(model: nn.Module) -> dict:
-    """The settings that re-lift a fresh 2D model identically (kernel size, hosts, padding, groups)."""
-    return _state(model).settings()
+    """The settings that re-lift a fresh 2D model identically (kind and its options, kernel size,
+    hosts, padding)."""
+    return _unfused_state(model, "be saved").settings()
 
 
 def is_lifted(model: nn.Module) -> bool:
     return getattr(model, "_lift3d_state", None) is not None
 
 
-def volumetric_layers(model: nn.Module) -> Iterator[tuple[str, VolumetricConv]]:
-    """``(host name, layer)`` for every volumetric layer, in module order."""
-    for name, module in model.named_modules():
-        if isinstance(module, VolumetricConv):
-            yield name.rsplit(".", 1)[0] if "." in name else "", module
+def volumetric_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(host name, layer)`` for every volumetric layer, in the order of the hosts (none if not lifted)."""
+    if not is_lifted(model):
+        return
+    modules = dict(model.named_modules())
+    for name in _state(model).where:
+        yield name, getattr(modules[name], LAYER_NAME)
 
 
 def report(model: nn.Module) -> InflationReport:
     state = _state(model)
-    volumetric = sum(p.numel() for n, p in model.named_parameters() if is_volumetric_parameter(n))
-    total = sum(p.numel() for p in model.parameters())
-    return InflationReport(tuple(state.channels.items()), total - volumetric, volumetric)
+    volumetric = sum(v.numel() for k, v in model.state_dict().items() if is_volumetric_parameter(k))
+    base = sum(p.numel() for n, p in model.named_parameters() if not is_volumetric_parameter(n))
+    return InflationReport(tuple(state.channels.items()), base, volumetric, state.kind, state.placement)
 
 
 def inflate(
     model: nn.Module,
+    kind: str | None = None,
     *,
     kernel_size: int = 3,
-    where: Where = "resnet",
+    where: Where = "auto",
     padding_mode: str = "zeros",
-    groups: int | str = 1,
+    recompute: bool = False,
     verbose: bool = False,
+    **options,
 ) -> nn.Module:
-    """Insert identity-initialised volumetric 1D convs into a 2D network, in place; returns it.
+    """Insert identity-initialised volumetric layers into a 2D network, in place; returns it.
 
-    :param kernel_size: odd kernel size of the 1D conv along the slice axis.
-    :param where: a preset (``"resnet"``, ``"spatial"``, ``"block-output"``; see :data:`PRESETS`),
-        a list of module names, or a callable ``(name, module) -> bool`` choosing host modules.
+    :param kind: the kind of layer (``lift3d.layer_kinds.names()``): ``"low-rank"`` (the default:
+        1x1 C -> r, 1D conv along n in r channels, 1x1 r -> C from zero), ``"full"`` (the paper's
+        full-channel 1D conv), ``"depthwise"``, ``"slice-attention"``, or one a plugin registered.
+        Passing ``groups=`` without a kind means ``"full"`` (as before kinds existed).
+    :param kernel_size: odd kernel size along the slice axis.
+    :param where: ``"auto"`` (residual blocks where the model has them, else every spatial conv;
+        the choice is logged), a preset of :data:`PRESETS`, a list of module names, or a callable
+        ``(name, module) -> bool`` choosing host modules.
     :param padding_mode: border handling along n, ``"zeros"`` or ``"replicate"``.
-    :param groups: groups of the 1D conv: 1 = full channel mixing as in the paper; ``"depthwise"`` =
-        one group per channel in every layer (a much cheaper variant); or any int dividing every
-        host's channels.
+    :param recompute: in training, do not keep each layer's input (its host conv's output) for
+        backward but recompute it from the host's input (plain ``nn.Conv2d`` hosts); see
+        :func:`set_recompute`.
     :param verbose: print the :class:`InflationReport` (it is always logged at INFO).
+    :param options: options of the kind, e.g. ``rank=``/``rank_ratio=``/``train_down=`` (low-rank),
+        ``groups=`` (full: an int dividing every host's channels, or ``"depthwise"``), ``heads=``.
 
     Afterwards ``model(x)`` with ``x`` of shape ``(b, c, n, h, w)`` returns ``(b, c', n, h, w)``,
     exactly equal to the 2D model's per-slice output until the volumetric weights are trained.
@@ -110,33 +137,44 @@ def inflate(
                          "layers); inflate it only once")
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"Unknown padding_mode {padding_mode!r}; available: {', '.join(PADDING_MODES)}")
-    if isinstance(groups, str) and groups != "depthwise":
-        raise ValueError(f"Unknown groups={groups!r}; use an int or 'depthwise'")
-    hosts = select_hosts(model, where)
+    if kind is None:
+        kind = "full" if "groups" in options else layer_kinds.DEFAULT_KIND
+    layer_kinds.check_options(kind, options)
+    hosts, placement = choose_hosts(model, where)
     if not hosts:
         raise ValueError(f"where={where!r} matched no module of {type(model).__name__}; for a network "
                          "without residual blocks try where='spatial' or a callable (name, module) -> bool")
     modules = dict(model.named_modules())
     channels = {name: out_channels(name, modules[name]) for name in hosts}
-    state = LiftState(kernel_size, list(hosts), padding_mode, groups, channels)
+    layers = {}
     for name in hosts:
-        host = modules[name]
-        reference = next(host.parameters(), None)
-        layer = VolumetricConv(channels[name], kernel_size, padding_mode=padding_mode,
-                               groups=channels[name] if groups == "depthwise" else groups,
-                               device=reference.device if reference is not None else None,
-                               dtype=reference.dtype if reference is not None else None)
-        host.add_module(LAYER_NAME, layer)
-        state.handles.append(host.register_forward_hook(make_host_hook(state)))
+        reference = next(modules[name].parameters(), None)
+        layers[name] = layer_kinds.create(kind, channels[name], kernel_size=kernel_size, padding_mode=padding_mode,
+                                          device=reference.device if reference is not None else None,
+                                          dtype=reference.dtype if reference is not None else None, **options)
+    state = LiftState(kernel_size, list(hosts), padding_mode, kind, dict(options), channels, placement,
+                      recompute=bool(recompute))
+    for name in hosts:  # nothing is touched before every layer could be built
+        modules[name].add_module(LAYER_NAME, layers[name])
+        state.handles.append(modules[name].register_forward_hook(make_host_hook(state)))
     state.handles.append(model.register_forward_pre_hook(make_flatten_hook(state), with_kwargs=True))
     state.handles.append(model.register_forward_hook(make_unflatten_hook(state), with_kwargs=True))
     state.handles.append(model.register_load_state_dict_post_hook(accept_2d_state_dict))
     model._lift3d_state = state
     summary = report(model)
+    if placement.startswith("spatial (auto"):  # not the paper's placement: say so where users see it
+        logger.warning("%s", summary.headline())
     logger.info("%s", summary)
     if verbose:
         print(summary)
     return model
+
+
+def set_recompute(model: nn.Module, on: bool = True) -> None:
+    """Recompute each volumetric layer's input (its host conv's output) in backward instead of
+    keeping it: the train step's activation memory goes back to about the 2D model's, for one more
+    host conv forward per layer in backward. Gradients are unchanged (``tests/test_inflate.py``)."""
+    _state(model).recompute = bool(on)
 
 
 @contextlib.contextmanager
@@ -177,7 +215,7 @@ def set_trainable(model: nn.Module, which: str = "volumetric") -> list[str]:
     """
     if which not in TRAINABLE:
         raise ValueError(f"Unknown trainable={which!r}; available: {', '.join(TRAINABLE)}")
-    _state(model)
+    _unfused_state(model, "be trained")
     names = []
     for name, param in model.named_parameters():
         param.requires_grad_(which == "all" or is_volumetric_parameter(name))

@@ -1,7 +1,8 @@
 """Where volumetric layers go: placement presets over a 2D network's module graph.
 
-The default follows Make-A-Volume's lineage (pseudo-3D convs, as in Make-A-Video): one layer after
-each spatial Conv2d inside a residual block.
+The default (``auto``) follows Make-A-Volume's lineage (pseudo-3D convs, as in Make-A-Video): one
+layer after each spatial Conv2d inside a residual block; a network without residual blocks gets one
+after every spatial Conv2d instead.
 """
 
 from __future__ import annotations
@@ -47,14 +48,30 @@ def _select_block_output(model: nn.Module) -> list[str]:
     return [n for n in blocks if not any(n.startswith(o + ".") for o in blocks)]
 
 
+def _select_resnet_coarse(model: nn.Module) -> list[str]:
+    hosts = _select_resnet(model)
+    modules = dict(model.named_modules())
+    widths = {name: out_channels(name, modules[name]) for name in hosts}
+    finest = min(widths.values(), default=0)
+    return [name for name in hosts if widths[name] > finest]
+
+
+def _select_auto(model: nn.Module) -> list[str]:
+    return _select_resnet(model) or _select_spatial(model)
+
+
 PRESETS: dict[str, Callable[[nn.Module], list[str]]] = {
+    "auto": _select_auto,
     "resnet": _select_resnet,
     "spatial": _select_spatial,
     "block-output": _select_block_output,
+    "resnet-coarse": _select_resnet_coarse,
 }
-"""``resnet`` (default, the paper's lineage): after each spatial (kernel > 1) Conv2d inside a
-residual block, making it a pseudo-3D conv. ``spatial``: after every spatial Conv2d.
-``block-output``: one layer on the output of each residual block."""
+"""``auto`` (default): ``resnet`` where the model has residual blocks, else ``spatial``.
+``resnet`` (the paper's lineage): after each spatial (kernel > 1) Conv2d inside a residual block,
+making it a pseudo-3D conv. ``spatial``: after every spatial Conv2d. ``block-output``: one layer on
+the output of each residual block. ``resnet-coarse``: ``resnet`` without the narrowest hosts (a
+U-Net's finest level, where a layer costs the most activation memory)."""
 
 
 def out_channels(name: str, module: nn.Module) -> int:
@@ -68,6 +85,16 @@ def out_channels(name: str, module: nn.Module) -> int:
         raise ValueError(f"cannot tell the output channels of host {name!r} ({type(module).__name__}): "
                          "it has no Conv2d and no integer `out_channels`")
     return convs[-1].out_channels
+
+
+def choose_hosts(model: nn.Module, where: Where) -> tuple[list[str], str]:
+    """The host names for ``where`` and a phrase saying how they were chosen (for the report)."""
+    hosts = select_hosts(model, where)
+    if isinstance(where, str) and where == "auto":
+        if _select_resnet(model):
+            return hosts, "resnet (auto: the spatial convs of residual blocks)"
+        return hosts, "spatial (auto: no residual blocks found, so every spatial conv)"
+    return hosts, f"{where}" if isinstance(where, str) else ("a callable" if callable(where) else "listed modules")
 
 
 def select_hosts(model: nn.Module, where: Where) -> list[str]:

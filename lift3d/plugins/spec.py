@@ -1,4 +1,4 @@
-"""Hook specifications: the three kinds of lift3d plugin (datasets, autoencoders, timestep samplers).
+"""Hook specifications: the kinds of lift3d plugin (datasets, autoencoders, timestep samplers, layer kinds).
 
 A plugin module implements any of these with ``@lift3d.hookimpl`` and registers names on the
 typed registry it receives, e.g. ``registry.add("phantom", PhantomDataset)``.
@@ -39,4 +39,16 @@ def lift3d_register_timestep_samplers(registry):
     :param registry: a :class:`lift3d.plugins.Registry` of timestep samplers;
         ``factory(**options)`` returns an object that follows
         :class:`lift3d.protocols.TimestepSampler`.
+    """
+
+
+@hookspec
+def lift3d_register_layer_kinds(registry):
+    """Register kinds of volumetric layer, the layers :func:`lift3d.inflate` inserts (``kind=``).
+
+    :param registry: a :class:`lift3d.plugins.Registry` of layer kinds; ``factory(channels, *,
+        kernel_size, padding_mode, device, dtype, **options)`` returns an ``nn.Module`` whose
+        ``forward(x, num_slices)`` maps a ``(b n) c h w`` batch of slices to the same shape, is the
+        identity exactly after its ``reset_parameters()``, and never mixes different volumes. See
+        :mod:`lift3d.layer_kinds` for the optional methods (``init_random_``, ``fuse_into``).
     """
