@@ -83,10 +83,12 @@ def _run_recomputing_host(layer: nn.Module, host: nn.Conv2d, x: Tensor, output: 
     is packed as "recompute": in backward the host conv runs again on ``x``, which the host conv
     has kept for its own gradient anyway.
     """
-    storage = output.untyped_storage().data_ptr()
+    # The hooks outlive this call (autograd keeps them with every tensor they packed), so they
+    # must not hold ``output`` itself: only its device and address.
+    storage, device = output.untyped_storage().data_ptr(), output.device
 
     def pack(t: Tensor):
-        if t.device == output.device and t.untyped_storage().data_ptr() == storage:
+        if t.device == device and t.untyped_storage().data_ptr() == storage:
             return _Recomputed(t)
         return t
 

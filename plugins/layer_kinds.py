@@ -2,13 +2,15 @@
 
 ``full`` is Make-A-Volume's layer (Zhu et al., MICCAI 2023, eqs. 5-7), a full-channel 1D conv along
 the slices; ``depthwise`` the same with one group per channel; ``low-rank`` the conv inside a C/8
-bottleneck (:mod:`lift3d.low_rank`).
+bottleneck (:mod:`lift3d.low_rank`); ``slice-attention`` attention over all slices
+(:mod:`lift3d.slice_attention`).
 """
 
 from __future__ import annotations
 
 from lift3d.low_rank import LowRankVolumetricConv
 from lift3d.plugins import hookimpl
+from lift3d.slice_attention import SliceAttention
 from lift3d.volumetric import VolumetricConv
 
 
@@ -33,3 +35,4 @@ def lift3d_register_layer_kinds(registry):
     registry.add("full", full)
     registry.add("depthwise", depthwise)
     registry.add("low-rank", LowRankVolumetricConv)
+    registry.add("slice-attention", SliceAttention)

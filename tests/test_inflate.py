@@ -215,7 +215,7 @@ def test_errors():
         lift3d.inflate(model, where="everywhere")
     with pytest.raises(ValueError, match="matched no module"):
         lift3d.inflate(nn.Sequential(nn.Conv2d(1, 1, 1)))
-    with pytest.raises(ValueError, match="Unknown layer kind 'fancy'; available: depthwise, full, low-rank"):
+    with pytest.raises(ValueError, match="Unknown layer kind 'fancy'; available: depthwise, full, low-rank, slice-attention"):
         lift3d.inflate(model, "fancy")
     with pytest.raises(ValueError, match="layer kind 'low-rank' has no option 'groups'; valid: .*rank"):
         lift3d.inflate(model, "low-rank", groups=2)

@@ -44,7 +44,7 @@ class ThirdParty:
 
 def test_builtin_kinds_register_like_a_plugin():
     registry = layer_kinds.build_registry(PluginManager(autoload=False).pm)
-    assert registry.names() == ["depthwise", "full", "low-rank"]
+    assert registry.names() == ["depthwise", "full", "low-rank", "slice-attention"]
     assert registry.entry("low-rank").plugin == "lift3d.low_rank"
     with pytest.raises(PluginError, match="layer kind 'full' is registered twice"):
         registry.add("full", ScaledNeighbour)
