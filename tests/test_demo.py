@@ -56,3 +56,25 @@ def test_unknown_demo_dataset_is_one_clear_error(capsys):
 
     with pytest.raises(ValueError, match="Unknown demo dataset 'brats'; available: icbm152, phantom"):
         run_demo("unused", dataset="brats")
+
+
+def test_threads_auto_drops_to_one_on_a_busy_machine(monkeypatch, capsys):
+    import os
+
+    import torch
+
+    from lift3d import demo
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+        demo.set_threads("auto")
+        assert torch.get_num_threads() == 2 and capsys.readouterr().out == ""
+        monkeypatch.setattr(os, "getloadavg", lambda: (float(os.cpu_count() or 1), 0.0, 0.0))
+        demo.set_threads("auto")
+        assert torch.get_num_threads() == 1 and "1 torch thread" in capsys.readouterr().out
+        with pytest.raises(ValueError, match="threads must be a positive integer or 'auto', got 0"):
+            demo.set_threads(0)
+    finally:
+        torch.set_num_threads(previous)

@@ -52,6 +52,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _threads(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}; valid: 'auto' or a positive integer")
+    return value
+
+
 def add_demo_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
@@ -75,9 +87,10 @@ def add_demo_parser(subparsers) -> None:
                              "'quick' (seconds, too short to learn anything; for a first look and for tests)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for training and sampling, and for the icbm152 subjects (default: 0)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice); on a machine shared with other jobs, "
-                             "--threads 1 is often faster")
+    parser.add_argument("--threads", type=_threads, default="auto",
+                        help="torch CPU threads, or 'auto' (default): torch's own choice, but 1 when the load average "
+                             "is at or above the CPU count, since on a CPU shared with other jobs extra threads make "
+                             "every step many times slower")
     parser.set_defaults(func=_demo)
 
 
