@@ -487,6 +487,8 @@ def _denoise_samples(model: SynthesisModel, condition: Tensor | None, latent_sha
                      slice_wise: bool, rho: float, bar: tqdm) -> list[Tensor]:
     """Denoise one batch of samples (one seed each) of the ``b`` sources together; returns each
     sample's decoded ``(b, c, n, h, w)`` volume in [-1, 1]."""
+    from diffusers import DDPMScheduler
+
     device = model.device
     sampler = make_scheduler(scheduler, model.scheduler_config, steps, device=device, clip_x0=clip_x0)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -495,8 +497,6 @@ def _denoise_samples(model: SynthesisModel, condition: Tensor | None, latent_sha
     latents = (noise[0] if len(noise) == 1 else torch.cat(noise)).to(device) * sampler.init_noise_sigma
     if condition is not None and len(seeds) > 1:
         condition = condition.repeat(len(seeds), *([1] * (condition.ndim - 1)))  # sample-major, like latents
-    from diffusers import DDPMScheduler
-
     # DDIM (eta = 0, as called here) and DPM-Solver++ add no noise after the start; DDPM adds some
     # at every step, from each sample's own generator.
     stochastic = isinstance(sampler, DDPMScheduler)
