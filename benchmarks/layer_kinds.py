@@ -55,11 +55,17 @@ def lifted_start(stage1_model: Path, folder: Path, settings: dict[str, Any], see
     return folder
 
 
+def stage1_config(stage1: Path) -> dict[str, Any]:
+    """Stage 1's resolved options (``logs/config.json``, one JSON text per section)."""
+    saved = json.loads((stage1 / "logs" / "config.json").read_text())
+    return {k: json.loads(v) if isinstance(v, str) else v for k, v in saved.items()}
+
+
 def stage2_config(stage1: Path, start: Path, output: Path, steps: int, lr: float, seed: int):
     """The icbm_t1t2 stage-2 recipe on stage 1's own data and U-Net settings."""
     from lift3d.config import TrainConfig, apply
 
-    saved = json.loads((stage1 / "logs" / "config.json").read_text())
+    saved = stage1_config(stage1)
     overrides = {
         "run": {"stage": "volumes", "output_dir": str(output), "seed": seed, "max_steps": steps, "log_every": 10,
                 "checkpoint_every": 0},
@@ -76,7 +82,7 @@ def stage2_config(stage1: Path, start: Path, output: Path, steps: int, lr: float
 def subjects(stage1: Path, split: str) -> list:
     from lift3d.plugins import create
 
-    saved = json.loads((stage1 / "logs" / "config.json").read_text())
+    saved = stage1_config(stage1)
     dataset = create("datasets", saved["data"]["dataset"], split=split, **saved["data"]["options"])
     return [dataset[i] for i in range(len(dataset))]
 
@@ -91,8 +97,9 @@ def score(model_folder: Path, pairs: list, steps: int, seed: int) -> tuple[list[
     tic = time.perf_counter()
     pred = synthesize(model, sources, scheduler="dpm", steps=steps, seed=seed, progress=False)
     seconds = (time.perf_counter() - tic) / len(pairs)
-    rows = [{"subject": p.subject, **evaluate_volumes(pred[i, 0].numpy(), p.target[0].numpy(),
-                                                      p.extra["mask"][0].numpy())} for i, p in enumerate(pairs)]
+    masks = [p.extra["mask"][0].numpy() if "mask" in p.extra else None for p in pairs]
+    rows = [{"subject": p.subject, **evaluate_volumes(pred[i, 0].numpy(), p.target[0].numpy(), masks[i])}
+            for i, p in enumerate(pairs)]
     return rows, seconds
 
 
