@@ -52,12 +52,13 @@ def opt(default: Any, help: str, choices: tuple | None = None, rule: Rule | None
     return field(default=default, metadata=metadata, **kwargs)
 
 
-STAGES = ("slices", "volumes")
+STAGES = ("autoencoder", "slices", "volumes")
 
 
 @dataclass
 class RunConfig:
-    stage: str = opt("volumes", "'slices' = stage 1 (2D latent diffusion, t per slice); "
+    stage: str = opt("volumes", "'autoencoder' = train the KL autoencoder the latent stages run in ([vae]); "
+                     "'slices' = stage 1 (2D latent diffusion, t per slice); "
                      "'volumes' = stage 2 (inflate, then fine-tune on volumes, t per volume)", STAGES)
     output_dir: str = opt("runs/lift3d", "folder for checkpoints, logs and the exported model")
     seed: int = opt(0, "seed for weights, data order, noise and timesteps")
@@ -113,6 +114,25 @@ class AutoencoderConfig:
 
 
 @dataclass
+class VaeConfig:
+    block_out_channels: list = opt([64, 128, 128], "autoencoder stage: AutoencoderKL widths of a new autoencoder; "
+                                   "f = 2 ** (levels - 1), so three levels give the paper's f = 4")
+    latent_channels: int = opt(4, "autoencoder stage: latent channels", rule=at_least(1))
+    layers_per_block: int = opt(1, "autoencoder stage: resnets per level", rule=at_least(1))
+    norm_num_groups: int = opt(32, "autoencoder stage: GroupNorm groups (must divide every width)", rule=at_least(1))
+    kl_weight: float = opt(1e-6, "autoencoder stage: weight of the KL term (per pixel)", rule=at_least(0))
+    ssim_weight: float = opt(0.2, "autoencoder stage: weight of the structural term 1 - SSIM", rule=at_least(0))
+    adversarial_weight: float = opt(0.0, "autoencoder stage: weight of the patch-discriminator term, scaled by the "
+                                    "adaptive gradient-norm ratio (0 = no discriminator)", rule=at_least(0))
+    adversarial_start: int = opt(0, "autoencoder stage: step at which the discriminator switches on",
+                                 rule=at_least(0))
+    discriminator_width: int = opt(32, "autoencoder stage: channels of the discriminator's first layer",
+                                   rule=at_least(8))
+    scale_batches: int = opt(32, "autoencoder stage: training batches whose latents set scaling_factor and "
+                             "shift_factor at export", rule=at_least(1))
+
+
+@dataclass
 class DiffusionConfig:
     num_train_timesteps: int = opt(1000, "diffusion steps T", rule=at_least(1))
     beta_schedule: str = opt("scaled_linear", "diffusers beta schedule (LDM: scaled_linear 0.0015..0.0195)")
@@ -143,6 +163,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lift: LiftConfig = field(default_factory=LiftConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -237,7 +258,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--section.field`` option per config field, grouped by section, with its help text."""
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file with [run], [data], [model], [lift], "
-                        "[autoencoder], [diffusion] and [optim] tables; command-line options override it")
+                        "[autoencoder], [vae], [diffusion] and [optim] tables; command-line options override it")
     for section, obj in _sections(TrainConfig()):
         group = parser.add_argument_group(f"[{section}]")
         for f in dataclasses.fields(obj):

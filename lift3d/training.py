@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -262,7 +263,9 @@ class LatentEncoder:
         source, target = as_volumes(batch["source"]).to(device), as_volumes(batch["target"]).to(device)
         if self.cache is None:
             return self._encode(target), self._encode(source)
-        keys = [(i, batch.get("start", [0] * len(batch["index"]))[j]) for j, i in enumerate(batch["index"])]
+        # The slice count is in the key: stage 1's slice i and the validation's volume i are other items.
+        starts = batch.get("start", [0] * len(batch["index"]))
+        keys = [(i, starts[j], source.shape[2]) for j, i in enumerate(batch["index"])]
         missing = [j for j, k in enumerate(keys) if k not in self.cache]
         if missing:
             zt, zs = self._encode(target[missing]), self._encode(source[missing])
@@ -399,17 +402,14 @@ def training_settings(cfg: TrainConfig, autoencoder, dataset, exported_autoencod
     }
 
 
-def export_model(cfg: TrainConfig, unet: nn.Module, autoencoder, noise_scheduler, dataset, output_dir: Path,
-                 ema=None) -> Path:
+def export_model(cfg: TrainConfig, unet: nn.Module, autoencoder, noise_scheduler, dataset, output_dir: Path) -> Path:
     """Write ``output_dir/model``: the (lifted) U-Net in safetensors, its settings, the autoencoder
-    (if it has weights) and the scheduler config; plus ``volumetric.safetensors`` in stage 2."""
+    (if it has weights) and the scheduler config; plus ``volumetric.safetensors`` in stage 2.
+    With ``optim.ema`` the loop calls this with the EMA weights copied into ``unet``."""
     final = output_dir / "model"
     tmp = output_dir / ".tmp-model"
     shutil.rmtree(tmp, ignore_errors=True)
     state = unet.state_dict()
-    if ema is not None:  # EMA weights replace the trained ones in the export
-        trained = [n for n, p in unet.named_parameters() if p.requires_grad]
-        state = {**state, **dict(zip(trained, (p.detach().clone() for p in ema.shadow_params)))}
     has_weights = any(True for _ in autoencoder.parameters()) if isinstance(autoencoder, nn.Module) else False
     settings = training_settings(cfg, autoencoder, dataset, exported_autoencoder=has_weights)
     if lift3d.is_lifted(unet):
@@ -486,6 +486,109 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path):
                        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir)))
 
 
+@dataclass
+class Task:
+    """What one stage trains; the loop in :func:`_train` is the same for every stage.
+
+    ``loss(model, batch, micro_step)`` returns the loss and extra values to log; ``validate(model)``
+    scores the unwrapped model on fixed data; ``export(model)`` writes ``output_dir/model``.
+    """
+
+    model: nn.Module
+    params: list[nn.Parameter]
+    view: torch.utils.data.Dataset
+    loss: Callable[[nn.Module, dict, int], tuple[Tensor, dict[str, Tensor]]]
+    validate: Callable[[nn.Module], dict[str, float]]
+    export: Callable[[nn.Module], Path]
+
+
+def check_grid(dataset, multiple: int, why: str) -> None:
+    """The in-plane size must be a multiple of what the networks downsample by."""
+    h, w = dataset[0].source.shape[-2:]
+    if h % multiple or w % multiple:
+        low = max(multiple, (min(h, w) // multiple) * multiple)
+        raise ValueError(f"the training grid's in-plane size {h}x{w} is not a multiple of {multiple} ({why}); "
+                         f"valid sizes near it: {low}, {low + multiple}")
+
+
+def diffusion_task(cfg: TrainConfig, dataset, autoencoder, unet, sampler, output_dir: Path, device) -> Task:
+    """Stages 1 and 2 (eq. 4): denoise target latents given the source latents."""
+    noise_scheduler = build_noise_scheduler(cfg)
+    encoder = LatentEncoder(autoencoder, cache=cfg.autoencoder.cache_latents)
+    conditioning = cfg.model.conditioning == "concat"
+
+    def loss(model, batch: dict, micro: int):
+        latents, source = encoder(batch, device)
+        noise, timesteps = draw_noise(latents, batch["index"], micro, cfg.run.seed, sampler,
+                                      cfg.diffusion.num_train_timesteps)
+        return diffusion_loss(model, noise_scheduler, latents, source if conditioning else None, noise, timesteps,
+                              cfg.model.prediction_type), {}
+
+    return Task(unet, trainable_parameters(cfg, unet), IndexedView(build_view(cfg, dataset)), loss,
+                lambda model: {"val_loss": fixed_volume_loss(model, noise_scheduler, encoder, dataset, cfg, device)},
+                lambda model: export_model(cfg, model, autoencoder, noise_scheduler, dataset, output_dir))
+
+
+def autoencoder_task(cfg: TrainConfig, dataset, objective, output_dir: Path, device) -> Task:
+    """The autoencoder stage: reconstruct source and target slices with one KL autoencoder."""
+    from lift3d.autoencoder_training import measure_latent_scale
+
+    view = IndexedView(dataset.slices())
+
+    def slices(batch: dict) -> Tensor:
+        parts = [batch["source"]] + ([batch["target"]] if "target" in batch else [])
+        return torch.cat(parts).to(device)
+
+    def loss(model, batch: dict, micro: int):
+        return model(slices(batch), micro // cfg.optim.gradient_accumulation_steps)
+
+    val_items = stack_items([view[i] for i in range(0, len(view), max(1, len(view) // 16))][:16])
+
+    @torch.no_grad()
+    def validate(model) -> dict[str, float]:
+        x = slices(val_items)
+        vae = model.vae
+        reconstruction = vae.decode(vae.encode(x.to(vae.dtype)).latent_dist.mode()).sample.float().clamp(-1, 1)
+        mse = float(F.mse_loss(reconstruction, x.float()))
+        return {"val_l1": float(F.l1_loss(reconstruction, x.float())),
+                "val_psnr": 10 * math.log10(4.0 / max(mse, 1e-12))}  # slices in [-1, 1]: peak-to-peak 2
+
+    def export(model) -> Path:
+        final, tmp = output_dir / "model", output_dir / ".tmp-model"
+        shutil.rmtree(tmp, ignore_errors=True)
+        loader = torch.utils.data.DataLoader(view, batch_size=cfg.data.batch_size, collate_fn=stack_items)
+        batches = (slices(b) for _, b in zip(range(cfg.vae.scale_batches), loader))
+        shift, scale = measure_latent_scale(model.vae, batches)
+        model.vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+        model.vae.save_pretrained(tmp, safe_serialization=True)
+        (tmp / TRAINING_SETTINGS).write_text(json.dumps(
+            {"stage": "autoencoder", "scaling_factor": scale, "shift_factor": shift,
+             "downsampling_factor": 2 ** (len(model.vae.config.block_out_channels) - 1),
+             "data": {"dataset": cfg.data.dataset, "options": dict(cfg.data.options)}, "config": cfg.to_dict()},
+            indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+    return Task(objective, [p for p in objective.parameters() if p.requires_grad], view, loss, validate, export)
+
+
+def build_autoencoder_objective(cfg: TrainConfig, dataset):
+    """A new KL autoencoder from [vae], or the ``kl`` autoencoder of [autoencoder] to fine-tune."""
+    from lift3d.autoencoder_training import AutoencoderObjective, new_vae
+
+    if cfg.autoencoder.options:
+        base = create("autoencoders", cfg.autoencoder.name, **cfg.autoencoder.options)
+        if not hasattr(base, "vae"):
+            raise ValueError(f"run.stage = 'autoencoder' trains a KL autoencoder; autoencoder.name = "
+                             f"{cfg.autoencoder.name!r} has none (use 'kl', or no autoencoder.options for a new one)")
+        vae = base.vae
+    else:
+        vae = new_vae(cfg.vae, dataset[0].source.shape[0])
+    check_grid(dataset, 2 ** (len(vae.config.block_out_channels) - 1), "the autoencoder's f")
+    return AutoencoderObjective(vae.train().requires_grad_(True), cfg.vae)
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run one stage as configured; returns the exported model folder.
 
@@ -498,38 +601,48 @@ def train(cfg: TrainConfig) -> Path:
     validate(cfg)
     set_seed(cfg.run.seed)
     dataset = create("datasets", cfg.data.dataset, split="train", **cfg.data.options)
-    autoencoder = build_autoencoder(cfg)
-    sample = dataset[0].source
-    sample_size = sample.shape[-1] // autoencoder.downsampling_factor
-    unet = build_unet(cfg, autoencoder, sample_size)
-    sampler_name = cfg.diffusion.timestep_sampler or ("uniform-slice" if cfg.run.stage == "slices" else "make-a-volume")
-    sampler = create("timestep_samplers", sampler_name)
     output_dir = Path(cfg.run.output_dir)
+    if cfg.run.stage == "autoencoder":
+        objective = build_autoencoder_objective(cfg, dataset)
+
+        def make_task(accelerator) -> Task:
+            return autoencoder_task(cfg, dataset, objective, output_dir, accelerator.device)
+    else:
+        autoencoder = build_autoencoder(cfg)
+        sample_size = dataset[0].source.shape[-1] // autoencoder.downsampling_factor
+        unet = build_unet(cfg, autoencoder, sample_size)
+        levels = len(getattr(getattr(unet, "config", None), "block_out_channels", cfg.model.block_out_channels))
+        check_grid(dataset, autoencoder.downsampling_factor * 2 ** (levels - 1),
+                   f"autoencoder f = {autoencoder.downsampling_factor} x U-Net downsampling 2^{levels - 1}")
+        sampler_name = cfg.diffusion.timestep_sampler or ("uniform-slice" if cfg.run.stage == "slices" else "make-a-volume")
+        sampler = create("timestep_samplers", sampler_name)
+
+        def make_task(accelerator) -> Task:
+            autoencoder.to(accelerator.device)
+            if accelerator.mixed_precision != "no":  # the frozen autoencoder runs in the compute dtype
+                autoencoder.to(torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
+            return diffusion_task(cfg, dataset, autoencoder, unet, sampler, output_dir, accelerator.device)
     resume_from = resolve_resume(cfg, output_dir)
 
     created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _train(cfg, dataset, autoencoder, unet, sampler, output_dir, resume_from)
+        return _train(cfg, make_task, output_dir, resume_from)
     except Exception as exc:
         if created and not isinstance(exc, NonFiniteLossError) and not list_checkpoints(output_dir):
             shutil.rmtree(output_dir, ignore_errors=True)
         raise
 
 
-def _train(cfg: TrainConfig, dataset, autoencoder, unet, sampler, output_dir: Path, resume_from: Path | None) -> Path:
+def _train(cfg: TrainConfig, make_task: Callable[[Any], Task], output_dir: Path,
+           resume_from: Path | None) -> Path:
     from diffusers.optimization import get_scheduler
 
     accelerator = make_accelerator(cfg, output_dir)
     device = accelerator.device
-    autoencoder.to(device)
-    if accelerator.mixed_precision != "no":  # the frozen autoencoder runs in the compute dtype
-        autoencoder.to(torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
-    unet.to(device)
-    noise_scheduler = build_noise_scheduler(cfg)
-    encoder = LatentEncoder(autoencoder, cache=cfg.autoencoder.cache_latents)
-
-    params = trainable_parameters(cfg, unet)
+    task = make_task(accelerator)
+    task.model.to(device)
+    params = task.params
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay)
     lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                                  num_training_steps=cfg.run.max_steps)
@@ -538,22 +651,25 @@ def _train(cfg: TrainConfig, dataset, autoencoder, unet, sampler, output_dir: Pa
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(params, decay=cfg.optim.ema_decay)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    state = TrainingState(unet, optimizer, lr_scheduler, ema, accelerator.scaler)
+    model, optimizer = accelerator.prepare(task.model, optimizer)
+    state = TrainingState(model, optimizer, lr_scheduler, ema, accelerator.scaler)
 
     step = 0
     if resume_from is not None:
-        step = load_training_state(resume_from, model=accelerator.unwrap_model(unet), optimizer=optimizer,
+        step = load_training_state(resume_from, model=accelerator.unwrap_model(model), optimizer=optimizer,
                                    lr_scheduler=lr_scheduler, ema=ema, scaler=accelerator.scaler,
                                    process_index=accelerator.process_index)
         accelerator.print(f"lift3d: resumed from {resume_from} at step {step}")
 
-    view = IndexedView(build_view(cfg, dataset))
-    plan = BatchPlan(len(view), cfg.data.batch_size, accelerator.num_processes, accelerator.process_index, cfg.run.seed)
+    plan = BatchPlan(len(task.view), cfg.data.batch_size, accelerator.num_processes, accelerator.process_index,
+                     cfg.run.seed)
     accum = cfg.optim.gradient_accumulation_steps
     remaining = max(cfg.run.max_steps - step, 0) * accum
-    loader = torch.utils.data.DataLoader(view, batch_sampler=_PlannedBatches(plan, step * accum, remaining),
-                                         collate_fn=stack_items, num_workers=cfg.data.num_workers)
+    # Its own generator: a DataLoader's iterator otherwise draws its base seed from the global RNG,
+    # which a resumed run restores before the iterator exists and an uninterrupted one after.
+    loader = torch.utils.data.DataLoader(task.view, batch_sampler=_PlannedBatches(plan, step * accum, remaining),
+                                         collate_fn=stack_items, num_workers=cfg.data.num_workers,
+                                         generator=torch.Generator().manual_seed(cfg.run.seed))
 
     log_file = output_dir / "logs" / "metrics.csv"
     if accelerator.is_main_process and log_file.is_file():
@@ -562,24 +678,20 @@ def _train(cfg: TrainConfig, dataset, autoencoder, unet, sampler, output_dir: Pa
         drop_rows_after(log_file, step if resume_from is not None else -1)
     accelerator.init_trackers("logs", config={k: json.dumps(v) for k, v in cfg.to_dict().items()})
     if step == 0:
-        val = fixed_volume_loss(accelerator.unwrap_model(unet), noise_scheduler, encoder, dataset, cfg, device)
-        accelerator.log({"val_loss": val}, step=0)
-        accelerator.print(f"lift3d: stage {cfg.run.stage!r} on {accelerator.num_processes} process(es), {accelerator.device}; initial fixed-volume loss {val:.6f}")
+        scores = task.validate(accelerator.unwrap_model(model))
+        accelerator.log(scores, step=0)
+        accelerator.print(f"lift3d: stage {cfg.run.stage!r} on {accelerator.num_processes} process(es), "
+                          f"{accelerator.device}; initial {_scores(scores)}")
     progress = tqdm(total=cfg.run.max_steps, initial=step, desc=f"stage {cfg.run.stage}",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    unet.train()
-    conditioning = cfg.model.conditioning == "concat"
-    window_losses: list[float] = []
+    model.train()
+    window: dict[str, list[float]] = {}
     last_logged: float | None = None
     tic = time.perf_counter()
     micro = step * accum
     for batch in loader:
-        with accelerator.accumulate(unet):
-            latents, source = encoder(batch, device)
-            noise, timesteps = draw_noise(latents, batch["index"], micro, cfg.run.seed, sampler,
-                                          cfg.diffusion.num_train_timesteps)
-            loss = diffusion_loss(unet, noise_scheduler, latents, source if conditioning else None, noise, timesteps,
-                                  cfg.model.prediction_type)
+        with accelerator.accumulate(model):
+            loss, extra = task.loss(model, batch, micro)
             check_finite(accelerator, loss, step, output_dir)
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
@@ -587,7 +699,8 @@ def _train(cfg: TrainConfig, dataset, autoencoder, unet, sampler, output_dir: Pa
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         micro += 1
-        window_losses.append(float(accelerator.gather(loss.detach()[None]).mean()))
+        for key, value in {"loss": loss, **extra}.items():
+            window.setdefault(key, []).append(float(accelerator.gather(value.detach().float()[None]).mean()))
         if not accelerator.sync_gradients:
             continue
         lr_scheduler.step()
@@ -597,12 +710,13 @@ def _train(cfg: TrainConfig, dataset, autoencoder, unet, sampler, output_dir: Pa
         progress.update(1)
         if step % cfg.run.log_every == 0 or step == cfg.run.max_steps:
             elapsed = time.perf_counter() - tic
-            last_logged = sum(window_losses) / len(window_losses)
-            logs = {"loss": last_logged, "lr": lr_scheduler.get_last_lr()[0],
-                    "steps_per_s": (len(window_losses) / accum) / max(elapsed, 1e-9)}
+            logs = {key: sum(values) / len(values) for key, values in window.items()}
+            last_logged = logs["loss"]
+            logs.update(lr=lr_scheduler.get_last_lr()[0],
+                        steps_per_s=(len(window["loss"]) / accum) / max(elapsed, 1e-9))
             accelerator.log(logs, step=step)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}")
-            window_losses, tic = [], time.perf_counter()
+            progress.set_postfix(loss=f"{last_logged:.4f}")
+            window, tic = {}, time.perf_counter()
         if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
             check_weights_finite(params, step)
             save_checkpoint(accelerator, output_dir, step, cfg.run.checkpoints_keep, state, last_logged)
@@ -611,19 +725,24 @@ def _train(cfg: TrainConfig, dataset, autoencoder, unet, sampler, output_dir: Pa
     accelerator.wait_for_everyone()
     final = output_dir / "model"
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(unet)
-        if ema is not None:  # score the weights that are exported
+        unwrapped = accelerator.unwrap_model(model)
+        if ema is not None:  # score and export the averaged weights
             ema.store(params)
             ema.copy_to(params)
-        val = fixed_volume_loss(model, noise_scheduler, encoder, dataset, cfg, device)
+        scores = task.validate(unwrapped)
+        accelerator.log(scores, step=step)
+        accelerator.print(f"lift3d: final {_scores(scores)}")
+        final = task.export(unwrapped)
         if ema is not None:
             ema.restore(params)
-        accelerator.log({"val_loss": val}, step=step)
-        accelerator.print(f"lift3d: final fixed-volume loss {val:.6f}")
-        final = export_model(cfg, model, autoencoder, noise_scheduler, dataset, output_dir, ema)
         accelerator.print(f"lift3d: exported {final}")
     accelerator.end_training()
     return final
+
+
+def _scores(scores: dict[str, float]) -> str:
+    names = {"val_loss": "fixed-volume loss", "val_l1": "fixed-slice L1", "val_psnr": "fixed-slice PSNR (dB)"}
+    return ", ".join(f"{names.get(k, k)} {v:.6f}" for k, v in scores.items())
 
 
 def check_finite(accelerator, loss: Tensor, step: int, output_dir: Path) -> None:

@@ -154,6 +154,13 @@ class KLAutoencoder(nn.Module):
         if not folder.is_dir():
             raise FileNotFoundError(f"autoencoder folder {str(folder)!r} does not exist or is not a folder")
         config = _read_config(folder)
+        if "scaling_factor" not in config and options.get("scaling_factor") is None:
+            # diffusers would fall back to Stable Diffusion's 0.18215, which is wrong for any other autoencoder.
+            raise ValueError(
+                f"autoencoder config {str(folder / CONFIG_NAME)!r} has no scaling_factor, so its latents' scale is "
+                f"unknown; export it with lift3d-finetune --run.stage autoencoder (which measures it), add "
+                f"\"scaling_factor\": 1 / latents.std() to the config, or pass scaling_factor= to the kl plugin"
+            )
         state = _read_weights(folder)
         vae = _build_vae(config, f"autoencoder config {str(folder / CONFIG_NAME)!r}")
         try:

@@ -211,3 +211,17 @@ def test_volume_helpers_match_slice_api(kl):
     assert torch.equal(decode_volume(ident, encode_volume(ident, x)), x)
     with pytest.raises(ValueError, match=r"encode_volume expects a volume batch \(b, 1, n, h, w\), got \(2, 1, 8, 8\)"):
         encode_volume(kl, x[:, :, 0])
+
+
+def test_a_folder_without_a_scaling_factor_is_refused(saved, tmp_path, registry):
+    import json
+    import shutil
+
+    folder = tmp_path / "no-scale"
+    shutil.copytree(saved, folder)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    del config["scaling_factor"]
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"has no scaling_factor, so its latents' scale is unknown"):
+        registry.create("kl", path=folder)
+    assert registry.create("kl", path=folder, scaling_factor=0.5).scaling_factor == 0.5
