@@ -1,4 +1,5 @@
-"""Draw a synthesis with its uncertainty map: orthogonal views of source, mean, target, |error| and std.
+"""Draw a synthesis with its uncertainty map: orthogonal views of source, prediction (the mean of K
+samples), target, |error| and std.
 
 Run ``lift3d-synthesize --samples K`` first; it writes the mean of K samples as
 ``<out>/<name>_synth.nii.gz`` and their per-voxel std as ``<out>/std/<name>_std.nii.gz``:
@@ -44,10 +45,10 @@ def main() -> None:
     volumes = {}
     if args.source:
         volumes["source"] = slices(args.source, args.slice_axis)[0]
-    volumes["mean"] = slices(args.pred, args.slice_axis)[0]
+    volumes["prediction"] = slices(args.pred, args.slice_axis)[0]
     volumes["target"], spacing = slices(args.target, args.slice_axis)
-    save_orthogonal_views(args.out, volumes, title=args.title, error_of=("mean", "target"),
-                          uncertainty={"mean": slices(args.std, args.slice_axis)[0]}, spacing=spacing,
+    save_orthogonal_views(args.out, volumes, title=args.title, error_of=("prediction", "target"),
+                          uncertainty={"prediction": slices(args.std, args.slice_axis)[0]}, spacing=spacing,
                           plane_names=PLANES[args.slice_axis])
     print(f"wrote {args.out}")
 
