@@ -68,6 +68,10 @@ class RunConfig:
     checkpoints_keep: int = opt(2, "keep the last M training-state checkpoints", rule=at_least(1))
     resume: str = opt("", "'latest' to continue from the newest checkpoint in output_dir, or a checkpoint folder")
     log_every: int = opt(10, "log loss, learning rate and steps/s every K steps", rule=at_least(1))
+    validate_every: int = opt(0, "stages 1 and 2: every K steps, sample the dataset's validation volumes with "
+                              "DPM-Solver++ and log PSNR/SSIM/MAE/z-inconsistency; the step with the best "
+                              "validation PSNR is exported (0 = off: the last step is exported)", rule=at_least(0))
+    validate_steps: int = opt(10, "DPM-Solver++ steps of the sampled validation", rule=at_least(1))
     tracker: str = opt("csv", "Accelerate tracker for the logs", ("csv", "tensorboard", "none"))
 
 
@@ -80,6 +84,8 @@ class DataConfig:
     window: int = opt(0, "stage 2: train on windows of this many consecutive slices (0 = whole volumes)",
                       rule=at_least(0))
     num_workers: int = opt(0, "DataLoader worker processes", rule=at_least(0))
+    val_volumes: int = opt(2, "sampled validation (run.validate_every): the first N volumes of the dataset's "
+                           "'val' split", rule=at_least(1))
 
 
 @dataclass

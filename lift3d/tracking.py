@@ -20,9 +20,7 @@ class CSVTracker(GeneralTracker):
         self.path = Path(logging_dir) / run_name / "metrics.csv"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._columns: list[str] | None = None
-        if self.path.is_file():  # resumed run: keep the header already written
-            with self.path.open() as f:
-                self._columns = next(csv.reader(f), None)
+        self._started = False
 
     @property
     def tracker(self):
@@ -33,6 +31,11 @@ class CSVTracker(GeneralTracker):
 
     def log(self, values: dict, step: int | None = None, **kwargs) -> None:
         row = {"step": step, **values}
+        if not self._started:  # read at the first row, after the loop has trimmed a resumed log
+            self._started = True
+            if self.path.is_file():  # resumed run: keep the header already written
+                with self.path.open() as f:
+                    self._columns = next(csv.reader(f), None)
         if self._columns is None:
             self._columns = list(row)
             with self.path.open("w", newline="") as f:

@@ -13,6 +13,7 @@ two processes with half the batch each see exactly what one process with the who
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -35,8 +36,8 @@ from lift3d.config import TrainConfig, validate
 from lift3d.data.dataset import stack_items
 from lift3d.plugins import create
 from lift3d.tracking import drop_rows_after
-from lift3d.training_state import (TRAINER_STATE, check_checkpoint_files, load_training_state, read_trainer_state,
-                                   save_training_state)
+from lift3d.training_state import (TRAINER_STATE, check_checkpoint_files, load_training_state, load_validation_state,
+                                   read_trainer_state, save_training_state)
 
 logger = logging.getLogger("lift3d.training")
 
@@ -329,6 +330,7 @@ class TrainingState:
     lr_scheduler: Any
     ema: Any = None
     scaler: Any = None
+    validation: Any = None  # a ValidationTracker on the main process when sampled validation runs
 
 
 def check_weights_finite(params: list[nn.Parameter], step: int) -> None:
@@ -349,6 +351,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, state: 
     accelerator.wait_for_everyone()
     save_training_state(tmp, model=accelerator.unwrap_model(state.model), optimizer=state.optimizer,
                         lr_scheduler=state.lr_scheduler, ema=state.ema, scaler=state.scaler, step=step, loss=loss,
+                        validation=None if state.validation is None else state.validation.state(),
                         is_main_process=accelerator.is_main_process, process_index=accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -500,6 +503,7 @@ class Task:
     loss: Callable[[nn.Module, dict, int], tuple[Tensor, dict[str, Tensor]]]
     validate: Callable[[nn.Module], dict[str, float]]
     export: Callable[[nn.Module], Path]
+    sampled: Any = None  # a lift3d.validation.SampledValidation when run.validate_every is set
 
 
 def check_grid(dataset, multiple: int, why: str) -> None:
@@ -511,7 +515,8 @@ def check_grid(dataset, multiple: int, why: str) -> None:
                          f"valid sizes near it: {low}, {low + multiple}")
 
 
-def diffusion_task(cfg: TrainConfig, dataset, autoencoder, unet, sampler, output_dir: Path, device) -> Task:
+def diffusion_task(cfg: TrainConfig, dataset, autoencoder, unet, sampler, output_dir: Path, device,
+                   val_pairs: list | None = None) -> Task:
     """Stages 1 and 2 (eq. 4): denoise target latents given the source latents."""
     noise_scheduler = build_noise_scheduler(cfg)
     encoder = LatentEncoder(autoencoder, cache=cfg.autoencoder.cache_latents)
@@ -524,9 +529,15 @@ def diffusion_task(cfg: TrainConfig, dataset, autoencoder, unet, sampler, output
         return diffusion_loss(model, noise_scheduler, latents, source if conditioning else None, noise, timesteps,
                               cfg.model.prediction_type), {}
 
+    sampled = None
+    if val_pairs:
+        from lift3d.validation import SampledValidation
+
+        sampled = SampledValidation(val_pairs, autoencoder, training_settings(cfg, autoencoder, dataset, False),
+                                    dict(noise_scheduler.config), cfg.run.validate_steps, device)
     return Task(unet, trainable_parameters(cfg, unet), IndexedView(build_view(cfg, dataset)), loss,
                 lambda model: {"val_loss": fixed_volume_loss(model, noise_scheduler, encoder, dataset, cfg, device)},
-                lambda model: export_model(cfg, model, autoencoder, noise_scheduler, dataset, output_dir))
+                lambda model: export_model(cfg, model, autoencoder, noise_scheduler, dataset, output_dir), sampled)
 
 
 def autoencoder_task(cfg: TrainConfig, dataset, objective, output_dir: Path, device) -> Task:
@@ -573,6 +584,15 @@ def autoencoder_task(cfg: TrainConfig, dataset, objective, output_dir: Path, dev
     return Task(objective, [p for p in objective.parameters() if p.requires_grad], view, loss, validate, export)
 
 
+def validation_pairs(cfg: TrainConfig) -> list:
+    """The first ``data.val_volumes`` volumes of the dataset's validation split, loaded now."""
+    val = create("datasets", cfg.data.dataset, split="val", **cfg.data.options)
+    if len(val) == 0:
+        raise ValueError(f"run.validate_every = {cfg.run.validate_every} needs validation subjects, but dataset "
+                         f"{cfg.data.dataset!r} has none in its 'val' split (set its val_size/num_val option)")
+    return [val[i] for i in range(min(cfg.data.val_volumes, len(val)))]
+
+
 def build_autoencoder_objective(cfg: TrainConfig, dataset):
     """A new KL autoencoder from [vae], or the ``kl`` autoencoder of [autoencoder] to fine-tune."""
     from lift3d.autoencoder_training import AutoencoderObjective, new_vae
@@ -616,12 +636,13 @@ def train(cfg: TrainConfig) -> Path:
                    f"autoencoder f = {autoencoder.downsampling_factor} x U-Net downsampling 2^{levels - 1}")
         sampler_name = cfg.diffusion.timestep_sampler or ("uniform-slice" if cfg.run.stage == "slices" else "make-a-volume")
         sampler = create("timestep_samplers", sampler_name)
+        val_pairs = validation_pairs(cfg) if cfg.run.validate_every else None
 
         def make_task(accelerator) -> Task:
             autoencoder.to(accelerator.device)
             if accelerator.mixed_precision != "no":  # the frozen autoencoder runs in the compute dtype
                 autoencoder.to(torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
-            return diffusion_task(cfg, dataset, autoencoder, unet, sampler, output_dir, accelerator.device)
+            return diffusion_task(cfg, dataset, autoencoder, unet, sampler, output_dir, accelerator.device, val_pairs)
     resume_from = resolve_resume(cfg, output_dir)
 
     created = not output_dir.exists()
@@ -682,6 +703,15 @@ def _train(cfg: TrainConfig, make_task: Callable[[Any], Task], output_dir: Path,
         accelerator.log(scores, step=0)
         accelerator.print(f"lift3d: stage {cfg.run.stage!r} on {accelerator.num_processes} process(es), "
                           f"{accelerator.device}; initial {_scores(scores)}")
+    # Sampled validation runs on the main process only; the others wait at the next all-reduce.
+    tracker = ValidationTracker(task.sampled, accelerator.unwrap_model(model), params, ema, cfg.run.validate_every) \
+        if task.sampled is not None and accelerator.is_main_process else None
+    state.validation = tracker
+    if tracker is not None:
+        if resume_from is not None:
+            tracker.restore(resume_from)
+        else:
+            accelerator.log(tracker.score(step), step=step)
     progress = tqdm(total=cfg.run.max_steps, initial=step, desc=f"stage {cfg.run.stage}",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     model.train()
@@ -717,6 +747,8 @@ def _train(cfg: TrainConfig, make_task: Callable[[Any], Task], output_dir: Path,
             accelerator.log(logs, step=step)
             progress.set_postfix(loss=f"{last_logged:.4f}")
             window, tic = {}, time.perf_counter()
+        if tracker is not None and (step % cfg.run.validate_every == 0 or step == cfg.run.max_steps):
+            accelerator.log(tracker.score(step), step=step)
         if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
             check_weights_finite(params, step)
             save_checkpoint(accelerator, output_dir, step, cfg.run.checkpoints_keep, state, last_logged)
@@ -726,18 +758,74 @@ def _train(cfg: TrainConfig, make_task: Callable[[Any], Task], output_dir: Path,
     final = output_dir / "model"
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        if ema is not None:  # score and export the averaged weights
-            ema.store(params)
-            ema.copy_to(params)
-        scores = task.validate(unwrapped)
-        accelerator.log(scores, step=step)
-        accelerator.print(f"lift3d: final {_scores(scores)}")
-        final = task.export(unwrapped)
-        if ema is not None:
-            ema.restore(params)
+        with exported_weights(ema, params, tracker):  # the EMA, or the best validation step's weights
+            scores = task.validate(unwrapped)
+            accelerator.log(scores, step=step)
+            accelerator.print(f"lift3d: final {_scores(scores)}")
+            if tracker is not None:
+                accelerator.print(f"lift3d: {tracker.summary(cfg.run.stage)}")
+            final = task.export(unwrapped)
         accelerator.print(f"lift3d: exported {final}")
     accelerator.end_training()
     return final
+
+
+class ValidationTracker:
+    """Sampled validation during the loop (:mod:`lift3d.validation`): scores, and the best step kept."""
+
+    def __init__(self, sampled, unet: nn.Module, params: list[nn.Parameter], ema, every: int) -> None:
+        self.sampled, self.unet, self.params, self.ema, self.every = sampled, unet, params, ema, every
+        self.names = [n for n, p in unet.named_parameters() if p.requires_grad]
+        self.best = None
+        self.first: dict[str, float] | None = None
+
+    def score(self, step: int) -> dict[str, float]:
+        from lift3d.validation import Best, better, snapshot
+
+        with exported_weights(self.ema, self.params):
+            scores = self.sampled.score(self.unet)
+            if better(scores, self.best):
+                self.best = Best(step, scores, snapshot(self.params, self.names))
+        if step == 0:
+            self.first = scores
+        return scores
+
+    def summary(self, stage: str) -> str:
+        from lift3d.validation import summary_line
+
+        return summary_line(self.best, self.first, stage)
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return self.best.weights, {"step": self.best.step, "scores": self.best.scores, "first": self.first}
+
+    def restore(self, folder: Path) -> None:
+        from lift3d.validation import Best
+
+        weights, info = load_validation_state(folder)
+        if info is None:
+            raise CheckpointError(f"checkpoint {folder} holds no validation state, but this run has "
+                                  f"run.validate_every = {self.every}; resume with the setting it was saved with")
+        self.best, self.first = Best(info["step"], info["scores"], weights), info.get("first")
+
+
+@contextlib.contextmanager
+def exported_weights(ema, params: list[nn.Parameter], tracker: ValidationTracker | None = None):
+    """Within: the weights that are scored and exported (EMA if on; the best validation step's if
+    sampled validation ran). Afterwards the live training weights are back."""
+    stored = [p.detach().clone() for p in params] if (ema is not None or tracker is not None) else None
+    if ema is not None:
+        ema.copy_to(params)
+    if tracker is not None and tracker.best is not None:
+        with torch.no_grad():
+            for p, name in zip(params, tracker.names):
+                p.copy_(tracker.best.weights[name].to(p.device, p.dtype))
+    try:
+        yield
+    finally:
+        if stored is not None:
+            with torch.no_grad():
+                for p, value in zip(params, stored):
+                    p.copy_(value)
 
 
 def _scores(scores: dict[str, float]) -> str:

@@ -15,6 +15,7 @@ A checkpoint folder holds exactly:
 ``ema.*``                 the EMA's shadow weights and counters, when ``optim.ema`` is on
 ``scaler.json``           the fp16 gradient scaler, when ``optim.mixed_precision = "fp16"``
 ``rng-<rank>.safetensors`` each process's torch RNG states
+``best.safetensors``      the best sampled-validation step's trained weights (``run.validate_every``)
 ========================  ===================================================================
 
 Noise, timesteps and the data order are seeded by (seed, step), so the RNG files only matter for
@@ -41,8 +42,9 @@ OPTIMIZER, OPTIMIZER_GROUPS = "optimizer.safetensors", "optimizer.json"
 LR_SCHEDULER = "lr_scheduler.json"
 EMA, EMA_SETTINGS = "ema.safetensors", "ema.json"
 SCALER = "scaler.json"
+BEST = "best.safetensors"
 RNG = re.compile(r"rng-\d+\.safetensors")
-KNOWN_FILES = {TRAINER_STATE, MODEL, OPTIMIZER, OPTIMIZER_GROUPS, LR_SCHEDULER, EMA, EMA_SETTINGS, SCALER}
+KNOWN_FILES = {TRAINER_STATE, MODEL, OPTIMIZER, OPTIMIZER_GROUPS, LR_SCHEDULER, EMA, EMA_SETTINGS, SCALER, BEST}
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -123,7 +125,8 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
 
 
 def save_training_state(folder: Path, *, model: nn.Module, optimizer, lr_scheduler, ema=None, scaler=None,
-                        step: int, loss: float | None, is_main_process: bool = True, process_index: int = 0) -> None:
+                        step: int, loss: float | None, is_main_process: bool = True, process_index: int = 0,
+                        validation: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> None:
     """Write the whole training state into ``folder`` (which must exist). Every process writes its
     own RNG file; the main process writes the rest."""
     generators = {"cpu": torch.get_rng_state()}
@@ -141,7 +144,11 @@ def save_training_state(folder: Path, *, model: nn.Module, optimizer, lr_schedul
         _write_json(folder / EMA_SETTINGS, _plain(ema_state, "ema"))
     if scaler is not None:
         _write_json(folder / SCALER, _plain(scaler.state_dict(), "scaler"))
-    _write_json(folder / TRAINER_STATE, {"format": STATE_FORMAT, "step": step, "last_logged_loss": loss})
+    trainer = {"format": STATE_FORMAT, "step": step, "last_logged_loss": loss}
+    if validation is not None:
+        weights, trainer["validation"] = validation
+        save_safetensors(weights, folder / BEST)
+    _write_json(folder / TRAINER_STATE, trainer)
 
 
 def check_checkpoint_files(folder: Path, expected: set[str] | None = None) -> None:
@@ -170,6 +177,8 @@ def load_training_state(folder: Path, *, model: nn.Module, optimizer, lr_schedul
                         process_index: int = 0) -> int:
     """Restore what :func:`save_training_state` wrote; returns the step to continue from."""
     expected = KNOWN_FILES - ({EMA, EMA_SETTINGS} if ema is None else set()) - ({SCALER} if scaler is None else set())
+    if "validation" not in read_trainer_state(folder):
+        expected = expected - {BEST}
     check_checkpoint_files(folder, expected)
     step = read_trainer_state(folder)["step"]
     weights, _ = read_safetensors(folder / MODEL)
@@ -193,3 +202,12 @@ def load_training_state(folder: Path, *, model: nn.Module, optimizer, lr_schedul
         if cuda and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda)
     return step
+
+
+def load_validation_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The best validation step's weights and scores, as :func:`save_training_state` wrote them."""
+    info = read_trainer_state(folder).get("validation")
+    if info is None:
+        return {}, None
+    weights, _ = read_safetensors(folder / BEST)
+    return weights, info

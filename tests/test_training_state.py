@@ -219,3 +219,90 @@ def test_the_nan_message_names_the_checkpoint_with_its_last_loss(tmp_path, monke
     message = str(stopped.value)
     assert f"checkpoint-2 (step 2, last logged loss {last:.6g}" in message
     assert "good" not in message
+
+
+def test_a_fresh_run_in_an_old_folder_starts_a_fresh_log(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_cfg(out, run={"max_steps": 3}))
+    train(tiny_cfg(out, run={"max_steps": 2}))
+    rows = losses(out)
+    assert [r["step"] for r in rows if r["loss"]] == ["1", "2"]
+
+
+# --------------------------------------------------------------------------------------------
+# Sampled validation inside training (run.validate_every): logged, the best step exported
+
+
+VALIDATED = {"options": {"size": 16, "num_slices": 8, "num_subjects": 7, "val_size": 1, "test_size": 1}}  # 3D SSIM: >= 7 slices
+
+
+def test_sampled_validation_is_logged_and_the_best_step_exported(tmp_path, capsys):
+    import lift3d.training as T
+    from lift3d.validation import SampledValidation
+
+    scripted = iter([20.0, 25.0, 21.0, 22.0])  # step 0, 2, 4 and the final step 4 is the same scoring: 3 calls
+    calls = []
+    real = SampledValidation.score
+
+    def score(self, unet):
+        scores = real(self, unet)
+        calls.append(scores)
+        return {**scores, "val_psnr": next(scripted)}
+
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SampledValidation, "score", score)
+        snapshots = {}
+        real_snapshot = T.ValidationTracker.score
+
+        def remember(self, step):
+            scores = real_snapshot(self, step)
+            snapshots[step] = {n: p.detach().clone() for n, p in zip(self.names, self.params)}
+            return scores
+
+        mp.setattr(T.ValidationTracker, "score", remember)
+        model = train(tiny_cfg(out, data=VALIDATED, run={"max_steps": 4, "validate_every": 2, "validate_steps": 2}))
+    assert len(calls) == 3 and {"val_psnr", "val_ssim", "val_mae", "val_z_inconsistency"} <= set(calls[0])
+    rows = [r for r in losses(out) if r.get("val_ssim")]
+    assert [r["step"] for r in rows] == ["0", "2", "4"]
+    exported = load_weights(model)
+    assert all(torch.equal(exported[n], snapshots[2][n]) for n in snapshots[2])  # step 2 had the best PSNR
+    assert not all(torch.equal(exported[n], snapshots[4][n]) for n in snapshots[4])
+    assert "best validation psnr at step 2" in capsys.readouterr().out
+
+
+def test_a_stage2_that_never_beats_stage1_says_so(tmp_path, capsys, monkeypatch):
+    from lift3d.validation import SampledValidation
+
+    stage1 = train(tiny_cfg(tmp_path / "s1", data=VALIDATED, run={"max_steps": 1}))
+    scripted = iter([30.0, 20.0, 21.0])
+    real = SampledValidation.score
+    monkeypatch.setattr(SampledValidation, "score", lambda self, unet: {**real(self, unet), "val_psnr": next(scripted)})
+    capsys.readouterr()
+    model = train(tiny_cfg(tmp_path / "s2", stage="volumes", model={"pretrained": str(stage1)},
+                           data={**VALIDATED, "batch_size": 1},
+                           run={"max_steps": 2, "validate_every": 1, "validate_steps": 2}))
+    out = capsys.readouterr().out
+    assert "no stage-2 step beat the stage-1 model on validation (stage 1: psnr 30" in out
+    from einops import rearrange
+
+    from lift3d.checkpoint import load_lifted
+    from lift3d.training import load_unet2d
+
+    lifted, flat = load_lifted(model), load_unet2d(stage1).eval()
+    x, t = torch.randn(1, 2, 8, 16, 16), torch.tensor([500])
+    with torch.no_grad():
+        expected = rearrange(flat(rearrange(x, "b c n h w -> (b n) c h w"), t.repeat(8)).sample, "(b n) c h w -> b c n h w", n=8)
+        assert torch.allclose(lifted(x, t).sample, expected, atol=1e-6)  # the stage-1 model, lifted at identity
+
+
+def test_sampled_validation_needs_validation_subjects(tmp_path):
+    with pytest.raises(ValueError, match="has none in its 'val' split"):
+        train(tiny_cfg(tmp_path / "run", run={"validate_every": 2}))
+    assert not (tmp_path / "run").exists()
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
