@@ -81,6 +81,7 @@ def build(registry, name, tmp_path, **options):
         "s2m": lambda: {"root": s2m_layout(tmp_path / "s2m"), "test_size": 1},
         "rire": lambda: {"root": rire_layout(tmp_path / "rire"), "test_size": 1},
         "phantom": lambda: {"num_subjects": 3, "test_size": 1},
+        "icbm152": lambda: {"num_train": 2, "num_test": 1, "voxel_mm": 8},
     }
     assert name in layouts, f"add a tiny layout for the new dataset plugin {name!r}"
     return registry.create(name, **{**layouts[name](), **TINY, **options})
