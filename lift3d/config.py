@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from lift3d.placement import PRESETS
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -105,8 +107,14 @@ class ModelConfig:
 
 @dataclass
 class LiftConfig:
+    kind: str = opt("", "kind of volumetric layer (lift3d.layer_kinds; e.g. full, low-rank, depthwise, "
+                    "slice-attention); empty = lift3d.inflate's default")
+    options: dict = opt({}, "options of the layer kind, e.g. {rank = 16} for low-rank or {heads = 4}")
     kernel_size: int = opt(3, "odd kernel size of the volumetric 1D convs", rule=ODD)
-    where: str = opt("resnet", "placement preset of the volumetric layers", ("resnet", "spatial", "block-output"))
+    where: str = opt("auto", "placement of the volumetric layers: auto = resnet where the model has residual "
+                     "blocks, else every spatial conv (lift3d.placement.PRESETS)", tuple(PRESETS))
+    recompute: bool = opt(False, "recompute the volumetric layers' inputs in backward instead of keeping them "
+                          "(less training memory)")
     padding_mode: str = opt("zeros", "border handling along the slice axis", ("zeros", "replicate"))
     trainable: str = opt("volumetric", "stage 2: train the volumetric layers only, or everything",
                          ("volumetric", "all"))

@@ -140,7 +140,8 @@ def build_unet(cfg: TrainConfig, autoencoder, sample_size: int) -> nn.Module:
     else:
         unet = new_unet2d(cfg, in_channels, out_channels, sample_size)
     if cfg.run.stage == "volumes" and not lift3d.is_lifted(unet):
-        lift3d.inflate(unet, kernel_size=cfg.lift.kernel_size, where=cfg.lift.where, padding_mode=cfg.lift.padding_mode)
+        lift3d.inflate(unet, cfg.lift.kind or None, kernel_size=cfg.lift.kernel_size, where=cfg.lift.where,
+                       padding_mode=cfg.lift.padding_mode, recompute=cfg.lift.recompute, **cfg.lift.options)
     if cfg.model.gradient_checkpointing:
         if not hasattr(unet, "enable_gradient_checkpointing"):
             raise ValueError(f"{type(unet).__name__} does not support gradient checkpointing")

@@ -7,6 +7,7 @@ lift3d/training.py as ``lift3d-finetune`` users meet them.
 from __future__ import annotations
 
 import errno
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -306,3 +307,19 @@ def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+def test_stage2_takes_the_layer_kind_from_the_config(tmp_path, capsys):
+    import lift3d
+
+    stage1 = train(tiny_cfg(tmp_path / "s1", run={"max_steps": 1}))
+    model = train(tiny_cfg(tmp_path / "s2", stage="volumes", model={"pretrained": str(stage1)}, data={"batch_size": 1},
+                           lift={"kind": "depthwise", "where": "resnet", "recompute": True}, run={"max_steps": 1}))
+    settings = json.loads((model / "lift3d.json").read_text())["lift"]
+    assert settings["kind"] == "depthwise" and lift3d.is_lifted(lift3d.checkpoint.load_lifted(model))
+    capsys.readouterr()
+    assert main(["--model.pretrained", str(stage1), "--run.output_dir", str(tmp_path / "bad"), "--lift.kind", "ful",
+                 "--data.options", "{size = 16, num_slices = 4, num_subjects = 5}"]) == 2
+    err = capsys.readouterr().err
+    assert "'ful'" in err and "full" in err and err.count("\n") == 1
+    assert not (tmp_path / "bad").exists()
