@@ -197,7 +197,7 @@ def test_default_placement_falls_back_to_every_spatial_conv_and_says_so(caplog):
 def test_coarse_placement_skips_the_finest_level(unet2d):
     lift3d.inflate(unet2d, where="resnet-coarse")
     assert {c for _, c in lift3d.report(unet2d).hosts} == {32}
-    assert lift3d.report(unet2d).num_layers == 8
+    assert lift3d.report(unet2d).num_layers == 10  # down 1 (2 convs), mid (4), up 0 (4); not the 16-ch level
 
 
 def test_block_output_on_diffusers(unet2d):
