@@ -74,6 +74,8 @@ class RunConfig:
                               "DPM-Solver++ and log PSNR/SSIM/MAE/z-inconsistency; the step with the best "
                               "validation PSNR is exported (0 = off: the last step is exported)", rule=at_least(0))
     validate_steps: int = opt(10, "DPM-Solver++ steps of the sampled validation", rule=at_least(1))
+    threads: int = opt(0, "torch CPU threads (0 = torch's default); 1 on a busy shared CPU, where more threads "
+                       "than free cores make every step many times slower", rule=at_least(0))
     tracker: str = opt("csv", "Accelerate tracker for the logs", ("csv", "tensorboard", "none"))
 
 

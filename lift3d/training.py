@@ -620,6 +620,8 @@ def train(cfg: TrainConfig) -> Path:
     from accelerate.utils import set_seed
 
     validate(cfg)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
     set_seed(cfg.run.seed)
     dataset = create("datasets", cfg.data.dataset, split="train", **cfg.data.options)
     output_dir = Path(cfg.run.output_dir)
