@@ -226,6 +226,8 @@ def load_synthesis_model(folder: str | os.PathLike, *, device: str | torch.devic
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{scheduler_path} is not valid JSON ({exc})") from None
     _move(unet.requires_grad_(False).eval(), device, dtype)
+    if lift3d.is_lifted(unet):
+        lift3d.fuse(unet)  # inference fast path: each volumetric layer folded into its host conv
     if isinstance(autoencoder, nn.Module):
         _move(autoencoder, device, dtype)
     data = settings.get("data") or {}
