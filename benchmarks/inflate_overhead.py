@@ -348,7 +348,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variant", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                         help="fast runs on every preset; naive and grouped on --variant-presets, forward only")
     parser.add_argument("--variant-presets", nargs="+", default=None, choices=list(lift3d.PRESETS),
-                        help="presets on which the naive and grouped variants run (default: the first preset)")
+                        help="presets on which the naive and grouped variants run (default: resnet if chosen, else the first preset)")
     parser.add_argument("--skip-train-at", type=int, nargs="*", default=[], metavar="N",
                         help="slice counts at which only the forward pass is measured")
     parser.add_argument("--train-presets", nargs="+", default=None, choices=list(lift3d.PRESETS),
@@ -372,7 +372,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--modes train-volumetric is compared with the 2D model's train-all step; add train-all")
     args.warmup = args.warmup if args.warmup is not None else (3 if args.device == "cuda" else 0)
     args.iters = args.iters if args.iters is not None else (10 if args.device == "cuda" else 1)
-    args.variant_presets = args.variant_presets or args.presets[:1]
+    args.variant_presets = args.variant_presets or (["resnet"] if "resnet" in args.presets else args.presets[:1])
     args.train_presets = args.train_presets or args.presets
     return args
 
