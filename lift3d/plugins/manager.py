@@ -25,6 +25,7 @@ BUILTIN_PLUGINS = (
     "lift3d_plugins.autoencoders",
     "lift3d_plugins.timestep_samplers",
     "lift3d_plugins.datasets",
+    "lift3d_plugins.layer_kinds",
 )
 
 KINDS = ("datasets", "autoencoders", "timestep_samplers")
