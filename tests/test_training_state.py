@@ -48,7 +48,7 @@ def checkpointed(tmp_path_factory) -> Path:
 
 def test_a_checkpoint_is_safetensors_and_json_only(checkpointed):
     names = {p.name for p in (checkpointed / "checkpoint-2").iterdir()}
-    assert names == KNOWN_FILES - {"scaler.json"} | {"rng-0.safetensors"}
+    assert names == KNOWN_FILES - {"scaler.json", "best.safetensors"} | {"rng-0.safetensors"}  # no fp16, no validation
     assert all(n.endswith((".safetensors", ".json")) for n in names)
 
 
@@ -65,7 +65,7 @@ def test_a_pickle_planted_in_a_checkpoint_never_runs(checkpointed, tmp_path, mon
         train(tiny_cfg(folder, run={"max_steps": 3, "checkpoint_every": 2, "resume": "latest"}, optim={"ema": True}))
     assert not marker.exists()
     message = str(refused.value)
-    if planted in KNOWN_FILES - {"scaler.json"} or planted.startswith("rng-"):  # no scaler on a CPU run
+    if planted in KNOWN_FILES - {"scaler.json", "best.safetensors"} or planted.startswith("rng-"):  # files this run reads
         assert planted in message and ("not a readable safetensors" in message or "not valid JSON" in message)
     else:
         assert f"holds files lift3d does not read safely: {planted}" in message
