@@ -43,6 +43,7 @@ target's own slice-to-slice change (lower is better).
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import math
@@ -68,9 +69,11 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "icbm152-2009c"
 RESULTS = REPO / "benchmarks" / "results"
 TEMPLATE_FILES = {"T1": "1mm_T1.nii.gz", "T2": "1mm_T2_brain.nii.gz", "mask": "1mm_brainmask.nii.gz"}
 
-# The protocol's subjects (icbm152 seeds: train 1000 + i, val 1500, test 2000 + i). 13 + 1 = the paper's 14
-# training volumes.
-SUBJECT_COUNTS = {"num_train": 13, "num_val": 1, "num_test": 3}
+# The protocol's subjects (icbm152 seeds: train 1000 + i, val 1500 + i, test 2000 + i): 13 training volumes
+# (the paper's 14, less one), 3 validation subjects that make every choice, 6 test subjects that make none.
+SUBJECT_COUNTS = {"num_train": 13, "num_val": 3, "num_test": 6}
+# What stage 1 depends on: the training subjects only (not how many val/test subjects the run holds out).
+HELD_OUT_COUNTS = ("num_val", "num_test")
 
 # Make-A-Volume, Tables 1-2, RIRE T1 -> T2 (another dataset; for context only): MAE, SSIM, PSNR.
 PAPER_RIRE = {
@@ -93,7 +96,8 @@ class Scale:
     stage1_batch: int  # slices per step
     stage1_lr: float
     stage1_prediction: str  # what the U-Net predicts, in both stages: epsilon (the paper's eq. 4) or v_prediction
-    stage2_candidates: tuple[int, ...]  # stage-2 step counts; the validation subject picks one
+    stage2_steps: int  # stage-2 length; the validation subjects pick the exported step (lift3d's sampled validation)
+    stage2_val_every: int  # score the validation subjects every K stage-2 steps, step 0 (= stage 1) included
     stage2_lr: float
     baseline_features: tuple[int, ...]  # MONAI BasicUNet features (6 numbers)
     baseline_steps: int
@@ -102,7 +106,10 @@ class Scale:
     baseline_val_every: int
     ddim_steps: int  # the paper's DDIM-200
     dpm_steps: int  # the fast solver
-    selection_steps: int  # DPM-Solver++ steps used on the validation subject
+    selection_steps: int  # DPM-Solver++ steps used on the validation subjects
+    samples: int  # K: the mean of up to K samples is scored (K = 1, 4, ..., samples on test)
+    rho_samples: int  # samples per validation subject when choosing the noise correlation
+    noise_correlations: tuple[float, ...]  # rho candidates, chosen on validation per model
     hardware: str
 
 
@@ -112,23 +119,25 @@ SCALES = {
     # learning rate were chosen on the validation subject (benchmarks/RESULTS.md).
     "cpu": Scale(voxel_mm=2, size=48, num_slices=24, widths=(16, 32, 64), layers_per_block=1,
                  stage1_steps=2000, stage1_batch=16, stage1_lr=1e-3, stage1_prediction="v_prediction",
-                 stage2_candidates=(600, 1200), stage2_lr=2e-3,
+                 stage2_steps=1200, stage2_val_every=150, stage2_lr=2e-3,
                  baseline_features=(16, 16, 32, 64, 128, 16), baseline_steps=1000, baseline_batch=2,
                  baseline_lr=1e-3, baseline_val_every=50, ddim_steps=200, dpm_steps=25, selection_steps=25,
-                 hardware="2 CPU cores"),
+                 samples=8, rho_samples=4, noise_correlations=(0.0, 0.5, 0.9), hardware="2 CPU cores"),
     # The paper's RIRE grid, 256 x 256 x 35, for one GPU. Pixel space (identity autoencoder): no
     # pretrained KL autoencoder (the paper's f = 4 latent space) is available here.
     "paper": Scale(voxel_mm=1, size=256, num_slices=35, widths=(64, 128, 256, 256), layers_per_block=2,
                    stage1_steps=30000, stage1_batch=32, stage1_lr=1e-4, stage1_prediction="v_prediction",
-                   stage2_candidates=(1000, 2000, 4000),
+                   stage2_steps=4000, stage2_val_every=500,
                    stage2_lr=1e-4, baseline_features=(32, 32, 64, 128, 256, 32), baseline_steps=10000,
                    baseline_batch=1, baseline_lr=2e-4, baseline_val_every=500, ddim_steps=200, dpm_steps=25,
-                   selection_steps=25, hardware="1 GPU"),
+                   selection_steps=25, samples=8, rho_samples=4, noise_correlations=(0.0, 0.5, 0.9),
+                   hardware="1 GPU"),
     # Seconds: every code path, learning nothing (for tests/test_benchmark_icbm.py).
     "smoke": Scale(voxel_mm=4, size=32, num_slices=16, widths=(16, 32), layers_per_block=1,
-                   stage1_steps=3, stage1_batch=8, stage1_lr=1e-3, stage1_prediction="v_prediction", stage2_candidates=(1, 2), stage2_lr=5e-4,
+                   stage1_steps=3, stage1_batch=8, stage1_lr=1e-3, stage1_prediction="v_prediction", stage2_steps=2, stage2_val_every=1, stage2_lr=5e-4,
                    baseline_features=(8, 8, 8, 16, 16, 8), baseline_steps=2, baseline_batch=2, baseline_lr=1e-3,
-                   baseline_val_every=1, ddim_steps=3, dpm_steps=2, selection_steps=2, hardware="any"),
+                   baseline_val_every=1, ddim_steps=3, dpm_steps=2, selection_steps=2, samples=4, rho_samples=2,
+                   noise_correlations=(0.0, 0.5), hardware="any"),
 }
 
 
@@ -136,10 +145,10 @@ SCALES = {
 # Subjects: the icbm152 dataset plugin, pointed at the 1 mm template
 
 
-def dataset_options(data: Path, scale: Scale) -> dict[str, Any]:
-    """The ``icbm152`` options of the protocol: 1 mm files, block-averaged to the scale's voxel, 13/1/3 subjects."""
+def dataset_options(data: Path, scale: Scale, source: str = "T1", target: str = "T2") -> dict[str, Any]:
+    """The ``icbm152`` options of the protocol: 1 mm files, block-averaged to the scale's voxel, 13/3/6 subjects."""
     return {"root": str(data), "files": TEMPLATE_FILES, "voxel_mm": scale.voxel_mm, **SUBJECT_COUNTS,
-            "source": "T1", "target": "T2", "size": scale.size, "num_slices": scale.num_slices,
+            "source": source, "target": target, "size": scale.size, "num_slices": scale.num_slices,
             "slice_axis": "axial", "cache": True}
 
 
@@ -181,8 +190,10 @@ def finish(folder: Path, key: dict[str, Any], wall_s: float, **extra: Any) -> di
     return {**record, "reused": False}
 
 
-# Stage-2 variants (--variant): overrides of the [lift] section, plus the learning rate.
-VARIANT_KEYS = {"kernel_size": int, "where": str, "padding_mode": str, "trainable": str, "learning_rate": float}
+# Stage-2 variants (--variant): overrides of the [lift] section, plus the learning rate and its schedule.
+VARIANT_KEYS = {"kind": str, "kernel_size": int, "where": str, "padding_mode": str, "trainable": str,
+                "learning_rate": float, "lr_scheduler": str}
+OPTIM_KEYS = ("learning_rate", "lr_scheduler")
 
 
 def parse_variant(text: str) -> dict[str, Any]:
@@ -197,7 +208,7 @@ def parse_variant(text: str) -> dict[str, Any]:
         except ValueError:
             raise ValueError(f"--variant {key}={value!r} is not a valid {VARIANT_KEYS[key].__name__}") from None
     if not overrides:
-        raise ValueError(f"--variant {text!r} names nothing; e.g. trainable=all or where=spatial,kernel_size=5")
+        raise ValueError(f"--variant {text!r} names nothing; e.g. kind=slice-attention or lr_scheduler=cosine")
     return overrides
 
 
@@ -214,68 +225,86 @@ def variant_folder(overrides: dict[str, Any]) -> str:
 
 
 def diffusion_config(stage: str, folder: Path, scale: Scale, data: dict[str, Any], seed: int, steps: int,
-                     stage1_model: Path | None = None, overrides: dict[str, Any] | None = None):
+                     stage1_model: Path | None = None, overrides: dict[str, Any] | None = None,
+                     autoencoder: Path | None = None):
+    """The lift3d config of stage 1 (``slices``) or stage 2 (``volumes``); latent space with ``autoencoder``
+    (a KL autoencoder folder, e.g. from ``lift3d-finetune --run.stage autoencoder``), else pixel space."""
     from lift3d.config import TrainConfig, apply
 
+    coder = ({"name": "kl", "options": {"path": str(autoencoder)}, "cache_latents": True} if autoencoder
+             else {"name": "identity"})
     common = {
         "run": {"stage": stage, "output_dir": str(folder), "seed": seed, "max_steps": steps, "log_every": 10,
                 "checkpoint_every": 0},
         "data": {"dataset": "icbm152", "options": data},
         "model": {"block_out_channels": list(scale.widths), "layers_per_block": scale.layers_per_block,
                   "prediction_type": scale.stage1_prediction},
-        "autoencoder": {"name": "identity"},
+        "autoencoder": coder,
     }
     if stage == "slices":
         extra = {"data": {"batch_size": scale.stage1_batch},
                  "optim": {"learning_rate": scale.stage1_lr, "lr_scheduler": "cosine",
                            "warmup_steps": min(20, max(steps // 4, 0))}}
     else:
-        overrides = dict(overrides or {})
-        lr = overrides.pop("learning_rate", scale.stage2_lr)
-        extra = {"data": {"batch_size": 1}, "model": {"pretrained": str(stage1_model or "")},
-                 "lift": {"trainable": "volumetric", **overrides},
-                 "diffusion": {"timestep_sampler": "make-a-volume"},
-                 "optim": {"learning_rate": lr, "lr_scheduler": "constant"}}
+        lift = {k: v for k, v in (overrides or {}).items() if k not in OPTIM_KEYS}
+        optim = {"learning_rate": scale.stage2_lr, "lr_scheduler": "constant"}
+        optim |= {k: v for k, v in (overrides or {}).items() if k in OPTIM_KEYS}
+        # lift3d's sampled validation: the validation subjects every stage2_val_every steps and at step 0
+        # (the stage-1 model, lifted at identity); the best step's weights are exported.
+        extra = {"run": {"validate_every": scale.stage2_val_every, "validate_steps": scale.selection_steps},
+                 "data": {"batch_size": 1, "val_volumes": data.get("num_val", 1)},
+                 "model": {"pretrained": str(stage1_model or "")},
+                 "lift": {"trainable": "volumetric", **lift},
+                 "diffusion": {"timestep_sampler": "make-a-volume"}, "optim": optim}
     cfg = apply(TrainConfig(), common, "icbm_t1t2")
     return apply(cfg, extra, "icbm_t1t2")
 
 
-def train_stage1(out: Path, scale: Scale, data: dict[str, Any], seed: int, reuse: bool) -> tuple[Path, dict]:
+def train_stage1(out: Path, scale: Scale, data: dict[str, Any], seed: int, reuse: bool,
+                 autoencoder: Path | None = None) -> tuple[Path, dict]:
     from lift3d.training import train
 
     folder = out / "stage1"
-    key = phase_key(scale, "stage1", data, seed, unet={"widths": scale.widths, "layers": scale.layers_per_block})
+    training_data = {k: v for k, v in data.items() if k not in HELD_OUT_COUNTS}
+    key = phase_key(scale, "stage1", training_data, seed, unet={"widths": scale.widths, "layers": scale.layers_per_block},
+                    **({"autoencoder": str(autoencoder)} if autoencoder else {}))
     record = reusable(folder, key, reuse)
     if record and (folder / "model").is_dir():
         return folder / "model", record
     print(f"[stage 1] {scale.stage1_steps} steps x {scale.stage1_batch} slices")
     shutil.rmtree(folder, ignore_errors=True)
     tic = time.perf_counter()
-    model = train(diffusion_config("slices", folder, scale, data, seed, scale.stage1_steps))
+    model = train(diffusion_config("slices", folder, scale, data, seed, scale.stage1_steps, autoencoder=autoencoder))
     return model, finish(folder, key, time.perf_counter() - tic)
 
 
+def validation_curve(folder: Path) -> list[dict[str, float]]:
+    """The sampled-validation rows of a lift3d run's CSV log: step, val_psnr, val_ssim, val_mae, ..."""
+    with (folder / "logs" / "metrics.csv").open(newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("val_psnr")]
+    return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items()
+             if v and (k == "step" or k.startswith("val_"))} for row in rows]
+
+
 def train_stage2(out: Path, scale: Scale, data: dict[str, Any], seed: int, stage1: tuple[Path, dict],
-                 overrides: dict[str, Any], reuse: bool) -> tuple[dict[int, Path], dict]:
-    """One stage-2 run, exported at every candidate step count (each segment resumes the last)."""
+                 overrides: dict[str, Any], reuse: bool, autoencoder: Path | None = None) -> tuple[Path, dict]:
+    """One stage-2 run; lift3d's sampled validation exports the step best on the validation subjects."""
     from lift3d.training import train
 
     folder = out / variant_folder(overrides)
-    exports = {steps: folder / f"model-step{steps}" for steps in scale.stage2_candidates}
     key = phase_key(scale, "stage2", data, seed, overrides=overrides, stage1=stage1[1]["run_id"])
     record = reusable(folder, key, reuse)
-    if record and all(p.is_dir() for p in exports.values()):
-        return exports, record
-    print(f"[stage 2, {variant_name(overrides)}] exported at steps {list(scale.stage2_candidates)}")
+    if record and (folder / "model").is_dir():
+        return folder / "model", record
+    print(f"[stage 2, {variant_name(overrides)}] {scale.stage2_steps} steps, validation every {scale.stage2_val_every}")
     shutil.rmtree(folder, ignore_errors=True)
-    tic, done = time.perf_counter(), 0
-    for steps, export in exports.items():
-        cfg = diffusion_config("volumes", folder, scale, data, seed, steps, stage1[0], overrides)
-        cfg.run.checkpoint_every, cfg.run.checkpoints_keep = steps, 1
-        cfg.run.resume = "latest" if done else ""
-        shutil.copytree(train(cfg), export)
-        done = steps
-    return exports, finish(folder, key, time.perf_counter() - tic)
+    tic = time.perf_counter()
+    cfg = diffusion_config("volumes", folder, scale, data, seed, scale.stage2_steps, stage1[0], overrides, autoencoder)
+    cfg.run.checkpoint_every = 0
+    model = train(cfg)
+    curve = validation_curve(folder)
+    best = max(curve, key=lambda row: (row["val_psnr"], -row["step"]))
+    return model, finish(folder, key, time.perf_counter() - tic, validation_curve=curve, best_step=best["step"])
 
 
 def build_baseline(features: tuple[int, ...]) -> tuple[nn.Module, str]:
@@ -384,79 +413,147 @@ class Method:
     scheduler: str = ""
     steps: int = 0
     x0_clip: bool = False  # clip the sampler's x0 estimate to [-1, 1] at every step
+    samples: int = 1  # K: the mean of K samples (lift3d's sample_seed(seed, k) for k < K)
+    rho: float = 0.0  # noise correlated across slices (lift3d-synthesize --noise-correlation)
 
     @property
     def sampler(self) -> str:
         if self.folder is None:
             return "one pass"
-        return f"{'DDIM' if self.scheduler == 'ddim' else 'DPM-Solver++'}-{self.steps}" + (", x0 clip" if self.x0_clip else "")
+        parts = [f"{'DDIM' if self.scheduler == 'ddim' else 'DPM-Solver++'}-{self.steps}"]
+        parts += [f"mean of {self.samples}"] * (self.samples > 1) + [f"rho {self.rho:g}"] * bool(self.rho)
+        return ", ".join(parts + ["x0 clip"] * self.x0_clip)
 
 
-def predict(method: Method, pairs, seed: int, device, cache: Path, reuse: bool,
-            baseline: nn.Module | None = None) -> tuple[torch.Tensor, float]:
-    """``(b, 1, n, h, w)`` predictions for ``pairs`` and the sampling seconds per volume (model loading
-    excluded); cached in ``cache`` by model run, sampler, seed and subjects, read back with ``reuse``."""
-    from safetensors.torch import load_file, save_file
-
-    from lift3d.synthesis import load_synthesis_model, synthesize
-
-    key = {"model": str(method.folder), "run_id": method.record["run_id"], "scheduler": method.scheduler,
-           "steps": method.steps, "seed": seed, "subjects": [p.subject for p in pairs]}
-    if method.x0_clip:
-        key["x0_clip"] = True
-    name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    tensors, meta = cache / f"{name}.safetensors", cache / f"{name}.json"
-    if reuse and tensors.is_file() and meta.is_file():
-        return load_file(str(tensors))["prediction"], json.loads(meta.read_text())["seconds_per_volume"]
-    sources = torch.stack([p.source for p in pairs])
-    if method.folder is None:
-        tic = time.perf_counter()
-        with torch.no_grad():
-            pred = torch.cat([baseline(s[None].to(device)).clamp(-1, 1).cpu() for s in sources])
-    else:
-        model = load_synthesis_model(method.folder, device=device)
-        tic = time.perf_counter()
-        # All subjects in one batch: every method sees the same initial noise for the same subject.
-        pred = synthesize(model, sources, scheduler=method.scheduler, steps=method.steps, seed=seed,
-                          clip_x0=method.x0_clip, progress=False).cpu()
-    seconds = (time.perf_counter() - tic) / len(pairs)
-    cache.mkdir(parents=True, exist_ok=True)
-    save_file({"prediction": pred.contiguous()}, str(tensors))
-    meta.write_text(json.dumps({"key": key, "seconds_per_volume": seconds}, indent=2))
-    return pred, seconds
+@dataclass
+class Prediction:
+    mean: torch.Tensor  # (b, 1, n, h, w), the mean of the method's K samples
+    std: torch.Tensor | None  # their per-voxel std (ddof 1); None for one sample
+    seconds_per_volume: float  # sampling time of all K samples (model loading excluded)
 
 
-def evaluate(pred: torch.Tensor, pairs) -> list[dict[str, Any]]:
+class Predictor:
+    """Samples of every method on a list of subjects, one cached file per (model run, sampler, sample k),
+    so that K = 8 reuses the samples of K = 4 and a cut-short run resumes with ``--reuse``."""
+
+    def __init__(self, seed: int, device, cache: Path, reuse: bool, baseline: nn.Module | None = None) -> None:
+        self.seed, self.device, self.cache, self.reuse, self.baseline = seed, device, cache, reuse, baseline
+        self.models: dict[Path, Any] = {}
+
+    def sample(self, method: Method, k: int, pairs) -> tuple[torch.Tensor, float]:
+        from safetensors.torch import load_file, save_file
+
+        from lift3d.synthesis import load_synthesis_model, sample_seed, synthesize
+
+        key = {"model": str(method.folder), "run_id": method.record["run_id"], "scheduler": method.scheduler,
+               "steps": method.steps, "seed": self.seed, "subjects": [p.subject for p in pairs]}
+        key |= {"x0_clip": True} if method.x0_clip else {}
+        key |= ({"rho": method.rho} if method.rho else {}) | ({"sample": k} if k else {})
+        name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        tensors, meta = self.cache / f"{name}.safetensors", self.cache / f"{name}.json"
+        if self.reuse and tensors.is_file() and meta.is_file():
+            return load_file(str(tensors))["prediction"], json.loads(meta.read_text())["seconds_per_volume"]
+        sources = torch.stack([p.source for p in pairs])
+        if method.folder is None:
+            tic = time.perf_counter()
+            with torch.no_grad():
+                pred = torch.cat([self.baseline(s[None].to(self.device)).clamp(-1, 1).cpu() for s in sources])
+        else:
+            if method.folder not in self.models:
+                self.models[method.folder] = load_synthesis_model(method.folder, device=self.device)
+            tic = time.perf_counter()
+            # All subjects in one batch: every method sees the same initial noise for the same subject.
+            pred = synthesize(self.models[method.folder], sources, scheduler=method.scheduler, steps=method.steps,
+                              seed=sample_seed(self.seed, k), clip_x0=method.x0_clip,
+                              noise_correlation=method.rho, progress=False).cpu()
+        seconds = (time.perf_counter() - tic) / len(pairs)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        save_file({"prediction": pred.contiguous()}, str(tensors))
+        meta.write_text(json.dumps({"key": key, "seconds_per_volume": seconds}, indent=2))
+        return pred, seconds
+
+    def __call__(self, method: Method, pairs) -> Prediction:
+        draws = [self.sample(method, k, pairs) for k in range(method.samples)]
+        stack = torch.stack([pred for pred, _ in draws])
+        std = stack.std(dim=0) if len(draws) > 1 else None
+        return Prediction(stack.mean(dim=0), std, sum(seconds for _, seconds in draws))
+
+
+def evaluate(pred: torch.Tensor, pairs, reference: str = "target") -> list[dict[str, Any]]:
+    """Per-subject metrics in the brain mask, against the noisy ``target`` or the ``clean_target``
+    (the deformed target before its own bias field and noise, from the icbm152 plugin)."""
     from lift3d.metrics import evaluate_volumes
 
-    return [{"subject": p.subject, **evaluate_volumes(pred[i, 0].numpy(), p.target[0].numpy(),
-                                                      p.extra["mask"][0].numpy())} for i, p in enumerate(pairs)]
-
-
-def select(stage1: Method, stage2: dict[str, tuple[dict[int, Path], dict]], val_pairs, scale: Scale, seed: int,
-           device, cache: Path, reuse: bool) -> list[dict[str, Any]]:
-    """Validation metrics of the slice-wise model and of every (variant, stage-2 steps) export."""
-    from lift3d.metrics import summarize
-
-    sampler = {"scheduler": "dpm", "steps": scale.selection_steps, "x0_clip": stage1.x0_clip}
-    entries = [("slice-wise", "-", 0, replace(stage1, **sampler))]
-    for variant, (exports, record) in stage2.items():
-        entries += [("lifted", variant, k, Method("lifted", "", f, record, **sampler)) for k, f in exports.items()]
     rows = []
-    for model, variant, steps, method in entries:
-        pred, _ = predict(method, val_pairs, seed, device, cache, reuse)
-        rows.append({"model": model, "variant": variant, "stage2_steps": steps, "folder": str(method.folder),
-                     "metrics": summarize(evaluate(pred, val_pairs))})
-        m = rows[-1]["metrics"]
-        print(f"  {model} [{variant}] {steps or ''}: PSNR {m['psnr']['mean']:.3f}, SSIM {m['ssim']['mean']:.4f}, "
-              f"MAE {m['mae']['mean']:.3f}, z {m['z_inconsistency']['mean']:.3f}")
+    for i, p in enumerate(pairs):
+        truth = p.target if reference == "target" else p.extra[reference]
+        rows.append({"subject": p.subject, **evaluate_volumes(pred[i, 0].numpy(), truth[0].numpy(),
+                                                               p.extra["mask"][0].numpy())})
     return rows
 
 
-def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The lifted export with the best validation PSNR (ties: fewer stage-2 steps, then the first variant)."""
+def scored(method: Method, prediction: Prediction, pairs) -> dict[str, Any]:
+    from lift3d.metrics import summarize
+
+    rows, clean = evaluate(prediction.mean, pairs), evaluate(prediction.mean, pairs, "clean_target")
+    return {"label": method.label, "sampler": method.sampler, "samples": method.samples, "noise_correlation": method.rho,
+            "model": str(method.folder) if method.folder else "baseline",
+            "seconds_per_volume": prediction.seconds_per_volume, "subjects": rows, "summary": summarize(rows),
+            "clean_target": {"subjects": clean, "summary": summarize(clean)}}
+
+
+def _line(name: str, metrics: dict[str, Any]) -> str:
+    return (f"  {name}: PSNR {metrics['psnr']['mean']:.3f}, SSIM {metrics['ssim']['mean']:.4f}, "
+            f"MAE {metrics['mae']['mean']:.3f}, z {metrics['z_inconsistency']['mean']:.3f}")
+
+
+def select(stage1: Method, stage2: dict[str, tuple[Path, dict]], val_pairs, scale: Scale,
+           predict: Predictor) -> list[dict[str, Any]]:
+    """Validation metrics (one DPM-Solver++ sample, independent noise) of the slice-wise model and of
+    every stage-2 variant's export (each already the best step of its run on the same subjects)."""
+    from lift3d.metrics import summarize
+
+    sampler = {"scheduler": "dpm", "steps": scale.selection_steps, "x0_clip": stage1.x0_clip}
+    entries = [("slice-wise", "-", replace(stage1, **sampler), None)]
+    entries += [("lifted", variant, Method("lifted", "", folder, record, **sampler), record.get("best_step"))
+                for variant, (folder, record) in stage2.items()]
+    rows = []
+    for model, variant, method, best_step in entries:
+        metrics = summarize(evaluate(predict(method, val_pairs).mean, val_pairs))
+        rows.append({"model": model, "variant": variant, "stage2_steps": best_step, "folder": str(method.folder),
+                     "metrics": metrics})
+        print(_line(f"{model} [{variant}]" + (f" step {best_step}" if best_step is not None else ""), metrics))
+    return rows
+
+
+def choose(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """The lifted export with the best validation PSNR (ties: the first variant), and whether it beats
+    the slice-wise stage-1 model there."""
     lifted = [r for r in rows if r["model"] == "lifted"]
-    return max(lifted, key=lambda r: (r["metrics"]["psnr"]["mean"], -r["stage2_steps"]))
+    best = max(lifted, key=lambda r: r["metrics"]["psnr"]["mean"])
+    stage1 = next(r for r in rows if r["model"] == "slice-wise")
+    return best, best["metrics"]["psnr"]["mean"] > stage1["metrics"]["psnr"]["mean"]
+
+
+def sweep_noise(models: dict[str, Method], val_pairs, scale: Scale, predict: Predictor) -> list[dict[str, Any]]:
+    """Validation metrics of each model at every noise correlation, for 1 sample and the mean of ``rho_samples``."""
+    from lift3d.metrics import summarize
+
+    rows = []
+    for name, base in models.items():
+        for rho in scale.noise_correlations:
+            for k in sorted({1, scale.rho_samples}):
+                method = replace(base, scheduler="dpm", steps=scale.selection_steps, samples=k, rho=rho)
+                metrics = summarize(evaluate(predict(method, val_pairs).mean, val_pairs))
+                rows.append({"model": name, "noise_correlation": rho, "samples": k, "metrics": metrics})
+                print(_line(f"{name}, rho {rho:g}, K {k}", metrics))
+    return rows
+
+
+def choose_rho(rows: list[dict[str, Any]], model: str, samples: int) -> float:
+    """The noise correlation with the best validation PSNR for ``model`` at ``samples`` (ties: the smaller)."""
+    mine = [r for r in rows if r["model"] == model and r["samples"] == samples]
+    return max(mine, key=lambda r: (r["metrics"]["psnr"]["mean"], -r["noise_correlation"]))["noise_correlation"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,36 +572,63 @@ def goal_check(summary: dict[str, Any], lifted: str, slice_wise: str) -> dict[st
             "met": all(passed.values())}
 
 
+def beats(summary: dict[str, Any], method: str, baseline: str) -> dict[str, Any]:
+    """The issue's second goal: ``method`` above ``baseline`` on both PSNR and SSIM (means over test subjects)."""
+    gain = {m: summary[method][m]["mean"] - summary[baseline][m]["mean"] for m in ("psnr", "ssim")}
+    return {"compared": f"{method} vs {baseline}", "observed": gain, "met": all(v > 0 for v in gain.values())}
+
+
 def fmt(stats: dict[str, float], digits: int) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
+def fmt_diff(entry: dict[str, Any], digits: int) -> str:
+    low, high = entry["ci"]
+    return f"{entry['mean']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] ({entry['b_better']}/{entry['n']})"
+
+
 def markdown(report: dict[str, Any]) -> str:
-    """The RESULTS.md table for one run."""
+    """The RESULTS.md tables for one run."""
     s, m, t = report["settings"], report["machine"], report["timing"]
     where = m.get("gpu") or f"{m['logical_cpus']} cores, {m['torch_threads']} torch threads"
     lines = [
-        f"Scale `{report['scale']}`: {s['grid']} axial grid; {s['unet']}. Machine: {m['cpu']} ({where}), "
-        f"torch {m['torch']}. Wall time {t['total_with_reused_s'] / 60:.1f} min end to end.",
+        f"{report['direction']} at scale `{report['scale']}`: {s['grid']} axial grid; {s['unet']}. Machine: {m['cpu']} "
+        f"({where}), torch {m['torch']}. Wall time {t['total_with_reused_s'] / 60:.1f} min end to end. "
+        f"{len(report['data']['test_subjects'])} test subjects, mean ± std over subjects.",
         "",
-        "| method | sampler | MAE ↓ | SSIM ↑ | PSNR ↑ (dB) | z-inconsistency ↓ | s / volume |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| method | sampler | MAE ↓ | SSIM ↑ | PSNR ↑ (dB) | z-inconsistency ↓ | clean target: SSIM / PSNR | s / volume |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for entry in report["methods"].values():
-        st = entry["summary"]
-        lines.append(f"| {entry['label']} | {entry['sampler']} | {fmt(st['mae'], 2)} | {fmt(st['ssim'], 3)} | "
-                     f"{fmt(st['psnr'], 2)} | {fmt(st['z_inconsistency'], 3)} | {entry['seconds_per_volume']:.1f} |")
+    for name, entry in report["methods"].items():
+        st, cl = entry["summary"], entry["clean_target"]["summary"]
+        lines.append(f"| `{name}` {entry['label']} | {entry['sampler']} | {fmt(st['mae'], 2)} | {fmt(st['ssim'], 3)} | "
+                     f"{fmt(st['psnr'], 2)} | {fmt(st['z_inconsistency'], 3)} | {cl['ssim']['mean']:.3f} / "
+                     f"{cl['psnr']['mean']:.2f} | {entry['seconds_per_volume']:.1f} |")
+    lines += ["", "Paired differences (b - a) on the test subjects: mean [95 % t-interval] (subjects where b is better):",
+              "", "| b vs a | target | PSNR (dB) | SSIM | MAE | z-inconsistency |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, pair in report["paired_differences"].items():
+        for target in ("target", "clean_target"):
+            d = pair[target]
+            lines.append(f"| {name} | {target.replace('_', ' ')} | {fmt_diff(d['psnr'], 2)} | {fmt_diff(d['ssim'], 3)} | "
+                         f"{fmt_diff(d['mae'], 2)} | {fmt_diff(d['z_inconsistency'], 3)} |")
     val = report["selection"]
-    tried = "; ".join(f"{r['model']}" + (f" [{r['variant']}] {r['stage2_steps']} steps" if r["model"] == "lifted" else "")
+    tried = "; ".join(f"{r['model']}" + (f" [{r['variant']}] step {r['stage2_steps']}" if r["model"] == "lifted" else "")
                       + f": {r['metrics']['psnr']['mean']:.2f} dB / {r['metrics']['ssim']['mean']:.3f}"
                       for r in val["validation"])
+    noise = "; ".join(f"{r['model']} rho {r['noise_correlation']:g} K {r['samples']}: {r['metrics']['psnr']['mean']:.2f} dB"
+                      for r in val["noise_sweep"])
     lines += [
         "",
         f"Training: stage 1 {t['stage1_s'] / 60:.1f} min ({s['stage1']}); stage 2 {t['stage2_s'] / 60:.1f} min "
-        f"({s['stage2']}); 3D U-Net {t['baseline_s'] / 60:.1f} min ({s['baseline']}).",
+        f"({s['stage2']})" + (f"; 3D U-Net {t['baseline_s'] / 60:.1f} min ({s['baseline']})" if "baseline_s" in t else "")
+        + ".",
         "",
-        f"Selection on the validation subject {', '.join(val['validation_subject'])} ({val['rule']}), PSNR / SSIM: "
-        f"{tried}.",
+        f"Selection on the validation subjects {', '.join(val['validation_subjects'])} ({val['rule']}), PSNR / SSIM: "
+        f"{tried}. {val['verdict']}",
+        "",
+        f"Noise correlation (validation, DPM-Solver++ {report['settings']['scale']['selection_steps']}): {noise}. "
+        f"Chosen: {', '.join(f'{k} rho {v:g}' for k, v in val['noise_correlation'].items())}; best lift3d method: "
+        f"`{val['best_lift3d']}`.",
         "",
         f"Command: `{report['command']}`",
     ]
@@ -522,24 +646,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the ICBM 152 2009c folder (1mm_T1, 1mm_T2_brain, 1mm_brainmask .nii.gz), read by the "
                              "icbm152 dataset plugin (default: ../shared/data/icbm152-2009c next to the repository)")
     parser.add_argument("--scale", choices=tuple(SCALES), default="cpu",
-                        help="cpu: ~45 minutes on 2 idle CPU cores; paper: 256 x 256 x 35 on a GPU; smoke: seconds, for tests")
+                        help="cpu: ~70 minutes on 2 idle CPU cores; paper: 256 x 256 x 35 on a GPU; smoke: seconds, for tests")
+    parser.add_argument("--source", choices=("T1", "T2"), default="T1", help="the input contrast (default T1)")
+    parser.add_argument("--target", choices=("T1", "T2"), default="T2",
+                        help="the contrast to synthesise (default T2; T2 -> T1 is the check of a contrast the recipe "
+                             "was not tuned on)")
+    parser.add_argument("--autoencoder", type=Path, default=None, metavar="FOLDER",
+                        help="run both diffusion stages in the latent space of this KL autoencoder (a folder that "
+                             "`lift3d-finetune --run.stage autoencoder` exported, e.g. by benchmarks/autoencoder_icbm.py); "
+                             "default: pixel space")
+    parser.add_argument("--size", type=int, default=None,
+                        help="in-plane grid size instead of the scale's (e.g. 96 with --autoencoder)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="work folder: subjects, models, results.json, views.png (default: runs/icbm_t1t2-<scale>)")
+                        help="work folder: models, predictions, results.json, views.png (default: runs/icbm_t1t2-<scale>)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds weights, training noise and sampling (the subjects' seeds are fixed by the protocol)")
     parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
-                        help="an extra stage-2 run to choose from on the validation subject, e.g. trainable=all, "
-                             "where=spatial, kernel_size=5, learning_rate=1e-3 (repeatable)")
+                        help="an extra stage-2 run to choose from on the validation subjects, e.g. kind=slice-attention, "
+                             "lr_scheduler=cosine, trainable=all, where=spatial, kernel_size=5, learning_rate=1e-3 "
+                             "(repeatable)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the 3D U-Net (e.g. for a latent-space run)")
     parser.add_argument("--x0-clip", action="store_true",
                         help="clip the samplers' x0 estimate to [-1, 1] at every step (diffusers' thresholding at "
                              "1.0), as pixel-space DDPM/DDIM do; the exported scheduler config has it off")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train every phase, then stop (evaluate later with --reuse)")
     parser.add_argument("--reuse", action="store_true",
                         help="take finished phases (models, predictions) from an earlier run in --out when they ran "
                              "with the same settings")
     parser.add_argument("--publish", action="store_true",
-                        help="also copy results.json and views.png to benchmarks/results/icbm_<scale>{.json,_views.png}")
+                        help="also copy results.json and views.png to benchmarks/results/icbm_<scale>[_<direction>]"
+                             "[_latent<size>]{.json,_views.png}")
     args = parser.parse_args(argv)
+    if args.source == args.target:
+        parser.error(f"--source and --target are both {args.source}; valid pairs: T1 -> T2, T2 -> T1")
+    if args.size is not None and args.size < 8:
+        parser.error(f"--size {args.size} is too small; use at least 8")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 
@@ -554,125 +697,210 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def publish_name(args: argparse.Namespace, scale: Scale) -> str:
+    """``icbm_cpu`` for the protocol itself; suffixes for another direction, grid or latent space."""
+    name = f"icbm_{args.scale}"
+    if (args.source, args.target) != ("T1", "T2"):
+        name += f"_{args.source.lower()}{args.target.lower()}"
+    if args.autoencoder:
+        name += f"_latent{scale.size}"
+    elif args.size is not None:
+        name += f"_size{scale.size}"
+    return name
+
+
+def check_autoencoder(folder: Path | None, scale: Scale) -> None:
+    """A latent run needs a KL autoencoder folder whose downsampling divides the grid; fails before training."""
+    if folder is None:
+        return
+    from lift3d.plugins import create
+
+    factor = create("autoencoders", "kl", path=str(folder)).downsampling_factor
+    if scale.size % factor:
+        raise ValueError(f"--size {scale.size} is not a multiple of the autoencoder's downsampling factor {factor}; "
+                         f"valid: multiples of {factor}")
+
+
+def test_methods(stage1: Method, lifted: Method, scale: Scale, rho: dict[str, float], baseline: bool) -> list[Method]:
+    """What the test subjects see, all on the same subjects and initial noise."""
+    ddim = {"scheduler": "ddim", "steps": scale.ddim_steps}
+    dpm = {"scheduler": "dpm", "steps": scale.dpm_steps}
+    methods = [replace(stage1, **ddim), replace(lifted, **ddim)]
+    methods += [Method("3d-unet", "(c) 3D U-Net, L1", None, {})] if baseline else []
+    methods += [replace(stage1, name="slice-wise-dpm", label="(d) slice-wise (stage 1 only)", **dpm),
+                replace(lifted, name="lifted-dpm", label="(d) lifted (stage 2)", **dpm)]
+    counts = sorted({1, min(4, scale.samples), scale.samples})
+    for base, model in ((stage1, "slice-wise"), (lifted, "lifted")):
+        methods += [replace(base, name=f"{model}-k{k}", label=f"(e) {model}, mean of {k}" if k > 1 else f"(e) {model}",
+                            samples=k, rho=rho[model], **dpm) for k in counts]
+    return methods
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.device == "cpu":  # Accelerate (lift3d.training) would otherwise take a GPU
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from lift3d.demo import grid_spacing
     from lift3d.figures import save_orthogonal_views
-    from lift3d.metrics import INTENSITY_RULE, summarize
+    from lift3d.metrics import INTENSITY_RULE, paired_differences
     from lift3d.plugins import create
 
     device = resolve_device(args.device)
     scale = SCALES[args.scale]
+    if args.size is not None:
+        scale = replace(scale, size=args.size)
+    autoencoder = args.autoencoder.resolve() if args.autoencoder else None
     variants = [{}] + [parse_variant(v) for v in args.variant]
+    direction = f"{args.source} -> {args.target}"
     out = (args.out or REPO / "runs" / f"icbm_t1t2-{args.scale}").resolve()
-    data = dataset_options(args.data, scale)
+    data = dataset_options(args.data, scale, args.source, args.target)
     tic = time.perf_counter()
     datasets = {split: create("datasets", "icbm152", split=split, **data) for split in ("train", "val", "test")}
     data_s = time.perf_counter() - tic  # a missing or unreadable template file has failed by now
+    check_autoencoder(autoencoder, scale)
     for overrides in variants:  # a bad variant fails now, not after stage 1
-        diffusion_config("volumes", out, scale, {}, args.seed, 1, None, overrides)
+        diffusion_config("volumes", out, scale, data, args.seed, 1, None, overrides, autoencoder)
     out.mkdir(parents=True, exist_ok=True)
-    cache = out / "predictions"
     start, load_before, machine = time.perf_counter(), os.getloadavg(), machine_info()  # the commit at start
     timing: dict[str, Any] = {"data_s": data_s}
-    stage1_model, stage1_record = train_stage1(out, scale, data, args.seed, args.reuse)
-    stage2 = {variant_name(o): train_stage2(out, scale, data, args.seed, (stage1_model, stage1_record), o, args.reuse)
+    stage1_model, stage1_record = train_stage1(out, scale, data, args.seed, args.reuse, autoencoder)
+    stage2 = {variant_name(o): train_stage2(out, scale, data, args.seed, (stage1_model, stage1_record), o, args.reuse,
+                                            autoencoder)
               for o in variants}
     pairs = {split: [ds[i] for i in range(len(ds))] for split, ds in datasets.items()}
-    baseline, baseline_record = train_baseline(out, scale, data, pairs["train"], pairs["val"], args.seed, device,
-                                               args.reuse)
+    baseline, baseline_record = (None, None) if args.no_baseline else train_baseline(
+        out, scale, data, pairs["train"], pairs["val"], args.seed, device, args.reuse)
+    if args.train_only:
+        print(f"[train only] every phase is in {out}; evaluate with the same command, --reuse and without --train-only")
+        return {}
+    predict = Predictor(args.seed, device, out / "predictions", args.reuse, baseline)
 
-    print(f"[selection] stage-2 export by PSNR on the validation subject (DPM-Solver++ {scale.selection_steps})")
+    print(f"[selection] stage-2 export by PSNR on the validation subjects (DPM-Solver++ {scale.selection_steps})")
     tic = time.perf_counter()
-    slice_wise = Method("slice-wise", "(a) slice-wise (stage 1 only)", stage1_model, stage1_record, "ddim",
-                        scale.ddim_steps, args.x0_clip)
-    validation = select(slice_wise, stage2, pairs["val"], scale, args.seed, device, cache, args.reuse)
-    chosen = choose(validation)
+    slice_wise = Method("slice-wise", "(a) slice-wise (stage 1 only)", stage1_model, stage1_record,
+                        x0_clip=args.x0_clip)
+    validation = select(slice_wise, stage2, pairs["val"], scale, predict)
+    chosen, lift_wins = choose(validation)
     chosen_record = stage2[chosen["variant"]][1]
+    lifted = Method("lifted", "(b) lifted (stage 2)", Path(chosen["folder"]), chosen_record, x0_clip=args.x0_clip)
+    verdict = (f"The lifted export [{chosen['variant']}] beats slice-wise on validation." if lift_wins else
+               f"No stage-2 export beat the slice-wise stage-1 model on validation "
+               f"({chosen['metrics']['psnr']['mean']:.2f} against "
+               f"{validation[0]['metrics']['psnr']['mean']:.2f} dB): lifting did not pay off in this run, and the "
+               f"best lift3d method is slice-wise.")
+    print(("  " if lift_wins else "  WARNING: ") + verdict)
+    print(f"[selection] noise correlation across slices, per model (DPM-Solver++ {scale.selection_steps}, "
+          f"mean of {scale.rho_samples})")
+    sweep = sweep_noise({"slice-wise": slice_wise, "lifted": lifted}, pairs["val"], scale, predict)
+    rho = {name: choose_rho(sweep, name, scale.rho_samples) for name in ("slice-wise", "lifted")}
+    at_k = {name: next(r for r in sweep if r["model"] == name and r["samples"] == scale.rho_samples
+                       and r["noise_correlation"] == rho[name])["metrics"]["psnr"]["mean"] for name in rho}
+    best_model = "lifted" if lift_wins and at_k["lifted"] > at_k["slice-wise"] else "slice-wise"
+    best = f"{best_model}-k{scale.samples}"
     timing["selection_s"] = time.perf_counter() - tic
 
-    lifted_folder = Path(chosen["folder"])
-    methods = [
-        slice_wise,
-        Method("lifted", "(b) lifted (stage 2)", lifted_folder, chosen_record, "ddim", scale.ddim_steps, args.x0_clip),
-        Method("3d-unet", "(c) 3D U-Net, L1", None, baseline_record),
-        Method("lifted-dpm", "(d) lifted (stage 2)", lifted_folder, chosen_record, "dpm", scale.dpm_steps,
-               args.x0_clip),
-        Method("slice-wise-dpm", "(d) slice-wise (stage 1 only)", stage1_model, stage1_record, "dpm", scale.dpm_steps,
-               args.x0_clip),
-    ]
+    methods = test_methods(slice_wise, lifted, scale, rho, baseline is not None)
+    if baseline is not None:
+        methods[2].record = baseline_record
     done: dict[str, Any] = {}
-    predictions = {}
+    predictions: dict[str, Prediction] = {}
     tic = time.perf_counter()
     # Cheapest first, each written as it finishes: a run cut short still reports what it did.
-    for method in sorted(methods, key=lambda m: m.steps * (2 if m.folder == lifted_folder else 1)):
-        print(f"[test] {method.label}: {method.sampler}")
-        pred, seconds = predict(method, pairs["test"], args.seed, device, cache, args.reuse, baseline)
-        rows = evaluate(pred, pairs["test"])
-        predictions[method.name] = pred
-        done[method.name] = {"label": method.label, "sampler": method.sampler,
-                             "model": str(method.folder or out / "baseline"), "seconds_per_volume": seconds,
-                             "subjects": rows, "summary": summarize(rows)}
+    for method in sorted(methods, key=lambda m: m.steps * m.samples * (2 if m.folder == lifted.folder else 1)):
+        print(f"[test] {method.name}: {method.sampler}")
+        predictions[method.name] = predict(method, pairs["test"])
+        done[method.name] = scored(method, predictions[method.name], pairs["test"])
+        print(_line(method.name, done[method.name]["summary"]))
         (out / "partial_results.json").write_text(json.dumps({"validation": validation, "chosen": chosen,
                                                                "methods": done}, indent=2, default=str))
     results = {m.name: done[m.name] for m in methods}
     timing["test_s"] = time.perf_counter() - tic
 
+    comparisons = [("lifted", "slice-wise"), ("lifted-dpm", "slice-wise-dpm"),
+                   (f"lifted-k{scale.samples}", f"slice-wise-k{scale.samples}"), (best, "lifted")]
+    comparisons += [(best, "3d-unet")] if baseline is not None else []
+    paired = {f"{b} vs {a}": {target: paired_differences(*(results[m]["subjects"] if target == "target" else
+                                                           results[m]["clean_target"]["subjects"] for m in (a, b)))
+                              for target in ("target", "clean_target")}
+              for b, a in comparisons}
+
     pair = pairs["test"][0]
     views = out / "views.png"
-    volumes = {"T1 (source)": pair.source[0].numpy(), "T2 (target)": pair.target[0].numpy()}
-    volumes |= {name: predictions[name][0, 0].numpy() for name in ("slice-wise", "lifted", "3d-unet")}
+    shown = ["slice-wise", "lifted"] + ["3d-unet"] * (baseline is not None) + [best]
+    volumes = {f"{args.source} (source)": pair.source[0].numpy(), f"{args.target} (target)": pair.target[0].numpy(),
+               f"{args.target} clean": pair.extra["clean_target"][0].numpy()}
+    volumes |= {name: predictions[name].mean[0, 0].numpy() for name in shown}
     save_orthogonal_views(views, volumes, spacing=grid_spacing(pair),
-                          error_of=[(name, "T2 (target)") for name in ("slice-wise", "lifted", "3d-unet")],
-                          title=f"ICBM T1 -> T2, {pair.subject} (test), scale {args.scale}; diffusion: "
-                                f"DDIM-{scale.ddim_steps}")
+                          error_of=[(name, f"{args.target} (target)") for name in shown],
+                          uncertainty={best: predictions[best].std[0, 0].numpy()},
+                          title=f"ICBM {direction}, {pair.subject} (test), scale {args.scale}; slice-wise and lifted: "
+                                f"DDIM-{scale.ddim_steps}; {best}: {results[best]['sampler']}")
     timing["total_s"] = time.perf_counter() - start
-    trained = {"stage1_s": stage1_record, "stage2_s": chosen_record, "baseline_s": baseline_record}
+    trained = {"stage1_s": stage1_record, "stage2_s": chosen_record}
+    trained |= {"baseline_s": baseline_record} if baseline is not None else {}
     timing |= {name: record["wall_s"] for name, record in trained.items()}
     timing["stage2_variants_s"] = {name: record["wall_s"] for name, (_, record) in stage2.items()}
     timing["reused"] = [name for name, record in trained.items() if record["reused"]]
-    timing["total_with_reused_s"] = timing["total_s"] + sum(
-        record["wall_s"] for name, record in trained.items() if record["reused"])
+    every = [stage1_record, *(record for _, record in stage2.values())] + [baseline_record] * (baseline is not None)
+    timing["total_with_reused_s"] = timing["total_s"] + sum(record["wall_s"] for record in every if record["reused"])
 
     overrides = variants[[variant_name(o) for o in variants].index(chosen["variant"])]
-    lift = {"trainable": "volumetric", "where": "resnet", "kernel_size": 3, "padding_mode": "zeros",
-            "learning_rate": scale.stage2_lr} | overrides
+    lift = {"kind": "full", "trainable": "volumetric", "where": "resnet", "kernel_size": 3, "padding_mode": "zeros",
+            "learning_rate": scale.stage2_lr, "lr_scheduler": "constant"} | overrides
+    summary = {k: v["summary"] for k, v in results.items()}
     report = {
-        "benchmark": "icbm_t1t2", "scale": args.scale,
+        "benchmark": "icbm_t1t2", "scale": args.scale, "direction": direction,
         "command": " ".join(["python benchmarks/icbm_t1t2.py", *map(shlex.quote, args.argv)]),
         "machine": machine | {"load_average_at_start": load_before, "load_average_at_end": os.getloadavg()},
         "data": {"dataset": "icbm152", "folder": os.path.relpath(Path(args.data).resolve(), REPO),
-                 "files": TEMPLATE_FILES,
+                 "files": TEMPLATE_FILES, "source": args.source, "target": args.target,
                  "subjects": {name: {"split": split, "seed": seed} for split, ds in datasets.items()
                               for name, seed in ds.seeds().items()},
+                 "test_subjects": datasets["test"].subjects(),
                  "generation_voxel_mm": scale.voxel_mm, "corruption": asdict(datasets["train"].corruption),
                  "how": "one template brain; per subject a random smooth deformation + rotation applied identically "
-                        "to T1, T2 and mask, and a bias field + Gaussian noise drawn independently per modality"},
+                        "to T1, T2 and mask, and a bias field + Gaussian noise drawn independently per modality; "
+                        "the clean target is the deformed target before its own bias field and noise"},
         "settings": {
             "grid": f"{scale.size} x {scale.size} x {scale.num_slices}",
             "unet": f"UNet2DModel block_out_channels {list(scale.widths)}, layers_per_block {scale.layers_per_block}, "
-                    "pixel space (identity autoencoder), source concatenated on channels",
+                    + (f"latent space of the KL autoencoder {os.path.relpath(autoencoder, REPO)}" if autoencoder else
+                       "pixel space (identity autoencoder)") + ", source concatenated on channels",
             "stage1": f"{scale.stage1_steps} steps x {scale.stage1_batch} slices, AdamW lr {scale.stage1_lr}, cosine",
-            "stage2": f"trainable {lift['trainable']}, placement {lift['where']}, kernel {lift['kernel_size']}, "
-                      f"1 volume per step, AdamW lr {lift['learning_rate']}, make-a-volume timesteps; "
-                      f"{chosen['stage2_steps']} steps chosen from {list(scale.stage2_candidates)}"
-                      + (f" and variants {[variant_name(o) for o in variants]}" if len(variants) > 1 else ""),
-            "baseline": f"{baseline_record['info']['model']}, {scale.baseline_steps} steps x {scale.baseline_batch} "
-                        f"volumes, Adam lr {scale.baseline_lr}, weights of step {baseline_record['info']['chosen_step']}"
-                        " (best validation L1)",
-            "sampling": "all test subjects in one batch, seed --seed: the same initial noise for every method; "
+            "stage2": f"kind {lift['kind']}, trainable {lift['trainable']}, placement {lift['where']}, kernel "
+                      f"{lift['kernel_size']}, 1 volume per step, AdamW lr {lift['learning_rate']} "
+                      f"({lift['lr_scheduler']}), make-a-volume timesteps; {scale.stage2_steps} steps, the step best "
+                      f"on validation (every {scale.stage2_val_every}, step 0 included) exported: step "
+                      f"{chosen['stage2_steps']}" + (f"; variants {[variant_name(o) for o in variants]}"
+                                                      if len(variants) > 1 else ""),
+            "baseline": (f"{baseline_record['info']['model']}, {scale.baseline_steps} steps x {scale.baseline_batch} "
+                         f"volumes, Adam lr {scale.baseline_lr}, weights of step "
+                         f"{baseline_record['info']['chosen_step']} (best validation L1)") if baseline else "not run",
+            "sampling": "all test subjects in one batch, seed --seed, sample k seeded with lift3d's sample_seed: the "
+                        "same initial noise for every method; "
                         + ("x0 clipped to [-1, 1] at every step" if args.x0_clip else "no x0 clipping"),
-            "metrics": f"training grid, inside the brain mask; {INTENSITY_RULE}",
+            "metrics": f"training grid, inside the brain mask; {INTENSITY_RULE}; against the noisy target and the "
+                       "clean target",
             "scale": asdict(scale),
         },
-        "selection": {"rule": "the lifted export (variant, stage-2 steps) with the highest validation PSNR, "
-                              f"DPM-Solver++ {scale.selection_steps}; 3D U-Net: lowest validation L1",
-                      "validation_subject": datasets["val"].subjects(), "validation": validation,
+        "selection": {"rule": "stage 2: each variant's run exports its step with the best validation PSNR (lift3d "
+                              f"sampled validation, DPM-Solver++ {scale.selection_steps}); the variant whose export has "
+                              "the best validation PSNR is `lifted`; if it does not beat slice-wise there, the run "
+                              "says so and the best lift3d method is slice-wise. Noise correlation: per model, the rho "
+                              f"with the best validation PSNR for the mean of {scale.rho_samples}. Best lift3d method: "
+                              f"the better of the two on validation, with the mean of {scale.samples} on test. 3D "
+                              "U-Net: lowest validation L1",
+                      "validation_subjects": datasets["val"].subjects(), "validation": validation,
                       "chosen": {k: chosen[k] for k in ("variant", "stage2_steps", "folder")},
-                      "baseline_history": baseline_record["info"]["history"]},
+                      "lifted_beats_slice_wise": lift_wins, "verdict": verdict,
+                      "stage2_validation_curves": {name: record.get("validation_curve") for name, (_, record)
+                                                   in stage2.items()},
+                      "noise_sweep": sweep, "noise_correlation": rho, "best_lift3d": best,
+                      "baseline_history": baseline_record["info"]["history"] if baseline else None},
         "methods": results,
-        "goal": goal_check({k: v["summary"] for k, v in results.items()}, "lifted", "slice-wise"),
+        "paired_differences": paired,
+        "goal": goal_check(summary, "lifted", "slice-wise"),
+        "goal_averaged": goal_check(summary, f"lifted-k{scale.samples}", f"slice-wise-k{scale.samples}"),
+        "goal_3d_unet": beats(summary, best, "3d-unet") if baseline is not None else None,
         "paper_rire_other_dataset": {k: dict(zip(("mae", "ssim", "psnr"), v)) for k, v in PAPER_RIRE.items()},
         "timing": timing,
     }
@@ -680,13 +908,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     (out / "results.md").write_text(markdown(report) + "\n")
     if args.publish:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / "results.json", RESULTS / f"icbm_{args.scale}.json")
-        shutil.copyfile(views, RESULTS / f"icbm_{args.scale}_views.png")
+        name = publish_name(args, scale)
+        shutil.copyfile(out / "results.json", RESULTS / f"{name}.json")
+        shutil.copyfile(views, RESULTS / f"{name}_views.png")
     goal = report["goal"]
     print("\n" + markdown(report))
     print(f"\ngoal (lifted vs slice-wise: PSNR +{GOAL['psnr_gain_db']} dB, SSIM +{GOAL['ssim_gain']}, z-inconsistency "
           f"-{GOAL['z_inconsistency_cut']:.0%}): {'met' if goal['met'] else 'NOT met'}; observed "
           + ", ".join(f"{k} {v:+.4f}" for k, v in goal["observed"].items()))
+    if report["goal_3d_unet"]:
+        g = report["goal_3d_unet"]
+        print(f"goal ({g['compared']}, PSNR and SSIM): {'met' if g['met'] else 'NOT met'}; observed "
+              + ", ".join(f"{k} {v:+.4f}" for k, v in g["observed"].items()))
     print(f"results: {out / 'results.json'}, {views}")
     return report
 

@@ -203,3 +203,39 @@ def summarize(rows: Iterable[Mapping[str, object]]) -> dict[str, dict[str, float
             mean, std = float(array.mean()), math.nan
         summary[name] = {"mean": mean, "std": std, "n": len(values)}
     return summary
+
+
+def paired_differences(rows_a: Iterable[Mapping[str, object]], rows_b: Iterable[Mapping[str, object]],
+                       confidence: float = 0.95) -> dict[str, dict[str, object]]:
+    """Per-metric paired differences ``b - a`` over the same subjects, with a Student-t interval.
+
+    ``rows_a`` and ``rows_b`` are per-subject rows (:func:`evaluate_volumes` plus ``subject``) of
+    two methods; they are paired by ``subject`` and must hold the same subjects. Per metric: the
+    mean difference, its ``confidence`` interval (``scipy.stats.ttest_rel``; NaN bounds for one
+    subject), how many subjects favour ``b`` (by the metric's direction) and each subject's
+    difference.
+    """
+    from scipy.stats import ttest_rel
+
+    a = {str(row["subject"]): row for row in rows_a}
+    b = {str(row["subject"]): row for row in rows_b}
+    if sorted(a) != sorted(b):
+        raise ValueError(f"paired differences need the same subjects; got {sorted(a)} and {sorted(b)}")
+    subjects = sorted(a)
+    result: dict[str, dict[str, object]] = {}
+    for name, higher_is_better in METRICS.items():
+        if name not in a[subjects[0]]:
+            continue
+        xa = np.asarray([float(a[s][name]) for s in subjects])
+        xb = np.asarray([float(b[s][name]) for s in subjects])
+        diff = xb - xa
+        if len(subjects) > 1 and np.ptp(diff) > 0:
+            interval = ttest_rel(xb, xa).confidence_interval(confidence)
+            low, high = float(interval.low), float(interval.high)
+        else:  # one subject, or the same difference everywhere: no spread to build an interval from
+            low = high = float(diff.mean()) if len(subjects) > 1 else math.nan
+        better = diff > 0 if higher_is_better else diff < 0
+        result[name] = {"mean": float(diff.mean()), "ci": [low, high], "confidence": confidence,
+                        "b_better": int(better.sum()), "n": len(subjects),
+                        "per_subject": dict(zip(subjects, map(float, diff)))}
+    return result
