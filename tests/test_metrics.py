@@ -201,3 +201,22 @@ def test_summarize_rejects_empty_and_inconsistent_rows():
         summarize([])
     with pytest.raises(ValueError, match="row 1 has no 'ssim'"):
         summarize([{"mae": 1.0, "ssim": 0.5}, {"mae": 2.0}])
+
+
+def test_paired_differences_pair_by_subject_with_a_t_interval():
+    from scipy.stats import t
+
+    from lift3d.metrics import paired_differences
+
+    a = [{"subject": s, "psnr": p, "mae": m} for s, p, m in (("s1", 20.0, 10.0), ("s2", 21.0, 9.0), ("s3", 22.0, 8.0))]
+    b = [{"subject": s, "psnr": p, "mae": m} for s, p, m in (("s3", 23.0, 9.0), ("s1", 20.5, 9.0), ("s2", 22.0, 8.5))]
+    diff = paired_differences(a, b)
+    assert set(diff) == {"psnr", "mae"}  # only the metrics the rows hold
+    psnr = diff["psnr"]
+    assert psnr["per_subject"] == {"s1": 0.5, "s2": 1.0, "s3": 1.0} and psnr["mean"] == pytest.approx(2.5 / 3)
+    d = np.array([0.5, 1.0, 1.0])
+    half = t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+    assert psnr["ci"] == pytest.approx([d.mean() - half, d.mean() + half])
+    assert psnr["b_better"] == 3 and diff["mae"]["b_better"] == 2  # lower MAE is better; s3 got worse
+    with pytest.raises(ValueError, match="same subjects"):
+        paired_differences(a, b[:2])
