@@ -16,7 +16,7 @@ import torch
 from lift3d.cli.finetune import main as finetune
 from lift3d.plugins import create
 from lift3d.training import train
-from test_training import losses, tiny_cfg
+from test_training import BIN, KILLER, losses, max_diff, run_cli, tiny_cfg, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VAE = {"block_out_channels": [8, 8, 8], "latent_channels": 4, "norm_num_groups": 8}
@@ -66,6 +66,52 @@ def test_resume_reproduces_an_uninterrupted_autoencoder_run(tmp_path):
     train(ae_cfg(resumed, run={"max_steps": 4, "checkpoint_every": 2, "resume": "latest"}))
     name = "diffusion_pytorch_model.safetensors"
     assert (straight / "model" / name).read_bytes() == (resumed / "model" / name).read_bytes()
+
+
+AE_TOML = """
+[run]
+stage = "autoencoder"
+output_dir = "{out}"
+max_steps = 6
+checkpoint_every = 2
+log_every = 1
+[data]
+dataset = "phantom"
+options = {{ size = 16, num_slices = 4, num_subjects = 5 }}
+batch_size = 4
+[vae]
+block_out_channels = [8, 8, 8]
+norm_num_groups = 8
+adversarial_weight = 0.5
+adversarial_start = 2
+discriminator_width = 8
+[optim]
+learning_rate = 2e-3
+warmup_steps = 2
+lr_scheduler = "linear"
+"""
+
+
+def test_the_autoencoder_resumes_after_sigkill_like_an_uninterrupted_run(tmp_path):
+    """Killed while writing the step-4 checkpoint, with the discriminator on since step 2: resuming from
+    step 2 (autoencoder, discriminator, both optimizers, RNG) ends where a run never killed ends."""
+    import signal
+
+    from lift3d.training import list_checkpoints
+
+    config = tmp_path / "ae.toml"
+    config.write_text(AE_TOML.format(out=tmp_path / "killed"))
+    killed = run_cli(sys.executable, "-c", KILLER, "--config", str(config), cwd=tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [p.name for p in list_checkpoints(tmp_path / "killed")] == ["checkpoint-2"]
+    resumed = run_cli(str(BIN / "lift3d-finetune"), "--config", str(config), "--run.resume", "latest", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    clean = run_cli(str(BIN / "lift3d-finetune"), "--config", str(config), "--run.output_dir", str(tmp_path / "clean"),
+                    cwd=tmp_path)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    assert max_diff(weights(tmp_path / "killed" / "model"), weights(tmp_path / "clean" / "model")) <= 1e-5
+    assert [r["step"] for r in losses(tmp_path / "killed")] == [r["step"] for r in losses(tmp_path / "clean")]
 
 
 def test_the_discriminator_switches_on_after_its_warm_up(tmp_path):
