@@ -226,9 +226,10 @@ def variant_folder(overrides: dict[str, Any]) -> str:
 
 def diffusion_config(stage: str, folder: Path, scale: Scale, data: dict[str, Any], seed: int, steps: int,
                      stage1_model: Path | None = None, overrides: dict[str, Any] | None = None,
-                     autoencoder: Path | None = None):
+                     autoencoder: Path | None = None, source_context: int = 0):
     """The lift3d config of stage 1 (``slices``) or stage 2 (``volumes``); latent space with ``autoencoder``
-    (a KL autoencoder folder, e.g. from ``lift3d-finetune --run.stage autoencoder``), else pixel space."""
+    (a KL autoencoder folder, e.g. from ``lift3d-finetune --run.stage autoencoder``), else pixel space.
+    ``source_context`` (2.5D, stage 1; stage 2 inherits it) gives the U-Net that many source slices on each side."""
     from lift3d.config import TrainConfig, apply
 
     coder = ({"name": "kl", "options": {"path": str(autoencoder)}, "cache_latents": True} if autoencoder
@@ -242,7 +243,7 @@ def diffusion_config(stage: str, folder: Path, scale: Scale, data: dict[str, Any
         "autoencoder": coder,
     }
     if stage == "slices":
-        extra = {"data": {"batch_size": scale.stage1_batch},
+        extra = {"data": {"batch_size": scale.stage1_batch}, "model": {"source_context": source_context},
                  "optim": {"learning_rate": scale.stage1_lr, "lr_scheduler": "cosine",
                            "warmup_steps": min(20, max(steps // 4, 0))}}
     else:
@@ -261,20 +262,22 @@ def diffusion_config(stage: str, folder: Path, scale: Scale, data: dict[str, Any
 
 
 def train_stage1(out: Path, scale: Scale, data: dict[str, Any], seed: int, reuse: bool,
-                 autoencoder: Path | None = None) -> tuple[Path, dict]:
+                 autoencoder: Path | None = None, source_context: int = 0) -> tuple[Path, dict]:
     from lift3d.training import train
 
     folder = out / "stage1"
     training_data = {k: v for k, v in data.items() if k not in HELD_OUT_COUNTS}
     key = phase_key(scale, "stage1", training_data, seed, unet={"widths": scale.widths, "layers": scale.layers_per_block},
-                    **({"autoencoder": str(autoencoder)} if autoencoder else {}))
+                    **({"autoencoder": str(autoencoder)} if autoencoder else {}),
+                    **({"source_context": source_context} if source_context else {}))
     record = reusable(folder, key, reuse)
     if record and (folder / "model").is_dir():
         return folder / "model", record
     print(f"[stage 1] {scale.stage1_steps} steps x {scale.stage1_batch} slices")
     shutil.rmtree(folder, ignore_errors=True)
     tic = time.perf_counter()
-    model = train(diffusion_config("slices", folder, scale, data, seed, scale.stage1_steps, autoencoder=autoencoder))
+    model = train(diffusion_config("slices", folder, scale, data, seed, scale.stage1_steps, autoencoder=autoencoder,
+                                   source_context=source_context))
     return model, finish(folder, key, time.perf_counter() - tic)
 
 
@@ -657,6 +660,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "default: pixel space")
     parser.add_argument("--size", type=int, default=None,
                         help="in-plane grid size instead of the scale's (e.g. 96 with --autoencoder)")
+    parser.add_argument("--source-context", type=int, default=0, metavar="N",
+                        help="2.5D: stage 1 (and so stage 2) sees the N source slices on each side of a slice as "
+                             "channels (lift3d's model.source_context); default 0, one source slice")
     parser.add_argument("--out", type=Path, default=None,
                         help="work folder: models, predictions, results.json, views.png (default: runs/icbm_t1t2-<scale>)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
@@ -681,6 +687,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.source == args.target:
         parser.error(f"--source and --target are both {args.source}; valid pairs: T1 -> T2, T2 -> T1")
+    if args.source_context < 0:
+        parser.error(f"--source-context {args.source_context} must be 0 or more (source slices on each side)")
     if args.size is not None and args.size < 8:
         parser.error(f"--size {args.size} is too small; use at least 8")
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -706,6 +714,8 @@ def publish_name(args: argparse.Namespace, scale: Scale) -> str:
         name += f"_latent{scale.size}"
     elif args.size is not None:
         name += f"_size{scale.size}"
+    if args.source_context:
+        name += f"_context{args.source_context}"
     return name
 
 
@@ -762,7 +772,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     start, load_before, machine = time.perf_counter(), os.getloadavg(), machine_info()  # the commit at start
     timing: dict[str, Any] = {"data_s": data_s}
-    stage1_model, stage1_record = train_stage1(out, scale, data, args.seed, args.reuse, autoencoder)
+    stage1_model, stage1_record = train_stage1(out, scale, data, args.seed, args.reuse, autoencoder, args.source_context)
     stage2 = {variant_name(o): train_stage2(out, scale, data, args.seed, (stage1_model, stage1_record), o, args.reuse,
                                             autoencoder)
               for o in variants}
@@ -864,7 +874,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "grid": f"{scale.size} x {scale.size} x {scale.num_slices}",
             "unet": f"UNet2DModel block_out_channels {list(scale.widths)}, layers_per_block {scale.layers_per_block}, "
                     + (f"latent space of the KL autoencoder {os.path.relpath(autoencoder, REPO)}" if autoencoder else
-                       "pixel space (identity autoencoder)") + ", source concatenated on channels",
+                       "pixel space (identity autoencoder)") + ", source concatenated on channels"
+                    + (f" with {args.source_context} neighbouring source slices on each side (2.5D)"
+                       if args.source_context else ""),
             "stage1": f"{scale.stage1_steps} steps x {scale.stage1_batch} slices, AdamW lr {scale.stage1_lr}, cosine",
             "stage2": f"kind {lift['kind']}, trainable {lift['trainable']}, placement {lift['where']}, kernel "
                       f"{lift['kernel_size']}, 1 volume per step, AdamW lr {lift['learning_rate']} "

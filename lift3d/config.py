@@ -104,6 +104,9 @@ class ModelConfig:
                             "'none': plain volume generation", ("concat", "none"))
     prediction_type: str = opt("epsilon", "what the U-Net predicts (the paper: epsilon, eq. 4)",
                                ("epsilon", "v_prediction"))
+    source_context: int = opt(0, "2.5D source context: the U-Net also sees the source's N neighbouring slices on "
+                              "each side as channels (1 = slices k-1, k, k+1; the edge slice repeats at the borders). "
+                              "Set it in stage 1; stage 2 inherits it from model.pretrained", rule=at_least(0))
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
 
 

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 import lift3d
 from lift3d.autoencoding import decode_volume, encode_volume
+from lift3d.source_context import with_source_context
 from lift3d.checkpoint import SETTINGS_FILE, CheckpointError, load_lifted, read_settings
 from lift3d.data.intensity import IntensityScaling
 from lift3d.data.nifti import save_volume
@@ -85,6 +86,11 @@ class SynthesisModel:
     @property
     def conditioning(self) -> str:
         return self.settings.get("conditioning", "concat")
+
+    @property
+    def source_context(self) -> int:
+        """2.5D: source slices on each side the U-Net sees (:mod:`lift3d.source_context`); 0 for older exports."""
+        return int(self.settings.get("source_context", 0))
 
     @property
     def image_channels(self) -> int:
@@ -163,13 +169,17 @@ def _build_autoencoder(folder: Path, settings: dict[str, Any]):
     return autoencoder
 
 
-def check_channels(unet: nn.Module, autoencoder, conditioning: str, where: object = "the model") -> None:
-    """The U-Net must take ``2 x latent`` channels (noisy target + source, ``concat``) and give ``latent``."""
+def check_channels(unet: nn.Module, autoencoder, conditioning: str, where: object = "the model",
+                   source_context: int = 0) -> None:
+    """The U-Net must take ``latent`` noisy-target channels plus, with ``concat``, ``latent`` per source
+    slice it sees (``2 source_context + 1``), and give ``latent``."""
     latent = int(autoencoder.latent_channels)
-    need_in = 2 * latent if conditioning == "concat" else latent
+    sources = 2 * source_context + 1
+    need_in = latent + sources * latent if conditioning == "concat" else latent
     got_in, got_out = int(unet.config.in_channels), int(unet.config.out_channels)
     if (got_in, got_out) != (need_in, latent):
-        how = f"{latent} noisy target + {latent} source" if conditioning == "concat" else "the noisy target"
+        how = (f"{latent} noisy target + {sources} x {latent} source" if conditioning == "concat"
+               else "the noisy target")
         raise CheckpointError(f"{where}: the autoencoder {type(autoencoder).__name__} has {latent} latent channels, so "
                               f"the U-Net must take {need_in} input channels ({how}, conditioning {conditioning!r}) "
                               f"and give {latent}; this U-Net takes {got_in} and gives {got_out}")
@@ -217,7 +227,8 @@ def load_synthesis_model(folder: str | os.PathLike, *, device: str | torch.devic
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     autoencoder = _build_autoencoder(folder, settings)
     unet = load_lifted(folder) if (folder / SETTINGS_FILE).is_file() else load_unet2d(folder)
-    check_channels(unet, autoencoder, settings["conditioning"], where=folder)
+    check_channels(unet, autoencoder, settings["conditioning"], where=folder,
+                   source_context=int(settings.get("source_context", 0)))
     scheduler_path = folder / SCHEDULER_CONFIG
     if not scheduler_path.is_file():
         raise CheckpointError(f"{folder} has no {SCHEDULER_CONFIG} (the training noise schedule); re-export the model")
@@ -584,6 +595,7 @@ def synthesize_posterior(
     if model.conditioning == "concat":
         condition = encode_volume(model.autoencoder, source.to(device=device, dtype=ae_dtype)).float()
         latent_shape = condition.shape
+        condition = with_source_context(condition, model.source_context)
     else:
         f = model.autoencoder.downsampling_factor
         latent_shape = torch.Size((b, model.latent_channels, n, h // f, w // f))

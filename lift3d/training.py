@@ -71,8 +71,10 @@ def build_autoencoder(cfg: TrainConfig) -> nn.Module:
 
 
 def unet_channels(cfg: TrainConfig, autoencoder) -> tuple[int, int]:
+    """U-Net ``(in, out)`` channels: the noisy target latent, plus the source latent of every slice it sees."""
     latent = autoencoder.latent_channels
-    return (2 * latent if cfg.model.conditioning == "concat" else latent), latent
+    sources = 2 * cfg.model.source_context + 1
+    return (latent + sources * latent if cfg.model.conditioning == "concat" else latent), latent
 
 
 def new_unet2d(cfg: TrainConfig, in_channels: int, out_channels: int, sample_size: int) -> nn.Module:
@@ -114,11 +116,18 @@ def load_unet2d(folder: str | os.PathLike) -> nn.Module:
 
 def check_pretrained_settings(cfg: TrainConfig, folder: Path) -> None:
     """Refuse to fine-tune a lift3d export towards a different target than it was trained on
-    (say a v-prediction stage 1 under an epsilon stage 2): training would run, and silently ruin it."""
+    (say a v-prediction stage 1 under an epsilon stage 2): training would run, and silently ruin it.
+    The 2.5D source context is inherited: left at 0, ``cfg.model.source_context`` takes the export's."""
     path = folder / TRAINING_SETTINGS
     if not path.is_file():  # a plain diffusers folder: nothing recorded to compare with
         return
     settings = json.loads(path.read_text())
+    theirs = int(settings.get("source_context", 0))
+    if cfg.model.source_context == 0:
+        cfg.model.source_context = theirs
+    elif cfg.model.source_context != theirs:
+        raise ValueError(f"pretrained model {folder} was trained with source_context {theirs}, but this run says "
+                         f"{cfg.model.source_context}; leave --model.source_context unset (stage 2 inherits it)")
     for key, ours in (("prediction_type", cfg.model.prediction_type), ("conditioning", cfg.model.conditioning)):
         theirs = settings.get(key)
         if theirs is not None and theirs != ours:
@@ -127,16 +136,17 @@ def check_pretrained_settings(cfg: TrainConfig, folder: Path) -> None:
 
 
 def build_unet(cfg: TrainConfig, autoencoder, sample_size: int) -> nn.Module:
+    if cfg.model.pretrained:
+        check_pretrained_settings(cfg, Path(cfg.model.pretrained))
     in_channels, out_channels = unet_channels(cfg, autoencoder)
     if cfg.model.pretrained:
         folder = Path(cfg.model.pretrained)
         unet = load_lifted(folder) if (folder / "lift3d.json").is_file() else load_unet2d(folder)
-        check_pretrained_settings(cfg, folder)
         got_in, got_out = unet.config.in_channels, unet.config.out_channels
         if (got_in, got_out) != (in_channels, out_channels):
             raise ValueError(f"pretrained U-Net {folder} takes {got_in} -> {got_out} channels, but autoencoder "
-                             f"{cfg.autoencoder.name!r} with conditioning {cfg.model.conditioning!r} needs "
-                             f"{in_channels} -> {out_channels}")
+                             f"{cfg.autoencoder.name!r} with conditioning {cfg.model.conditioning!r} and source_context "
+                             f"{cfg.model.source_context} needs {in_channels} -> {out_channels}")
     else:
         unet = new_unet2d(cfg, in_channels, out_channels, sample_size)
     if cfg.run.stage == "volumes" and not lift3d.is_lifted(unet):
@@ -159,7 +169,7 @@ def trainable_parameters(cfg: TrainConfig, unet: nn.Module) -> list[nn.Parameter
 
 def build_view(cfg: TrainConfig, dataset):
     if cfg.run.stage == "slices":
-        return dataset.slices()
+        return dataset.slices(context=cfg.model.source_context)
     return dataset.volumes(window=cfg.data.window or None)
 
 
@@ -248,10 +258,22 @@ def as_volumes(x: Tensor) -> Tensor:
 
 
 class LatentEncoder:
-    """Encodes source and target volumes with the frozen autoencoder, optionally caching per item."""
+    """Encodes source and target volumes with the frozen autoencoder, optionally caching per item.
 
-    def __init__(self, autoencoder, cache: bool) -> None:
-        self.autoencoder, self.cache = autoencoder, {} if cache else None
+    With a 2.5D ``context`` the source latents get their neighbouring slices on channels
+    (:mod:`lift3d.source_context`): a stage-1 item's source window is flattened, a volume's source
+    is stacked slice by slice, so both give slice ``k`` the same channels.
+    """
+
+    def __init__(self, autoencoder, cache: bool, context: int = 0) -> None:
+        self.autoencoder, self.cache, self.context = autoencoder, {} if cache else None, context
+
+    def with_context(self, source: Tensor, target: Tensor) -> Tensor:
+        from lift3d.source_context import flatten_window, with_source_context
+
+        if self.context and target.shape[2] == 1 and source.shape[2] == 2 * self.context + 1:
+            return flatten_window(source)  # a stage-1 item: the window around its one target slice
+        return with_source_context(source, self.context)
 
     @torch.no_grad()
     def _encode(self, x: Tensor) -> Tensor:
@@ -264,10 +286,11 @@ class LatentEncoder:
     def __call__(self, batch: dict, device: torch.device) -> tuple[Tensor, Tensor]:
         source, target = as_volumes(batch["source"]).to(device), as_volumes(batch["target"]).to(device)
         if self.cache is None:
-            return self._encode(target), self._encode(source)
+            zt = self._encode(target)
+            return zt, self.with_context(self._encode(source), zt)
         # The slice count is in the key: stage 1's slice i and the validation's volume i are other items.
         starts = batch.get("start", [0] * len(batch["index"]))
-        keys = [(i, starts[j], source.shape[2]) for j, i in enumerate(batch["index"])]
+        keys = [(i, starts[j], source.shape[2], target.shape[2]) for j, i in enumerate(batch["index"])]
         missing = [j for j, k in enumerate(keys) if k not in self.cache]
         if missing:
             zt, zs = self._encode(target[missing]), self._encode(source[missing])
@@ -275,7 +298,7 @@ class LatentEncoder:
                 self.cache[keys[j]] = (a.cpu(), b.cpu())
         zt = torch.stack([self.cache[k][0] for k in keys]).to(device)
         zs = torch.stack([self.cache[k][1] for k in keys]).to(device)
-        return zt, zs
+        return zt, self.with_context(zs, zt)
 
 
 def draw_noise(latents: Tensor, indices: list[int], step: int, seed: int, sampler, num_train_timesteps: int):
@@ -395,6 +418,7 @@ def training_settings(cfg: TrainConfig, autoencoder, dataset, exported_autoencod
     return {
         "stage": cfg.run.stage,
         "conditioning": cfg.model.conditioning,
+        "source_context": cfg.model.source_context,
         "prediction_type": cfg.model.prediction_type,
         "autoencoder": {"name": cfg.autoencoder.name, "options": ae_options},
         "image_channels": autoencoder.image_channels,
@@ -520,7 +544,7 @@ def diffusion_task(cfg: TrainConfig, dataset, autoencoder, unet, sampler, output
                    val_pairs: list | None = None) -> Task:
     """Stages 1 and 2 (eq. 4): denoise target latents given the source latents."""
     noise_scheduler = build_noise_scheduler(cfg)
-    encoder = LatentEncoder(autoencoder, cache=cfg.autoencoder.cache_latents)
+    encoder = LatentEncoder(autoencoder, cache=cfg.autoencoder.cache_latents, context=cfg.model.source_context)
     conditioning = cfg.model.conditioning == "concat"
 
     def loss(model, batch: dict, micro: int):

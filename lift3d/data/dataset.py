@@ -44,8 +44,8 @@ class VolumeDataset(abc.ABC):
             raise IndexError(f"subject index {index} out of range for {len(self)} subjects")
         return self._cached_load(index % len(self))
 
-    def slices(self) -> "SliceView":
-        return SliceView(self)
+    def slices(self, context: int = 0) -> "SliceView":
+        return SliceView(self, context=context)
 
     def volumes(self, window: int | None = None, stride: int | None = None) -> "VolumeView":
         return VolumeView(self, window=window, stride=stride)
@@ -59,17 +59,27 @@ def _item(pair: VolumePair, sl: slice | int) -> dict:
 
 
 class SliceView(Dataset):
-    """Every slice of every subject: items ``{"source": (c, h, w), "target": (c, h, w)}``."""
+    """Every slice of every subject: items ``{"source": (c, h, w), "target": (c, h, w)}``.
 
-    def __init__(self, dataset: VolumeDataset) -> None:
-        self.dataset = dataset
+    With ``context = C`` (2.5D, :mod:`lift3d.source_context`) the source is the window of slices
+    ``k - C .. k + C`` around the target slice, ``(c, 2 C + 1, h, w)``, the edge slice repeated.
+    """
+
+    def __init__(self, dataset: VolumeDataset, context: int = 0) -> None:
+        self.dataset, self.context = dataset, int(context)
 
     def __len__(self) -> int:
         return len(self.dataset) * self.dataset.num_slices
 
     def __getitem__(self, index: int) -> dict:
         subject, k = divmod(index, self.dataset.num_slices)
-        return _item(self.dataset[subject], k)
+        pair = self.dataset[subject]
+        item = _item(pair, k)
+        if self.context:
+            from lift3d.source_context import context_indices
+
+            item["source"] = pair.source[:, context_indices(k, pair.source.shape[1], self.context)]
+        return item
 
 
 class VolumeView(Dataset):

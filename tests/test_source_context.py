@@ -1,0 +1,71 @@
+"""2.5D source context (lift3d/source_context.py): stage 1 trains with neighbouring source slices on
+channels, stage 2 and synthesis inherit it, and a volume's slice k sees what training item k saw."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lift3d.plugins import create
+from lift3d.source_context import context_indices, flatten_window, with_source_context
+from lift3d.synthesis import load_synthesis_model, synthesize
+from lift3d.training import LatentEncoder, train
+from test_training import tiny_cfg
+
+
+def test_each_slice_gets_its_neighbours_offset_major_with_the_edges_repeated():
+    x = torch.randn(2, 3, 5, 4, 4)
+    y = with_source_context(x, 1)
+    assert y.shape == (2, 9, 5, 4, 4)
+    for k in range(5):
+        below, above = max(k - 1, 0), min(k + 1, 4)
+        assert torch.equal(y[:, :, k], torch.cat([x[:, :, below], x[:, :, k], x[:, :, above]], dim=1))
+    assert with_source_context(x, 0) is x
+    assert context_indices(0, 5, 2).tolist() == [0, 0, 0, 1, 2]
+
+
+def test_a_stage1_item_sees_what_slice_k_of_its_volume_sees():
+    dataset = create("datasets", "phantom", split="train", size=16, num_slices=6, num_subjects=2)
+    view = dataset.slices(context=1)
+    item = view[3]  # subject 0, slice 3
+    assert item["source"].shape == (1, 3, 16, 16) and item["target"].shape == (1, 16, 16)
+    identity = create("autoencoders", "identity")
+    encoder = LatentEncoder(identity, cache=True, context=1)
+    batch = {"source": item["source"][None], "target": item["target"][None], "index": [3]}
+    _, per_slice = encoder(batch, torch.device("cpu"))
+    volume = dataset[0]
+    whole = with_source_context(volume.source[None], 1)
+    assert torch.equal(per_slice[:, :, 0], whole[:, :, 3])
+    assert torch.equal(flatten_window(item["source"][None])[:, :, 0], whole[:, :, 3])
+
+
+def test_stage2_and_synthesis_inherit_the_context(tmp_path):
+    stage1 = train(tiny_cfg(tmp_path / "s1", model={"source_context": 1}, run={"max_steps": 2}))
+    settings = json.loads((stage1 / "lift3d_training.json").read_text())
+    assert settings["source_context"] == 1
+    unet_config = json.loads((stage1 / "config.json").read_text())
+    assert unet_config["in_channels"] == 1 + 3  # noisy target + three source slices (pixel space)
+
+    stage2 = train(tiny_cfg(tmp_path / "s2", stage="volumes", model={"pretrained": str(stage1)},
+                            data={"batch_size": 1}, run={"max_steps": 1}))
+    assert json.loads((stage2 / "lift3d_training.json").read_text())["source_context"] == 1
+    model = load_synthesis_model(stage2, device="cpu")
+    source = create("datasets", "phantom", split="train", size=16, num_slices=4, num_subjects=5)[0].source[None]
+    out = synthesize(model, source, scheduler="ddim", steps=2, seed=0, progress=False)
+    assert out.shape == source.shape and torch.isfinite(out).all()
+
+    # With its volumetric layers switched off, the stage-2 model is the stage-1 model (only the
+    # volumetric layers trained), context and all.
+    a = synthesize(load_synthesis_model(stage1, device="cpu"), source, scheduler="ddim", steps=2, seed=0, progress=False)
+    b = synthesize(model, source, scheduler="ddim", steps=2, seed=0, slice_wise=True, progress=False)
+    assert (a - b).abs().max() < 1e-4, (a - b).abs().max()
+
+
+def test_a_stage2_context_that_contradicts_stage1_is_one_line(tmp_path):
+    stage1 = train(tiny_cfg(tmp_path / "s1", model={"source_context": 1}, run={"max_steps": 1}))
+    with pytest.raises(ValueError, match=r"trained with source_context 1, but this run says 2"):
+        train(tiny_cfg(tmp_path / "s2", stage="volumes", model={"pretrained": str(stage1), "source_context": 2},
+                       data={"batch_size": 1}))
+    assert not (tmp_path / "s2").exists()
