@@ -1,0 +1,54 @@
+"""benchmarks/icbm_compare.py: methods of two ICBM benchmark runs pair by test subject."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "icbm_compare.py"
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("icbm_compare", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["icbm_compare"] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("icbm_compare", None)
+
+
+def report(path: Path, psnr: list[float], subjects=("test-00", "test-01", "test-02")) -> Path:
+    rows = [{"subject": s, "psnr": p, "ssim": 0.9, "mae": 10.0, "z_inconsistency": 0.5} for s, p in zip(subjects, psnr)]
+    summary = {m: {"mean": sum(r[m] for r in rows) / len(rows)} for m in ("psnr", "ssim", "z_inconsistency")}
+    method = {"sampler": "DDIM-200", "seconds_per_volume": 1.0, "subjects": rows, "summary": summary,
+              "clean_target": {"subjects": rows}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"methods": {"lifted": method}, "data": {"test_subjects": list(subjects)},
+                                "settings": {"grid": "48 x 48 x 24", "unet": "u"},
+                                "timing": {"stage1_s": 60.0, "stage2_s": 120.0}}))
+    return path
+
+
+def test_two_runs_pair_by_subject(compare, tmp_path, capsys):
+    a = report(tmp_path / "a" / "results.json", [20.0, 21.0, 22.0])
+    b = report(tmp_path / "b" / "results.json", [21.0, 21.5, 22.0])
+    out = tmp_path / "cmp.json"
+    assert compare.main(["--pair", f"{b}:lifted", f"{a}:lifted", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["comparisons"][0]
+    assert row["target"]["psnr"]["per_subject"] == {"test-00": 1.0, "test-01": 0.5, "test-02": 0.0}
+    assert row["sides"]["b:lifted"]["stage1_plus_stage2_min"] == 3.0
+    assert "b:lifted - a:lifted" in capsys.readouterr().out
+
+
+def test_other_subjects_or_methods_are_one_line(compare, tmp_path, capsys):
+    a = report(tmp_path / "a" / "results.json", [20.0, 21.0, 22.0])
+    b = report(tmp_path / "b" / "results.json", [20.0, 21.0, 22.0], subjects=("test-00", "test-01", "test-09"))
+    assert compare.main(["--pair", f"{b}:lifted", f"{a}:lifted"]) == 2
+    assert "different test subjects" in capsys.readouterr().err
+    assert compare.main(["--pair", f"{a}:nope", f"{a}:lifted"]) == 2
+    assert "valid: lifted" in capsys.readouterr().err
