@@ -842,7 +842,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     save_orthogonal_views(views, volumes, spacing=grid_spacing(pair),
                           error_of=[(name, f"{args.target} (target)") for name in shown],
                           uncertainty={best: predictions[best].std[0, 0].numpy()},
-                          title=f"ICBM {direction}, {pair.subject} (test), scale {args.scale}; slice-wise and lifted: "
+                          title=f"ICBM {direction}, {pair.subject} (test), scale {args.scale}\nslice-wise and lifted: "
                                 f"DDIM-{scale.ddim_steps}; {best}: {results[best]['sampler']}")
     timing["total_s"] = time.perf_counter() - start
     trained = {"stage1_s": stage1_record, "stage2_s": chosen_record}
