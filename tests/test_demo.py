@@ -36,6 +36,11 @@ def test_quick_demo_end_to_end(tmp_path, capsys, dataset):
     assert figures and figures[0].stat().st_size > 10_000
     synth = sorted((out / "synthesis").glob("*_lifted.nii.gz"))
     assert synth
+    if dataset == "icbm152":  # the mean of K samples, with the per-voxel std beside it on the same grid
+        assert summary["settings"]["samples"] == 2 and summary["settings"]["num_val"] == 1
+        std = nib.load(out / "synthesis" / "std" / synth[0].name.replace("_lifted", "_lifted_std"))
+        assert std.shape == nib.load(synth[0]).shape and (np.asarray(std.dataobj) >= 0).all()
+        assert "validation" in printed
     source = load_image(str(synth[0]).replace("_lifted", "_source"))
     lifted = nib.load(synth[0])
     assert lifted.shape == source.shape and np.allclose(lifted.affine, source.affine)
