@@ -47,6 +47,7 @@ class DemoScale:
     sampler: str = "ddim"
     samples: int = 1  # K: the mean of K samples is the prediction, their std the uncertainty map
     noise_correlation: float = 0.0  # rho across slices (synthesize's noise_correlation)
+    source_context: int = 0  # 2.5D: stage 1 sees this many source slices on each side; stage 2 inherits it
 
 
 SCALES = {
@@ -56,11 +57,11 @@ SCALES = {
         # demo runs (and was measured) with full layers, pinned in demo_config; see the README.
         "default": DemoScale(size=32, num_slices=24, stage1_steps=1000, stage2_steps=600, sample_steps=25,
                              widths=(16, 32, 64), stage2_lr=2e-3, stage2_trainable="volumetric", num_train=13,
-                             num_test=6, num_val=3, validate_every=100, sampler="dpm", samples=4),
+                             num_test=6, num_val=3, validate_every=100, sampler="dpm", samples=4, source_context=1),
         # Seconds: for tests and a first look.
         "quick": DemoScale(size=16, num_slices=8, stage1_steps=4, stage2_steps=2, sample_steps=3, widths=(16, 32),
                            num_train=2, num_test=1, voxel_mm=8, num_val=1, validate_every=1, sampler="dpm",
-                           samples=2),
+                           samples=2, source_context=1),
     },
     "phantom": {
         # 16 slices of 32 x 32: lifting does not pay off at this size (README).
@@ -99,6 +100,7 @@ def demo_config(out: Path, scale: DemoScale, stage: str, seed: int, dataset: str
     }
     if stage == "slices":
         extra = {"run": {"max_steps": scale.stage1_steps}, "data": {"batch_size": 16},
+                 "model": {"source_context": scale.source_context},
                  "optim": {"learning_rate": 1e-3, "warmup_steps": min(20, scale.stage1_steps // 4),
                            "lr_scheduler": "cosine"}}
     else:
@@ -156,7 +158,8 @@ def run_demo(out: str | Path, *, dataset: str = "icbm152", scale: str = "default
     out.mkdir(parents=True, exist_ok=True)
     what = "ICBM 152 subjects (real anatomy)" if dataset == "icbm152" else "the phantom"
     print(f"[1/5] stage 1: slice-wise diffusion U-Net on {what}, {s.num_train} training subjects, "
-          f"{s.num_slices} slices of {s.size} x {s.size} ({s.stage1_steps} steps)")
+          f"{s.num_slices} slices of {s.size} x {s.size} ({s.stage1_steps} steps"
+          + (f"; 2.5D: {2 * s.source_context + 1} source slices per target slice)" if s.source_context else ")"))
     train(demo_config(out, s, "slices", seed, dataset))
     print(f"[2/5] + [3/5] inflate and stage-2 volumetric fine-tuning ({s.stage2_steps} steps, "
           f"trainable {s.stage2_trainable}, lr {s.stage2_lr:g}"
@@ -214,7 +217,7 @@ def run_demo(out: str | Path, *, dataset: str = "icbm152", scale: str = "default
                             "stage1_steps": s.stage1_steps, "stage2_steps": s.stage2_steps,
                             "stage2_trainable": s.stage2_trainable, "stage2_lr": s.stage2_lr,
                             "stage2_validate_every": s.validate_every, "samples": s.samples,
-                            "noise_correlation": s.noise_correlation,
+                            "noise_correlation": s.noise_correlation, "source_context": s.source_context,
                             "num_train": s.num_train, "num_val": s.num_val, "num_test": s.num_test},
                "methods": {method: summarize(r) for method, r in rows.items()}, "subjects": rows}
     if any(clean_rows.values()):
