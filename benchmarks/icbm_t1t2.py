@@ -8,36 +8,40 @@ on the same test subjects with the same seeds and the same stage-1 weights:
 (a) ``slice-wise``: the stage-1 2D diffusion U-Net, slice by slice (the paper's "w/o volumetric layers");
 (b) ``lifted``: the stage-2 model, i.e. the stage-1 U-Net lifted with volumetric layers and fine-tuned on volumes;
 (c) ``3d-unet``: a deterministic 3D U-Net trained with L1 on the same data (the paper's Pix2pix-3D role);
-(d) the lifted model with DDIM-200 against DPM-Solver++ with 25 steps (and the slice-wise model too).
+(d) both with DPM-Solver++ 25 instead of DDIM-200;
+(e) both as the mean of K = 1, 4, 8 DPM-Solver++ samples, with the noise correlation across slices
+    chosen on validation (``{model}-k{K}``); the best lift3d method of the two is chosen on validation.
 
-Subjects. There is one brain, so 17 subjects are made from it by the ``icbm152`` dataset plugin
+Subjects. There is one brain, so the subjects are made from it by the ``icbm152`` dataset plugin
 (``plugins/datasets/icbm152.py``, the same subject maker as ``lift3d demo``), pointed at the 1 mm
 files: T1 (masked by the brain mask) and T2 (brain only) are cropped to a square in-plane field of
 view around the brain, block-averaged to the scale's generation voxel, then each subject gets a
 random smooth deformation and a small random rotation, applied *identically* to T1, T2 and mask, and
 a smooth multiplicative bias field and Gaussian noise drawn *independently* per modality. Seeds
 (the plugin's, fixed by the protocol, not by ``--seed``): training ``1000 + i`` (13 subjects),
-validation ``1500`` (1 held-out subject), test ``2000 + i`` (3 subjects), served as axial slices.
-These are bit for bit the subjects of the first published runs, which wrote them as NIfTI and read
-them back through ``paired-nifti``.
+validation ``1500 + i`` (3), test ``2000 + i`` (6), served as axial slices. Scores are against the
+noisy target and against the clean target (the deformed target before its own bias and noise).
 
-Selection rule: nothing is chosen by looking at the test subjects. The stage-2 export (each
-``--variant`` run and the default, at each of the scale's step counts) is chosen by PSNR on the
-validation subject (lifted, DPM-Solver++ 25 steps); the 3D U-Net keeps the weights with the lowest L1
-on the validation subject. Both diffusion stages predict v (``v_prediction``): with epsilon, a
-pixel-space model this small samples mostly noise (see benchmarks/RESULTS.md). ``--x0-clip`` clips
-the samplers' x0 estimate to [-1, 1] at every step; it rescued the epsilon models, and made no
-difference to the v models on the validation subject, so the published run leaves it off.
-``--reuse`` takes finished phases from an earlier run in the same ``--out``.
+Selection rule: nothing is chosen by looking at the test subjects. Each stage-2 run (the default and
+every ``--variant``) exports its step with the best validation PSNR (lift3d's sampled validation,
+DPM-Solver++ 25, step 0 = the stage-1 model included); the variant whose export scores best on the
+validation subjects is ``lifted``, and when it does not beat slice-wise there the run says so. The
+noise correlation is chosen per model on validation; the 3D U-Net keeps the weights with the lowest
+L1 on the validation subjects. Both diffusion stages predict v (``v_prediction``).
+``--reuse`` takes finished phases (and cached samples) from an earlier run in the same ``--out``.
 
 Metrics (``lift3d.metrics``): on the training grid, inside the brain mask, volumes scaled to
 [0, 255] by the target's range; 3D SSIM; z-inconsistency = through-plane error relative to the
-target's own slice-to-slice change (lower is better).
+target's own slice-to-slice change (lower is better). Paired differences per test subject, with
+95 % t-intervals (``lift3d.metrics.paired_differences``).
 
-    python benchmarks/icbm_t1t2.py --scale smoke --out /tmp/icbm-smoke         # < 1 minute
-    python benchmarks/icbm_t1t2.py --scale cpu --publish \
-        --variant trainable=all,learning_rate=1e-4                               # ~45 min, 2 idle CPU cores
-    python benchmarks/icbm_t1t2.py --scale paper --device cuda --publish        # a GPU
+    python benchmarks/icbm_t1t2.py --scale smoke --out /tmp/icbm-smoke                        # ~1 minute
+    python benchmarks/icbm_t1t2.py --scale cpu --publish                                      # ~70 min, 2 idle cores
+    python benchmarks/icbm_t1t2.py --scale cpu --source-context 1 --no-baseline --publish     # 2.5D stage 1
+    python benchmarks/icbm_t1t2.py --scale cpu --source T2 --target T1 --publish              # the unseen contrast
+    python benchmarks/icbm_t1t2.py --scale cpu --size 96 --autoencoder runs/ae-icbm/autoencoder/model \
+        --no-baseline --publish                                                               # latent space
+    python benchmarks/icbm_t1t2.py --scale paper --device cuda --publish                     # a GPU
 """
 
 from __future__ import annotations
