@@ -145,8 +145,9 @@ def build_unet(cfg: TrainConfig, autoencoder, sample_size: int) -> nn.Module:
         got_in, got_out = unet.config.in_channels, unet.config.out_channels
         if (got_in, got_out) != (in_channels, out_channels):
             raise ValueError(f"pretrained U-Net {folder} takes {got_in} -> {got_out} channels, but autoencoder "
-                             f"{cfg.autoencoder.name!r} with conditioning {cfg.model.conditioning!r} and source_context "
-                             f"{cfg.model.source_context} needs {in_channels} -> {out_channels}")
+                             f"{cfg.autoencoder.name!r} with conditioning {cfg.model.conditioning!r}"
+                             + (f" and source_context {cfg.model.source_context}" if cfg.model.source_context else "")
+                             + f" needs {in_channels} -> {out_channels}")
     else:
         unet = new_unet2d(cfg, in_channels, out_channels, sample_size)
     if cfg.run.stage == "volumes" and not lift3d.is_lifted(unet):
