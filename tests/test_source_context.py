@@ -69,3 +69,23 @@ def test_a_stage2_context_that_contradicts_stage1_is_one_line(tmp_path):
         train(tiny_cfg(tmp_path / "s2", stage="volumes", model={"pretrained": str(stage1), "source_context": 2},
                        data={"batch_size": 1}))
     assert not (tmp_path / "s2").exists()
+
+
+def test_the_icbm_example_configs_run_the_winning_recipe(tmp_path):
+    """examples/configs/icbm-stage{1,2}.toml, shortened: 2.5D stage 1, then a stage 2 that inherits it and
+    exports its best validation step."""
+    from pathlib import Path
+
+    from lift3d.cli.finetune import main as finetune
+
+    configs = Path(__file__).resolve().parents[1] / "examples" / "configs"
+    small = ["--data.options", "{size = 16, num_slices = 8, num_train = 2, num_val = 1, num_test = 1, voxel_mm = 8}",
+             "--run.checkpoint_every", "0"]
+    assert finetune(["--config", str(configs / "icbm-stage1.toml"), "--run.output_dir", str(tmp_path / "s1"),
+                     "--run.max_steps", "2", "--data.batch_size", "4", *small]) == 0
+    assert json.loads((tmp_path / "s1" / "model" / "lift3d_training.json").read_text())["source_context"] == 1
+    assert finetune(["--config", str(configs / "icbm-stage2.toml"), "--run.output_dir", str(tmp_path / "s2"),
+                     "--model.pretrained", str(tmp_path / "s1" / "model"), "--run.max_steps", "2",
+                     "--run.validate_every", "1", "--run.validate_steps", "2", "--data.val_volumes", "1", *small]) == 0
+    settings = json.loads((tmp_path / "s2" / "model" / "lift3d_training.json").read_text())
+    assert settings["source_context"] == 1 and settings["stage"] == "volumes"
