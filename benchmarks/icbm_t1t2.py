@@ -735,12 +735,13 @@ def check_autoencoder(folder: Path | None, scale: Scale) -> None:
                          f"valid: multiples of {factor}")
 
 
-def test_methods(stage1: Method, lifted: Method, scale: Scale, rho: dict[str, float], baseline: bool) -> list[Method]:
+def test_methods(stage1: Method, lifted: Method, scale: Scale, rho: dict[str, float],
+                 baseline: dict[str, Any] | None) -> list[Method]:
     """What the test subjects see, all on the same subjects and initial noise."""
     ddim = {"scheduler": "ddim", "steps": scale.ddim_steps}
     dpm = {"scheduler": "dpm", "steps": scale.dpm_steps}
     methods = [replace(stage1, **ddim), replace(lifted, **ddim)]
-    methods += [Method("3d-unet", "(c) 3D U-Net, L1", None, {})] if baseline else []
+    methods += [Method("3d-unet", "(c) 3D U-Net, L1", None, baseline)] if baseline is not None else []
     methods += [replace(stage1, name="slice-wise-dpm", label="(d) slice-wise (stage 1 only)", **dpm),
                 replace(lifted, name="lifted-dpm", label="(d) lifted (stage 2)", **dpm)]
     counts = sorted({1, min(4, scale.samples), scale.samples})
@@ -812,9 +813,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     best = f"{best_model}-k{scale.samples}"
     timing["selection_s"] = time.perf_counter() - tic
 
-    methods = test_methods(slice_wise, lifted, scale, rho, baseline is not None)
-    if baseline is not None:
-        methods[2].record = baseline_record
+    methods = test_methods(slice_wise, lifted, scale, rho, baseline_record)
     done: dict[str, Any] = {}
     predictions: dict[str, Prediction] = {}
     tic = time.perf_counter()
