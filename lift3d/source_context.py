@@ -7,6 +7,11 @@ continues above and below it; with ``context = C`` it gets the source slices ``k
 (``model.source_context``), stage 2 and synthesis inherit it from the stage-1 model, and all
 three build it from the same index rule, so slice ``k`` of a volume sees exactly what the
 slice-wise training item ``k`` saw.
+
+Training items carry a *padded* source: the target's slices and ``context`` more on each side,
+taken from the whole volume (:func:`padded_indices`). A stage-1 item is the padded source of one
+slice; a stage-2 window's edge slices see their real neighbours, not a repeated edge.
+:func:`centre_with_context` turns a padded source into the U-Net's channels.
 """
 
 from __future__ import annotations
@@ -34,7 +39,16 @@ def with_source_context(source: Tensor, context: int) -> Tensor:
     return rearrange(stacked, "b c n d h w -> b (d c) n h w")
 
 
-def flatten_window(window: Tensor) -> Tensor:
-    """A stage-1 item's source window ``(b, c, 2 context + 1, h, w)`` -> ``(b, (d c), 1, h, w)``: the channels
-    :func:`with_source_context` gives its centre slice."""
-    return rearrange(window, "b c d h w -> b (d c) 1 h w")
+def padded_indices(start: int, length: int, num_slices: int, context: int) -> Tensor:
+    """The slices ``start - context .. start + length + context - 1`` of a volume, clamped to it: the source
+    a training item of ``length`` target slices from ``start`` needs for its 2.5D context."""
+    return torch.arange(start - context, start + length + context).clamp(0, num_slices - 1)
+
+
+def centre_with_context(padded: Tensor, context: int) -> Tensor:
+    """A source padded by ``context`` slices on each side ``(b, c, n + 2 context, h, w)`` ->
+    ``(b, (2 context + 1) c, n, h, w)``: its centre slices with their neighbours on channels,
+    as :func:`with_source_context` gives them in the whole volume."""
+    if context == 0:
+        return padded
+    return with_source_context(padded, context)[:, :, context:-context]

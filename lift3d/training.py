@@ -171,7 +171,7 @@ def trainable_parameters(cfg: TrainConfig, unet: nn.Module) -> list[nn.Parameter
 def build_view(cfg: TrainConfig, dataset):
     if cfg.run.stage == "slices":
         return dataset.slices(context=cfg.model.source_context)
-    return dataset.volumes(window=cfg.data.window or None)
+    return dataset.volumes(window=cfg.data.window or None, context=cfg.model.source_context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,18 +262,19 @@ class LatentEncoder:
     """Encodes source and target volumes with the frozen autoencoder, optionally caching per item.
 
     With a 2.5D ``context`` the source latents get their neighbouring slices on channels
-    (:mod:`lift3d.source_context`): a stage-1 item's source window is flattened, a volume's source
-    is stacked slice by slice, so both give slice ``k`` the same channels.
+    (:mod:`lift3d.source_context`). Training items carry a source padded by ``context`` slices on
+    each side (a stage-1 item, a stage-2 window); an unpadded whole volume has its edge slices
+    repeated. Either way slice ``k`` gets the channels it has in the whole volume.
     """
 
     def __init__(self, autoencoder, cache: bool, context: int = 0) -> None:
         self.autoencoder, self.cache, self.context = autoencoder, {} if cache else None, context
 
     def with_context(self, source: Tensor, target: Tensor) -> Tensor:
-        from lift3d.source_context import flatten_window, with_source_context
+        from lift3d.source_context import centre_with_context, with_source_context
 
-        if self.context and target.shape[2] == 1 and source.shape[2] == 2 * self.context + 1:
-            return flatten_window(source)  # a stage-1 item: the window around its one target slice
+        if source.shape[2] == target.shape[2] + 2 * self.context:
+            return centre_with_context(source, self.context)
         return with_source_context(source, self.context)
 
     @torch.no_grad()
@@ -469,7 +470,7 @@ def fixed_volume_loss(unet, noise_scheduler, encoder: LatentEncoder, dataset, cf
     Every slice of a volume shares t, as in stage 2. The 2D model (stage 1) and the lifted model at
     initialisation give exactly the same value, so the two stages can be compared.
     """
-    view = dataset.volumes(window=cfg.data.window or None)
+    view = dataset.volumes(window=cfg.data.window or None, context=cfg.model.source_context)
     items = [view[i] for i in range(min(VAL_VOLUMES, len(view)))]
     batch = stack_items(items)
     batch["index"] = list(range(len(items)))

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from lift3d.plugins import create
-from lift3d.source_context import context_indices, flatten_window, with_source_context
+from lift3d.source_context import centre_with_context, context_indices, padded_indices, with_source_context
 from lift3d.synthesis import load_synthesis_model, synthesize
+from lift3d.data.dataset import stack_items as stack
 from lift3d.training import LatentEncoder, train
 from test_training import tiny_cfg
 
@@ -38,7 +39,28 @@ def test_a_stage1_item_sees_what_slice_k_of_its_volume_sees():
     volume = dataset[0]
     whole = with_source_context(volume.source[None], 1)
     assert torch.equal(per_slice[:, :, 0], whole[:, :, 3])
-    assert torch.equal(flatten_window(item["source"][None])[:, :, 0], whole[:, :, 3])
+    assert torch.equal(centre_with_context(item["source"][None], 1)[:, :, 0], whole[:, :, 3])
+
+
+@pytest.mark.parametrize("start", [0, 2, 4])
+def test_a_stage2_window_keeps_the_real_neighbours_of_its_edge_slices(start):
+    """A window of slices [start, start + 2) carries the whole volume's context, not its own edge repeated."""
+    dataset = create("datasets", "phantom", split="train", size=16, num_slices=6, num_subjects=2)
+    view = dataset.volumes(window=2, stride=2, context=1)
+    item = view[start // 2]
+    assert view.starts == [0, 2, 4] and item["start"] == start
+    assert item["source"].shape == (1, 4, 16, 16) and item["target"].shape == (1, 2, 16, 16)
+    assert padded_indices(start, 2, 6, 1).tolist() == [max(start - 1, 0), start, start + 1, min(start + 2, 5)]
+    encoder = LatentEncoder(create("autoencoders", "identity"), cache=False, context=1)
+    batch = {"source": item["source"][None], "target": item["target"][None], "index": [0], "start": [start]}
+    _, windowed = encoder(batch, torch.device("cpu"))
+    whole = with_source_context(dataset[0].source[None], 1)
+    assert torch.equal(windowed, whole[:, :, start:start + 2])
+    # the whole volume, padded or not, gives the same channels
+    padded = dataset.volumes(context=1)[0]
+    assert torch.equal(encoder({**stack([padded]), "index": [0]}, torch.device("cpu"))[1], whole)
+    assert torch.equal(encoder({"source": dataset[0].source[None], "target": dataset[0].target[None], "index": [0]},
+                               torch.device("cpu"))[1], whole)
 
 
 def test_stage2_and_synthesis_inherit_the_context(tmp_path):

@@ -47,8 +47,8 @@ class VolumeDataset(abc.ABC):
     def slices(self, context: int = 0) -> "SliceView":
         return SliceView(self, context=context)
 
-    def volumes(self, window: int | None = None, stride: int | None = None) -> "VolumeView":
-        return VolumeView(self, window=window, stride=stride)
+    def volumes(self, window: int | None = None, stride: int | None = None, context: int = 0) -> "VolumeView":
+        return VolumeView(self, window=window, stride=stride, context=context)
 
 
 def _item(pair: VolumePair, sl: slice | int) -> dict:
@@ -62,7 +62,8 @@ class SliceView(Dataset):
     """Every slice of every subject: items ``{"source": (c, h, w), "target": (c, h, w)}``.
 
     With ``context = C`` (2.5D, :mod:`lift3d.source_context`) the source is the window of slices
-    ``k - C .. k + C`` around the target slice, ``(c, 2 C + 1, h, w)``, the edge slice repeated.
+    ``k - C .. k + C`` around the target slice, ``(c, 2 C + 1, h, w)``, the edge slice repeated
+    (the target's one slice, padded by ``C`` on each side).
     """
 
     def __init__(self, dataset: VolumeDataset, context: int = 0) -> None:
@@ -76,9 +77,9 @@ class SliceView(Dataset):
         pair = self.dataset[subject]
         item = _item(pair, k)
         if self.context:
-            from lift3d.source_context import context_indices
+            from lift3d.source_context import padded_indices
 
-            item["source"] = pair.source[:, context_indices(k, pair.source.shape[1], self.context)]
+            item["source"] = pair.source[:, padded_indices(k, 1, pair.source.shape[1], self.context)]
         return item
 
 
@@ -87,9 +88,12 @@ class VolumeView(Dataset):
 
     Items are ``{"source": (c, n, h, w), "target": (c, n, h, w), "subject": str, "start": int}``.
     The last window is aligned to the end of the volume so every slice is covered.
+    With ``context = C`` (2.5D) the source is padded by ``C`` slices of the whole volume on each
+    side, ``(c, window + 2 C, h, w)``, so a window's edge slices keep their real neighbours.
     """
 
-    def __init__(self, dataset: VolumeDataset, window: int | None = None, stride: int | None = None) -> None:
+    def __init__(self, dataset: VolumeDataset, window: int | None = None, stride: int | None = None,
+                 context: int = 0) -> None:
         n = dataset.num_slices
         window = n if window is None else int(window)
         if not 1 <= window <= n:
@@ -100,7 +104,7 @@ class VolumeView(Dataset):
         starts = list(range(0, n - window + 1, stride))
         if starts[-1] != n - window:
             starts.append(n - window)
-        self.dataset, self.window, self.starts = dataset, window, starts
+        self.dataset, self.window, self.starts, self.context = dataset, window, starts, int(context)
 
     def __len__(self) -> int:
         return len(self.dataset) * len(self.starts)
@@ -108,7 +112,12 @@ class VolumeView(Dataset):
     def __getitem__(self, index: int) -> dict:
         subject, w = divmod(index, len(self.starts))
         start = self.starts[w]
-        item = _item(self.dataset[subject], slice(start, start + self.window))
+        pair = self.dataset[subject]
+        item = _item(pair, slice(start, start + self.window))
+        if self.context:
+            from lift3d.source_context import padded_indices
+
+            item["source"] = pair.source[:, padded_indices(start, self.window, pair.source.shape[1], self.context)]
         item["start"] = start
         return item
 
