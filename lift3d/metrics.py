@@ -29,6 +29,8 @@ INTENSITY_RULE = (
 
 # Name -> True when higher is better. Order is the column order of reports.
 METRICS: dict[str, bool] = {"mae": False, "psnr": True, "ssim": True, "z_inconsistency": False}
+# Scores of an uncertainty map (:func:`uncertainty_scores`); None: no better direction (a magnitude).
+UNCERTAINTY_METRICS: dict[str, bool | None] = {"std_mean": None, "std_error_spearman": True}
 
 
 def _as_volume(array: np.ndarray, name: str) -> np.ndarray:
@@ -174,17 +176,47 @@ def evaluate_volumes(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | No
     }
 
 
+def uncertainty_scores(std: np.ndarray, pred: np.ndarray, target: np.ndarray,
+                       mask: np.ndarray | None = None) -> dict[str, float]:
+    """How well a per-voxel std map (the spread of K samples, :func:`lift3d.synthesis.synthesize_posterior`)
+    points at the mean prediction's errors, on the metrics' [0, 255] scale (std x 255 / the target's range).
+
+    ``std_mean``: the mean std over the (masked) voxels. ``std_error_spearman``: Spearman's rank
+    correlation between std and ``|pred - target|`` over those voxels (``scipy.stats.spearmanr``);
+    1 means the largest errors lie exactly where the samples disagree most, 0 that the map says
+    nothing about where the errors are. A constant std map (or error) ranks nothing: 0.
+    """
+    from scipy.stats import spearmanr
+
+    std = _as_volume(std, "std")
+    pred, target, mask = _check_inputs(pred, target, mask)
+    if std.shape != target.shape:
+        raise ValueError(f"std has shape {std.shape} but target has {target.shape}; they must match")
+    if (std < 0).any():
+        raise ValueError(f"std has {int((std < 0).sum())} negative voxels; a standard deviation is >= 0")
+    lo, hi = float(target.min()), float(target.max())
+    pred, target = scale_to_target_range(pred, target)
+    std = std * (DATA_RANGE / (hi - lo))
+    error = np.abs(pred - target)
+    if mask is not None:
+        std, error = std[mask], error[mask]
+    std, error = std.ravel(), error.ravel()
+    constant = np.ptp(std) == 0 or np.ptp(error) == 0
+    return {"std_mean": float(std.mean()),
+            "std_error_spearman": 0.0 if constant else float(spearmanr(std, error).statistic)}
+
+
 def summarize(rows: Iterable[Mapping[str, object]]) -> dict[str, dict[str, float]]:
     """Mean and population std (ddof=0) per metric over per-subject rows, plus the count ``n``.
 
-    Each row is a mapping like :func:`evaluate_volumes`' result; keys that are not in
-    :data:`METRICS` (a subject name, file paths) are ignored. Every row must carry the same
-    metrics. If any value is infinite (a perfect PSNR), the mean is ``inf`` and the std ``nan``.
+    Each row is a mapping like :func:`evaluate_volumes`' result, optionally with
+    :data:`UNCERTAINTY_METRICS`; other keys (a subject name, file paths) are ignored. Every row
+    must carry the same metrics. If any value is infinite (a perfect PSNR), the mean is ``inf`` and the std ``nan``.
     """
     rows = list(rows)
     if not rows:
         raise ValueError("summarize needs at least one row; got none")
-    names = [name for name in METRICS if name in rows[0]]
+    names = [name for name in (*METRICS, *UNCERTAINTY_METRICS) if name in rows[0]]
     if not names:
         raise ValueError(f"first row has none of the metrics {', '.join(METRICS)}; its keys: {', '.join(map(str, rows[0]))}")
     summary: dict[str, dict[str, float]] = {}

@@ -99,6 +99,40 @@ def test_directories_are_matched_by_file_name_and_perfect_psnr_is_inf(tmp_path):
     assert summary["metrics"]["ssim"]["mean"] == pytest.approx(1.0)
 
 
+def test_std_maps_from_synthesize_are_found_scored_and_drawn(tmp_path):
+    """lift3d-synthesize --samples K writes <name>_synth.nii.gz and std/<name>_std.nii.gz; --std DIR finds them.
+    A std map that grows with the error ranks it (Spearman 1); one that does not, does not."""
+    from lift3d.cli._common import OUTPUT_SUFFIX, STD_DIR, STD_SUFFIX
+    from lift3d.metrics import uncertainty_scores
+
+    synth, target_dir = tmp_path / "synth", tmp_path / "target"
+    (synth / STD_DIR).mkdir(parents=True), target_dir.mkdir()
+    target = phantom(0)
+    error = np.abs(np.random.default_rng(1).normal(0, 5, RAS_SHAPE)).astype(np.float32)
+    save(synth / f"good{OUTPUT_SUFFIX}", target + error)
+    save(synth / f"flat{OUTPUT_SUFFIX}", target + error)
+    save(target_dir / f"good{OUTPUT_SUFFIX}", target)
+    save(target_dir / f"flat{OUTPUT_SUFFIX}", target)
+    save(synth / STD_DIR / f"good{STD_SUFFIX}", 2 * error)
+    save(synth / STD_DIR / f"flat{STD_SUFFIX}", np.ones(RAS_SHAPE))
+    out = tmp_path / "out"
+    assert main(["--pred", str(synth), "--target", str(target_dir), "--std", str(synth / STD_DIR), "--out", str(out)]) == 0
+    rows, summary = read_outputs(out)
+    by_name = {row["subject"]: row for row in rows}
+    good, flat = by_name["good_synth"], by_name["flat_synth"]
+    assert float(good["std_error_spearman"]) > 0.99 and float(flat["std_error_spearman"]) == 0.0
+    scale = 255 / (target.max() - target.min())
+    assert float(flat["std_mean"]) == pytest.approx(scale, rel=1e-5)  # std x 255 / the target's range
+    expected = uncertainty_scores(axial_view(2 * error), axial_view(target + error), axial_view(target))
+    assert float(good["std_mean"]) == pytest.approx(expected["std_mean"], rel=1e-5)
+    assert good["std"].endswith(f"good{STD_SUFFIX}")
+    assert summary["higher_is_better"]["std_error_spearman"] is True and summary["metrics"]["std_mean"]["n"] == 2
+    assert sorted(p.name for p in (out / "figures").iterdir()) == ["flat_synth.png", "good_synth.png"]
+    # without --std the columns are absent
+    assert main(["--pred", str(synth), "--target", str(target_dir), "--out", str(tmp_path / "plain")]) == 0
+    assert "std_mean" not in read_outputs(tmp_path / "plain")[0][0]
+
+
 def test_orientation_is_canonicalised_before_comparing(tmp_path):
     target = phantom(0)
     # The same image stored L-P-S: data flipped in x and y, affine flipped to match.
@@ -140,7 +174,7 @@ def test_help_explains_every_option(capsys):
         main(["--help"])
     assert exc.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for option in ("--pred", "--target", "--mask", "--source", "--slice-axis", "--out"):
+    for option in ("--pred", "--target", "--mask", "--source", "--std", "--slice-axis", "--out"):
         assert option in text
     for phrase in ("axial,coronal,sagittal", "[0, 255]", "metrics.csv", "summary.json", "z_inconsistency"):
         assert phrase in text
@@ -178,6 +212,9 @@ def bad_case(tmp_path, case):
     if case == "mask count":
         argv = ["--pred", good_p, good_p, "--target", good_t, good_t, "--mask", good_t, good_t, good_t]
         return argv, r"3 --mask paths for 2 predictions; give 1 or 2, or a directory"
+    if case == "negative std":
+        std = save(tmp_path / "p_std.nii.gz", -np.ones(RAS_SHAPE))
+        return ["--pred", good_p, "--target", good_t, "--std", std], r"subject 'p': std map .*p_std\.nii\.gz: std has \d+ negative"
     if case == "source directory lacks a file":
         (tmp_path / "pred").mkdir(), (tmp_path / "target").mkdir(), (tmp_path / "src").mkdir()
         save(tmp_path / "pred" / "s1.nii.gz", phantom(1))
@@ -188,7 +225,7 @@ def bad_case(tmp_path, case):
 
 
 BAD_CASES = ["missing prediction", "missing target", "shape mismatch", "shifted affine", "2D image", "4D image", "not nifti",
-             "count mismatch", "mask count", "source directory lacks a file"]
+             "count mismatch", "mask count", "negative std", "source directory lacks a file"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

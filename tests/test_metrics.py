@@ -220,3 +220,23 @@ def test_paired_differences_pair_by_subject_with_a_t_interval():
     assert psnr["b_better"] == 3 and diff["mae"]["b_better"] == 2  # lower MAE is better; s3 got worse
     with pytest.raises(ValueError, match="same subjects"):
         paired_differences(a, b[:2])
+
+
+def test_uncertainty_scores_rank_the_errors_on_the_0_255_scale():
+    from lift3d.metrics import uncertainty_scores
+
+    rng = np.random.default_rng(0)
+    target = rng.uniform(2, 8, (4, 6, 6))
+    target[0, 0, :2] = 0, 10  # the target's range is [0, 10]; no prediction is clipped
+    error = rng.uniform(0, 1, target.shape)
+    error[0, 0, 1] = 0
+    scores = uncertainty_scores(error, target + error, target)
+    assert scores["std_error_spearman"] == pytest.approx(1.0)
+    assert scores["std_mean"] == pytest.approx(error.mean() * 255 / np.ptp(target))
+    assert uncertainty_scores(error[::-1].copy(), target + error, target)["std_error_spearman"] < 0.2
+    mask = np.zeros(target.shape, dtype=bool)
+    mask[1:3] = True
+    assert uncertainty_scores(error, target + error, target, mask)["std_mean"] == pytest.approx(
+        error[mask].mean() * 255 / np.ptp(target))
+    with pytest.raises(ValueError, match=r"std has shape \(4, 6, 5\) but target has \(4, 6, 6\)"):
+        uncertainty_scores(error[..., :5], target, target)

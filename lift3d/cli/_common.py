@@ -9,6 +9,12 @@ from typing import Callable
 
 EXIT_USER_ERROR = 2
 
+# lift3d-synthesize's file names, which lift3d-evaluate reads back. Std maps live in a subfolder, so a
+# folder of predictions (lift3d-evaluate --pred DIR) holds predictions only.
+OUTPUT_SUFFIX = "_synth.nii.gz"
+STD_DIR = "std"
+STD_SUFFIX = "_std.nii.gz"
+
 
 class UserError(ValueError):
     """An error the user can fix (bad path, bad value, bad file). Its message is the whole story."""

@@ -25,12 +25,13 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from tqdm import tqdm
 
-from lift3d.cli._common import UserError, run_cli
+from lift3d.cli._common import OUTPUT_SUFFIX, STD_SUFFIX, UserError, run_cli
 from lift3d.data.align import field_of_view_overlap, world_bounds
 from lift3d.data.nifti import load_image
 from lift3d.data.orientation import SLICE_AXES, to_slices
 from lift3d.figures import save_orthogonal_views
-from lift3d.metrics import DATA_RANGE, INTENSITY_RULE, METRICS, SSIM_WIN_SIZE, evaluate_volumes, summarize
+from lift3d.metrics import (DATA_RANGE, INTENSITY_RULE, METRICS, SSIM_WIN_SIZE, UNCERTAINTY_METRICS, evaluate_volumes,
+                            summarize, uncertainty_scores)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CSV_NAME = "metrics.csv"
@@ -54,6 +55,7 @@ class Subject:
     target: Path
     mask: Path | None = None
     source: Path | None = None
+    std: Path | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             f"Outputs in --out: {CSV_NAME} (one row per subject), {SUMMARY_NAME} (mean and population std "
             f"per metric, the intensity rule; {NON_FINITE_RULE}) and {FIGURES_DIR}/<subject>.png "
-            "(axial/coronal/sagittal mid-planes of source, prediction, target and |error|). "
+            "(axial/coronal/sagittal mid-planes of source, prediction, target, |error| and, with --std, the std "
+            "map). "
             "Nothing is written unless every subject is evaluated."
         ),
     )
@@ -90,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--source", nargs="+", metavar="PATH",
         help="optional source-modality volumes, shown in the figures only: one per subject in --pred order, "
         "or a directory matched by file name",
+    )
+    parser.add_argument(
+        "--std", nargs="+", metavar="PATH",
+        help="optional per-voxel std maps of the predictions (lift3d-synthesize --samples K writes them to "
+        "<out>/std/<name>_std.nii.gz): one per subject in --pred order, or a directory matched by file name or "
+        "by that naming. Each figure gets a std row, and metrics.csv the columns std_mean (0-255 scale) and "
+        "std_error_spearman (rank correlation of std with |error|: 1 = the map points at the errors, 0 = it "
+        "says nothing about them)",
     )
     parser.add_argument(
         "--slice-axis", choices=tuple(PLANE_NAMES), default="axial",
@@ -122,13 +133,21 @@ def _check_exists(path: Path, role: str) -> Path:
     return path
 
 
+def _std_name(prediction: Path) -> str:
+    """lift3d-synthesize's std file for one of its predictions: ``<name>_synth.nii.gz`` -> ``<name>_std.nii.gz``."""
+    name = prediction.name
+    return name[: -len(OUTPUT_SUFFIX)] + STD_SUFFIX if name.endswith(OUTPUT_SUFFIX) else name
+
+
 def _per_subject(paths: Sequence[str] | None, predictions: list[Path], role: str, *, allow_one: bool) -> list[Path | None]:
-    """Resolve --mask/--source to one path (or None) per predicted file."""
+    """Resolve --mask/--source/--std to one path (or None) per predicted file."""
     if not paths:
         return [None] * len(predictions)
     if len(paths) == 1 and Path(paths[0]).is_dir():
         directory = Path(paths[0])
         matched = [directory / p.name for p in predictions]
+        if role == "std":  # the same name, else lift3d-synthesize's
+            matched = [m if m.exists() else directory / _std_name(p) for m, p in zip(matched, predictions)]
         missing = [p.name for p in matched if not p.exists()]
         if missing:
             raise UserError(f"{role} directory {directory} has no file named {', '.join(missing)}")
@@ -159,9 +178,10 @@ def collect_subjects(args: argparse.Namespace) -> list[Subject]:
         targets = [_check_exists(Path(p), "target") for p in args.target]
     masks = _per_subject(args.mask, predictions, "mask", allow_one=True)
     sources = _per_subject(args.source, predictions, "source", allow_one=False)
+    stds = _per_subject(args.std, predictions, "std", allow_one=False)
     subjects = [
-        Subject(_subject_name(p), p, t, m, s)  # type: ignore[arg-type]
-        for p, t, m, s in zip(predictions, targets, masks, sources)
+        Subject(_subject_name(p), p, t, m, s, d)  # type: ignore[arg-type]
+        for p, t, m, s, d in zip(predictions, targets, masks, sources, stds)
     ]
     names = [s.name for s in subjects]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -215,7 +235,8 @@ def check_shapes(subjects: list[Subject]) -> None:
     """
     for subject in subjects:
         target = _load_header(subject.target, "target")
-        others = [("prediction", subject.prediction), ("mask", subject.mask), ("source", subject.source)]
+        others = [("prediction", subject.prediction), ("mask", subject.mask), ("source", subject.source),
+                  ("std", subject.std)]
         for role, path in others:
             if path is None:
                 continue
@@ -253,8 +274,16 @@ def evaluate_subject(subject: Subject, slice_axis: str, figure_path: Path) -> di
         volumes["source"] = load_volume(subject.source, slice_axis)[0]
     volumes["prediction"] = prediction
     volumes["target"] = target
+    uncertainty = None
+    if subject.std is not None:
+        std = load_volume(subject.std, slice_axis)[0]
+        try:
+            metrics |= uncertainty_scores(std, prediction, target, mask)
+        except ValueError as exc:
+            raise UserError(f"subject '{subject.name}': std map {subject.std}: {exc}") from None
+        uncertainty = {"prediction": std}
     save_orthogonal_views(
-        figure_path, volumes, title=subject.name, error_of=("prediction", "target"),
+        figure_path, volumes, title=subject.name, error_of=("prediction", "target"), uncertainty=uncertainty,
         spacing=spacing, plane_names=PLANE_NAMES[slice_axis],
     )
     return {
@@ -263,6 +292,7 @@ def evaluate_subject(subject: Subject, slice_axis: str, figure_path: Path) -> di
         "prediction": str(subject.prediction),
         "target": str(subject.target),
         "mask": "" if subject.mask is None else str(subject.mask),
+        **({} if subject.std is None else {"std": str(subject.std)}),
     }
 
 
@@ -281,7 +311,7 @@ def build_summary(rows: list[dict[str, object]], slice_axis: str) -> dict[str, o
         "z_inconsistency": "mean |dz(pred) - dz(target)| / mean |dz(target)|, dz along the slice axis; lower is better",
         "std": "population standard deviation (ddof=0) over subjects",
         "non_finite": NON_FINITE_RULE,
-        "higher_is_better": {name: METRICS[name] for name in summary},
+        "higher_is_better": {name: (METRICS | UNCERTAINTY_METRICS)[name] for name in summary},
         "metrics": {
             name: {"mean": _json_number(stats["mean"]), "std": _json_number(stats["std"]), "n": stats["n"]}
             for name, stats in summary.items()
@@ -312,7 +342,8 @@ def _publish(staging: Path, out: Path, figure_names: list[str]) -> None:
 
 
 def _write_csv(path: Path, rows: list[dict[str, object]]) -> None:
-    columns = ["subject", *METRICS, "prediction", "target", "mask"]
+    scored = [name for name in UNCERTAINTY_METRICS if name in rows[0]]
+    columns = ["subject", *METRICS, *scored, "prediction", "target", "mask", *(["std"] if scored else [])]
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
@@ -348,5 +379,5 @@ def main(argv: list[str] | None = None) -> int:
             out.rmdir()
     print(f"{len(rows)} subjects -> {out / CSV_NAME}, {out / SUMMARY_NAME}, {out / FIGURES_DIR}/")
     for name, stats in summary["metrics"].items():  # type: ignore[union-attr]
-        print(f"  {name:16s} {_format(stats['mean'])} +/- {_format(stats['std'])}")
+        print(f"  {name:18s} {_format(stats['mean'])} +/- {_format(stats['std'])}")
     return 0

@@ -21,17 +21,13 @@ from typing import Any
 import nibabel as nib
 import torch
 
-from lift3d.cli._common import UserError, run_cli
+from lift3d.cli._common import OUTPUT_SUFFIX, STD_DIR, STD_SUFFIX, UserError, run_cli
 from lift3d.data.nifti import IMAGE_SUFFIXES, image_suffix, load_image, save_volume
 from lift3d.data.orientation import orientation_codes, slice_shape
 from lift3d.data.volume import TrainingGrid, prepare_volume
 from lift3d.synthesis import (DTYPES, SCHEDULERS, SynthesisModel, check_clip_x0, load_synthesis_model, make_scheduler,
                               resolve_sample_batch, resolve_window, save_std_volume, synthesize_posterior)
 
-OUTPUT_SUFFIX = "_synth.nii.gz"
-# Std maps live in a subfolder, so a folder of predictions (lift3d-evaluate --pred DIR) holds predictions only.
-STD_DIR = "std"
-STD_SUFFIX = "_std.nii.gz"
 NATIVE = "native"
 DEFAULT_PERCENTILES = (0.5, 99.5)
 
