@@ -150,6 +150,19 @@ def test_smoke_run_end_to_end(bench, tmp_path):
     assert (out / "views.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "results.md").read_text()
     assert "| `lifted` (b) lifted (stage 2) | DDIM-3, x0 clip |" in text and "lifted vs slice-wise | clean target" in text
+    assert report["timing"]["reused"] == [] and report["timing"]["reused_sampling_s"] == 0
+
+    # Rerun with --reuse: every phase and sample comes from the first run, and the time it took then is counted.
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--scale", "smoke", "--data", str(data), "--out", str(out), "--device", "cpu",
+         "--x0-clip", "--variant", "kernel_size=5", "--reuse"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    again = json.loads((out / "results.json").read_text())
+    assert again["methods"]["lifted"]["subjects"] == methods["lifted"]["subjects"]
+    assert again["timing"]["reused"] == ["stage1_s", "stage2_s", "baseline_s"]
+    assert again["timing"]["reused_sampling_s"] > 0
 
 
 def test_stage2_variants_parse_to_config_overrides(bench):
