@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--std", nargs="+", metavar="PATH",
         help="optional per-voxel std maps of the predictions (lift3d-synthesize --samples K writes them to "
-        "<out>/std/<name>_std.nii.gz): one per subject in --pred order, or a directory matched by file name or "
-        "by that naming. Each figure gets a std row, and metrics.csv the columns std_mean (0-255 scale) and "
+        "<out>/std/<name>_std.nii.gz): one per subject in --pred order, or a directory holding, per prediction "
+        "<stem>.nii.gz, a file of the same name, or <stem>_std.nii.gz (<name>_std.nii.gz for <name>_synth.nii.gz). Each figure gets a std row, and metrics.csv the columns std_mean (0-255 scale) and "
         "std_error_spearman (rank correlation of std with |error|: 1 = the map points at the errors, 0 = it "
         "says nothing about them)",
     )
@@ -133,10 +133,12 @@ def _check_exists(path: Path, role: str) -> Path:
     return path
 
 
-def _std_name(prediction: Path) -> str:
-    """lift3d-synthesize's std file for one of its predictions: ``<name>_synth.nii.gz`` -> ``<name>_std.nii.gz``."""
-    name = prediction.name
-    return name[: -len(OUTPUT_SUFFIX)] + STD_SUFFIX if name.endswith(OUTPUT_SUFFIX) else name
+def _std_candidates(prediction: Path) -> list[str]:
+    """File names a std map of ``prediction`` may have, in order: the same name;
+    lift3d-synthesize's (``<name>_synth.nii.gz`` -> ``<name>_std.nii.gz``); ``<stem>_std.nii.gz``."""
+    name, stem = prediction.name, _subject_name(prediction)
+    synth = [name[: -len(OUTPUT_SUFFIX)] + STD_SUFFIX] if name.endswith(OUTPUT_SUFFIX) else []
+    return [name, *synth, stem + STD_SUFFIX]
 
 
 def _per_subject(paths: Sequence[str] | None, predictions: list[Path], role: str, *, allow_one: bool) -> list[Path | None]:
@@ -146,8 +148,9 @@ def _per_subject(paths: Sequence[str] | None, predictions: list[Path], role: str
     if len(paths) == 1 and Path(paths[0]).is_dir():
         directory = Path(paths[0])
         matched = [directory / p.name for p in predictions]
-        if role == "std":  # the same name, else lift3d-synthesize's
-            matched = [m if m.exists() else directory / _std_name(p) for m, p in zip(matched, predictions)]
+        if role == "std":
+            matched = [next((directory / c for c in _std_candidates(p) if (directory / c).exists()), m)
+                       for m, p in zip(matched, predictions)]
         missing = [p.name for p in matched if not p.exists()]
         if missing:
             raise UserError(f"{role} directory {directory} has no file named {', '.join(missing)}")
