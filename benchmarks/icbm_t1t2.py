@@ -757,7 +757,6 @@ def test_methods(stage1: Method, lifted: Method, scale: Scale, rho: dict[str, fl
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.device == "cpu":  # Accelerate (lift3d.training) would otherwise take a GPU
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    from lift3d.demo import grid_spacing
     from lift3d.figures import save_orthogonal_views
     from lift3d.metrics import INTENSITY_RULE, paired_differences
     from lift3d.plugins import create
@@ -845,7 +844,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     volumes = {f"{args.source} (source)": pair.source[0].numpy(), f"{args.target} (target)": pair.target[0].numpy(),
                f"{args.target} clean": pair.extra["clean_target"][0].numpy()}
     volumes |= {name: predictions[name].mean[0, 0].numpy() for name in shown}
-    save_orthogonal_views(views, volumes, spacing=grid_spacing(pair),
+    save_orthogonal_views(views, volumes, spacing=pair.meta.grid_spacing,
                           error_of=[(name, f"{args.target} (target)") for name in shown],
                           uncertainty={best: predictions[best].std[0, 0].numpy()},
                           title=f"ICBM {direction}, {pair.subject} (test), scale {args.scale}\nslice-wise and lifted: "

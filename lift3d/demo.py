@@ -19,7 +19,6 @@ import torch
 
 from lift3d.config import TrainConfig, apply
 from lift3d.data import save_volume
-from lift3d.data.orientation import SLICE_AXES
 from lift3d.figures import save_orthogonal_views
 from lift3d.metrics import INTENSITY_RULE, evaluate_volumes, summarize
 from lift3d.plugins import create
@@ -129,13 +128,6 @@ def set_threads(threads: int | str | None) -> None:
     torch.set_num_threads(threads)
 
 
-def grid_spacing(pair) -> tuple[float, float, float]:
-    """Voxel size ``(slice, row, column)`` of the training grid in mm, for true figure aspect."""
-    meta = pair.meta
-    order, voxel = SLICE_AXES[meta.slice_axis], meta.voxel_size  # voxel: (R, A, S) of the generation grid
-    return tuple(float(voxel[a] * s / g) for a, s, g in zip(order, meta.slice_shape, meta.grid_shape))  # type: ignore[return-value]
-
-
 def score(pred, pair, target) -> dict:
     mask = pair.extra.get("mask")
     return evaluate_volumes(pred, target, None if mask is None else mask[0].numpy())
@@ -206,7 +198,7 @@ def run_demo(out: str | Path, *, dataset: str = "icbm152", scale: str = "default
                                        "lifted": outputs["lifted"], "target": target},
                               title=f"{pair.subject} ({dataset} test): {modality}, {sampler}",
                               error_of=[("slice-wise", "target"), ("lifted", "target")],
-                              uncertainty={"lifted": stds["lifted"]} if stds else None, spacing=grid_spacing(pair))
+                              uncertainty={"lifted": stds["lifted"]} if stds else None, spacing=pair.meta.grid_spacing)
         files["figures"].append(str(figure))
 
     print("[5/5] evaluation")

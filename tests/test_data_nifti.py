@@ -266,3 +266,13 @@ def test_restore_volume_accepts_channel_first_tensors():
     b = restore_volume(torch.from_numpy(array)[None], meta)
     np.testing.assert_array_equal(a, b)
     assert a.shape == SHAPE
+
+
+def test_grid_spacing_is_the_training_voxel_in_slice_row_column_order():
+    """A 1 x 2 x 3 mm RAS image (x 20, y 10, z 6) sliced axially onto a 4-slice, 8 x 8 grid: slices are z
+    (6 x 3 mm over 4 slices), rows y (10 x 2 mm over 8), columns x (20 x 1 mm over 8)."""
+    image = nib.Nifti1Image(np.random.default_rng(0).random((20, 10, 6)).astype(np.float32), np.diag([1.0, 2.0, 3.0, 1.0]))
+    _, meta = prepare_volume(image, TrainingGrid(size=8, num_slices=4, slice_axis="axial"))
+    assert meta.grid_spacing == pytest.approx((4.5, 2.5, 2.5))
+    _, coronal = prepare_volume(image, TrainingGrid(size=8, num_slices=5, slice_axis="coronal"))
+    assert coronal.grid_spacing == pytest.approx((4.0, 18 / 8, 2.5))  # slices y, rows z, columns x

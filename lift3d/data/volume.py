@@ -17,7 +17,7 @@ import numpy as np
 
 from lift3d.data.errors import VolumeError
 from lift3d.data.intensity import IntensityScaling, check_percentiles
-from lift3d.data.orientation import check_slice_axis, from_slices, orientation_codes, to_slices
+from lift3d.data.orientation import SLICE_AXES, check_slice_axis, from_slices, orientation_codes, to_slices
 from lift3d.data.resample import check_in_plane_size, resize_volume
 
 
@@ -77,6 +77,14 @@ class VolumeMeta:
     @property
     def voxel_size(self) -> tuple[float, float, float]:
         return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+    @property
+    def grid_spacing(self) -> tuple[float, float, float]:
+        """Voxel size ``(slice, row, column)`` of the training grid in mm (for true figure aspect).
+        Assumes the canonical (RAS) voxel axes of the generated or reoriented volume."""
+        order = SLICE_AXES[self.slice_axis]
+        return tuple(float(self.voxel_size[a] * s / g)  # type: ignore[return-value]
+                     for a, s, g in zip(order, self.slice_shape, self.grid_shape))
 
 
 def prepare_volume(
