@@ -276,3 +276,8 @@ def test_grid_spacing_is_the_training_voxel_in_slice_row_column_order():
     assert meta.grid_spacing == pytest.approx((4.5, 2.5, 2.5))
     _, coronal = prepare_volume(image, TrainingGrid(size=8, num_slices=5, slice_axis="coronal"))
     assert coronal.grid_spacing == pytest.approx((4.0, 18 / 8, 2.5))  # slices y, rows z, columns x
+    # The same volume stored with its axes permuted (file axes S, R, A): the same grid spacing.
+    permuted = nib.Nifti1Image(np.transpose(np.asarray(image.dataobj), (2, 0, 1)).copy(),
+                               np.array([[0, 1.0, 0, 0], [0, 0, 2.0, 0], [3.0, 0, 0, 0], [0, 0, 0, 1]]))
+    _, meta_p = prepare_volume(permuted, TrainingGrid(size=8, num_slices=4, slice_axis="axial"))
+    assert meta_p.orientation == ("S", "R", "A") and meta_p.grid_spacing == pytest.approx((4.5, 2.5, 2.5))

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--std", nargs="+", metavar="PATH",
         help="optional per-voxel std maps of the predictions (lift3d-synthesize --samples K writes them to "
         "<out>/std/<name>_std.nii.gz): one per subject in --pred order, or a directory holding, per prediction "
-        "<stem>.nii.gz, a file of the same name, or <stem>_std.nii.gz (<name>_std.nii.gz for <name>_synth.nii.gz). Each figure gets a std row, and metrics.csv the columns std_mean (0-255 scale) and "
+        "<stem>.nii.gz, a file of the same name, or <stem>_std.nii.gz (<name>_std.nii.gz for "
+        "<name>_synth.nii.gz). Each figure gets a std row, and metrics.csv the columns std_mean (0-255 scale) and "
         "std_error_spearman (rank correlation of std with |error|: 1 = the map points at the errors, 0 = it "
         "says nothing about them)",
     )

@@ -80,11 +80,12 @@ class VolumeMeta:
 
     @property
     def grid_spacing(self) -> tuple[float, float, float]:
-        """Voxel size ``(slice, row, column)`` of the training grid in mm (for true figure aspect).
-        Assumes the canonical (RAS) voxel axes of the generated or reoriented volume."""
-        order = SLICE_AXES[self.slice_axis]
-        return tuple(float(self.voxel_size[a] * s / g)  # type: ignore[return-value]
-                     for a, s, g in zip(order, self.slice_shape, self.grid_shape))
+        """Voxel size ``(slice, row, column)`` of the training grid in mm (for true figure aspect)."""
+        world_axis = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+        file_axis = {world_axis[code]: i for i, code in enumerate(self.orientation)}
+        ras = [self.voxel_size[file_axis[a]] for a in range(3)]  # the file's voxel, in R, A, S order
+        return tuple(float(ras[a] * s / g)  # type: ignore[return-value]
+                     for a, s, g in zip(SLICE_AXES[self.slice_axis], self.slice_shape, self.grid_shape))
 
 
 def prepare_volume(
