@@ -38,6 +38,9 @@ def test_quick_demo_end_to_end(tmp_path, capsys, dataset):
     assert synth
     if dataset == "icbm152":  # the mean of K samples, with the per-voxel std beside it on the same grid
         assert summary["settings"]["samples"] == 2 and summary["settings"]["num_val"] == 1
+        # the validated stage-2 schedule reaches the trained model's recorded config
+        stage2 = json.loads((out / "stage2" / "model" / "lift3d_training.json").read_text())
+        assert stage2["config"]["optim"]["lr_scheduler"] == summary["settings"]["stage2_lr_scheduler"] == "cosine"
         std = nib.load(out / "synthesis" / "std" / synth[0].name.replace("_lifted", "_lifted_std"))
         assert std.shape == nib.load(synth[0]).shape and (np.asarray(std.dataobj) >= 0).all()
         assert "validation" in printed
