@@ -40,13 +40,18 @@ def to_slices(image: nib.Nifti1Image, slice_axis: str = "axial") -> np.ndarray:
     return np.ascontiguousarray(data.transpose(SLICE_AXES[check_slice_axis(slice_axis)]))
 
 
+def to_slice_order(values, orientation: tuple[str, str, str], slice_axis: str) -> tuple:
+    """Per-axis ``values`` of an image's array axes (its shape, its voxel size) in the ``(n, h, w)`` order
+    of :func:`to_slices`, for an image of ``orientation``."""
+    ras = [None, None, None]
+    for axis, (ras_axis, _) in enumerate(axcodes2ornt(orientation)):
+        ras[int(ras_axis)] = values[axis]
+    return tuple(ras[a] for a in SLICE_AXES[check_slice_axis(slice_axis)])
+
+
 def slice_shape(shape: tuple[int, ...], orientation: tuple[str, str, str], slice_axis: str) -> tuple[int, int, int]:
     """The ``(n, h, w)`` shape that :func:`to_slices` gives for an image of ``shape`` and ``orientation``."""
-    ornt = axcodes2ornt(orientation)
-    ras_shape = [0, 0, 0]
-    for axis, (ras_axis, _) in enumerate(ornt):
-        ras_shape[int(ras_axis)] = shape[axis]
-    return tuple(ras_shape[a] for a in SLICE_AXES[check_slice_axis(slice_axis)])  # type: ignore[return-value]
+    return to_slice_order(shape, orientation, slice_axis)  # type: ignore[return-value]
 
 
 def from_slices(slices: np.ndarray, orientation: tuple[str, str, str], slice_axis: str) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 
 from lift3d.data.errors import VolumeError
 from lift3d.data.intensity import IntensityScaling, check_percentiles
-from lift3d.data.orientation import SLICE_AXES, check_slice_axis, from_slices, orientation_codes, to_slices
+from lift3d.data.orientation import check_slice_axis, from_slices, orientation_codes, to_slice_order, to_slices
 from lift3d.data.resample import check_in_plane_size, resize_volume
 
 
@@ -81,11 +81,8 @@ class VolumeMeta:
     @property
     def grid_spacing(self) -> tuple[float, float, float]:
         """Voxel size ``(slice, row, column)`` of the training grid in mm (for true figure aspect)."""
-        world_axis = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
-        file_axis = {world_axis[code]: i for i, code in enumerate(self.orientation)}
-        ras = [self.voxel_size[file_axis[a]] for a in range(3)]  # the file's voxel, in R, A, S order
-        return tuple(float(ras[a] * s / g)  # type: ignore[return-value]
-                     for a, s, g in zip(SLICE_AXES[self.slice_axis], self.slice_shape, self.grid_shape))
+        voxel = to_slice_order(self.voxel_size, self.orientation, self.slice_axis)  # the file's voxel
+        return tuple(float(v * s / g) for v, s, g in zip(voxel, self.slice_shape, self.grid_shape))  # type: ignore[return-value]
 
 
 def prepare_volume(
