@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import platform
@@ -99,3 +100,11 @@ def parse_kind(spec: str) -> dict[str, Any]:
             except ValueError:
                 continue
     return settings
+
+
+def validation_curve(folder: Path) -> list[dict[str, float]]:
+    """The sampled-validation rows of a lift3d run's CSV log: step, val_psnr, val_ssim, val_mae, ..."""
+    with (folder / "logs" / "metrics.csv").open(newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("val_psnr")]
+    return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items()
+             if v and (k == "step" or k.startswith("val_"))} for row in rows]

@@ -47,7 +47,6 @@ target's own slice-to-slice change (lower is better). Paired differences per tes
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import math
@@ -61,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _common.py, also when loaded by path
-from _common import machine_info, write_json  # noqa: E402
+from _common import machine_info, validation_curve, write_json  # noqa: E402
 
 import numpy as np
 import torch
@@ -283,14 +282,6 @@ def train_stage1(out: Path, scale: Scale, data: dict[str, Any], seed: int, reuse
     model = train(diffusion_config("slices", folder, scale, data, seed, scale.stage1_steps, autoencoder=autoencoder,
                                    source_context=source_context))
     return model, finish(folder, key, time.perf_counter() - tic)
-
-
-def validation_curve(folder: Path) -> list[dict[str, float]]:
-    """The sampled-validation rows of a lift3d run's CSV log: step, val_psnr, val_ssim, val_mae, ..."""
-    with (folder / "logs" / "metrics.csv").open(newline="") as f:
-        rows = [row for row in csv.DictReader(f) if row.get("val_psnr")]
-    return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items()
-             if v and (k == "step" or k.startswith("val_"))} for row in rows]
 
 
 def train_stage2(out: Path, scale: Scale, data: dict[str, Any], seed: int, stage1: tuple[Path, dict],

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("LIFT3D_DISABLE_PLUGIN_AUTOLOAD", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@contextmanager
+def benchmark_module(name: str):
+    """``benchmarks/<name>.py`` imported as module ``name`` (registered while in use: dataclasses look
+    their module up by name)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)
 
 
 def tiny_unet2d(in_channels: int = 2, out_channels: int = 1, sample_size: int = 16):

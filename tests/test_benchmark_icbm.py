@@ -7,7 +7,6 @@ in tests/test_icbm152_plugin.py.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -17,17 +16,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import benchmark_module
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "icbm_t1t2.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("icbm_t1t2", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["icbm_t1t2"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("icbm_t1t2", None)
+    with benchmark_module("icbm_t1t2") as module:
+        yield module
 
 
 def icbm_dir(bench) -> Path:

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "icbm_compare.py"
+from tests.conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("icbm_compare", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["icbm_compare"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("icbm_compare", None)
+    with benchmark_module("icbm_compare") as module:
+        yield module
 
 
 def report(path: Path, psnr: list[float], subjects=("test-00", "test-01", "test-02")) -> Path:
