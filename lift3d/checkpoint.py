@@ -7,6 +7,7 @@ when the model is a diffusers model, plus ``lift3d.json`` with the settings that
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -22,13 +23,22 @@ from torch import nn
 
 import lift3d
 from lift3d.inflate import inflate, is_lifted, lift_settings, volumetric_state_dict
+from lift3d.io.budget import check_bytes
+from lift3d.io.errors import Lift3dError
+from lift3d.io.offline import go_offline
+from lift3d.io.paths import check_contained, inside  # noqa: F401 (inside: re-exported)
+from lift3d.io.schemas import (MODEL_CLASSES, LiftedModelSettings, ModelConfig,
+                               SchedulerConfig, TrainingSettings, read_json)
 
 SETTINGS_FILE = "lift3d.json"
+TRAINING_SETTINGS = "lift3d_training.json"
+MODEL_CONFIG = "config.json"
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 GENERIC_WEIGHTS = "model.safetensors"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(Lift3dError):
     """A checkpoint is missing, corrupt, or does not match the model."""
 
 
@@ -54,17 +64,24 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     return path
 
 
-def read_safetensors(path: str | os.PathLike, what: str = "checkpoint file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file; a missing or corrupt one is a :class:`CheckpointError`."""
+def read_safetensors(path: str | os.PathLike, what: str = "checkpoint file", *,
+                     folder: str | os.PathLike | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; a missing, corrupt or oversized one is a :class:`CheckpointError`.
+
+    ``folder``, when given, is the folder the file must stay in (a symlink out of it is refused).
+    """
     path = Path(path)
+    if folder is not None:
+        check_contained(folder, path, what)
     if not path.is_file():
         raise CheckpointError(f"{what} not found: {path}")
+    check_bytes(path.stat().st_size, f"{path}: its tensors", copies=2)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         return load_file(str(path)), metadata
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc)[:160]})") from None
 
 
 def _metadata(model: nn.Module) -> dict[str, str]:
@@ -90,6 +107,12 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor
            if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
         raise CheckpointError(f"{what} has tensors of the wrong shape: " + "; ".join(bad[:5]))
+    # A tensor is loaded as the dtype it was saved in; a header edited to another dtype (I32 for F32)
+    # would otherwise be cast silently and give wrong results.
+    bad = [f"{k}: file {v.dtype} vs model {own[k].dtype}" for k, v in state_dict.items()
+           if v.dtype != own[k].dtype and not (v.is_floating_point() and own[k].is_floating_point())]
+    if bad:
+        raise CheckpointError(f"{what} has tensors of the wrong dtype: " + "; ".join(bad[:5]))
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -185,19 +208,109 @@ def save_lifted(model: nn.Module, folder: str | os.PathLike, *, state_dict: dict
     return folder
 
 
-def read_settings(folder: str | os.PathLike) -> dict[str, Any]:
-    """The ``lift3d.json`` of a lifted-model folder, with a clear error when it is not one."""
+def _model_folder(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
-        raise CheckpointError(f"model folder not found: {folder}")
+        raise CheckpointError(f"model folder not found: {folder}" if not folder.exists()
+                              else f"{folder} is not a folder")
+    return folder
+
+
+def read_settings(folder: str | os.PathLike) -> dict[str, Any]:
+    """The checked ``lift3d.json`` of a lifted-model folder, with a clear error when it is not one."""
+    folder = _model_folder(folder)
     path = folder / SETTINGS_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {SETTINGS_FILE}: it is not a lifted lift3d model folder "
                               "(for a plain 2D diffusers folder, load it with diffusers and call lift3d.inflate)")
+    return read_json(path, LiftedModelSettings, folder=folder, what=SETTINGS_FILE).model_dump(
+        by_alias=True, exclude_unset=True)
+
+
+def read_training_settings(folder: str | os.PathLike) -> dict[str, Any]:
+    """The checked training settings of an exported model folder (``lift3d_training.json``, or the
+    ``training`` entry of ``lift3d.json``), or a :class:`CheckpointError` saying why not."""
+    folder = _model_folder(folder)
+    path = folder / TRAINING_SETTINGS
+    if path.is_file() or path.is_symlink():
+        settings = read_json(path, TrainingSettings, folder=folder, what=TRAINING_SETTINGS)
+    elif (folder / SETTINGS_FILE).is_file():
+        raw = read_settings(folder).get("training")
+        if raw is None:
+            raise CheckpointError(f"{folder} has a {SETTINGS_FILE} but no training settings ({TRAINING_SETTINGS}): "
+                                  "the autoencoder and conditioning it was trained with are unknown; synthesise "
+                                  "from a folder exported by lift3d-finetune")
+        from lift3d.io.schemas import validate
+
+        settings = validate(raw, TrainingSettings, folder / SETTINGS_FILE, f"{SETTINGS_FILE}'s training settings")
+    else:
+        raise CheckpointError(f"{folder} has no lift3d settings (neither {TRAINING_SETTINGS} nor {SETTINGS_FILE}): "
+                              "it is not a model exported by lift3d-finetune, so its autoencoder, conditioning and "
+                              "data preparation are unknown")
+    return settings.model_dump(by_alias=True, exclude_unset=True)
+
+
+def read_scheduler_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The checked training noise schedule of an exported model folder (``scheduler/scheduler_config.json``)."""
+    folder = _model_folder(folder)
+    path = folder / SCHEDULER_CONFIG
+    if not path.exists():
+        raise CheckpointError(f"{folder} has no {SCHEDULER_CONFIG} (the training noise schedule); re-export the model")
+    config = read_json(path, SchedulerConfig, folder=folder, what="scheduler config")
+    # diffusers keeps several float64 arrays of length T per scheduler
+    check_bytes(config.num_train_timesteps * 8 * 16, f"{path}: num_train_timesteps {config.num_train_timesteps}")
+    return config.model_dump(by_alias=True, exclude_unset=True)
+
+
+def build_diffusers_model(config_path: Path, folder: Path, allowed: tuple[str, ...] = MODEL_CLASSES) -> nn.Module:
+    """A diffusers model built from a checked, local ``config.json``, never from a string (which diffusers
+    would take for a hub id or another folder). Its size is counted on the meta device first and
+    checked against the memory budget before any weight is allocated."""
+    go_offline()
+    config = read_json(config_path, ModelConfig, folder=folder, what=MODEL_CONFIG)
+    name = config.checked_class(allowed, config_path)
+    import diffusers
+
+    cls = getattr(diffusers, name)
+    values = config.model_dump(by_alias=True, exclude_unset=True)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+        with torch.device("meta"):
+            sizing = cls.from_config(values)
+        check_bytes(sum(p.numel() * p.element_size() for p in sizing.parameters()),
+                    f"{config_path}: the {name}'s weights", copies=2)
+        del sizing
+        return cls.from_config(values)
+    except Lift3dError:
+        raise
+    except Exception as exc:  # diffusers' own check of a bad block type, group count or shape
+        raise CheckpointError(f"{config_path}: diffusers cannot build a {name} from it "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+
+
+def _check_lift(model: nn.Module, lift: dict[str, Any], path: Path) -> None:
+    """Lift a weightless (meta) copy first, so volumetric layers too large for memory (kernel_size
+    1023 on wide blocks, say) are refused before they are allocated."""
+    sizing = copy.deepcopy(model).to("meta")
+    try:
+        with torch.device("meta"):
+            inflate(sizing, **inflate_arguments(lift))
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: its lift settings do not apply to this model ({exc})") from None
+    check_bytes(sum(p.numel() * p.element_size() for p in sizing.parameters()),
+                f"{path}: the lifted model's weights", copies=2)
+
+
+def load_unet2d(folder: str | os.PathLike) -> nn.Module:
+    """A 2D diffusers U-Net from a local folder (config.json + safetensors); never from a hub."""
+    folder = _model_folder(folder)
+    if not (folder / MODEL_CONFIG).exists():
+        raise CheckpointError(f"{folder} is not a diffusers model folder: {MODEL_CONFIG} is missing")
+    weights = folder / DIFFUSERS_WEIGHTS
+    if not weights.exists():
+        raise CheckpointError(f"{folder} has no {DIFFUSERS_WEIGHTS} (lift3d reads safetensors only)")
+    model = build_diffusers_model(folder / MODEL_CONFIG, folder)
+    load_state_dict_checked(model, read_safetensors(weights, folder=folder)[0], f"weights in {folder}")
+    return model
 
 
 def load_lifted(folder: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
@@ -207,22 +320,17 @@ def load_lifted(folder: str | os.PathLike, model: nn.Module | None = None) -> nn
     the freshly built 2D ``model`` and it is lifted with the saved settings and loaded. The model
     comes back in eval mode, as from ``from_pretrained``.
     """
-    folder = Path(folder)
+    folder = _model_folder(folder)
     settings = read_settings(folder)
     if model is None:
-        name = settings.get("diffusers_class")
-        if not name:
+        if not settings.get("diffusers_class"):
             raise CheckpointError(f"{folder} holds a {settings.get('class')}; pass the 2D model to load_lifted(folder, model)")
-        import diffusers
-
-        cls = getattr(diffusers, name, None)
-        if cls is None:
-            raise CheckpointError(f"{folder} names diffusers class {name!r}, which this diffusers lacks")
-        config_path = folder / "config.json"
-        if not config_path.is_file():
-            raise CheckpointError(f"{folder} has no config.json for its {name}")
-        model = cls.from_config(json.loads(config_path.read_text()))
+        if not (folder / MODEL_CONFIG).exists():
+            raise CheckpointError(f"{folder} has no {MODEL_CONFIG} for its {settings['diffusers_class']}")
+        model = build_diffusers_model(folder / MODEL_CONFIG, folder, (settings["diffusers_class"],))
+    _check_lift(model, settings["lift"], folder / SETTINGS_FILE)
     inflate(model, **inflate_arguments(settings["lift"]))
-    weights, _ = read_safetensors(folder / settings.get("weights", GENERIC_WEIGHTS))
+    weights_path = inside(folder, settings.get("weights", GENERIC_WEIGHTS), f"{folder / SETTINGS_FILE}'s weights")
+    weights, _ = read_safetensors(weights_path, "model weights", folder=folder)
     load_state_dict_checked(model, weights, f"model weights in {folder}")
     return model.eval()  # as diffusers' from_pretrained does

@@ -38,17 +38,15 @@ from tqdm.auto import tqdm
 import lift3d
 from lift3d.autoencoding import decode_volume, encode_volume
 from lift3d.source_context import with_source_context
-from lift3d.checkpoint import SETTINGS_FILE, CheckpointError, load_lifted, read_settings
+from lift3d.checkpoint import (SCHEDULER_CONFIG, SETTINGS_FILE, TRAINING_SETTINGS, CheckpointError, inside, load_lifted,
+                               load_unet2d, read_scheduler_config, read_training_settings)
 from lift3d.data.intensity import IntensityScaling
 from lift3d.data.nifti import save_volume
 from lift3d.data.resample import check_in_plane_size
 from lift3d.data.volume import VolumeMeta
 from lift3d.plugins import create
-from lift3d.training import TRAINING_SETTINGS, load_unet2d
 
 logger = logging.getLogger("lift3d.synthesis")
-
-SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 
 SCHEDULERS: dict[str, tuple[str, int]] = {
     "ddpm": ("DDPMScheduler", 1000),
@@ -122,44 +120,11 @@ class SynthesisModel:
 # Loading
 
 
-def read_training_settings(folder: str | os.PathLike) -> dict[str, Any]:
-    """The training settings of an exported model folder, or a :class:`CheckpointError` saying why not."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"model folder not found: {folder}")
-    path = folder / TRAINING_SETTINGS
-    if path.is_file():
-        try:
-            settings = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
-    elif (folder / SETTINGS_FILE).is_file():
-        settings = read_settings(folder).get("training")
-        if settings is None:
-            raise CheckpointError(f"{folder} has a {SETTINGS_FILE} but no training settings ({TRAINING_SETTINGS}): "
-                                  "the autoencoder and conditioning it was trained with are unknown; synthesise "
-                                  "from a folder exported by lift3d-finetune")
-    else:
-        raise CheckpointError(f"{folder} has no lift3d settings (neither {TRAINING_SETTINGS} nor {SETTINGS_FILE}): "
-                              "it is not a model exported by lift3d-finetune, so its autoencoder, conditioning and "
-                              "data preparation are unknown")
-    if not isinstance(settings, dict):
-        raise CheckpointError(f"{folder}: the training settings must be a JSON object, got {type(settings).__name__}")
-    missing = [k for k in ("conditioning", "autoencoder") if k not in settings]
-    if missing or not isinstance(settings["autoencoder"], dict) or "name" not in settings["autoencoder"]:
-        raise CheckpointError(f"{folder}: the training settings lack {', '.join(missing) or 'autoencoder.name'}; "
-                              "re-export the model with lift3d-finetune")
-    if settings["conditioning"] not in ("concat", "none"):
-        raise CheckpointError(f"{folder}: unknown conditioning {settings['conditioning']!r}; valid: concat, none")
-    return settings
-
-
 def _build_autoencoder(folder: Path, settings: dict[str, Any]):
     spec = settings["autoencoder"]
     options = dict(spec.get("options") or {})
-    path = options.get("path")
-    if isinstance(path, str) and not Path(path).is_absolute():
-        options["path"] = str(folder / path)  # an exported autoencoder lives inside the model folder
+    if "path" in options:  # an exported autoencoder lives inside the model folder, and only there
+        options["path"] = str(inside(folder, options["path"], f"{folder / TRAINING_SETTINGS}'s autoencoder path"))
     try:
         autoencoder = create("autoencoders", spec["name"], **options)
     except (ValueError, TypeError, FileNotFoundError) as exc:
@@ -229,13 +194,7 @@ def load_synthesis_model(folder: str | os.PathLike, *, device: str | torch.devic
     unet = load_lifted(folder) if (folder / SETTINGS_FILE).is_file() else load_unet2d(folder)
     check_channels(unet, autoencoder, settings["conditioning"], where=folder,
                    source_context=int(settings.get("source_context", 0)))
-    scheduler_path = folder / SCHEDULER_CONFIG
-    if not scheduler_path.is_file():
-        raise CheckpointError(f"{folder} has no {SCHEDULER_CONFIG} (the training noise schedule); re-export the model")
-    try:
-        scheduler_config = json.loads(scheduler_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{scheduler_path} is not valid JSON ({exc})") from None
+    scheduler_config = read_scheduler_config(folder)
     _move(unet.requires_grad_(False).eval(), device, dtype)
     if lift3d.is_lifted(unet):
         lift3d.fuse(unet)  # inference fast path: each volumetric layer folded into its host conv

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import lift3d
-from lift3d.checkpoint import (CheckpointError, load_lifted, load_state_dict_checked, read_safetensors,
+from lift3d.checkpoint import (SETTINGS_FILE, TRAINING_SETTINGS, CheckpointError, load_lifted,
+                               load_state_dict_checked, load_unet2d, read_safetensors, read_training_settings,
                                save_diffusers_folder, save_lifted, save_volumetric)
 from lift3d.config import TrainConfig, validate
 from lift3d.data.dataset import stack_items
@@ -41,7 +42,6 @@ from lift3d.training_state import (TRAINER_STATE, check_checkpoint_files, load_t
 
 logger = logging.getLogger("lift3d.training")
 
-TRAINING_SETTINGS = "lift3d_training.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 VAL_VOLUMES = 2
 VAL_SEED = 1234
@@ -90,38 +90,13 @@ def new_unet2d(cfg: TrainConfig, in_channels: int, out_channels: int, sample_siz
                        down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=cfg.model.norm_num_groups)
 
 
-def load_unet2d(folder: str | os.PathLike) -> nn.Module:
-    """A 2D diffusers U-Net from a local folder (config.json + safetensors); never from a hub."""
-    import diffusers
-
-    folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{folder} is not a diffusers model folder: config.json is missing")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{config_path} is not valid JSON ({exc})") from None
-    name = config.get("_class_name")
-    cls = getattr(diffusers, name or "", None)
-    if cls is None:
-        raise CheckpointError(f"{config_path} names model class {name!r}, which diffusers does not have")
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"{folder} has no diffusion_pytorch_model.safetensors (lift3d reads safetensors only)")
-    model = cls.from_config(config)
-    load_state_dict_checked(model, read_safetensors(weights)[0], f"weights in {folder}")
-    return model
-
-
 def check_pretrained_settings(cfg: TrainConfig, folder: Path) -> None:
     """Refuse to fine-tune a lift3d export towards a different target than it was trained on
     (say a v-prediction stage 1 under an epsilon stage 2): training would run, and silently ruin it.
     The 2.5D source context is inherited: left at 0, ``cfg.model.source_context`` takes the export's."""
-    path = folder / TRAINING_SETTINGS
-    if not path.is_file():  # a plain diffusers folder: nothing recorded to compare with
-        return
-    settings = json.loads(path.read_text())
+    if not (folder / TRAINING_SETTINGS).is_file() and not (folder / SETTINGS_FILE).is_file():
+        return  # a plain diffusers folder: nothing recorded to compare with
+    settings = read_training_settings(folder)
     theirs = int(settings.get("source_context", 0))
     if cfg.model.source_context == 0:
         cfg.model.source_context = theirs
@@ -141,7 +116,7 @@ def build_unet(cfg: TrainConfig, autoencoder, sample_size: int) -> nn.Module:
     in_channels, out_channels = unet_channels(cfg, autoencoder)
     if cfg.model.pretrained:
         folder = Path(cfg.model.pretrained)
-        unet = load_lifted(folder) if (folder / "lift3d.json").is_file() else load_unet2d(folder)
+        unet = load_lifted(folder) if (folder / SETTINGS_FILE).is_file() else load_unet2d(folder)
         got_in, got_out = unet.config.in_channels, unet.config.out_channels
         if (got_in, got_out) != (in_channels, out_channels):
             raise ValueError(f"pretrained U-Net {folder} takes {got_in} -> {got_out} channels, but autoencoder "

@@ -1,0 +1,33 @@
+"""Paths named inside a file stay inside the file's folder: no absolute path, no ``..``, no symlink out."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from lift3d.io.errors import UnsafePathError
+
+
+def inside(folder: str | os.PathLike, name: object, what: str) -> Path:
+    """``folder / name``, refused unless ``name`` is a relative path that stays inside ``folder``
+    once every symlink is resolved. ``what`` names where the path came from (``"lift3d.json's weights"``)."""
+    folder = Path(folder)
+    if not isinstance(name, str) or not name:
+        raise UnsafePathError(f"{what} must be a non-empty file name inside {folder}, got {name!r}")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive or "\\" in name:
+        raise UnsafePathError(f"{what} is {name!r}, an absolute path; lift3d reads only files inside {folder}")
+    if ".." in pure.parts:
+        raise UnsafePathError(f"{what} is {name!r}, which leaves {folder} through '..'")
+    path = folder / pure
+    check_contained(folder, path, what)
+    return path
+
+
+def check_contained(folder: str | os.PathLike, path: str | os.PathLike, what: str) -> Path:
+    """Refuse ``path`` if, symlinks resolved, it lies outside ``folder``."""
+    root, real = Path(folder).resolve(), Path(path).resolve()
+    if real != root and root not in real.parents:
+        raise UnsafePathError(f"{what} ({Path(path)}) resolves to {real}, outside {Path(folder)}; "
+                              "lift3d does not follow links out of a model or run folder")
+    return Path(path)
