@@ -160,6 +160,9 @@ class FlattenHook(_Hook):
             state.num_slices = state.forced_num_slices
             return None
         b, _, n = sample.shape[:3]
+        if b == 0 or n == 0:
+            raise ValueError(f"a lifted model needs at least one volume of at least one slice; got a batch of "
+                             f"shape {tuple(sample.shape)} (b, c, n, h, w)")
         state.num_slices, state.volume_shape = n, (b, n)
         flat = rearrange(sample, "b c n h w -> (b n) c h w")
         args = tuple(flat if i == where else _to_slices(a, b, n) for i, a in enumerate(args))

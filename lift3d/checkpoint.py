@@ -25,7 +25,6 @@ import lift3d
 from lift3d.inflate import inflate, is_lifted, lift_settings, volumetric_state_dict
 from lift3d.io.budget import check_bytes
 from lift3d.io.errors import Lift3dError
-from lift3d.io.offline import go_offline
 from lift3d.io.paths import check_contained, inside  # noqa: F401 (inside: re-exported)
 from lift3d.io.schemas import (MODEL_CLASSES, LiftedModelSettings, ModelConfig,
                                SchedulerConfig, TrainingSettings, read_json)
@@ -266,7 +265,6 @@ def build_diffusers_model(config_path: Path, folder: Path, allowed: tuple[str, .
     """A diffusers model built from a checked, local ``config.json``, never from a string (which diffusers
     would take for a hub id or another folder). Its size is counted on the meta device first and
     checked against the memory budget before any weight is allocated."""
-    go_offline()
     config = read_json(config_path, ModelConfig, folder=folder, what=MODEL_CONFIG)
     name = config.checked_class(allowed, config_path)
     import diffusers

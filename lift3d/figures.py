@@ -51,7 +51,7 @@ def _error_pairs(
             raise TypeError(f"error_of must be a (prediction, target) pair of names or a list of them; got {error_of!r}")
         for name in pair:
             if name not in names:
-                raise KeyError(
+                raise ValueError(
                     f"error_of names '{name}', which is not in volumes; available: {', '.join(names)} "
                     "(pass error_of=None for no error rows)"
                 )
@@ -69,7 +69,7 @@ def _uncertainty_rows(
     rows, scaled = {}, []
     for name, std in uncertainty.items():
         if name not in arrays:
-            raise KeyError(f"uncertainty names '{name}', which is not in volumes; available: {', '.join(arrays)}")
+            raise ValueError(f"uncertainty names '{name}', which is not in volumes; available: {', '.join(arrays)}")
         std = np.asarray(std, dtype=np.float64)
         if std.shape != arrays[name].shape:
             raise ValueError(f"the std map of '{name}' has shape {std.shape} but '{name}' has {arrays[name].shape}; "

@@ -11,16 +11,19 @@ A plain 4D batch runs exactly as before.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Iterator
 
+import torch
 from torch import Tensor, nn
 
 from lift3d import layer_kinds
 from lift3d._hooks import (LAYER_NAME, LiftState, accept_2d_state_dict, is_volumetric_parameter, make_flatten_hook,
                            make_host_hook, make_unflatten_hook)
+from lift3d.io.budget import check_bytes
 from lift3d.placement import PRESETS, Where, choose_hosts, out_channels
 from lift3d.volumetric import PADDING_MODES
 
@@ -100,6 +103,18 @@ def report(model: nn.Module) -> InflationReport:
     return InflationReport(tuple(state.channels.items()), base, volumetric, state.kind, state.placement)
 
 
+def check_layer_memory(kind: str, channels: dict[str, int], kernel_size: int, padding_mode: str,
+                       options: dict) -> None:
+    """Build the layers on the meta device first: a ``kernel_size`` of 2000001 is refused with its size
+    and the memory limit, not by the allocator."""
+    widths = collections.Counter(channels.values())
+    per_width = {c: sum(p.numel() * p.element_size() for p in layer_kinds.create(
+        kind, c, kernel_size=kernel_size, padding_mode=padding_mode, device="meta", **options).parameters())
+        for c in widths}
+    nbytes = sum(per_width[c] * count for c, count in widths.items())
+    check_bytes(nbytes, f"the {len(channels)} volumetric layers of kind {kind!r} with kernel_size {kernel_size}")
+
+
 def inflate(
     model: nn.Module,
     kind: str | None = None,
@@ -132,6 +147,10 @@ def inflate(
     Afterwards ``model(x)`` with ``x`` of shape ``(b, c, n, h, w)`` returns ``(b, c', n, h, w)``,
     exactly equal to the 2D model's per-slice output until the volumetric weights are trained.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"inflate needs a torch.nn.Module (a 2D U-Net), got {type(model).__name__}")
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
+        raise TypeError(f"kernel_size must be an odd int, got {kernel_size!r} ({type(kernel_size).__name__})")
     if is_lifted(model):
         raise ValueError(f"{type(model).__name__} is already lifted ({len(_state(model).where)} volumetric "
                          "layers); inflate it only once")
@@ -146,6 +165,7 @@ def inflate(
                          "without residual blocks try where='spatial' or a callable (name, module) -> bool")
     modules = dict(model.named_modules())
     channels = {name: out_channels(name, modules[name]) for name in hosts}
+    check_layer_memory(kind, channels, kernel_size, padding_mode, options)
     layers = {}
     for name in hosts:
         reference = next(modules[name].parameters(), None)

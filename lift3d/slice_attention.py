@@ -29,12 +29,12 @@ class SliceAttention(nn.Module):
                  max_distance: int = 8, padding_mode: str = "zeros", device=None, dtype=None) -> None:
         super().__init__()
         # kernel_size and padding_mode belong to the conv kinds; attention has neither.
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+            raise ValueError(f"heads must be a positive integer, got {heads!r}")
+        if isinstance(max_distance, bool) or not isinstance(max_distance, int) or max_distance < 0:
+            raise ValueError(f"max_distance must be an integer >= 0, got {max_distance!r}")
         inner = rank_for(channels, None, inner_ratio)
         inner = max(heads, inner - inner % heads)
-        if heads < 1 or inner % heads:
-            raise ValueError(f"heads must be a positive integer dividing {inner} inner channels, got {heads}")
-        if max_distance < 0:
-            raise ValueError(f"max_distance must be >= 0, got {max_distance}")
         self.channels, self.inner, self.heads, self.max_distance = channels, inner, heads, max_distance
         factory = {"device": device, "dtype": dtype}
         self.norm = nn.LayerNorm(channels, **factory)

@@ -157,6 +157,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N, mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {str(device)!r} cannot run synthesis; valid: cpu, cuda, cuda:N, mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available here; use cpu")
     return device
@@ -297,6 +299,9 @@ def resolve_window(model: SynthesisModel, num_slices: int, window: int | None = 
 # Sampling
 
 
+SOURCE_RANGE_SLACK = 1e-3  # float rounding of a source scaled to [-1, 1]
+
+
 def _check_source(model: SynthesisModel, source: Tensor) -> None:
     if not isinstance(source, Tensor) or source.ndim != 5 or source.shape[1] != model.image_channels:
         shape = tuple(source.shape) if isinstance(source, Tensor) else type(source).__name__
@@ -306,8 +311,14 @@ def _check_source(model: SynthesisModel, source: Tensor) -> None:
         check_in_plane_size((int(h), int(w)), model.size_multiple)
     except ValueError as exc:
         raise ValueError(f"source in-plane size {h} x {w} does not fit the model: {exc}; resample the source") from None
+    if source.shape[0] == 0 or source.shape[2] == 0:
+        raise ValueError(f"source must hold at least one volume of at least one slice, got shape {tuple(source.shape)}")
     if not torch.isfinite(source).all():
         raise ValueError("source has NaN or inf values")
+    low, high = float(source.min()), float(source.max())
+    if low < -1 - SOURCE_RANGE_SLACK or high > 1 + SOURCE_RANGE_SLACK:
+        raise ValueError(f"source values span [{low:.4g}, {high:.4g}], but the model takes sources scaled to [-1, 1] "
+                         "as in training; prepare them with lift3d.data.prepare_volume")
 
 
 def predict_noise(model: SynthesisModel, sample: Tensor, condition: Tensor | None, t: Tensor,

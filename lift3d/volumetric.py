@@ -21,7 +21,7 @@ PADDING_MODES = ("zeros", "replicate")
 
 def check_slice_conv(kernel_size: int, padding_mode: str) -> None:
     """The arguments every conv along the slices shares: an odd kernel, a known border rule."""
-    if kernel_size < 1 or kernel_size % 2 == 0:
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"Unknown padding_mode {padding_mode!r}; available: {', '.join(PADDING_MODES)}")

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from lift3d.checkpoint import build_diffusers_model, load_state_dict_checked, read_safetensors
+from lift3d.io.schemas import AUTOENCODER_CLASSES, ModelConfig, read_json, validate
 from lift3d.plugins import hookimpl
 
 if TYPE_CHECKING:
@@ -61,25 +63,18 @@ def tiny_kl_config(
 
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
             f"autoencoder folder {str(folder)!r} has no {CONFIG_NAME}; expected {CONFIG_NAME} and "
             f"{WEIGHTS_NAME} as written by AutoencoderKL.save_pretrained(..., safe_serialization=True)"
         )
-    try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"autoencoder config {str(path)!r} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"autoencoder config {str(path)!r} must be a JSON object, got {type(config).__name__}")
-    return config
+    return read_json(path, ModelConfig, folder=folder, what="autoencoder config").model_dump(
+        by_alias=True, exclude_unset=True)
 
 
 def _read_weights(folder: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
     path = folder / WEIGHTS_NAME
-    if not path.is_file():
+    if not path.exists():
         pickles = [name for name in _PICKLE_WEIGHTS if (folder / name).exists()]
         hint = (
             f"; found {', '.join(pickles)}, but lift3d never loads pickled weights: convert them to "
@@ -87,20 +82,17 @@ def _read_weights(folder: Path) -> dict[str, Tensor]:
             if pickles else ""
         )
         raise FileNotFoundError(f"autoencoder folder {str(folder)!r} has no {WEIGHTS_NAME}{hint}")
-    try:
-        return load_file(path)
-    except Exception as exc:  # safetensors raises its own SafetensorsError, OSError or RuntimeError
-        raise ValueError(f"autoencoder weights {str(path)!r} are not a readable safetensors file: {exc}") from None
+    return read_safetensors(path, "autoencoder weights", folder=folder)[0]
 
 
 def _build_vae(config: dict[str, Any], where: str) -> "AutoencoderKL":
+    """An AutoencoderKL from a config dict, checked like a config.json read from a folder."""
     from diffusers import AutoencoderKL
 
-    class_name = config.get("_class_name", "AutoencoderKL")
-    if class_name != "AutoencoderKL":
-        raise ValueError(f"{where} describes a {class_name}, not an AutoencoderKL")
+    checked = validate({"_class_name": "AutoencoderKL", **config}, ModelConfig, where, "autoencoder config")
+    checked.checked_class(AUTOENCODER_CLASSES, Path(where))
     try:
-        return AutoencoderKL.from_config(config)
+        return AutoencoderKL.from_config(checked.model_dump(by_alias=True, exclude_unset=True))
     except Exception as exc:  # diffusers raises TypeError/ValueError/KeyError/AttributeError for bad configs
         raise ValueError(f"{where} is not a valid AutoencoderKL config: {exc}") from None
 
@@ -162,14 +154,8 @@ class KLAutoencoder(nn.Module):
                 f"\"scaling_factor\": 1 / latents.std() to the config, or pass scaling_factor= to the kl plugin"
             )
         state = _read_weights(folder)
-        vae = _build_vae(config, f"autoencoder config {str(folder / CONFIG_NAME)!r}")
-        try:
-            vae.load_state_dict(state, strict=True)
-        except RuntimeError as exc:  # missing, unexpected or wrongly shaped tensors
-            details = "; ".join(line.strip() for line in str(exc).splitlines()[1:4])
-            raise ValueError(
-                f"autoencoder weights {str(folder / WEIGHTS_NAME)!r} do not match {CONFIG_NAME}: {details}"
-            ) from None
+        vae = build_diffusers_model(folder / CONFIG_NAME, folder, AUTOENCODER_CLASSES)
+        load_state_dict_checked(vae, state, f"autoencoder weights {str(folder / WEIGHTS_NAME)!r}")
         return cls(vae, **options)
 
     def save(self, folder: str | os.PathLike) -> None:

@@ -131,7 +131,7 @@ def test_corrupt_weights_name_the_file(saved, tmp_path, registry, damage):
     weights = folder / WEIGHTS_NAME
     data = weights.read_bytes()
     weights.write_bytes(b"not a safetensors file" if damage == "garbage" else data[: len(data) // 2])
-    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME}' are not a readable safetensors file"):
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME} is not a readable safetensors file"):
         registry.create("kl", path=folder)
 
 
@@ -140,14 +140,14 @@ def test_weights_that_do_not_match_the_config(saved, tmp_path, registry):
     config = json.loads((folder / CONFIG_NAME).read_text())
     config["latent_channels"] = 8
     (folder / CONFIG_NAME).write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME}' do not match {CONFIG_NAME}"):
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME}' has tensors of the wrong shape: decoder.conv_in.weight"):
         registry.create("kl", path=folder)
 
 
 def test_missing_or_bad_config_names_the_file(saved, tmp_path, registry):
     folder = _copy(saved, tmp_path)
     (folder / CONFIG_NAME).write_text("{not json")
-    with pytest.raises(ValueError, match=rf"{CONFIG_NAME}' is not valid JSON"):
+    with pytest.raises(ValueError, match=rf"{CONFIG_NAME}: autoencoder config is not valid JSON"):
         registry.create("kl", path=folder)
     (folder / CONFIG_NAME).unlink()
     with pytest.raises(FileNotFoundError, match=f"has no {CONFIG_NAME}"):
@@ -158,7 +158,7 @@ def test_config_of_another_model_is_refused(saved, tmp_path, registry):
     folder = _copy(saved, tmp_path)
     config = json.loads((folder / CONFIG_NAME).read_text())
     (folder / CONFIG_NAME).write_text(json.dumps(dict(config, _class_name="UNet2DModel")))
-    with pytest.raises(ValueError, match=rf"{CONFIG_NAME}' describes a UNet2DModel, not an AutoencoderKL"):
+    with pytest.raises(ValueError, match=rf"{CONFIG_NAME}: _class_name 'UNet2DModel' is not a class lift3d builds; valid: AutoencoderKL"):
         registry.create("kl", path=folder)
 
 

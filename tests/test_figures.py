@@ -137,12 +137,12 @@ def test_uncertainty_without_a_target_stays_in_its_own_units(tmp_path):
 @pytest.mark.parametrize(
     ("vol", "kwargs", "error", "message"),
     [
-        ({"prediction": np.zeros(SHAPE)}, {}, KeyError, "'target'.*available: prediction"),
+        ({"prediction": np.zeros(SHAPE)}, {}, ValueError, "'target'.*available: prediction"),
         ({}, {}, ValueError, "volumes is empty"),
         ({"a": np.zeros((3, 3))}, {"error_of": None}, ValueError, r"'a' must be 3D.*\(3, 3\)"),
         ({"a": np.zeros(SHAPE), "b": np.zeros((2, 2, 2))}, {"error_of": None}, ValueError, "'b' has shape"),
         ({"a": np.zeros(SHAPE)}, {"error_of": None, "spacing": (1, 0, 1)}, ValueError, "spacing"),
-        ({"a": np.zeros(SHAPE)}, {"error_of": None, "uncertainty": {"b": np.zeros(SHAPE)}}, KeyError,
+        ({"a": np.zeros(SHAPE)}, {"error_of": None, "uncertainty": {"b": np.zeros(SHAPE)}}, ValueError,
          "uncertainty names 'b'.*available: a"),
         ({"a": np.zeros(SHAPE)}, {"error_of": None, "uncertainty": {"a": np.zeros((2, 2, 2))}}, ValueError,
          r"std map of 'a' has shape \(2, 2, 2\) but 'a' has \(9, 12, 10\)"),

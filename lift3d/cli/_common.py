@@ -7,6 +7,9 @@ import os
 import sys
 from typing import Callable
 
+from lift3d.io.errors import Lift3dError
+from lift3d.io.offline import go_offline
+
 EXIT_USER_ERROR = 2
 
 # lift3d-synthesize's file names, which lift3d-evaluate reads back. Std maps live in a subfolder, so a
@@ -16,17 +19,16 @@ STD_DIR = "std"
 STD_SUFFIX = "_std.nii.gz"
 
 
-class UserError(ValueError):
+class UserError(Lift3dError):
     """An error the user can fix (bad path, bad value, bad file). Its message is the whole story."""
 
 
 # OSError covers what the file system refuses: a missing path, no permission, a read-only or full disk.
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, TypeError, OSError, KeyError)
+# KeyError is not here: a missing key is an internal bug, and must not print as a bare key.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, Lift3dError, ValueError, TypeError, OSError)
 
 
 def _message(exc: BaseException) -> object:
-    if isinstance(exc, KeyError) and exc.args:
-        return exc.args[0]
     if isinstance(exc, OSError) and exc.strerror:
         where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f)
         return f"cannot write or read {where}: {exc.strerror}" if where else exc.strerror
@@ -42,6 +44,7 @@ def run_cli(main: Callable[[list[str] | None], int | None]) -> Callable[[list[st
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> int:
         prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "lift3d"
+        go_offline()  # a lift3d process never reaches a model hub
         try:
             return int(main(argv) or 0)
         except USER_ERRORS as exc:
