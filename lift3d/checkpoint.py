@@ -7,7 +7,6 @@ when the model is a diffusers model, plus ``lift3d.json`` with the settings that
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -285,19 +284,6 @@ def build_diffusers_model(config_path: Path, folder: Path, allowed: tuple[str, .
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
 
 
-def _check_lift(model: nn.Module, lift: dict[str, Any], path: Path) -> None:
-    """Lift a weightless (meta) copy first, so volumetric layers too large for memory (kernel_size
-    1023 on wide blocks, say) are refused before they are allocated."""
-    sizing = copy.deepcopy(model).to("meta")
-    try:
-        with torch.device("meta"):
-            inflate(sizing, **inflate_arguments(lift))
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}: its lift settings do not apply to this model ({exc})") from None
-    check_bytes(sum(p.numel() * p.element_size() for p in sizing.parameters()),
-                f"{path}: the lifted model's weights", copies=2)
-
-
 def load_unet2d(folder: str | os.PathLike) -> nn.Module:
     """A 2D diffusers U-Net from a local folder (config.json + safetensors); never from a hub."""
     folder = _model_folder(folder)
@@ -326,8 +312,11 @@ def load_lifted(folder: str | os.PathLike, model: nn.Module | None = None) -> nn
         if not (folder / MODEL_CONFIG).exists():
             raise CheckpointError(f"{folder} has no {MODEL_CONFIG} for its {settings['diffusers_class']}")
         model = build_diffusers_model(folder / MODEL_CONFIG, folder, (settings["diffusers_class"],))
-    _check_lift(model, settings["lift"], folder / SETTINGS_FILE)
-    inflate(model, **inflate_arguments(settings["lift"]))
+    try:  # inflate sizes the layers on the meta device before it allocates them
+        inflate(model, **inflate_arguments(settings["lift"]))
+    except (ValueError, TypeError) as exc:
+        error = type(exc) if isinstance(exc, Lift3dError) else CheckpointError
+        raise error(f"{folder / SETTINGS_FILE}: its lift settings do not apply to this model: {exc}") from None
     weights_path = inside(folder, settings.get("weights", GENERIC_WEIGHTS), f"{folder / SETTINGS_FILE}'s weights")
     weights, _ = read_safetensors(weights_path, "model weights", folder=folder)
     load_state_dict_checked(model, weights, f"model weights in {folder}")

@@ -66,8 +66,8 @@ def check_bytes(nbytes: float, what: str, *, copies: float = 1.0) -> None:
     need = float(nbytes) * copies
     limit = memory_budget()
     if not math.isfinite(need) or need > limit:
-        raise BudgetError(f"{what} need {human(need)}, more than the {human(limit)} lift3d may use "
-                          f"(the memory available now; set {ENV} to change it)")
+        source = f"{ENV}" if os.environ.get(ENV) else f"the memory available now; set {ENV} to change it"
+        raise BudgetError(f"{what} need {human(need)}, more than the {human(limit)} lift3d may use ({source})")
 
 
 def check_count(count: float, bytes_per_item: int, what: str, *, copies: float = 1.0) -> None:
