@@ -9,11 +9,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import numbers
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Callable, get_args, get_origin, get_type_hints
 
+from lift3d.io.budget import check_bytes
+from lift3d.io.errors import Lift3dError
 from lift3d.placement import PRESETS
 
 if sys.version_info >= (3, 11):
@@ -44,7 +48,27 @@ def between(low: float, high: float) -> Rule:
     return Rule(lambda v: low <= v < high, f"in [{low}, {high})")
 
 
+def from_to(low: int, high: int) -> Rule:
+    return Rule(lambda v: low <= v <= high, f"from {low} to {high}")
+
+
 ODD = Rule(lambda v: v >= 1 and v % 2 == 1, "an odd number >= 1")
+PATH = Rule(lambda v: bool(v.strip()) and "\0" not in v, "a path (not empty)")
+OPTIONAL_PATH = Rule(lambda v: (v == "" or bool(v.strip())) and "\0" not in v, "a path, or empty for none")
+NAME = Rule(lambda v: bool(v.strip()), "a name (not empty)")
+
+# diffusers' UNet2DModel gives its mid-block attention width // 8 heads: a last width under 8 has none.
+ATTENTION_HEAD_DIM = 8
+MAX_LEVELS, MAX_LAYERS_PER_BLOCK = 16, 64
+# The noise schedules lift3d reads back (lift3d.io.schemas) hold at most this many steps.
+MAX_TRAIN_TIMESTEPS = 100_000
+# Every sampler lift3d builds from the exported schedule (DDPM, DDIM, DPM-Solver++) implements these.
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def widths(rule_text: str = "") -> Rule:
+    return Rule(lambda v: 1 <= len(v) <= MAX_LEVELS and all(c >= 1 for c in v),
+                f"a list of 1 to {MAX_LEVELS} positive widths{rule_text}")
 
 
 def opt(default: Any, help: str, choices: tuple | None = None, rule: Rule | None = None, **kwargs: Any) -> Any:
@@ -62,32 +86,35 @@ class RunConfig:
     stage: str = opt("volumes", "'autoencoder' = train the KL autoencoder the latent stages run in ([vae]); "
                      "'slices' = stage 1 (2D latent diffusion, t per slice); "
                      "'volumes' = stage 2 (inflate, then fine-tune on volumes, t per volume)", STAGES)
-    output_dir: str = opt("runs/lift3d", "folder for checkpoints, logs and the exported model")
-    seed: int = opt(0, "seed for weights, data order, noise and timesteps")
+    output_dir: str = opt("runs/lift3d", "folder for checkpoints, logs and the exported model", rule=PATH)
+    seed: int = opt(0, "seed for weights, data order, noise and timesteps", rule=between(0, 2**32))
     max_steps: int = opt(200, "optimizer steps to train", rule=at_least(1))
     checkpoint_every: int = opt(100, "save the full training state every K optimizer steps (0 = never)",
                                rule=at_least(0))
     checkpoints_keep: int = opt(2, "keep the last M training-state checkpoints", rule=at_least(1))
-    resume: str = opt("", "'latest' to continue from the newest checkpoint in output_dir, or a checkpoint folder")
+    resume: str = opt("", "'latest' to continue from the newest checkpoint in output_dir, or a checkpoint folder",
+                      rule=OPTIONAL_PATH)
+    overwrite: bool = opt(False, "delete another run's checkpoints and exported model found in output_dir and start "
+                          "afresh (without it such a folder is refused)")
     log_every: int = opt(10, "log loss, learning rate and steps/s every K steps", rule=at_least(1))
     validate_every: int = opt(0, "stages 1 and 2: every K steps, sample the dataset's validation volumes with "
                               "DPM-Solver++ and log PSNR/SSIM/MAE/z-inconsistency; the step with the best "
                               "validation PSNR is exported (0 = off: the last step is exported)", rule=at_least(0))
     validate_steps: int = opt(10, "DPM-Solver++ steps of the sampled validation", rule=at_least(1))
     threads: int = opt(0, "torch CPU threads (0 = torch's default); 1 on a busy shared CPU, where more threads "
-                       "than free cores make every step many times slower", rule=at_least(0))
+                       "than free cores make every step many times slower", rule=from_to(0, 1024))
     tracker: str = opt("csv", "Accelerate tracker for the logs", ("csv", "tensorboard", "none"))
 
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("phantom", "dataset plugin name (see `lift3d plugins`)")
+    dataset: str = opt("phantom", "dataset plugin name (see `lift3d plugins`)", rule=NAME)
     options: dict = opt({}, "options passed to the dataset plugin, e.g. {root = 'data', size = 64}")
     batch_size: int = opt(4, "per process: slices per batch in stage 1, volumes (or windows) per batch in stage 2",
                          rule=at_least(1))
     window: int = opt(0, "stage 2: train on windows of this many consecutive slices (0 = whole volumes)",
                       rule=at_least(0))
-    num_workers: int = opt(0, "DataLoader worker processes", rule=at_least(0))
+    num_workers: int = opt(0, "DataLoader worker processes", rule=from_to(0, 1024))
     val_volumes: int = opt(2, "sampled validation (run.validate_every): the first N volumes of the dataset's "
                            "'val' split", rule=at_least(1))
 
@@ -95,9 +122,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     pretrained: str = opt("", "local folder to start from: a diffusers 2D U-Net folder (stage 1 or 2) or a "
-                          "stage-1 output (stage 2); empty = a new UNet2DModel from the fields below")
-    block_out_channels: list = opt([32, 64], "UNet2DModel widths, when built from config")
-    layers_per_block: int = opt(1, "UNet2DModel resnets per block, when built from config", rule=at_least(1))
+                          "stage-1 output (stage 2); empty = a new UNet2DModel from the fields below", rule=OPTIONAL_PATH)
+    block_out_channels: list[int] = opt([32, 64], "UNet2DModel widths, when built from config; each a multiple of "
+                                        "norm_num_groups, the last >= 8", rule=widths())
+    layers_per_block: int = opt(1, "UNet2DModel resnets per block, when built from config",
+                                rule=from_to(1, MAX_LAYERS_PER_BLOCK))
     attention: bool = opt(False, "use attention blocks at the lowest resolution, when built from config")
     norm_num_groups: int = opt(8, "GroupNorm groups, when built from config", rule=at_least(1))
     conditioning: str = opt("concat", "'concat': the source latent is concatenated on channels (cross-modality); "
@@ -127,17 +156,18 @@ class LiftConfig:
 
 @dataclass
 class AutoencoderConfig:
-    name: str = opt("identity", "autoencoder plugin: 'kl' (latent diffusion, paper f=4) or 'identity' (pixel space)")
+    name: str = opt("identity", "autoencoder plugin: 'kl' (latent diffusion, paper f=4) or 'identity' (pixel space)",
+                    rule=NAME)
     options: dict = opt({}, "options for the autoencoder plugin, e.g. {path = 'vae-folder'}")
     cache_latents: bool = opt(False, "encode each item once and keep its latents in memory")
 
 
 @dataclass
 class VaeConfig:
-    block_out_channels: list = opt([64, 128, 128], "autoencoder stage: AutoencoderKL widths of a new autoencoder; "
-                                   "f = 2 ** (levels - 1), so three levels give the paper's f = 4")
+    block_out_channels: list[int] = opt([64, 128, 128], "autoencoder stage: AutoencoderKL widths of a new autoencoder; "
+                                   "f = 2 ** (levels - 1), so three levels give the paper's f = 4", rule=widths())
     latent_channels: int = opt(4, "autoencoder stage: latent channels", rule=at_least(1))
-    layers_per_block: int = opt(1, "autoencoder stage: resnets per level", rule=at_least(1))
+    layers_per_block: int = opt(1, "autoencoder stage: resnets per level", rule=from_to(1, MAX_LAYERS_PER_BLOCK))
     norm_num_groups: int = opt(32, "autoencoder stage: GroupNorm groups (must divide every width)", rule=at_least(1))
     kl_weight: float = opt(1e-6, "autoencoder stage: weight of the KL term (per pixel)", rule=at_least(0))
     ssim_weight: float = opt(0.2, "autoencoder stage: weight of the structural term 1 - SSIM", rule=at_least(0))
@@ -153,8 +183,9 @@ class VaeConfig:
 
 @dataclass
 class DiffusionConfig:
-    num_train_timesteps: int = opt(1000, "diffusion steps T", rule=at_least(1))
-    beta_schedule: str = opt("scaled_linear", "diffusers beta schedule (LDM: scaled_linear 0.0015..0.0195)")
+    num_train_timesteps: int = opt(1000, "diffusion steps T", rule=from_to(1, MAX_TRAIN_TIMESTEPS))
+    beta_schedule: str = opt("scaled_linear", "diffusers beta schedule (LDM: scaled_linear 0.0015..0.0195)",
+                             BETA_SCHEDULES)
     beta_start: float = opt(0.0015, "first beta (LDM)", rule=between(0, 1))
     beta_end: float = opt(0.0195, "last beta (LDM)", rule=between(0, 1))
     timestep_sampler: str = opt("", "timestep sampler plugin; empty = 'uniform-slice' in stage 1, "
@@ -190,13 +221,18 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-class ConfigError(ValueError):
+class ConfigError(Lift3dError):
     """A config file or override names an unknown option or a bad value."""
 
 
 def _sections(cfg: TrainConfig):
     for sec in dataclasses.fields(cfg):
         yield sec.name, getattr(cfg, sec.name)
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _parse_inline(text: str) -> Any:
@@ -207,37 +243,109 @@ def _parse_inline(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
 
 
-def _check(where: str, value: Any, choices: tuple | None, rule: Rule | None) -> Any:
+# Only a str is a str, and a bool is not a number (though Python's bool is an int).
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _kind_name(kind: Any) -> str:
+    if get_origin(kind) is list:
+        return f"list of {get_args(kind)[0].__name__}s"
+    return kind.__name__
+
+
+def _of_kind(value: Any, kind: Any) -> bool:
+    origin = get_origin(kind) or kind
+    if origin is bool:
+        return isinstance(value, bool)
+    if origin is int:
+        return _is_int(value)
+    if origin is float:
+        return _is_number(value)
+    if origin is str:
+        return isinstance(value, str)
+    if origin is list:
+        item = get_args(kind)[0] if get_args(kind) else None
+        return isinstance(value, (list, tuple)) and (item is None or all(_of_kind(v, item) for v in value))
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    return isinstance(value, origin)  # pragma: no cover - every option has one of the kinds above
+
+
+MAX_NESTING = 32
+
+
+def _not_finite(where: str, value: Any, depth: int = 0) -> str | None:
+    """Where in ``value`` a NaN or an infinity is (``where`` itself, or ``where['key'][0]``...), or None."""
+    if depth > MAX_NESTING:
+        raise ConfigError(f"{where} is nested more than {MAX_NESTING} levels deep")
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):  # numpy's too; bool is Integral
+        return None if math.isfinite(value) else where
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _not_finite(f"{where}[{key!r}]", item, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _check(where: str, value: Any, choices: tuple | None, rule: Rule | None, kind: Any = None) -> Any:
+    """Refuse a value of the wrong kind, a NaN or infinity anywhere in it, or one outside its choices or rule."""
+    if kind is not None and not _of_kind(value, kind):
+        raise ConfigError(f"{where} = {_show(value)} is not a valid {_kind_name(kind)}")
+    bad = _not_finite(where, value)
+    if bad is not None:
+        raise ConfigError(f"{where} = {_show(value)} is not allowed; {bad} must be a finite number")
     if choices and value not in choices:
-        raise ConfigError(f"{where} = {value!r} is not allowed; choose one of: {', '.join(map(str, choices))}")
+        raise ConfigError(f"{where} = {_show(value)} is not allowed; choose one of: {', '.join(map(str, choices))}")
     if rule is not None and not rule.holds(value):
-        raise ConfigError(f"{where} = {value!r} is not allowed; it must be {rule}")
+        raise ConfigError(f"{where} = {_show(value)} is not allowed; it must be {rule}")
+    return value
+
+
+def _convert(value: Any, kind: Any) -> Any:
+    """A command-line string (or a TOML int given for a float) as ``kind``; anything else is left to :func:`_check`."""
+    origin = get_origin(kind) or kind
+    if isinstance(value, str) and origin is not str:
+        if origin is bool:
+            if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return value.strip().lower() in ("true", "1", "yes")
+        if origin in (dict, list):
+            return _parse_inline(value)
+        return origin(value.strip())  # int("1.5") and float("x") raise ValueError
+    if origin is float and _is_number(value):
+        return float(value)  # a huge int raises OverflowError
+    if origin is int and _is_int(value):
+        return int(value)
+    if origin is list and isinstance(value, tuple):
+        return list(value)
     return value
 
 
 def _coerce(section: str, name: str, value: Any, kind: Any, metadata) -> Any:
     where = f"{section}.{name}"
     try:
-        if kind is bool and isinstance(value, str):
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            value = value.lower() in ("true", "1", "yes")
-        elif kind in (dict, list) and isinstance(value, str):
-            value = _parse_inline(value)
-        elif kind in (int, float, str) and not isinstance(value, kind):
-            if kind is int and isinstance(value, float):
-                raise ValueError
-            value = kind(value)
-        if kind in (dict, list) and not isinstance(value, kind):
-            raise ValueError
-    except (ValueError, TypeError, json.JSONDecodeError, tomllib.TOMLDecodeError):
-        raise ConfigError(f"{where} = {value!r} is not a valid {kind.__name__}") from None
-    return _check(where, value, metadata.get("choices"), metadata.get("rule"))
+        value = _convert(value, kind)
+    except (ValueError, TypeError, OverflowError, RecursionError, tomllib.TOMLDecodeError):
+        raise ConfigError(f"{where} = {_show(value)} is not a valid {_kind_name(kind)}") from None
+    return _check(where, value, metadata.get("choices"), metadata.get("rule"), kind)
 
 
 def apply(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
     """Set ``{section: {field: value}}`` on ``cfg``, rejecting unknown names with the valid ones."""
     sections = dict(_sections(cfg))
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: must be a table of [section] tables, got {type(values).__name__}")
     for section, entries in values.items():
         if section not in sections:
             raise ConfigError(f"{source}: unknown section [{section}]; available: {', '.join(sections)}")
@@ -254,30 +362,194 @@ def apply(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Check every option of a config built in Python (``apply`` checks what it sets)."""
+    """Check every option of a config built in Python (``apply`` checks what it sets), how the options
+    fit together, and the memory the configured models need (:func:`check_memory`)."""
+    if not isinstance(cfg, TrainConfig):
+        raise ConfigError(f"a training config must be a lift3d.config.TrainConfig, got {type(cfg).__name__}")
     for section, obj in _sections(cfg):
+        hints = get_type_hints(type(obj))
         for f in dataclasses.fields(obj):
-            _check(f"{section}.{f.name}", getattr(obj, f.name), f.metadata.get("choices"), f.metadata.get("rule"))
+            _check(f"{section}.{f.name}", getattr(obj, f.name), f.metadata.get("choices"), f.metadata.get("rule"),
+                   hints[f.name])
     if cfg.diffusion.beta_start >= cfg.diffusion.beta_end:
         raise ConfigError(f"diffusion.beta_start = {cfg.diffusion.beta_start} must be below diffusion.beta_end = "
                           f"{cfg.diffusion.beta_end}")
+    if cfg.run.validate_every and cfg.run.validate_steps > cfg.diffusion.num_train_timesteps:
+        raise ConfigError(f"run.validate_steps = {cfg.run.validate_steps} is more than diffusion.num_train_timesteps "
+                          f"= {cfg.diffusion.num_train_timesteps}; a sampler takes at most one step per training step")
+    if cfg.run.stage == "autoencoder":
+        _check_groups("vae", cfg.vae.block_out_channels, cfg.vae.norm_num_groups)
+    elif not cfg.model.pretrained:
+        _check_groups("model", cfg.model.block_out_channels, cfg.model.norm_num_groups)
+        if cfg.model.block_out_channels[-1] < ATTENTION_HEAD_DIM:
+            raise ConfigError(f"model.block_out_channels = {_show(cfg.model.block_out_channels)} is not allowed; the "
+                              f"last width must be >= {ATTENTION_HEAD_DIM} (diffusers' UNet2DModel gives its mid-block "
+                              f"attention width // {ATTENTION_HEAD_DIM} heads)")
+    check_memory(cfg)
     return cfg
 
 
+def _check_groups(section: str, widths_: list[int], groups: int) -> None:
+    bad = [c for c in widths_ if c % groups]
+    if bad:
+        raise ConfigError(f"{section}.block_out_channels = {_show(widths_)} is not allowed with {section}.norm_num_groups "
+                          f"= {groups}: GroupNorm needs every width to be a multiple of it, and "
+                          f"{', '.join(map(str, bad[:5]))} {'is' if len(bad) == 1 else 'are'} not")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory the configured models need, checked before anything is allocated
+
+
+# Per diffusion step: betas, alphas, alphas_cumprod and timesteps (DDPM), the stage-2 sampler's float64 weights,
+# and DPM-Solver++'s alpha_t, sigma_t and lambda_t: eight arrays of at most 8 bytes.
+TIMESTEP_BYTES = 64
+# Trained weights also hold a gradient and AdamW's two moments.
+TRAINED_COPIES = 4
+
+
+def unet2d_arguments(model: ModelConfig, in_channels: int, out_channels: int, sample_size: int | None = None) -> dict:
+    """The ``UNet2DModel`` keyword arguments of a U-Net built from ``[model]`` (not from ``pretrained``)."""
+    levels = len(model.block_out_channels)
+    down, up = ["DownBlock2D"] * levels, ["UpBlock2D"] * levels
+    if model.attention:
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    return dict(sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
+                block_out_channels=tuple(int(c) for c in model.block_out_channels),
+                layers_per_block=model.layers_per_block, down_block_types=tuple(down), up_block_types=tuple(up),
+                norm_num_groups=model.norm_num_groups)
+
+
+def _resnet_lower_bound(widths_: list[int], layers: int) -> int:
+    """Parameters a 2D U-Net or autoencoder of these widths has at least: each resnet's second 3x3 conv,
+    ``layers`` per level down and ``layers + 1`` up. Exact integers: a width of 10**30 gives a huge number,
+    not an overflow, and is refused before torch is asked to build anything."""
+    return 9 * sum((2 * layers + 1) * w * w for w in widths_)
+
+
+def _meta_parameters(build: Callable[[], Any], what: str) -> Any:
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return build()
+    except Lift3dError:
+        raise
+    except Exception as exc:  # diffusers' own checks of its arguments; the config layer tells which options
+        raise ConfigError(f"{what} cannot be built: {type(exc).__name__}: {exc}".replace("\n", " ")) from None
+
+
+def _parameter_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _check_total(weights: int, trained: int, what: str, ema: bool) -> None:
+    copies = TRAINED_COPIES + (1 if ema else 0)
+    check_bytes(min(weights + (copies - 1) * trained, 2**100), what)
+
+
+def model_memory(cfg: TrainConfig) -> tuple[int, int, str] | None:
+    """``(weight bytes, trained weight bytes, description)`` of the model this stage builds from the config,
+    measured on torch's meta device (nothing is allocated); None when it comes from ``model.pretrained``.
+
+    In the diffusion stages the U-Net's input channels are counted for a 1-channel latent (the autoencoder
+    plugin, which knows its latent channels, is not built here): the estimate is a lower bound.
+    """
+    if cfg.run.stage == "autoencoder":
+        vae = cfg.vae
+        what = (f"the autoencoder of vae.block_out_channels = {_show(vae.block_out_channels)}, layers_per_block = "
+                f"{vae.layers_per_block}, latent_channels = {vae.latent_channels}")
+        first, last, latent = vae.block_out_channels[0], vae.block_out_channels[-1], vae.latent_channels
+        # and the four convs in and out: image -> first, last -> mean and log-variance, latent -> last, first -> image
+        bound = _resnet_lower_bound(vae.block_out_channels, vae.layers_per_block) + 9 * (2 * first + 3 * latent * last)
+        if vae.adversarial_weight > 0:
+            bound += 16 * 2 * vae.discriminator_width ** 2
+            what += f", discriminator_width = {vae.discriminator_width}"
+        _check_total(4 * bound, 4 * bound, what + " (at least)", False)
+        from lift3d.autoencoder_training import PatchDiscriminator, new_vae
+
+        nbytes = _parameter_bytes(_meta_parameters(lambda: new_vae(vae, 1), what))
+        if vae.adversarial_weight > 0:
+            nbytes += _parameter_bytes(_meta_parameters(lambda: PatchDiscriminator(1, vae.discriminator_width), what))
+        return nbytes, nbytes, what
+    if cfg.model.pretrained:
+        return None
+    model = cfg.model
+    sources = 2 * model.source_context + 1 if model.conditioning == "concat" else 0
+    in_channels = 1 + sources
+    what = (f"the U-Net of model.block_out_channels = {_show(model.block_out_channels)}, layers_per_block = "
+            f"{model.layers_per_block}" + (f", source_context = {model.source_context}" if model.source_context else ""))
+    bound = 4 * (_resnet_lower_bound(model.block_out_channels, model.layers_per_block)
+                 + 9 * (in_channels + 1) * model.block_out_channels[0])  # and conv_in, conv_out
+    _check_total(bound, bound if cfg.run.stage == "slices" or cfg.lift.trainable == "all" else 0,
+                 what + " (at least)", cfg.optim.ema)
+
+    from diffusers import UNet2DModel
+
+    unet = _meta_parameters(lambda: UNet2DModel(**unet2d_arguments(model, in_channels, 1)), what)
+    weights = _parameter_bytes(unet)
+    if cfg.run.stage == "slices":
+        return weights, weights, what
+    import lift3d
+
+    lift = cfg.lift
+    what += (f", lifted with lift.kind = {lift.kind or 'default'!r}, lift.kernel_size = {lift.kernel_size}"
+             + (f", lift.options = {_show(lift.options)}" if lift.options else ""))
+    _meta_parameters(lambda: lift3d.inflate(unet, lift.kind or None, kernel_size=lift.kernel_size, where=lift.where,
+                                            padding_mode=lift.padding_mode, **lift.options), what)
+    lifted = _parameter_bytes(unet) - weights
+    return weights + lifted, lifted if lift.trainable == "volumetric" else weights + lifted, what
+
+
+def check_memory(cfg: TrainConfig) -> None:
+    """Refuse a config whose noise schedule or model (weights, gradients and AdamW moments) would not fit in
+    the memory budget (:mod:`lift3d.io.budget`), with one line giving the size and the limit."""
+    steps = cfg.diffusion.num_train_timesteps
+    check_bytes(TIMESTEP_BYTES * steps, f"diffusion.num_train_timesteps = {steps}: the noise schedule's arrays")
+    measured = model_memory(cfg)
+    if measured is not None:
+        weights, trained, what = measured
+        ema = cfg.optim.ema and cfg.run.stage != "autoencoder"
+        _check_total(weights, trained, f"{what}: its weights, gradients and AdamW moments"
+                     + (" and EMA" if ema else ""), ema)
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
+    if not str(path).strip():
+        raise ConfigError("--config is empty; give a TOML file")
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is {size} bytes; a lift3d config is at most {MAX_CONFIG_BYTES}")
     try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}); a config is a TOML file") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+MAX_CONFIG_BYTES = 2**20
+
+
+class _ReadOnce(argparse.Action):
+    """``--config`` given twice is refused: the second file would silently replace the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        previous = getattr(namespace, self.dest, None)
+        if previous is not None:
+            raise ConfigError(f"--config is given twice ({previous} and {values}); lift3d reads one config file: "
+                              "merge them, or override single options with --section.field")
+        setattr(namespace, self.dest, values)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--section.field`` option per config field, grouped by section, with its help text."""
-    parser.add_argument("--config", metavar="FILE.toml", help="TOML file with [run], [data], [model], [lift], "
-                        "[autoencoder], [vae], [diffusion] and [optim] tables; command-line options override it")
+    parser.add_argument("--config", metavar="FILE.toml", action=_ReadOnce,
+                        help="TOML file with [run], [data], [model], [lift], [autoencoder], [vae], [diffusion] and "
+                             "[optim] tables; command-line options override it (give it once)")
     for section, obj in _sections(TrainConfig()):
         group = parser.add_argument_group(f"[{section}]")
         for f in dataclasses.fields(obj):
@@ -292,7 +564,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
     cfg = base or TrainConfig()
-    if getattr(args, "config", None):
+    if getattr(args, "config", None) is not None:
         apply(cfg, load_toml(args.config), str(args.config))
     overrides: dict[str, dict[str, Any]] = {}
     for key, value in vars(args).items():

@@ -11,10 +11,13 @@ import operator
 import torch
 from torch import Tensor
 
+from lift3d.io.budget import check_count
+from lift3d.io.errors import Lift3dError
 from lift3d.plugins import hookimpl
 
 
 def _check_sizes(num_volumes: int, num_slices: int, num_train_timesteps: int) -> tuple[int, int, int]:
+    """Positive ints (not bools, not floats) whose timesteps, and weights over the T steps, fit the memory budget."""
     sizes = []
     for name, value in (
         ("num_volumes", num_volumes),
@@ -26,9 +29,13 @@ def _check_sizes(num_volumes: int, num_slices: int, num_train_timesteps: int) ->
         except TypeError:
             size = None
         if size is None or isinstance(value, bool) or size < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise Lift3dError(f"{name} must be a positive integer, got {value!r}")
         sizes.append(size)
-    return tuple(sizes)
+    num_volumes, num_slices, num_train_timesteps = sizes
+    check_count(num_volumes * num_slices, 8, f"timesteps for num_volumes = {num_volumes} x num_slices = {num_slices}")
+    # The float64 weights over the T steps and torch.multinomial's working copy of them.
+    check_count(num_train_timesteps, 8, f"timestep weights over num_train_timesteps = {num_train_timesteps}", copies=2)
+    return num_volumes, num_slices, num_train_timesteps
 
 
 def _draw_device(generator: torch.Generator | None) -> torch.device:

@@ -6,6 +6,8 @@ import types
 
 import pytest
 
+from lift3d import layer_kinds
+
 from lift3d import hookimpl
 from lift3d.cli import main as cli_main
 from lift3d.plugins import AUTOLOAD_ENV, PluginError, PluginManager, Registry
@@ -152,13 +154,15 @@ def test_plugins_command_lists_every_kind(monkeypatch, capsys):
             sections[kind] = []
         elif line.strip():
             sections[kind].append(line.split())
-    assert list(sections) == ["datasets", "autoencoders", "timestep_samplers"]
+    assert list(sections) == ["datasets", "autoencoders", "timestep_samplers", "layer_kinds"]
     assert ["kl", "lift3d", "lift3d_plugins.autoencoders"] in sections["autoencoders"]
     assert ["make-a-volume", "lift3d", "lift3d_plugins.timestep_samplers"] in sections["timestep_samplers"]
     assert ["fake-sampler", __name__, __name__] in sections["timestep_samplers"]
     listed = {kind: {row[0] for row in rows} for kind, rows in sections.items()}
-    for kind in sections:
+    for kind in ("datasets", "autoencoders", "timestep_samplers"):
         assert listed[kind] == set(manager.registry(kind).names())
+    assert listed["layer_kinds"] == set(layer_kinds.build_registry(manager.pm).names())
+    assert {"full", "low-rank", "depthwise", "slice-attention"} <= listed["layer_kinds"]
 
 
 def test_plugins_command_kind_filter_and_empty_kind(monkeypatch, capsys):

@@ -13,12 +13,23 @@ import lift3d
 from lift3d.cli._common import run_cli
 from lift3d.plugins import AUTOLOAD_ENV, KINDS, get_plugin_manager
 
+# Layer kinds have their own registry (lift3d.layer_kinds), filled through the same plugin manager.
+LISTED_KINDS = (*KINDS, "layer_kinds")
+
+
+def _registry(kind: str):
+    manager = get_plugin_manager()
+    if kind == "layer_kinds":
+        from lift3d.layer_kinds import build_registry
+
+        return build_registry(manager.pm)
+    return manager.registry(kind)
+
 
 def _plugins(args: argparse.Namespace) -> int:
-    manager = get_plugin_manager()
-    kinds = [args.kind] if args.kind else list(KINDS)
+    kinds = [args.kind] if args.kind else list(LISTED_KINDS)
     for i, kind in enumerate(kinds):
-        entries = list(manager.registry(kind).entries())
+        entries = list(_registry(kind).entries())
         if i:
             print()
         print(f"{kind}:")
@@ -35,13 +46,13 @@ def _plugins(args: argparse.Namespace) -> int:
 def add_plugins_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "plugins",
-        help="list registered datasets, autoencoders and timestep samplers",
+        help="list registered datasets, autoencoders, timestep samplers and layer kinds",
         description=(
             "List every registered plugin by kind: its name, the package that provides it and the "
             f"module that defines it. Set {AUTOLOAD_ENV}=1 to hide installed third-party plugins."
         ),
     )
-    parser.add_argument("--kind", choices=KINDS, help="list only this kind of plugin")
+    parser.add_argument("--kind", choices=LISTED_KINDS, help="list only this kind of plugin")
     parser.set_defaults(func=_plugins)
 
 

@@ -28,7 +28,7 @@ MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 AUTOENCODER_CLASSES = ("AutoencoderKL",)
 SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
                      "FlowMatchEulerDiscreteScheduler")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # what DDPM, DDIM and DPM-Solver++ all implement
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 PositiveInt = Field(ge=1)
 

@@ -11,6 +11,7 @@ triple on one grid (the 1 mm template, your own pair) can stand in for the packa
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from lift3d.data.orientation import to_slices
 from lift3d.data.resample import resize_volume
 from lift3d.data.splits import SPLITS, check_split
 from lift3d.data.volume import TrainingGrid, prepare_volume
+from lift3d.io.budget import check_bytes
+from lift3d.io.errors import BudgetError
 from lift3d.protocols import VolumePair
 
 PACKAGED = Path(__file__).resolve().parent / "data" / "icbm152"
@@ -38,6 +41,13 @@ MODALITIES = ("T1", "T2")
 FIRST_SEED = {"train": 1000, "val": 1500, "test": 2000}
 SEED_STRIDE = 1500
 MAX_PER_SPLIT = 500
+
+# Memory of one subject, in float32 volumes: about 33 of the template's grid while it is deformed (float64
+# coordinates and displacements, measured), and 8 of the training grid (source, target, clean target,
+# mask and the resampling's output), 4 of which stay per cached subject.
+TEMPLATE_WORKING_VOLUMES = 36
+GRID_WORKING_VOLUMES = 8
+CACHED_VOLUMES = 4
 
 
 @dataclass(frozen=True)
@@ -290,8 +300,21 @@ class ICBM152Dataset(VolumeDataset):
             raise ValueError(f"icbm152: seed must be an integer >= 0, got {seed!r}")
         counts = {"train": _count("num_train", num_train), "val": _count("num_val", num_val),
                   "test": _count("num_test", num_test)}
+        options = f"num_slices = {num_slices!r} and size = {size!r}"
+        try:
+            grid = TrainingGrid(size, num_slices, slice_axis, multiple, percentiles)
+        except BudgetError as exc:
+            raise BudgetError(f"icbm152: {options}: {exc}") from None
+        if cache_size is not None and (isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0):
+            raise ValueError(f"icbm152: cache_size must be an integer >= 0 or None, got {cache_size!r}")
+        subjects = sum(counts[s] for s in SPLITS[:3] if split in (s, "all"))
+        cached = min(subjects, subjects if cache_size is None else cache_size) if cache else 0
+        held = GRID_WORKING_VOLUMES + CACHED_VOLUMES * cached
+        check_bytes(4 * math.prod(grid.shape), f"icbm152: {options} give {' x '.join(map(str, grid.shape))} float32 "
+                    f"voxels; {held} such volumes (serving one subject" + (f", and {cached} cached" if cached else "")
+                    + ")", copies=held)
         super().__init__(cache=cache, cache_size=cache_size)
-        self.grid = TrainingGrid(size, num_slices, slice_axis, multiple, percentiles)
+        self.grid = grid
         self.num_slices = self.grid.num_slices
         self.split, self.seed, self.source, self.target = split, int(seed), source, target
         self.skull_strip = bool(skull_strip)
@@ -304,6 +327,10 @@ class ICBM152Dataset(VolumeDataset):
                              f"num_test={num_test})")
         self.template = load_template(root, files=files, voxel_mm=voxel_mm, skull_strip=self.skull_strip,
                                       margin_mm=margin_mm)
+        shape = self.template.t1.shape
+        check_bytes(4 * math.prod(shape), f"icbm152: the template grid of {' x '.join(map(str, shape))} voxels "
+                    f"(voxel_mm = {voxel_mm!r}); {TEMPLATE_WORKING_VOLUMES} float32 volumes on it while a subject is "
+                    "deformed", copies=TEMPLATE_WORKING_VOLUMES)
 
     def subjects(self) -> list[str]:
         return [name for name, _ in self._plan]

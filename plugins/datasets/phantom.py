@@ -20,7 +20,16 @@ from lift3d.data.intensity import IntensityScaling
 from lift3d.data.orientation import RAS, SLICE_AXES
 from lift3d.data.splits import select_split
 from lift3d.data.volume import TrainingGrid, VolumeMeta
+from lift3d.io.budget import check_bytes, check_count
+from lift3d.io.errors import BudgetError, Lift3dError
 from lift3d.protocols import VolumePair
+
+# Float32 volumes of the grid alive at once while one subject is generated (about 21, measured), and those a
+# cached subject keeps: source and target, and its int64 labels.
+WORKING_VOLUMES = 24
+CACHED_VOLUMES = 4
+# A subject name in the split lists, with Python's object overhead and the split's copies.
+NAME_BYTES = 256
 
 TISSUES = ("background", "scalp", "skull", "csf", "grey_matter", "white_matter", "vessel")
 
@@ -31,6 +40,10 @@ CONTRASTS: dict[str, dict[str, float]] = {
     "T1": {"background": 0.0, "scalp": 0.7, "skull": 0.08, "csf": 0.15, "grey_matter": 0.45, "white_matter": 0.75, "vessel": 0.03},
     "T2": {"background": 0.0, "scalp": 0.45, "skull": 0.06, "csf": 0.95, "grey_matter": 0.6, "white_matter": 0.35, "vessel": 1.0},
 }
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _soft(distance: np.ndarray, width: float) -> np.ndarray:
@@ -164,18 +177,38 @@ class PhantomDataset(VolumeDataset):
         cache_size: int | None = None,
     ) -> None:
         if root is not None:
-            raise ValueError(f"dataset 'phantom' generates its volumes and reads no files; got root={str(root)!r}")
+            raise Lift3dError(f"dataset 'phantom' generates its volumes and reads no files; got root={str(root)!r}")
         for role, modality in (("source", source), ("target", target)):
-            if modality not in CONTRASTS:
-                raise ValueError(f"Unknown phantom {role} modality {modality!r}; valid: {', '.join(CONTRASTS)}")
-        if isinstance(num_subjects, bool) or not isinstance(num_subjects, int) or num_subjects < 1:
-            raise ValueError(f"num_subjects must be a positive integer, got {num_subjects!r}")
+            if not isinstance(modality, str) or modality not in CONTRASTS:
+                raise Lift3dError(f"Unknown phantom {role} modality {modality!r}; valid: {', '.join(CONTRASTS)}")
+        for name, value, low in (("num_subjects", num_subjects, 1), ("seed", seed, 0), ("cache_size", cache_size, 0)):
+            if not (value is None and name == "cache_size") and not (_is_int(value) and value >= low):
+                raise Lift3dError(f"phantom: {name} must be an integer >= {low}, got {value!r}")
+        for name, value in (("split", split), ("slice_axis", slice_axis)):
+            if not isinstance(value, str):
+                raise Lift3dError(f"phantom: {name} must be a string, got {value!r}")
+        if not isinstance(cache, bool):
+            raise Lift3dError(f"phantom: cache must be true or false, got {cache!r}")
+        check_count(num_subjects, NAME_BYTES, f"phantom: num_subjects = {num_subjects}: the subject names")
+        options = f"num_slices = {num_slices!r} and size = {size!r}"
+        try:  # the grid's and the split's own checks, told as this dataset's options
+            grid = TrainingGrid(size, num_slices, slice_axis, multiple)
+            names = [f"phantom-{i:03d}" for i in range(num_subjects)]
+            subjects = select_split(names, split, test_size=test_size, val_size=val_size, shuffle=False, where="phantom")
+        except BudgetError as exc:
+            raise BudgetError(f"phantom: {options}: {exc}") from None
+        except ValueError as exc:
+            raise Lift3dError(f"phantom: {exc}") from None
+        cached = min(len(subjects), len(subjects) if cache_size is None else cache_size) if cache else 0
+        held = WORKING_VOLUMES + CACHED_VOLUMES * cached
+        check_bytes(4 * math.prod(grid.shape), f"phantom: {options} give "
+                    f"{' x '.join(map(str, grid.shape))} float32 voxels; {held} such volumes (generating one subject"
+                    + (f", and {cached} cached" if cached else "") + ")", copies=held)
         super().__init__(cache=cache, cache_size=cache_size)
-        self.grid = TrainingGrid(size, num_slices, slice_axis, multiple)
+        self.grid = grid
         self.num_slices = self.grid.num_slices
         self.seed, self.source, self.target, self.split = int(seed), source, target, split
-        names = [f"phantom-{i:03d}" for i in range(num_subjects)]
-        self._subjects = select_split(names, split, test_size=test_size, val_size=val_size, shuffle=False, where="phantom")
+        self._subjects = subjects
         self.meta = phantom_meta(self.grid)
 
     def subjects(self) -> list[str]:
