@@ -51,7 +51,7 @@ def data_options(args: argparse.Namespace) -> dict[str, Any]:
 def config(args: argparse.Namespace, out: Path) -> TrainConfig:
     return apply(TrainConfig(), {
         "run": {"stage": "autoencoder", "output_dir": str(out), "max_steps": args.steps, "seed": args.seed,
-                "checkpoint_every": 0, "log_every": max(1, args.steps // 20)},
+                "checkpoint_every": 0, "log_every": max(1, args.steps // 20), "overwrite": True},
         "data": {"dataset": "icbm152", "options": data_options(args), "batch_size": args.batch},
         "vae": {"block_out_channels": list(args.widths), "latent_channels": args.latent_channels,
                 "norm_num_groups": min(32, min(args.widths)), "ssim_weight": 0.2, "kl_weight": 1e-6},

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from lift3d.io.errors import Lift3dError
 from lift3d.io.paths import check_contained, inside  # noqa: F401 (inside: re-exported)
 from lift3d.io.schemas import (MODEL_CLASSES, LiftedModelSettings, ModelConfig,
                                SchedulerConfig, TrainingSettings, read_json)
+from lift3d.io.writing import atomic_path, clean_stale_temporaries, temporary_path
 
 SETTINGS_FILE = "lift3d.json"
 TRAINING_SETTINGS = "lift3d_training.json"
@@ -56,9 +56,8 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
         header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, as safetensors does
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length:])
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length:])
     return path
 
 
@@ -179,7 +178,9 @@ def save_lifted(model: nn.Module, folder: str | os.PathLike, *, state_dict: dict
         raise ValueError(f"{type(model).__name__} is not lifted; save a 2D model with its own tools")
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    clean_stale_temporaries(folder.parent)
+    tmp = temporary_path(folder)
+    tmp.mkdir()
     try:
         if _is_diffusers(model):
             save_diffusers_folder(model, tmp, state_dict, _metadata(model))
@@ -193,8 +194,7 @@ def save_lifted(model: nn.Module, folder: str | os.PathLike, *, state_dict: dict
                     "weights": weights_file, "lift": lift_settings(model), **(extra or {})}
         (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
         if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            old = temporary_path(folder)
             os.replace(folder, old)
             os.replace(tmp, folder)
             shutil.rmtree(old, ignore_errors=True)

@@ -94,7 +94,7 @@ def dataset_options(dataset: str, scale: DemoScale, seed: int) -> dict:
 def demo_config(out: Path, scale: DemoScale, stage: str, seed: int, dataset: str = "icbm152") -> TrainConfig:
     common = {
         "run": {"stage": stage, "output_dir": str(out / ("stage1" if stage == "slices" else "stage2")),
-                "seed": seed, "log_every": 20, "checkpoint_every": 0},
+                "seed": seed, "log_every": 20, "checkpoint_every": 0, "overwrite": True},
         "data": {"dataset": dataset, "options": dataset_options(dataset, scale, seed)},
         # v-prediction: in pixel space after a few hundred steps, an epsilon model's samples are noise.
         "model": {"block_out_channels": list(scale.widths), "layers_per_block": 1, "prediction_type": "v_prediction"},

@@ -8,6 +8,29 @@ from pathlib import Path
 
 from accelerate.tracking import GeneralTracker
 
+from lift3d.io.errors import Lift3dError
+from lift3d.io.writing import atomic_path, write_text_atomic
+
+TRACKERS = ("csv", "tensorboard", "none")
+
+
+def available_trackers() -> tuple[str, ...]:
+    """The ``run.tracker`` values that log on this machine: Accelerate drops a tracker whose package
+    is missing with a mere warning, and the run then writes no logs at all."""
+    from accelerate.utils import is_tensorboard_available
+
+    return tuple(t for t in TRACKERS if t != "tensorboard" or bool(is_tensorboard_available()))
+
+
+def check_tracker(name: str) -> str:
+    """``name`` if it will log here; else one line saying why, and which trackers would."""
+    available = available_trackers()
+    if name not in available:
+        why = ("the tensorboard package is not installed (pip install tensorboard)" if name == "tensorboard"
+               else "it is not a tracker lift3d knows")
+        raise Lift3dError(f"run.tracker = {name!r} cannot log: {why}; trackers available here: {', '.join(available)}")
+    return name
+
 
 class CSVTracker(GeneralTracker):
     """Appends ``step`` plus every logged value to ``<logging_dir>/metrics.csv``."""
@@ -27,7 +50,7 @@ class CSVTracker(GeneralTracker):
         return self.path
 
     def store_init_configuration(self, values: dict) -> None:
-        (self.path.parent / "config.json").write_text(json.dumps(values, indent=2, default=str))
+        write_text_atomic(self.path.parent / "config.json", json.dumps(values, indent=2, default=str))
 
     def log(self, values: dict, step: int | None = None, **kwargs) -> None:
         row = {"step": step, **values}
@@ -64,10 +87,9 @@ def drop_rows_after(path: Path, step: int) -> None:
         return
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        columns, rows = reader.fieldnames or [], [r for r in reader if r["step"] and int(r["step"]) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+        columns = reader.fieldnames or []
+        rows = [r for r in reader if (r.get("step") or "").isdigit() and int(r["step"]) <= step]
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(path)

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -35,9 +36,11 @@ from lift3d.checkpoint import (SETTINGS_FILE, TRAINING_SETTINGS, CheckpointError
                                save_diffusers_folder, save_lifted, save_volumetric)
 from lift3d.config import TrainConfig, validate
 from lift3d.data.dataset import stack_items
+from lift3d.io.errors import Lift3dError, RunFolderError
+from lift3d.io.writing import RunLock, clean_stale_temporaries, disk_full_message, temporary_path
 from lift3d.plugins import create
-from lift3d.tracking import drop_rows_after
-from lift3d.training_state import (TRAINER_STATE, check_checkpoint_files, load_training_state, load_validation_state,
+from lift3d.tracking import check_tracker, drop_rows_after
+from lift3d.training_state import (TRAINER_STATE, check_training_state, load_training_state, load_validation_state,
                                    read_trainer_state, save_training_state)
 
 logger = logging.getLogger("lift3d.training")
@@ -341,23 +344,80 @@ def check_weights_finite(params: list[nn.Parameter], step: int) -> None:
                                  "saving them (lower optim.learning_rate, or try mixed_precision = 'no')")
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def write_failure(exc: BaseException, path: Path) -> str:
+    """One line for a write that failed (a full disk, say): the final path, and what the system said.
+    safetensors reports an OS error inside its own message (``IoError(Os { code: 28, ... })``)."""
+    if not isinstance(exc, OSError):
+        code = re.search(r"code: (\d+)", str(exc))
+        exc = OSError(int(code.group(1)), os.strerror(int(code.group(1)))) if code else OSError(str(exc)[:160])
+    return disk_full_message(exc, path)
+
+
+@contextlib.contextmanager
+def removed_on_failure(tmp: Path, final: Path, remove: bool = True):
+    """Whatever goes wrong while ``tmp`` is written, it is removed; a failed write (OSError, or
+    safetensors' own error) becomes one line naming ``final``."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except BaseException as exc:
+        if remove:
+            _remove(tmp)
+        if isinstance(exc, (OSError, SafetensorError)):
+            raise Lift3dError(write_failure(exc, final)) from None
+        raise
+
+
+def replace_folder(tmp: Path, final: Path) -> None:
+    """Rename complete folder ``tmp`` onto ``final``; an old ``final`` is moved aside first, then removed."""
+    old = None
+    if final.exists() or final.is_symlink():
+        old = temporary_path(final)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        _remove(old)
+
+
+def write_folder(final: Path, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` into a hidden temporary beside ``final``, then rename it onto ``final``. A failure
+    (kill -9 aside, which the next run's :func:`clean_stale_temporaries` covers) leaves nothing behind."""
+    tmp = temporary_path(final)
+    with removed_on_failure(tmp, final):
+        write(tmp)
+        replace_folder(tmp, final)
+    return final
+
+
 def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, state: TrainingState,
                     loss: float | None = None) -> Path:
     """Write the training state into a temp folder, then rename: a crash never leaves a half checkpoint."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = output_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
+    tmp = temporary_path(final)
+    if accelerator.num_processes > 1:  # every process writes its RNG file into the main process's folder
+        from accelerate.utils import broadcast_object_list
+
+        tmp = Path(broadcast_object_list([str(tmp)])[0])
+    with removed_on_failure(tmp, final, remove=accelerator.is_main_process):
+        if accelerator.is_main_process:
+            tmp.mkdir()
+        accelerator.wait_for_everyone()
+        save_training_state(tmp, model=accelerator.unwrap_model(state.model), optimizer=state.optimizer,
+                            lr_scheduler=state.lr_scheduler, ema=state.ema, scaler=state.scaler, step=step, loss=loss,
+                            validation=None if state.validation is None else state.validation.state(),
+                            is_main_process=accelerator.is_main_process, process_index=accelerator.process_index)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            replace_folder(tmp, final)
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    accelerator.wait_for_everyone()
-    save_training_state(tmp, model=accelerator.unwrap_model(state.model), optimizer=state.optimizer,
-                        lr_scheduler=state.lr_scheduler, ema=state.ema, scaler=state.scaler, step=step, loss=loss,
-                        validation=None if state.validation is None else state.validation.state(),
-                        is_main_process=accelerator.is_main_process, process_index=accelerator.process_index)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -379,9 +439,85 @@ def resolve_resume(cfg: TrainConfig, output_dir: Path) -> Path | None:
         if not (path / TRAINER_STATE).is_file():
             raise CheckpointError(f"run.resume = {cfg.run.resume!r} is not a complete lift3d checkpoint folder "
                                   f"(no {TRAINER_STATE}); use 'latest' or a checkpoint-<step> folder")
-    check_checkpoint_files(path)
-    read_trainer_state(path)
+    check_training_state(path, ema=cfg.optim.ema, scaler=cfg.optim.mixed_precision == "fp16",
+                         max_steps=cfg.run.max_steps)
     return path
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name[len(CHECKPOINT_PREFIX):])
+
+
+def previous_work(output_dir: Path, resume_from: Path | None) -> list[Path]:
+    """What in ``output_dir`` belongs to another run, and this run would destroy or mix with.
+
+    A fresh run (or one resumed from a checkpoint elsewhere) must not share a folder with other
+    checkpoints: rotation would delete its own newest ones first, and ``resume latest`` would pick
+    the other run's. Nor would it silently replace an exported model. A run resumed from one of
+    the folder's own checkpoints owns that lineage, but not the checkpoints past its step."""
+    if not output_dir.is_dir():
+        return []
+    found = list_checkpoints(output_dir)
+    own = resume_from is not None and resume_from.resolve().parent == output_dir.resolve() \
+        and resume_from.name.startswith(CHECKPOINT_PREFIX) and resume_from.name[len(CHECKPOINT_PREFIX):].isdigit()
+    if own:
+        return [c for c in found if _step_of(c) > _step_of(resume_from)]
+    model = output_dir / "model"
+    return found + ([model] if model.exists() or model.is_symlink() else [])
+
+
+def claim_run_folder(cfg: TrainConfig, output_dir: Path, resume_from: Path | None) -> None:
+    """Refuse, or with ``run.overwrite`` delete, another run's work in ``output_dir`` (called with
+    the folder's lock held); and remove the temporaries of writers that died."""
+    others = previous_work(output_dir, resume_from)
+    if others:
+        names = ", ".join(p.name for p in others[:6]) + (f", ... ({len(others)} in all)" if len(others) > 6 else "")
+        if not getattr(cfg.run, "overwrite", False):
+            checkpoints = [p for p in others if p.name != "model"]
+            if resume_from is None:
+                why = "a fresh run there would " + " and ".join(
+                    (["replace its exported model"] if len(checkpoints) < len(others) else [])
+                    + (["mix its checkpoints with theirs (rotation would delete this run's own, and resume "
+                        "latest would pick theirs)"] if checkpoints else []))
+                fix = "resume that run with --run.resume latest, " if checkpoints else ""
+            else:
+                why = f"resuming from {resume_from} there would mix this run's checkpoints with them"
+                fix = "resume from the latest with --run.resume latest, "
+            delete = f"delete {'it' if len(others) == 1 else 'them'} and start afresh with --run.overwrite true"
+            advice = f"{fix}{delete}, or choose another --run.output_dir"
+            raise RunFolderError(f"run.output_dir {output_dir} already holds another run's work ({names}); {why}. "
+                                 f"{advice[:1].upper()}{advice[1:]}")
+        logger.warning("run.overwrite: deleting %s in %s", names, output_dir)
+        for path in others:
+            _remove(path)
+    clean_stale_temporaries(output_dir)
+
+
+def check_outside_inputs(cfg: TrainConfig, output_dir: Path) -> None:
+    """Refuse an ``output_dir`` that holds (or lies inside) a model folder this run reads: writing
+    the run there would replace the stage-1 model, its checkpoints and its logs."""
+    inputs = [("model.pretrained", cfg.model.pretrained)]
+    path = cfg.autoencoder.options.get("path") if isinstance(cfg.autoencoder.options, dict) else None
+    if isinstance(path, str):
+        inputs.append(("autoencoder.options.path", path))
+    out = output_dir.resolve()
+    for option, value in inputs:
+        if not value:
+            continue
+        folder = Path(value).resolve()
+        if out == folder or out in folder.parents or folder in out.parents:
+            where = "is" if out == folder else "contains" if out in folder.parents else "lies inside"
+            raise RunFolderError(f"run.output_dir {output_dir} {where} {option} {value}: this run would overwrite "
+                                 f"the model it starts from (and that run's checkpoints and logs); choose an "
+                                 "output_dir outside it")
+
+
+def check_run_options(cfg: TrainConfig) -> None:
+    """What the config layer cannot know: whether this machine can do what the options ask."""
+    check_tracker(cfg.run.tracker)
+    if cfg.optim.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise Lift3dError("optim.mixed_precision = 'fp16' needs a CUDA GPU; on the CPU Accelerate would silently "
+                          "train in fp32. Use 'bf16' (CPU mixed precision) or 'no'")
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,24 +547,22 @@ def export_model(cfg: TrainConfig, unet: nn.Module, autoencoder, noise_scheduler
     """Write ``output_dir/model``: the (lifted) U-Net in safetensors, its settings, the autoencoder
     (if it has weights) and the scheduler config; plus ``volumetric.safetensors`` in stage 2.
     With ``optim.ema`` the loop calls this with the EMA weights copied into ``unet``."""
-    final = output_dir / "model"
-    tmp = output_dir / ".tmp-model"
-    shutil.rmtree(tmp, ignore_errors=True)
     state = unet.state_dict()
     has_weights = any(True for _ in autoencoder.parameters()) if isinstance(autoencoder, nn.Module) else False
     settings = training_settings(cfg, autoencoder, dataset, exported_autoencoder=has_weights)
-    if lift3d.is_lifted(unet):
-        save_lifted(unet, tmp, state_dict=state, extra={"training": settings})
-        save_volumetric(unet, tmp / "volumetric.safetensors", state_dict=state)
-    else:
-        save_diffusers_folder(unet, tmp, state)
-    (tmp / TRAINING_SETTINGS).write_text(json.dumps(settings, indent=2))
-    if has_weights:
-        autoencoder.save(tmp / "autoencoder")
-    noise_scheduler.save_pretrained(tmp / "scheduler")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
+
+    def write(tmp: Path) -> None:
+        if lift3d.is_lifted(unet):
+            save_lifted(unet, tmp, state_dict=state, extra={"training": settings})
+            save_volumetric(unet, tmp / "volumetric.safetensors", state_dict=state)
+        else:
+            save_diffusers_folder(unet, tmp, state)
+        (tmp / TRAINING_SETTINGS).write_text(json.dumps(settings, indent=2))
+        if has_weights:
+            autoencoder.save(tmp / "autoencoder")
+        noise_scheduler.save_pretrained(tmp / "scheduler")
+
+    return write_folder(output_dir / "model", write)
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,21 +701,20 @@ def autoencoder_task(cfg: TrainConfig, dataset, objective, output_dir: Path, dev
                 "val_psnr": 10 * math.log10(4.0 / max(mse, 1e-12))}  # slices in [-1, 1]: peak-to-peak 2
 
     def export(model) -> Path:
-        final, tmp = output_dir / "model", output_dir / ".tmp-model"
-        shutil.rmtree(tmp, ignore_errors=True)
         loader = torch.utils.data.DataLoader(view, batch_size=cfg.data.batch_size, collate_fn=stack_items)
         batches = (slices(b) for _, b in zip(range(cfg.vae.scale_batches), loader))
         shift, scale = measure_latent_scale(model.vae, batches)
         model.vae.register_to_config(scaling_factor=scale, shift_factor=shift)
-        model.vae.save_pretrained(tmp, safe_serialization=True)
-        (tmp / TRAINING_SETTINGS).write_text(json.dumps(
-            {"stage": "autoencoder", "scaling_factor": scale, "shift_factor": shift,
-             "downsampling_factor": 2 ** (len(model.vae.config.block_out_channels) - 1),
-             "data": {"dataset": cfg.data.dataset, "options": dict(cfg.data.options)}, "config": cfg.to_dict()},
-            indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        return final
+
+        def write(tmp: Path) -> None:
+            model.vae.save_pretrained(tmp, safe_serialization=True)
+            (tmp / TRAINING_SETTINGS).write_text(json.dumps(
+                {"stage": "autoencoder", "scaling_factor": scale, "shift_factor": shift,
+                 "downsampling_factor": 2 ** (len(model.vae.config.block_out_channels) - 1),
+                 "data": {"dataset": cfg.data.dataset, "options": dict(cfg.data.options)}, "config": cfg.to_dict()},
+                indent=2))
+
+        return write_folder(output_dir / "model", write)
 
     return Task(objective, [p for p in objective.parameters() if p.requires_grad], view, loss, validate, export)
 
@@ -614,18 +747,23 @@ def build_autoencoder_objective(cfg: TrainConfig, dataset):
 def train(cfg: TrainConfig) -> Path:
     """Run one stage as configured; returns the exported model folder.
 
-    Every input (options, data, autoencoder, pretrained U-Net, sampler, resume checkpoint) is
-    checked before ``output_dir`` is touched. If the run then fails before its first checkpoint,
-    a folder it created is removed again, so a refused run leaves nothing behind.
+    Every input (options, data, autoencoder, pretrained U-Net, sampler, every file of the resume
+    checkpoint) is checked before ``output_dir`` is touched, and so is the folder itself: it must
+    not hold the pretrained model, nor another run's checkpoints or model (unless ``run.overwrite``).
+    The run then holds the folder's lock to its end, so a second run into it is refused. If the run
+    fails before its first checkpoint, a folder it created is removed again, so a refused run leaves
+    nothing behind.
     """
     from accelerate.utils import set_seed
 
     validate(cfg)
+    check_run_options(cfg)
+    output_dir = Path(cfg.run.output_dir)
+    check_outside_inputs(cfg, output_dir)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     set_seed(cfg.run.seed)
     dataset = create("datasets", cfg.data.dataset, split="train", **cfg.data.options)
-    output_dir = Path(cfg.run.output_dir)
     if cfg.run.stage == "autoencoder":
         objective = build_autoencoder_objective(cfg, dataset)
 
@@ -648,15 +786,22 @@ def train(cfg: TrainConfig) -> Path:
                 autoencoder.to(torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
             return diffusion_task(cfg, dataset, autoencoder, unet, sampler, output_dir, accelerator.device, val_pairs)
     resume_from = resolve_resume(cfg, output_dir)
+    if not getattr(cfg.run, "overwrite", False) and previous_work(output_dir, resume_from):
+        claim_run_folder(cfg, output_dir, resume_from)  # refused before the folder is touched
 
     created = not output_dir.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        return _train(cfg, make_task, output_dir, resume_from)
-    except Exception as exc:
-        if created and not isinstance(exc, NonFiniteLossError) and not list_checkpoints(output_dir):
-            shutil.rmtree(output_dir, ignore_errors=True)
-        raise
+    # The run holds its folder from here to the end: a second run into it is refused, naming this one's PID.
+    # Of a multi-process run, the main process holds it (the others meet it when Accelerate starts).
+    main_process = os.environ.get("RANK", "0") == "0"
+    with RunLock(output_dir) if main_process else contextlib.nullcontext():
+        try:
+            if main_process:
+                claim_run_folder(cfg, output_dir, resume_from)  # again, now that no other run can write there
+            return _train(cfg, make_task, output_dir, resume_from)
+        except Exception as exc:
+            if created and not isinstance(exc, NonFiniteLossError) and not list_checkpoints(output_dir):
+                shutil.rmtree(output_dir, ignore_errors=True)
+            raise
 
 
 def _train(cfg: TrainConfig, make_task: Callable[[Any], Task], output_dir: Path,
@@ -683,7 +828,7 @@ def _train(cfg: TrainConfig, make_task: Callable[[Any], Task], output_dir: Path,
     if resume_from is not None:
         step = load_training_state(resume_from, model=accelerator.unwrap_model(model), optimizer=optimizer,
                                    lr_scheduler=lr_scheduler, ema=ema, scaler=accelerator.scaler,
-                                   process_index=accelerator.process_index)
+                                   process_index=accelerator.process_index, max_steps=cfg.run.max_steps)
         accelerator.print(f"lift3d: resumed from {resume_from} at step {step}")
 
     plan = BatchPlan(len(task.view), cfg.data.batch_size, accelerator.num_processes, accelerator.process_index,
@@ -803,13 +948,16 @@ class ValidationTracker:
         return self.best.weights, {"step": self.best.step, "scores": self.best.scores, "first": self.first}
 
     def restore(self, folder: Path) -> None:
-        from lift3d.validation import Best
+        from lift3d.validation import SELECTION_METRIC, Best
 
-        weights, info = load_validation_state(folder)
+        weights, info = load_validation_state(folder, dict(zip(self.names, self.params)))
         if info is None:
             raise CheckpointError(f"checkpoint {folder} holds no validation state, but this run has "
                                   f"run.validate_every = {self.every}; resume with the setting it was saved with")
-        self.best, self.first = Best(info["step"], info["scores"], weights), info.get("first")
+        key = f"val_{SELECTION_METRIC}"
+        if key not in info["scores"] or (info["first"] is not None and key not in info["first"]):
+            raise CheckpointError(f"{folder / TRAINER_STATE}: its validation scores hold no {key}")
+        self.best, self.first = Best(info["step"], info["scores"], weights), info["first"]
 
 
 @contextlib.contextmanager
@@ -843,8 +991,8 @@ def check_finite(accelerator, loss: Tensor, step: int, output_dir: Path) -> None
         found = list_checkpoints(output_dir)
         if found:
             saved = read_trainer_state(found[-1])
-            last = saved.get("last_logged_loss")
-            kept = (f"the newest checkpoint is {found[-1]} (step {saved['step']}, last logged loss "
+            last = saved.last_logged_loss
+            kept = (f"the newest checkpoint is {found[-1]} (step {saved.step}, last logged loss "
                     f"{'unknown' if last is None else f'{last:.6g}'}; if that loss was already climbing, resume "
                     "from an older run or restart)")
         else:

@@ -18,6 +18,11 @@ A checkpoint folder holds exactly:
 ``best.safetensors``      the best sampled-validation step's trained weights (``run.validate_every``)
 ========================  ===================================================================
 
+Nothing read is trusted: every file is read inside its checkpoint folder (a link out is refused),
+each JSON file against a strict schema and then against the shape of this run's own optimizer,
+scheduler, EMA and scaler state, and each tensor against its parameter's shape and dtype, before
+anything is restored. Every failure is one :class:`~lift3d.io.errors.Lift3dError` line naming the file.
+
 Noise, timesteps and the data order are seeded by (seed, step), so the RNG files only matter for
 code that draws from the global generator (dropout, say).
 """
@@ -25,17 +30,23 @@ code that draws from the global generator (dropout, say).
 from __future__ import annotations
 
 import json
-import os
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ConfigDict, Field, field_validator
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lift3d.checkpoint import CheckpointError, load_state_dict_checked, read_safetensors, save_safetensors
+from lift3d.io.errors import Lift3dError, UnsafePathError
+from lift3d.io.paths import check_contained
+from lift3d.io.schemas import Checked, read_json
 
 STATE_FORMAT = 1
+MAX_STEP = 10**9
 TRAINER_STATE = "trainer_state.json"
 MODEL = "model.safetensors"
 OPTIMIZER, OPTIMIZER_GROUPS = "optimizer.safetensors", "optimizer.json"
@@ -45,19 +56,196 @@ SCALER = "scaler.json"
 BEST = "best.safetensors"
 RNG = re.compile(r"rng-\d+\.safetensors")
 KNOWN_FILES = {TRAINER_STATE, MODEL, OPTIMIZER, OPTIMIZER_GROUPS, LR_SCHEDULER, EMA, EMA_SETTINGS, SCALER, BEST}
+# AdamW's per-parameter state (the only optimizer the loop builds): a scalar step and moments shaped as the parameter
+ADAM_STATE, ADAM_REQUIRED = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}, {"step", "exp_avg", "exp_avg_sq"}
+
+
+# --------------------------------------------------------------------------------------------
+# Schemas: what each JSON file may hold, checked before anything is restored from it
+
+
+class _Own(Checked):
+    """A file lift3d writes itself: no key it does not know."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ValidationRecord(_Own):
+    model_config = ConfigDict(allow_inf_nan=True)  # a PSNR of identical volumes is inf
+    step: int = Field(ge=0, le=MAX_STEP)
+    scores: dict[str, float]
+    first: dict[str, float] | None = None
+
+
+class TrainerState(_Own):
+    format: int
+    step: int = Field(ge=0, le=MAX_STEP)
+    last_logged_loss: float | None = Field(default=None, allow_inf_nan=True)
+    validation: ValidationRecord | None = None
+
+    @field_validator("format")
+    @classmethod
+    def _known(cls, value: int) -> int:
+        if value != STATE_FORMAT:
+            raise ValueError(f"format {value} is not one this lift3d reads ({STATE_FORMAT})")
+        return value
+
+
+class ParamGroupState(Checked):
+    """One optimizer param group; its other keys are compared with this run's optimizer."""
+
+    params: list[int] = Field(max_length=100_000)
+    lr: float = Field(ge=0)
+    initial_lr: float | None = Field(default=None, ge=0)
+    eps: float | None = Field(default=None, gt=0)
+    weight_decay: float | None = Field(default=None, ge=0)
+    betas: list[float] | None = Field(default=None, min_length=2, max_length=2)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and not all(0 <= b < 1 for b in value):
+            raise ValueError(f"each beta must be in [0, 1), got {value}")
+        return value
+
+
+class OptimizerState(_Own):
+    param_groups: list[ParamGroupState] = Field(min_length=1, max_length=1024)
+    scalars: dict[str, dict[str, float | bool | None]] = {}
+
+
+class LrSchedulerState(Checked):
+    """A ``LambdaLR``'s ``state_dict``: its other keys (``_step_count``...) are compared with this run's."""
+
+    base_lrs: list[float]
+    last_epoch: int = Field(ge=-1, le=MAX_STEP)
+    lr_lambdas: list[None]  # a function is never stored; a dict here would be written into the lambda
+
+    @field_validator("base_lrs")
+    @classmethod
+    def _rates(cls, value: list[float]) -> list[float]:
+        if any(v < 0 for v in value):
+            raise ValueError(f"learning rates must be >= 0, got {value}")
+        return value
+
+
+class EmaState(Checked):
+    """diffusers' ``EMAModel`` counters; the key set is compared with this run's EMA."""
+
+    decay: float = Field(ge=0, le=1)
+    min_decay: float = Field(ge=0, le=1)
+    optimization_step: int = Field(ge=0, le=MAX_STEP)
+    update_after_step: int = Field(ge=0, le=MAX_STEP)
+    use_ema_warmup: bool
+    inv_gamma: float = Field(gt=0)
+    power: float = Field(gt=0)
+
+
+class ScalerState(Checked):
+    """A ``GradScaler``'s ``state_dict``; the key set is compared with this run's scaler."""
+
+    scale: float = Field(gt=0)
+    growth_factor: float = Field(gt=1)
+    backoff_factor: float = Field(gt=0, lt=1)
+    growth_interval: int = Field(ge=1, le=MAX_STEP)
+    growth_tracker: int = Field(alias="_growth_tracker", ge=0, le=MAX_STEP)
+
+
+JSON_SCHEMAS = {TRAINER_STATE: TrainerState, OPTIMIZER_GROUPS: OptimizerState, LR_SCHEDULER: LrSchedulerState,
+                EMA_SETTINGS: EmaState, SCALER: ScalerState}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading: every file through the trusted readers, inside its checkpoint folder
 
 
 def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True, allow_nan=True))
 
 
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
+def _read_json(folder: Path, name: str) -> Any:
+    """The checked content of checkpoint file ``name``; every failure is one :class:`CheckpointError`
+    line naming the file (a link out of the folder stays an :class:`UnsafePathError`)."""
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+        return read_json(folder / name, JSON_SCHEMAS[name], folder=folder, what="checkpoint file")
+    except UnsafePathError:
+        raise
+    except Lift3dError as exc:  # one line even when a key of the file holds a line break
+        raise CheckpointError(str(exc).replace("\r", "\\r").replace("\n", "\\n")) from None
+
+
+def _dump(state) -> dict[str, Any]:
+    return state.model_dump(by_alias=True, exclude_unset=True)
+
+
+def _read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    return read_safetensors(folder / name, f"checkpoint file {name}", folder=folder)[0]
+
+
+def _check_header(folder: Path, name: str) -> None:
+    """A safetensors file's header is readable and covers the file (no tensor is read yet)."""
+    path = folder / name
+    check_contained(folder, path, f"checkpoint file {name}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {name} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc)[:160]})") from None
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _mismatch(reference: Any, value: Any, where: str) -> str | None:
+    """Where ``value`` (read from JSON) differs in kind from ``reference`` (this run's own state), or None.
+
+    Numbers stay numbers (finite; an int where an int was), flags stay flags, lists keep their
+    length and dicts their keys: nothing of another shape reaches ``load_state_dict``."""
+    if isinstance(reference, torch.Tensor) and reference.numel() == 1:
+        reference = reference.item()
+    if reference is None or isinstance(reference, (bool, str)):
+        ok = value is None if reference is None else type(value) is type(reference)
+        kind = "null" if reference is None else type(reference).__name__
+        return None if ok else f"{where} must be {kind}, got {_show(value)}"
+    if isinstance(reference, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"{where} must be a finite number, got {_show(value)}"
+        if isinstance(reference, int) and not isinstance(value, int):
+            return f"{where} must be an integer, got {_show(value)}"
+        return None
+    if isinstance(reference, (list, tuple)):
+        if not isinstance(value, list) or len(value) != len(reference):
+            return f"{where} must be a list of {len(reference)}, got {_show(value)}"
+        found = (_mismatch(r, v, f"{where}[{i}]") for i, (r, v) in enumerate(zip(reference, value)))
+        return next((m for m in found if m), None)
+    if isinstance(reference, dict):
+        if not isinstance(value, dict):
+            return f"{where} must be an object, got {_show(value)}"
+        missing, unexpected = sorted(set(reference) - set(value)), sorted(set(value) - set(reference))
+        if missing or unexpected:
+            return f"{where or 'the file'} has missing keys {missing} and unexpected keys {unexpected}"
+        found = (_mismatch(reference[k], value[k], f"{where}.{k}".lstrip(".")) for k in reference)
+        return next((m for m in found if m), None)
+    return f"{where} holds a {type(reference).__name__}, which lift3d does not restore from JSON"
+
+
+def _conform(reference: Any, value: Any, path: Path, where: str = "") -> Any:
+    problem = _mismatch(reference, value, where)
+    if problem:
+        raise CheckpointError(f"{path} does not match this run's state: {problem}")
+    return value
+
+
+def _check_tensor(tensor: torch.Tensor, like: torch.Tensor, where: str) -> None:
+    if tuple(tensor.shape) != tuple(like.shape) or tensor.dtype != like.dtype:
+        raise CheckpointError(f"{where} is {tensor.dtype} {tuple(tensor.shape)}; this run's parameter is "
+                              f"{like.dtype} {tuple(like.shape)}")
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise CheckpointError(f"{where} holds NaN or inf")
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -102,20 +290,48 @@ def _save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    tensors, _ = read_safetensors(folder / OPTIMIZER)
-    saved = _read_json(folder / OPTIMIZER_GROUPS)
+    groups_path = folder / OPTIMIZER_GROUPS
+    saved = _dump(_read_json(folder, OPTIMIZER_GROUPS))
     current = optimizer.state_dict()
-    groups = saved.get("param_groups", [])
+    groups = saved["param_groups"]
     if len(groups) != len(current["param_groups"]) or any(
-            len(g.get("params", [])) != len(c["params"]) for g, c in zip(groups, current["param_groups"])):
-        raise CheckpointError(f"{folder / OPTIMIZER_GROUPS} is for another set of trained parameters "
+            g["params"] != c["params"] for g, c in zip(groups, current["param_groups"])):
+        raise CheckpointError(f"{groups_path} is for another set of trained parameters "
                               "(did lift.trainable or the model change since the checkpoint?)")
+    _conform(current["param_groups"], groups, groups_path, "param_groups")
+    # state_dict numbers the parameters group after group; those numbers key the saved state
+    params = {i: p for c, g in zip(current["param_groups"], optimizer.param_groups)
+              for i, p in zip(c["params"], g["params"])}
     state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
+    for key, value in _read_tensors(folder, OPTIMIZER).items():
+        index, _, name = key.partition(".")
+        if not (index.isdigit() and int(index) in params and name.isidentifier()):
+            raise CheckpointError(f"{folder / OPTIMIZER} holds tensor {key!r}; lift3d writes "
+                                  f"'<parameter index>.<name>' for parameters 0..{len(params) - 1}")
+        param = params[int(index)]
+        if name == "step" or value.dim() == 0:  # a step count: Adam raises its betas to this power
+            if value.dim() != 0 or not value.is_floating_point() or not (
+                    torch.isfinite(value) and 0 <= value <= MAX_STEP and value == value.round()):
+                shown = f"{value.item()!r}" if value.numel() == 1 else f"{value.dtype} {tuple(value.shape)}"
+                raise CheckpointError(f"{folder / OPTIMIZER}: {key} must be a whole-number step count from 0 to "
+                                      f"{MAX_STEP} in a floating-point scalar, got {shown}")
+        else:
+            _check_tensor(value, param.detach(), f"{folder / OPTIMIZER}: {key}")
         state.setdefault(int(index), {})[name] = value
     for index, entries in saved.get("scalars", {}).items():
+        if not (index.isdigit() and int(index) in params) or any(
+                isinstance(v, float) and not math.isfinite(v) for v in entries.values()):
+            raise CheckpointError(f"{groups_path}: scalars {index!r} is not a finite value of a trained parameter "
+                                  f"(0..{len(params) - 1})")
         state.setdefault(int(index), {}).update(entries)
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer wraps it
+    if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+        for index, entries in state.items():
+            if not ADAM_REQUIRED <= set(entries) <= ADAM_STATE or not all(isinstance(v, torch.Tensor)
+                                                                          for v in entries.values()):
+                raise CheckpointError(f"{folder / OPTIMIZER}: parameter {index} has state {sorted(entries)}; "
+                                      f"{type(inner).__name__} keeps the tensors {', '.join(sorted(ADAM_REQUIRED))} "
+                                      "(and max_exp_avg_sq with amsgrad), and no scalars")
     param_groups = [{k: _like(c.get(k), v) for k, v in g.items()} for g, c in zip(groups, current["param_groups"])]
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
@@ -166,48 +382,118 @@ def check_checkpoint_files(folder: Path, expected: set[str] | None = None) -> No
             "settings cannot be resumed here. Remove those files, or start afresh")
 
 
-def read_trainer_state(folder: Path) -> dict[str, Any]:
-    state = _read_json(folder / TRAINER_STATE)
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise CheckpointError(f"{folder / TRAINER_STATE} holds no step: not a lift3d checkpoint")
-    return state
+def read_trainer_state(folder: Path) -> TrainerState:
+    """The checked ``trainer_state.json``: format, step (0..10**9), last logged loss, validation."""
+    return _read_json(folder, TRAINER_STATE)
+
+
+def expected_files(folder: Path, *, ema: bool, scaler: bool) -> set[str]:
+    """The files a run with (or without) an EMA and an fp16 scaler reads from checkpoint ``folder``."""
+    expected = KNOWN_FILES - ({EMA, EMA_SETTINGS} if not ema else set()) - ({SCALER} if not scaler else set())
+    return expected if read_trainer_state(folder).validation is not None else expected - {BEST}
+
+
+def check_training_state(folder: Path, *, ema: bool, scaler: bool, max_steps: int | None = None) -> TrainerState:
+    """Everything about checkpoint ``folder`` that can be checked before the model exists: the file
+    names, every JSON file against its schema, every safetensors header, and the step against
+    ``max_steps``. A resumed run calls this before it writes anything."""
+    trainer = read_trainer_state(folder)
+    expected = expected_files(folder, ema=ema, scaler=scaler)
+    if trainer.validation is not None and not (folder / BEST).exists():
+        raise CheckpointError(f"{folder / TRAINER_STATE} records a validation state, but {BEST} is missing")
+    check_checkpoint_files(folder, expected)
+    if max_steps is not None and trainer.step > max_steps:
+        raise CheckpointError(f"{folder / TRAINER_STATE} is at step {trainer.step}, beyond run.max_steps = "
+                              f"{max_steps}; raise run.max_steps to at least {trainer.step}, or resume from an "
+                              "earlier checkpoint")
+    for name in sorted(expected & set(JSON_SCHEMAS)):
+        _read_json(folder, name)
+    rng = [p.name for p in folder.iterdir() if RNG.fullmatch(p.name)]
+    for name in sorted((expected - set(JSON_SCHEMAS)) | set(rng)):
+        _check_header(folder, name)
+    return trainer
+
+
+def _restore_rng(folder: Path, process_index: int) -> None:
+    name = f"rng-{process_index}.safetensors"
+    if not (folder / name).exists() and not (folder / name).is_symlink():
+        return  # a run resumed on more processes than it was saved with starts their RNG afresh
+    generators = _read_tensors(folder, name)
+    cuda = sorted((k for k in generators if k.startswith("cuda")), key=lambda k: int(k[4:]) if k[4:].isdigit() else -1)
+    own = torch.get_rng_state()
+    if "cpu" not in generators or set(generators) - {"cpu"} != {f"cuda{i}" for i in range(len(cuda))}:
+        raise CheckpointError(f"{folder / name} holds {sorted(generators)}; lift3d writes cpu and cuda0, cuda1, ...")
+    for key, state in generators.items():
+        like = own if key == "cpu" else state
+        if state.dtype != torch.uint8 or state.dim() != 1 or state.shape != like.shape:
+            raise CheckpointError(f"{folder / name}: the {key} RNG state is {state.dtype} {tuple(state.shape)}; "
+                                  f"a torch RNG state is uint8 ({like.numel()},)")
+    if torch.cuda.is_available():
+        for i, key in enumerate(cuda[:torch.cuda.device_count()]):
+            if generators[key].shape != torch.cuda.get_rng_state(i).shape:
+                raise CheckpointError(f"{folder / name}: the {key} RNG state has {generators[key].numel()} bytes, "
+                                      f"this GPU's has {torch.cuda.get_rng_state(i).numel()}")
+    try:  # torch checks the Mersenne Twister's own fields
+        torch.set_rng_state(generators["cpu"])
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([generators[k] for k in cuda[:torch.cuda.device_count()]])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{folder / name} holds no valid RNG state ({str(exc).splitlines()[0][:120]})") from None
 
 
 def load_training_state(folder: Path, *, model: nn.Module, optimizer, lr_scheduler, ema=None, scaler=None,
-                        process_index: int = 0) -> int:
-    """Restore what :func:`save_training_state` wrote; returns the step to continue from."""
-    expected = KNOWN_FILES - ({EMA, EMA_SETTINGS} if ema is None else set()) - ({SCALER} if scaler is None else set())
-    if "validation" not in read_trainer_state(folder):
-        expected = expected - {BEST}
-    check_checkpoint_files(folder, expected)
-    step = read_trainer_state(folder)["step"]
-    weights, _ = read_safetensors(folder / MODEL)
-    load_state_dict_checked(model, weights, f"model weights in {folder}")
-    _load_optimizer(optimizer, folder)
-    lr_scheduler.load_state_dict(_read_json(folder / LR_SCHEDULER))
+                        process_index: int = 0, max_steps: int | None = None) -> int:
+    """Restore what :func:`save_training_state` wrote; returns the step to continue from.
+
+    Every file is read through the trusted readers, inside ``folder``, and checked against this
+    run's own objects (keys, shapes, dtypes, kinds of values) before anything is restored; each
+    failure is one :class:`~lift3d.io.errors.Lift3dError` line naming the file."""
+    folder = Path(folder)
+    step = check_training_state(folder, ema=ema is not None, scaler=scaler is not None, max_steps=max_steps).step
+    schedule = _conform(lr_scheduler.state_dict(), _dump(_read_json(folder, LR_SCHEDULER)), folder / LR_SCHEDULER)
+    if schedule["last_epoch"] != step:
+        raise CheckpointError(f"{folder / LR_SCHEDULER} is at last_epoch {schedule['last_epoch']}, but "
+                              f"{TRAINER_STATE} at step {step}: the files come from different checkpoints")
+    ema_settings = None
     if ema is not None:
-        shadow, _ = read_safetensors(folder / EMA)
-        settings = _read_json(folder / EMA_SETTINGS)
-        if len(shadow) != len(ema.shadow_params):
-            raise CheckpointError(f"{folder / EMA} holds {len(shadow)} EMA tensors, this run trains {len(ema.shadow_params)}")
-        ema.load_state_dict({**settings, "shadow_params": [shadow[str(i)].to(p.device)
-                                                           for i, p in enumerate(ema.shadow_params)]})
+        reference = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+        ema_settings = _conform(reference, _dump(_read_json(folder, EMA_SETTINGS)), folder / EMA_SETTINGS)
+    scaler_state = None
     if scaler is not None:
-        scaler.load_state_dict(_read_json(folder / SCALER))
-    rng_file = folder / f"rng-{process_index}.safetensors"
-    if rng_file.is_file():  # a run resumed on more processes than it was saved with starts their RNG afresh
-        generators, _ = read_safetensors(rng_file)
-        torch.set_rng_state(generators["cpu"])
-        cuda = [generators[f"cuda{i}"] for i in range(sum(k.startswith("cuda") for k in generators))]
-        if cuda and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda)
+        scaler_state = _conform(scaler.state_dict(), _dump(_read_json(folder, SCALER)), folder / SCALER)
+
+    load_state_dict_checked(model, _read_tensors(folder, MODEL), f"model weights {folder / MODEL}")
+    _load_optimizer(optimizer, folder)
+    lr_scheduler.load_state_dict(schedule)
+    if ema is not None:
+        shadow = _read_tensors(folder, EMA)
+        if set(shadow) != {str(i) for i in range(len(ema.shadow_params))}:
+            raise CheckpointError(f"{folder / EMA} holds {len(shadow)} EMA tensors, this run trains "
+                                  f"{len(ema.shadow_params)} (keys 0..{len(ema.shadow_params) - 1})")
+        for i, p in enumerate(ema.shadow_params):
+            _check_tensor(shadow[str(i)], p.detach(), f"{folder / EMA}: tensor {i}")
+        ema.load_state_dict({**ema_settings, "shadow_params": [shadow[str(i)].to(p.device)
+                                                               for i, p in enumerate(ema.shadow_params)]})
+    if scaler is not None:
+        scaler.load_state_dict(scaler_state)
+    _restore_rng(folder, process_index)
     return step
 
 
-def load_validation_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """The best validation step's weights and scores, as :func:`save_training_state` wrote them."""
-    info = read_trainer_state(folder).get("validation")
+def load_validation_state(folder: Path, reference: dict[str, torch.Tensor] | None = None
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The best validation step's weights and scores, as :func:`save_training_state` wrote them.
+
+    ``reference`` (name -> this run's trained tensor) is what the weights must match, key for key."""
+    info = read_trainer_state(folder).validation
     if info is None:
         return {}, None
-    weights, _ = read_safetensors(folder / BEST)
-    return weights, info
+    weights = _read_tensors(folder, BEST)
+    if reference is not None:
+        if set(weights) != set(reference):
+            missing, unexpected = sorted(set(reference) - set(weights)), sorted(set(weights) - set(reference))
+            raise CheckpointError(f"{folder / BEST} does not hold this run's trained weights: missing "
+                                  f"{missing[:5]}, unexpected {unexpected[:5]}")
+        for name, like in reference.items():
+            _check_tensor(weights[name], like.detach().cpu(), f"{folder / BEST}: {name}")
+    return weights, info.model_dump()

@@ -225,7 +225,7 @@ def test_the_nan_message_names_the_checkpoint_with_its_last_loss(tmp_path, monke
 def test_a_fresh_run_in_an_old_folder_starts_a_fresh_log(tmp_path):
     out = tmp_path / "run"
     train(tiny_cfg(out, run={"max_steps": 3}))
-    train(tiny_cfg(out, run={"max_steps": 2}))
+    train(tiny_cfg(out, run={"max_steps": 2, "overwrite": True}))
     rows = losses(out)
     assert [r["step"] for r in rows if r["loss"]] == ["1", "2"]
 

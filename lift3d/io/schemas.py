@@ -151,54 +151,14 @@ class SchedulerConfig(Checked):
 
 
 # --------------------------------------------------------------------------------------------
-# Training state
-
-
-class TrainerState(Checked):
-    format: int = Field(ge=1, le=1)
-    step: int = Field(ge=0, le=10**9)
-    last_logged_loss: float | None = Field(default=None, allow_inf_nan=True)
-    validation: dict[str, Any] | None = None
-
-
-class ParamGroup(Checked):
-    params: list[int]
-    lr: float = Field(ge=0)
-
-
-class OptimizerState(Checked):
-    param_groups: list[ParamGroup]
-    scalars: dict[str, dict[str, Any]] = {}
-
-
-class LrSchedulerState(Checked):
-    base_lrs: list[float]
-    last_epoch: int = Field(ge=-1)
-    lr_lambdas: list[Any]
-    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
-
-
-class EmaState(Checked):
-    decay: float = Field(ge=0, le=1)
-    optimization_step: int = Field(ge=0)
-
-
-class ScalerState(Checked):
-    scale: float = Field(gt=0)
-    growth_factor: float = Field(gt=0)
-    backoff_factor: float = Field(gt=0)
-    growth_interval: int = Field(ge=1)
-    _growth_tracker: int = 0
-
-
-# --------------------------------------------------------------------------------------------
 # The reader
 
 
 def _one_line(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors()[:3]:
-        where = ".".join(str(p) for p in error["loc"]) or "the file"
+        where = ".".join(str(p) if isinstance(p, int) or str(p).isidentifier() else repr(p)
+                         for p in error["loc"]) or "the file"
         got = error.get("input")
         shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
         parts.append(f"{where}: {error['msg'].rstrip('.')} (got {shown[:80]})")
