@@ -3,7 +3,10 @@ Make-A-Volume's Tables 1-2, plus a z-consistency score) and draw Fig. 3-style or
 
 Writes ``metrics.csv`` (one row per subject), ``summary.json`` (mean and std per metric, and the
 intensity-scale rule) and ``figures/<subject>.png`` into ``--out``. Everything is written into a
-hidden staging folder first and moved into place only when every subject succeeded.
+hidden staging folder first and moved into place only when every subject succeeded. Every file is
+read through :func:`lift3d.data.nifti.open_nifti`, which checks its header (and the memory its voxels
+need) before any voxel is read; folders are listed without hidden files, so a temporary left by a
+killed writer is never taken for a prediction.
 """
 
 from __future__ import annotations
@@ -14,20 +17,19 @@ import json
 import math
 import os
 import shutil
-import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import nibabel as nib
 import numpy as np
-from nibabel.filebasedimages import ImageFileError
 from tqdm import tqdm
 
 from lift3d.cli._common import OUTPUT_SUFFIX, STD_SUFFIX, UserError, run_cli
 from lift3d.data.align import field_of_view_overlap, world_bounds
-from lift3d.data.nifti import load_image
+from lift3d.data.nifti import list_image_files, load_image, open_nifti
+from lift3d.io.errors import Lift3dError
+from lift3d.io.writing import clean_stale_temporaries, temporary_path
 from lift3d.data.orientation import SLICE_AXES, to_slices
 from lift3d.figures import save_orthogonal_views
 from lift3d.metrics import (DATA_RANGE, INTENSITY_RULE, METRICS, SSIM_WIN_SIZE, UNCERTAINTY_METRICS, evaluate_volumes,
@@ -123,7 +125,7 @@ def _subject_name(path: Path) -> str:
 
 
 def _nifti_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
+    return list_image_files(directory, NIFTI_SUFFIXES)
 
 
 def _check_exists(path: Path, role: str) -> Path:
@@ -195,11 +197,11 @@ def collect_subjects(args: argparse.Namespace) -> list[Subject]:
 
 
 def _load_header(path: Path, role: str) -> nib.Nifti1Image:
-    """Open a NIfTI lazily (header only) to check it is 3D before any voxel is read."""
+    """Open a NIfTI lazily (its header checked, no voxel read) to check it is 3D before any work."""
     try:
-        image = nib.load(path)
-    except (ImageFileError, OSError, EOFError, ValueError, zlib.error) as exc:
-        raise UserError(f"cannot read {role} {path} as NIfTI: {exc}") from None
+        image = open_nifti(path)
+    except Lift3dError as exc:  # a VolumeError, or a BudgetError for a header past the memory budget
+        raise type(exc)(f"cannot read {role} {exc}") from None
     shape = image.shape
     # (x, y, z, 1) is a 3D volume stored with a singleton time axis.
     if len(shape) < 3 or any(size != 1 for size in shape[3:]):
@@ -330,7 +332,9 @@ def _prepare_out(out: Path) -> tuple[Path, bool]:
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".lift3d-evaluate-", dir=out))
+        clean_stale_temporaries(out)  # what a killed run left
+        staging = temporary_path(out / "evaluation")
+        staging.mkdir()
     except OSError as exc:
         raise UserError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
     return staging, created

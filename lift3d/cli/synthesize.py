@@ -5,15 +5,16 @@ percentile normalisation to [-1, 1], resampling to the training grid), synthesis
 :func:`lift3d.synthesis.synthesize_posterior` (Make-A-Volume, DDIM-200 by default), and written as
 ``<name>_synth.nii.gz`` back on the source's own grid with the source's affine; with ``--samples K``
 that is the mean of K samples, and their per-voxel std goes to ``std/<name>_std.nii.gz``. Every
-input and the output folder are checked before the first volume is synthesised; each file is
-written atomically.
+input and the output folder are checked before the first volume is synthesised: no output may
+overwrite an input or another output, and each grid must fit the memory budget. Each file is written
+under a temporary name and renamed into place (a mean together with its std map, the std first),
+and temporaries a killed run left behind are removed at the next start.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,22 @@ import nibabel as nib
 import torch
 
 from lift3d.cli._common import OUTPUT_SUFFIX, STD_DIR, STD_SUFFIX, UserError, run_cli
-from lift3d.data.nifti import IMAGE_SUFFIXES, image_suffix, load_image, save_volume
+from lift3d.data.nifti import IMAGE_SUFFIXES, image_suffix, list_image_files, load_image, save_volume
 from lift3d.data.orientation import orientation_codes, slice_shape
 from lift3d.data.volume import TrainingGrid, prepare_volume
+from lift3d.io.budget import check_count
+from lift3d.io.errors import BudgetError
+from lift3d.io.writing import clean_stale_temporaries, commit_together, temporary_path
 from lift3d.synthesis import (DTYPES, SCHEDULERS, SynthesisModel, check_clip_x0, load_synthesis_model, make_scheduler,
                               resolve_sample_batch, resolve_window, save_std_volume, synthesize_posterior)
 
 NATIVE = "native"
 DEFAULT_PERCENTILES = (0.5, 99.5)
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+# Float32 volumes of the synthesis grid held at once besides the K samples and their stack: the
+# source, its encoding, the noisy sample, the noise prediction, the mean and the std. A lower bound
+# (the U-Net's activations come on top), so no run that fits is refused.
+SYNTHESIS_COPIES = 6
 
 DESCRIPTION = """\
 Synthesise the target modality for one or many source volumes with a model exported by
@@ -87,6 +96,28 @@ def _correlation(text: str) -> float:
     return value
 
 
+def _window(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0 or value == 1:
+        raise argparse.ArgumentTypeError(f"expected 0 (always the whole volume) or a window of at least 2 slices, "
+                                         f"got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    try:
+        kind = torch.device(text).type
+    except (RuntimeError, TypeError, ValueError):
+        kind = None
+    if kind not in DEVICE_TYPES:
+        raise argparse.ArgumentTypeError(f"expected a device that can run synthesis: cpu, cuda, cuda:N or mps; "
+                                         f"got {text!r}")
+    return text
+
+
 def _slice_count(text: str) -> int | str:
     return NATIVE if text == NATIVE else _positive(text)
 
@@ -109,10 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model folder exported by lift3d-finetune (<output_dir>/model): the U-Net, "
                         "lift3d_training.json (autoencoder, conditioning, training grid) and scheduler/")
     parser.add_argument("--source", nargs="+", required=True, metavar="PATH",
-                        help=f"source volumes ({', '.join(IMAGE_SUFFIXES)}), or one folder: every such file in it")
+                        help=f"source volumes ({', '.join(IMAGE_SUFFIXES)}), or one folder: every such file in it "
+                        f"except hidden ones and earlier outputs (<name>{OUTPUT_SUFFIX})")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help=f"output folder, created if missing; one <name>{OUTPUT_SUFFIX} per source (an "
-                        "existing file of that name is replaced)")
+                        "existing file of that name is replaced). It may not be a source's folder, and no output "
+                        "may replace a source")
     parser.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="ddim",
                         help="sampler, built from the training noise schedule: ddpm (ancestral), ddim (the "
                         "paper's, deterministic) or dpm (DPM-Solver++ multistep). Default: ddim")
@@ -137,14 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "noise stays N(0, 1), as sqrt(RHO) x shared + sqrt(1 - RHO) x own-per-slice would "
                         "give): the initial noise, and ddpm's noise at every step. 0 = independent slices, "
                         "as in training; 1 = the same noise in every slice. Default: 0")
-    parser.add_argument("--window", type=_non_negative, metavar="N",
+    parser.add_argument("--window", type=_window, metavar="N",
                         help="denoise in overlapping windows of N slices, blending their noise predictions "
                         "at every step (saves memory on long volumes). 0 = always the whole volume. Default: "
                         "the whole volume unless it has more slices than the model was fine-tuned on, then "
                         "windows of that many slices")
     parser.add_argument("--overlap", type=_non_negative, metavar="N",
-                        help="slices shared by neighbouring windows (default: a quarter of the window, at "
-                        "least 1); the shared slices are blended with raised-cosine weights")
+                        help="slices shared by neighbouring windows, 0 to N - 1 (default: a quarter of the window, "
+                        "at least 1); the shared slices are blended with raised-cosine weights")
     parser.add_argument("--slice-wise", action="store_true",
                         help="the paper's 'w/o volumetric layers' ablation: switch the volumetric layers off "
                         "so each slice is denoised by the 2D model on its own; everything else is unchanged")
@@ -159,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="in-plane size to resample each slice to instead of the training size; "
                         "'native' keeps the source's own. Both sides must be multiples of the model's "
                         "size multiple (autoencoder factor x U-Net downsampling)")
-    parser.add_argument("--device", metavar="DEVICE",
+    parser.add_argument("--device", type=_device, metavar="DEVICE",
                         help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                         help="dtype of the U-Net and autoencoder; the sampler stays float32. Default: float32")
@@ -175,27 +208,69 @@ def subject_name(path: Path) -> str:
     return path.name[: -len(suffix)] if suffix else path.name
 
 
-def collect_sources(paths: list[str]) -> list[Path]:
+def collect_sources(paths: list[str]) -> tuple[list[Path], list[Path]]:
+    """The source files, and those skipped in a source folder as earlier outputs of this tool.
+
+    Every source must give a different output name: ``a.nii`` and ``a.nii.gz`` would both be
+    written as ``a_synth.nii.gz``, so they are refused, naming both.
+    """
+    skipped: list[Path] = []
     if len(paths) == 1 and Path(paths[0]).is_dir():
         folder = Path(paths[0])
-        found = sorted(p for p in folder.iterdir() if p.is_file() and image_suffix(p) and not p.name.startswith("."))
-        if not found:
-            raise UserError(f"source folder {folder} holds no image file ({', '.join(IMAGE_SUFFIXES)})")
-        return found
-    sources = []
-    for text in paths:
-        path = Path(text)
-        if not path.exists():
-            raise UserError(f"source file not found: {path}")
-        if path.is_dir():
-            raise UserError(f"source {path} is a folder; give a folder only as the single --source path")
-        sources.append(path)
-    names = [subject_name(p) for p in sources]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise UserError(f"several sources share the name {', '.join(duplicates)}; their outputs "
-                        f"<name>{OUTPUT_SUFFIX} would overwrite each other")
-    return sources
+        found = list_image_files(folder)
+        # A lift3d output is not a source: re-synthesising it would write <name>_synth_synth.nii.gz.
+        skipped = [p for p in found if p.name.endswith(OUTPUT_SUFFIX)]
+        sources = [p for p in found if not p.name.endswith(OUTPUT_SUFFIX)]
+        if not sources:
+            only = f" besides earlier outputs ({', '.join(p.name for p in skipped)})" if skipped else ""
+            raise UserError(f"source folder {folder} holds no image file ({', '.join(IMAGE_SUFFIXES)}){only}")
+    else:
+        sources = []
+        for text in paths:
+            path = Path(text)
+            if not path.exists():
+                raise UserError(f"source file not found: {path}")
+            if path.is_dir():
+                raise UserError(f"source {path} is a folder; give a folder only as the single --source path")
+            sources.append(path)
+    by_name: dict[str, list[Path]] = {}
+    for path in sources:
+        by_name.setdefault(subject_name(path), []).append(path)
+    clashes = [(name, group) for name, group in by_name.items() if len(group) > 1]
+    if clashes:
+        name, group = clashes[0]
+        more = f" (and {len(clashes) - 1} more such name(s))" if len(clashes) > 1 else ""
+        both = " and ".join(str(p) for p in group)
+        raise UserError(f"sources {both} would both be written as {name}{OUTPUT_SUFFIX}, one over the other{more}; "
+                        "rename one, or synthesise them into different --out folders")
+    return sources, skipped
+
+
+def output_paths(out: Path, source: Path) -> tuple[Path, Path]:
+    """Where ``source``'s mean and std map go."""
+    name = subject_name(source)
+    return out / f"{name}{OUTPUT_SUFFIX}", out / STD_DIR / f"{name}{STD_SUFFIX}"
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_out(out: Path, sources: list[Path], folder: Path | None) -> None:
+    """Refuse an ``--out`` that is a source's folder, or where an output would replace a source."""
+    for where in ([folder] if folder is not None else []) + [p.parent for p in sources]:
+        if _same_file(out, where):
+            raise UserError(f"--out {out} is the folder of the sources ({where}); the outputs would mix with them, "
+                            "and a later run would read them back as sources: choose another --out folder")
+    for source in sources:
+        for dest in output_paths(out, source):
+            clash = next((p for p in sources if _same_file(dest, p)), None)
+            if clash is not None:
+                raise UserError(f"--out {out}: writing {dest} would replace the source {clash}; choose another "
+                                "--out folder")
 
 
 def prepare_out(out: Path) -> bool:
@@ -205,9 +280,9 @@ def prepare_out(out: Path) -> bool:
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".lift3d-synthesize-", dir=out)
-        os.close(fd)
-        os.unlink(probe)
+        probe = temporary_path(out / "write-test")
+        probe.touch()
+        probe.unlink()
     except OSError as exc:
         raise UserError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
     return created
@@ -242,8 +317,11 @@ def _nearest(value: int, multiple: int) -> str:
 
 
 def source_grid(model: SynthesisModel, image: nib.Nifti1Image, path: Path, *, size: Any = None,
-                num_slices: Any = None) -> TrainingGrid:
-    """The grid ``path`` is synthesised on: the training grid, with the --size/--num-slices overrides."""
+                num_slices: Any = None, samples: int = 1) -> TrainingGrid:
+    """The grid ``path`` is synthesised on: the training grid, with the --size/--num-slices overrides.
+
+    It is refused unless ``samples`` syntheses on it fit the memory budget (:mod:`lift3d.io.budget`).
+    """
     settings = grid_settings(model)
     axis = settings["slice_axis"]
     native = slice_shape(image.shape[:3], orientation_codes(image.affine), axis)
@@ -263,14 +341,24 @@ def source_grid(model: SynthesisModel, image: nib.Nifti1Image, path: Path, *, si
         grid_size: Any = (h, w)
     else:
         grid_size = size or settings["size"]
+    options = ([f"--num-slices {num_slices}"] if num_slices not in (None, NATIVE) else []) + (
+        [f"--size {'x'.join(map(str, _pair(size)))}"] if size not in (None, NATIVE) else [])
+    origin = ", ".join(options) or str(path)
     try:
-        return TrainingGrid(grid_size, int(n), axis, multiple, settings["percentiles"])
+        grid = TrainingGrid(grid_size, int(n), axis, multiple, settings["percentiles"])
+    except BudgetError as exc:
+        raise BudgetError(f"{origin}: {exc}") from None
     except ValueError as exc:
         if size not in (None, NATIVE):
             raise UserError(f"--size {'x'.join(map(str, _pair(size)))} does not fit this model: {exc}. The source "
                             f"is resampled in-plane to --size and back, so any valid size works; omit --size to use "
                             f"the training size {trained}") from None
         raise UserError(f"{path}: cannot build its synthesis grid: {exc}") from None
+    n, h, w = grid.shape
+    copies = SYNTHESIS_COPIES + 2 * samples
+    check_count(n * h * w, 4, f"{origin}: synthesis on a grid of {n} x {h} x {w} float32 voxels ({samples} sample(s), "
+                f"at least {copies} volumes at once)", copies=copies)
+    return grid
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,14 +373,8 @@ def _synthesise_one(model: SynthesisModel, path: Path, grid: TrainingGrid, out: 
                                   overlap=args.overlap, slice_wise=args.slice_wise, clip_x0=args.clip_x0,
                                   noise_correlation=args.noise_correlation, progress=None)
     elapsed = time.perf_counter() - tic
-    name = subject_name(path)
-    dest, std_dest = out / f"{name}{OUTPUT_SUFFIX}", out / STD_DIR / f"{name}{STD_SUFFIX}"
-    try:
-        save_volume(dest, result.mean[0], meta)
-        if result.std is not None:
-            save_std_volume(std_dest, result.std[0, 0], meta)
-    except OSError as exc:
-        raise UserError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    dest, std_dest = output_paths(out, path)
+    write_result(dest, std_dest, result, meta)
     n, h, w = grid.shape
     windows = resolve_window(model, n, args.window, args.overlap, args.slice_wise)
     how = f", windows of {windows[0]} slices overlapping by {windows[1]}" if windows else ""
@@ -302,23 +384,62 @@ def _synthesise_one(model: SynthesisModel, path: Path, grid: TrainingGrid, out: 
             f"{elapsed / result.samples:.1f} s per sample)")
 
 
+def write_result(dest: Path, std_dest: Path, result: Any, meta: Any) -> None:
+    """Write the mean (and std map) of one source. Both go to temporaries first and are then
+    renamed into place together, the std first and the mean last: a reader that sees a mean sees
+    its std. A std map left by an earlier run with more samples is removed with the new mean, as
+    it no longer describes it."""
+    mean_tmp = temporary_path(dest, ".nii.gz")
+    std_tmp = temporary_path(std_dest, ".nii.gz") if result.std is not None else None
+    try:
+        if std_tmp is not None:
+            save_std_volume(std_tmp, result.std[0, 0], meta)
+        save_volume(mean_tmp, result.mean[0], meta)
+        if std_tmp is None:
+            std_dest.unlink(missing_ok=True)
+        commit_together(([(std_tmp, std_dest)] if std_tmp is not None else []) + [(mean_tmp, dest)])
+    except OSError as exc:
+        raise UserError(f"cannot write {dest}: {exc.strerror or exc}; nothing partial was left behind") from None
+    finally:
+        for tmp in (mean_tmp, std_tmp):
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+
+
+def check_windows(model: SynthesisModel, grids: list[TrainingGrid], args: argparse.Namespace) -> None:
+    """--window and --overlap against each grid, with an error that names the options."""
+    if args.window and args.overlap is not None and args.overlap >= args.window:
+        raise UserError(f"--overlap {args.overlap} with --window {args.window}: overlap must be smaller than the "
+                        f"window ({args.window} slices), got {args.overlap}; valid --overlap: 0 to {args.window - 1}")
+    for grid in grids:
+        try:
+            resolve_window(model, grid.num_slices, args.window, args.overlap, args.slice_wise)
+        except ValueError as exc:
+            raise UserError(f"--overlap {args.overlap}: {exc}; the window is the {model.max_slices} slices the model "
+                            "was fine-tuned on: give --window too, or a smaller --overlap") from None
+
+
 @run_cli
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    sources = collect_sources(args.source)
+    sources, skipped = collect_sources(args.source)
+    out = Path(args.out)
+    folder = Path(args.source[0]) if len(args.source) == 1 and Path(args.source[0]).is_dir() else None
+    check_out(out, sources, folder)
     model = load_synthesis_model(args.model, device=args.device, dtype=args.dtype)
     if model.image_channels != 1:
         raise UserError(f"{args.model}: its autoencoder takes {model.image_channels}-channel images, but a "
                         "NIfTI source is a single-channel 3D volume")
     # Read and check every source before the first (slow) synthesis, keeping only its grid.
-    grids = [source_grid(model, load_image(p), p, size=args.size, num_slices=args.num_slices) for p in sources]
-    for grid in grids:
-        resolve_window(model, grid.num_slices, args.window, args.overlap, args.slice_wise)
+    grids = [source_grid(model, load_image(p), p, size=args.size, num_slices=args.num_slices, samples=args.samples)
+             for p in sources]
+    check_windows(model, grids, args)
     make_scheduler(args.scheduler, model.scheduler_config, args.steps)  # checks --steps
     if args.clip_x0:
         check_clip_x0(model)
-    out = Path(args.out)
     created = prepare_out(out)
+    for where in (out, out / STD_DIR):
+        clean_stale_temporaries(where)  # what a killed run left
     steps = args.steps or SCHEDULERS[args.scheduler][1]
     mode = ("slice-wise (2D model)" if not model.lifted else
             "slice-wise (volumetric layers off)" if args.slice_wise else "volume-wise")
@@ -328,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         sampling = f", {args.samples} samples ({batch} at a time)"
     if args.noise_correlation:
         sampling += f", noise correlated across slices by {args.noise_correlation:g}"
+    if skipped:
+        print(f"lift3d-synthesize: skipping {len(skipped)} earlier output(s) in {folder} "
+              f"({', '.join(p.name for p in skipped)}); give them as --source files to synthesise them")
     print(f"lift3d-synthesize: {len(sources)} volume(s), {args.scheduler} {steps} steps, {mode}, seed {args.seed}"
           f"{sampling}, on {model.device}")
     written = 0
@@ -336,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
             print(_synthesise_one(model, path, grid, out, args), flush=True)
             written += 1
     finally:
-        if created and not written and not any(out.iterdir()):
-            out.rmdir()
+        if created and not written:
+            for empty in (out / STD_DIR, out):
+                if empty.is_dir() and not any(empty.iterdir()):
+                    empty.rmdir()
     return 0

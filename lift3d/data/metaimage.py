@@ -1,7 +1,8 @@
 """Reading MetaImage (``.mhd`` + ``.raw``, ``.mha``) through SimpleITK, the optional extra ``rire``.
 
 ITK's physical space is LPS; the image is returned as a NIfTI image with a RAS affine, so the rest
-of lift3d never sees the difference.
+of lift3d never sees the difference. As for NIfTI, the header is checked (a scalar pixel type, a size
+that fits the memory budget) before any voxel is read.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ import nibabel as nib
 import numpy as np
 
 from lift3d.data.errors import VolumeError
+from lift3d.data.volume import check_voxel_memory
 
 METAIMAGE_SUFFIXES = (".mhd", ".mha")
 INSTALL_HINT = "pip install lift3d[rire]"
+# SimpleITK's scalar pixel types and their bytes; anything else (complex, vector, label) is refused.
+_SCALAR_PIXELS = {"sitkUInt8": 1, "sitkInt8": 1, "sitkUInt16": 2, "sitkInt16": 2, "sitkUInt32": 4, "sitkInt32": 4,
+                  "sitkUInt64": 8, "sitkInt64": 8, "sitkFloat32": 4, "sitkFloat64": 8}
 
 
 def simpleitk_available() -> bool:
@@ -40,6 +45,7 @@ def read_metaimage(path: Path | str) -> nib.Nifti1Image:
     """A MetaImage file as a ``Nifti1Image`` (data ``(x, y, z, ...)``, RAS affine). Not validated."""
     sitk = require_simpleitk(path)
     try:
+        check_metaimage_header(sitk, path)
         image = sitk.ReadImage(str(path))
         data = sitk.GetArrayFromImage(image)  # ITK order reversed: (z, y, x[, components])
     except RuntimeError as exc:
@@ -56,3 +62,24 @@ def read_metaimage(path: Path | str) -> nib.Nifti1Image:
     header = nib.Nifti1Header()
     header.set_xyzt_units("mm")
     return nib.Nifti1Image(data, affine, header)
+
+
+def check_metaimage_header(sitk, path: Path | str) -> None:
+    """Refuse a MetaImage whose header gives a non-scalar pixel type or more voxels than the memory
+    budget allows, reading the header only. SimpleITK's read errors are left to the caller."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    pixel, components = reader.GetPixelID(), int(reader.GetNumberOfComponents())
+    scalar = {getattr(sitk, name): nbytes for name, nbytes in _SCALAR_PIXELS.items() if hasattr(sitk, name)}
+    if pixel not in scalar or components != 1:
+        kind = str(sitk.GetPixelIDValueAsString(pixel))
+        what = ("complex-valued voxels" if "complex" in kind.lower() else
+                f"RGB/colour or vector voxels ({components} components)" if components != 1 or "vector" in kind.lower()
+                else "voxels that are not scalar numbers")
+        raise VolumeError(f"{path}: holds {what} (pixel type {kind!r}), not a scalar volume; lift3d needs one real "
+                          "grey value per voxel")
+    size = tuple(int(s) for s in reader.GetSize())
+    if any(s < 1 for s in size):
+        raise VolumeError(f"{path}: its header gives the size {size}; every dimension must be at least 1")
+    check_voxel_memory(path, size, str(sitk.GetPixelIDValueAsString(pixel)), 2 * scalar[pixel])  # ITK's and numpy's

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,26 @@ import nibabel as nib
 import numpy as np
 
 from lift3d.data.errors import VolumeError
+from lift3d.io.budget import check_count
 from lift3d.data.intensity import IntensityScaling, check_percentiles
 from lift3d.data.orientation import check_slice_axis, from_slices, orientation_codes, to_slice_order, to_slices
 from lift3d.data.resample import check_in_plane_size, resize_volume
+
+
+# Bytes per voxel a reader holds at its peak besides the stored values: the scaled values (float64
+# at most, when the header has a slope) and the float32 copy that is kept.
+READ_WORKING_BYTES = 8 + 4
+# Float32 volumes on a training grid any user of it holds at once: a prepared source and target,
+# and the resampling's output. Synthesis needs more, and checks for itself.
+GRID_COPIES = 3
+
+
+def check_voxel_memory(path: Path | str, shape: tuple[int, ...], dtype: str, itemsize: int) -> None:
+    """Refuse, before anything is read, an image whose header's ``shape`` of ``dtype`` voxels would
+    not fit the memory budget once read and converted to float32 (:mod:`lift3d.io.budget`)."""
+    check_count(math.prod(int(s) for s in shape), int(itemsize) + READ_WORKING_BYTES,
+                f"{path}: its header's {' x '.join(str(int(s)) for s in shape)} {dtype} voxels "
+                "(as stored, then as float32)")
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,9 @@ class TrainingGrid:
             raise ValueError(f"num_slices must be a positive integer, got {n!r}")
         check_slice_axis(self.slice_axis)
         object.__setattr__(self, "percentiles", check_percentiles(self.percentiles))
+        n, h, w = self.shape
+        check_count(n * h * w, 4, f"a training grid of {n} x {h} x {w} float32 voxels ({GRID_COPIES} volumes on it)",
+                    copies=GRID_COPIES)
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -39,6 +39,12 @@ def find_first(candidates: Sequence[Path]) -> Path | None:
     return next((p for p in candidates if p.is_file()), None)
 
 
+def visible_entries(folder: Path) -> list[Path]:
+    """What ``folder`` holds, sorted, without hidden names: other programs' files, and lift3d's own
+    temporaries, which a killed writer may have left half-written."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
 def check_root(root: Path | str | None, dataset: str) -> Path:
     if root is None:
         raise ValueError(f"dataset {dataset!r} needs root=<folder>")
@@ -46,12 +52,12 @@ def check_root(root: Path | str | None, dataset: str) -> Path:
     if not root.exists():
         raise VolumeError(f"{root}: dataset folder not found")
     if not root.is_dir():
-        raise VolumeError(f"{root}: is a file; dataset {dataset!r} needs a folder")
+        raise VolumeError(f"{root}: is not a folder; dataset {dataset!r} needs a folder")
     return root
 
 
 def subject_folders(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [p for p in visible_entries(root) if p.is_dir()]
 
 
 def missing_error(root: Path, missing: list[str], expected: str) -> VolumeError:

@@ -16,6 +16,7 @@ from lift3d_plugins.datasets._files import (
     missing_error,
     modality_candidates,
     subject_folders,
+    visible_entries,
 )
 
 CSV_COLUMNS = ("subject", "source", "target")
@@ -78,7 +79,7 @@ def _from_folder(root: Path, source: str, target: str | None, mask: str | None) 
         found = {role: find_first(modality_candidates(folder, name)) for role, name in roles.items()}
         lacking = [f"{role} {modality_candidates(Path(), roles[role])[0]}" for role, path in found.items() if path is None]
         if lacking:
-            present = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+            present = ", ".join(p.name for p in visible_entries(folder)) or "nothing"
             missing.append(f"{folder.name} lacks {' and '.join(lacking)} (has: {present})")
         else:
             files.append(SubjectFiles(folder.name, found["source"], found.get("target"), found.get("mask")))
@@ -88,16 +89,22 @@ def _from_folder(root: Path, source: str, target: str | None, mask: str | None) 
 
 
 def _from_csv(path: Path, root: Path | str | None) -> tuple[list[SubjectFiles], dict[str, str]]:
-    if not path.is_file():
+    if not path.exists():
         raise VolumeError(f"{path}: CSV of pairs not found")
+    if not path.is_file():
+        raise VolumeError(f"{path}: is not a regular file; give the CSV of pairs as a file")
     base = Path(root).expanduser() if root is not None else path.parent
-    with path.open(newline="") as handle:
-        reader = csv_module.DictReader(handle)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        lacking = [c for c in CSV_COLUMNS if c not in columns]
-        if lacking:
-            raise VolumeError(f"{path}: missing column(s) {', '.join(lacking)}; needs {', '.join(CSV_COLUMNS)} (optional: mask, split); has: {', '.join(columns) or 'none'}")
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv_module.DictReader(handle)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            lacking = [c for c in CSV_COLUMNS if c not in columns]
+            if lacking:
+                raise VolumeError(f"{path}: missing column(s) {', '.join(lacking)}; needs {', '.join(CSV_COLUMNS)} (optional: mask, split); has: {', '.join(columns) or 'none'}")
+            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str) and k}
+                    for row in reader]
+    except (UnicodeDecodeError, csv_module.Error) as exc:
+        raise VolumeError(f"{path}: not a readable CSV of pairs ({exc})") from None
     if not rows:
         raise VolumeError(f"{path}: no rows; needs one row per subject ({', '.join(CSV_COLUMNS)})")
     files, missing, splits = [], [], {}
