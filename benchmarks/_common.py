@@ -80,7 +80,7 @@ def write_json(path: str | os.PathLike, report: dict[str, Any]) -> None:
 
 
 def parse_kind(spec: str) -> dict[str, Any]:
-    """A layer kind and its settings as written on a benchmark's command line, as ``lift3d.inflate``
+    """A layer kind and its settings as written on a benchmark's command line, as ``lift3d.lifting.inflate``
     keywords: ``"low-rank:train_down=false,rank=4"`` -> ``{"kind": "low-rank", "train_down": False,
     "rank": 4}`` (``true``/``false``, ints and floats are converted, anything else stays a string)."""
     kind, _, rest = spec.partition(":")

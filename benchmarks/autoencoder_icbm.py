@@ -11,7 +11,7 @@ Protocol.
 - Method: ``lift3d-finetune --run.stage autoencoder`` (one autoencoder for T1 and T2 slices), the
   settings below; nothing is chosen on the test subjects (there is no selection: one run).
 - Metrics: each test subject's T1 and T2 volume encoded (posterior mean) and decoded slice by slice,
-  scored against its input with ``lift3d.metrics`` inside the brain mask, on the 0-255 scale of the
+  scored against its input with ``lift3d.evaluation.metrics`` inside the brain mask, on the 0-255 scale of the
   synthesis metrics. Mean and std over the subjects x modalities.
 
     python benchmarks/autoencoder_icbm.py --out runs/ae-icbm --publish      # ~20 min on 2 busy CPU cores
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from _common import REPO, machine_info, write_json
-from lift3d.config import TrainConfig, apply
-from lift3d.metrics import evaluate_volumes, summarize
+from lift3d.training.config import TrainConfig, apply
+from lift3d.evaluation.metrics import evaluate_volumes, summarize
 from lift3d.plugins import create
-from lift3d.training import train
+from lift3d.training.loop import train
 
 DEFAULT_TEMPLATE = REPO.parent / "shared" / "data" / "icbm152-2009c"
 TEMPLATE_FILES = {"T1": "1mm_T1.nii.gz", "T2": "1mm_T2_brain.nii.gz", "mask": "1mm_brainmask.nii.gz"}

@@ -27,7 +27,7 @@ SCHEDULES = ("2e-3:constant", "4e-3:cosine", "2e-3:cosine")  # the previous demo
 
 
 def parse_schedule(text: str) -> tuple[float, str]:
-    from lift3d.config import TrainConfig, apply
+    from lift3d.training.config import TrainConfig, apply
 
     lr, sep, scheduler = text.partition(":")
     try:
@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lift3d.config import apply
-    from lift3d.demo import SCALES, demo_config
-    from lift3d.training import train
+    from lift3d.training.config import apply
+    from lift3d.recipes.demo import SCALES, demo_config
+    from lift3d.training.loop import train
 
     try:
         schedules = [parse_schedule(s) for s in args.schedule or SCHEDULES]

@@ -23,7 +23,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import REPO, machine_info, write_json  # noqa: E402
 
-from lift3d.metrics import paired_differences  # noqa: E402
+from lift3d.evaluation.metrics import paired_differences  # noqa: E402
 
 
 def load(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:

@@ -30,10 +30,10 @@ noise correlation is chosen per model on validation; the 3D U-Net keeps the weig
 L1 on the validation subjects. Both diffusion stages predict v (``v_prediction``).
 ``--reuse`` takes finished phases (and cached samples) from an earlier run in the same ``--out``.
 
-Metrics (``lift3d.metrics``): on the training grid, inside the brain mask, volumes scaled to
+Metrics (``lift3d.evaluation.metrics``): on the training grid, inside the brain mask, volumes scaled to
 [0, 255] by the target's range; 3D SSIM; z-inconsistency = through-plane error relative to the
 target's own slice-to-slice change (lower is better). Paired differences per test subject, with
-95 % t-intervals (``lift3d.metrics.paired_differences``).
+95 % t-intervals (``lift3d.evaluation.metrics.paired_differences``).
 
     python benchmarks/icbm_t1t2.py --scale smoke --out /tmp/icbm-smoke                        # ~1 minute
     python benchmarks/icbm_t1t2.py --scale cpu --publish                                      # ~70 min, 2 idle cores
@@ -224,7 +224,7 @@ def variant_folder(overrides: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Training: the two diffusion stages (lift3d.training) and the 3D U-Net baseline
+# Training: the two diffusion stages (lift3d.training.loop) and the 3D U-Net baseline
 
 
 def diffusion_config(stage: str, folder: Path, scale: Scale, data: dict[str, Any], seed: int, steps: int,
@@ -233,7 +233,7 @@ def diffusion_config(stage: str, folder: Path, scale: Scale, data: dict[str, Any
     """The lift3d config of stage 1 (``slices``) or stage 2 (``volumes``); latent space with ``autoencoder``
     (a KL autoencoder folder, e.g. from ``lift3d-finetune --run.stage autoencoder``), else pixel space.
     ``source_context`` (2.5D, stage 1; stage 2 inherits it) gives the U-Net that many source slices on each side."""
-    from lift3d.config import TrainConfig, apply
+    from lift3d.training.config import TrainConfig, apply
 
     coder = ({"name": "kl", "options": {"path": str(autoencoder)}, "cache_latents": True} if autoencoder
              else {"name": "identity"})
@@ -266,7 +266,7 @@ def diffusion_config(stage: str, folder: Path, scale: Scale, data: dict[str, Any
 
 def train_stage1(out: Path, scale: Scale, data: dict[str, Any], seed: int, reuse: bool,
                  autoencoder: Path | None = None, source_context: int = 0) -> tuple[Path, dict]:
-    from lift3d.training import train
+    from lift3d.training.loop import train
 
     folder = out / "stage1"
     training_data = {k: v for k, v in data.items() if k not in HELD_OUT_COUNTS}
@@ -287,7 +287,7 @@ def train_stage1(out: Path, scale: Scale, data: dict[str, Any], seed: int, reuse
 def train_stage2(out: Path, scale: Scale, data: dict[str, Any], seed: int, stage1: tuple[Path, dict],
                  overrides: dict[str, Any], reuse: bool, autoencoder: Path | None = None) -> tuple[Path, dict]:
     """One stage-2 run; lift3d's sampled validation exports the step best on the validation subjects."""
-    from lift3d.training import train
+    from lift3d.training.loop import train
 
     folder = out / variant_folder(overrides)
     key = phase_key(scale, "stage2", data, seed, overrides=overrides, stage1=stage1[1]["run_id"])
@@ -442,7 +442,7 @@ class Predictor:
     def sample(self, method: Method, k: int, pairs) -> tuple[torch.Tensor, float]:
         from safetensors.torch import load_file, save_file
 
-        from lift3d.synthesis import load_synthesis_model, sample_seed, synthesize
+        from lift3d.sampling.synthesis import load_synthesis_model, sample_seed, synthesize
 
         key = {"model": str(method.folder), "run_id": method.record["run_id"], "scheduler": method.scheduler,
                "steps": method.steps, "seed": self.seed, "subjects": [p.subject for p in pairs]}
@@ -483,7 +483,7 @@ class Predictor:
 def evaluate(pred: torch.Tensor, pairs, reference: str = "target") -> list[dict[str, Any]]:
     """Per-subject metrics in the brain mask, against the noisy ``target`` or the ``clean_target``
     (the deformed target before its own bias field and noise, from the icbm152 plugin)."""
-    from lift3d.metrics import evaluate_volumes
+    from lift3d.evaluation.metrics import evaluate_volumes
 
     rows = []
     for i, p in enumerate(pairs):
@@ -494,7 +494,7 @@ def evaluate(pred: torch.Tensor, pairs, reference: str = "target") -> list[dict[
 
 
 def scored(method: Method, prediction: Prediction, pairs) -> dict[str, Any]:
-    from lift3d.metrics import summarize
+    from lift3d.evaluation.metrics import summarize
 
     rows, clean = evaluate(prediction.mean, pairs), evaluate(prediction.mean, pairs, "clean_target")
     return {"label": method.label, "sampler": method.sampler, "samples": method.samples, "noise_correlation": method.rho,
@@ -512,7 +512,7 @@ def select(stage1: Method, stage2: dict[str, tuple[Path, dict]], val_pairs, scal
            predict: Predictor) -> list[dict[str, Any]]:
     """Validation metrics (one DPM-Solver++ sample, independent noise) of the slice-wise model and of
     every stage-2 variant's export (each already the best step of its run on the same subjects)."""
-    from lift3d.metrics import summarize
+    from lift3d.evaluation.metrics import summarize
 
     sampler = {"scheduler": "dpm", "steps": scale.selection_steps, "x0_clip": stage1.x0_clip}
     entries = [("slice-wise", "-", replace(stage1, **sampler), None)]
@@ -538,7 +538,7 @@ def choose(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], bool]:
 
 def sweep_noise(models: dict[str, Method], val_pairs, scale: Scale, predict: Predictor) -> list[dict[str, Any]]:
     """Validation metrics of each model at every noise correlation, for 1 sample and the mean of ``rho_samples``."""
-    from lift3d.metrics import summarize
+    from lift3d.evaluation.metrics import summarize
 
     rows = []
     for name, base in models.items():
@@ -746,10 +746,10 @@ def test_methods(stage1: Method, lifted: Method, scale: Scale, rho: dict[str, fl
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.device == "cpu":  # Accelerate (lift3d.training) would otherwise take a GPU
+    if args.device == "cpu":  # Accelerate (lift3d.training.loop) would otherwise take a GPU
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    from lift3d.figures import save_orthogonal_views
-    from lift3d.metrics import INTENSITY_RULE, paired_differences
+    from lift3d.evaluation.figures import save_orthogonal_views
+    from lift3d.evaluation.metrics import INTENSITY_RULE, paired_differences
     from lift3d.plugins import create
 
     device = resolve_device(args.device)

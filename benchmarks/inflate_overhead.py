@@ -1,7 +1,7 @@
 """What lifting a 2D diffusion U-Net costs: parameters, lifted/2D time and peak memory (Core, item 8).
 
 Builds a diffusers ``UNet2DModel`` from a config (never a hub), lifts copies of it with
-:func:`lift3d.inflate` (Make-A-Volume, Zhu et al., MICCAI 2023, sec. 2.3) and measures, for a batch
+:func:`lift3d.lifting.inflate` (Make-A-Volume, Zhu et al., MICCAI 2023, sec. 2.3) and measures, for a batch
 of one volume of N slices, the forward pass and a train step of each placement preset against the
 plain 2D model run on the same N slices.
 

@@ -5,7 +5,7 @@ Data and stage 1: the ICBM T1 -> T2 protocol of ``benchmarks/icbm_t1t2.py`` (``i
 this script takes as it is (``--stage1``). Methods: for every ``--kinds`` entry the stage-1 U-Net
 is lifted with ``lift3d.inflate(unet, kind, ...)`` and fine-tuned for ``--steps`` stage-2 steps
 (volumetric layers only, AdamW at ``--lr``, constant, make-a-volume timesteps, one volume per
-step: the icbm_t1t2 cpu recipe), each run from the same seed. Metrics: ``lift3d.metrics`` on the
+step: the icbm_t1t2 cpu recipe), each run from the same seed. Metrics: ``lift3d.evaluation.metrics`` on the
 validation subject(s) and, as the subject-to-subject spread against which a difference is judged,
 on the test subjects, all sampled with DPM-Solver++ (``--sampler-steps``) in one batch with the same
 seed, so every kind sees the same initial noise per subject. Report: per kind and subject PSNR,
@@ -41,8 +41,8 @@ def lifted_start(stage1_model: Path, folder: Path, settings: dict[str, Any], see
     """The stage-1 U-Net lifted with ``settings`` (identity, so the same function), as a model folder
     that stage 2 fine-tunes (``model.pretrained``); the stage-1 export's other files come along."""
     import lift3d
-    from lift3d.checkpoint import save_lifted
-    from lift3d.training import load_unet2d
+    from lift3d.lifting.checkpoint import save_lifted
+    from lift3d.training.loop import load_unet2d
 
     unet = load_unet2d(stage1_model)
     torch.manual_seed(seed)  # the random parts of a kind (low-rank's down projection) per seed
@@ -63,7 +63,7 @@ def stage1_config(stage1: Path) -> dict[str, Any]:
 
 def stage2_config(stage1: Path, start: Path, output: Path, steps: int, lr: float, seed: int):
     """The icbm_t1t2 stage-2 recipe on stage 1's own data and U-Net settings."""
-    from lift3d.config import TrainConfig, apply
+    from lift3d.training.config import TrainConfig, apply
 
     saved = stage1_config(stage1)
     overrides = {
@@ -89,8 +89,8 @@ def subjects(stage1: Path, split: str) -> list:
 
 def score(model_folder: Path, pairs: list, steps: int, seed: int) -> tuple[list[dict[str, Any]], float]:
     """Per-subject metrics of one model (DPM-Solver++ ``steps``, all subjects in one batch)."""
-    from lift3d.metrics import evaluate_volumes
-    from lift3d.synthesis import load_synthesis_model, synthesize
+    from lift3d.evaluation.metrics import evaluate_volumes
+    from lift3d.sampling.synthesis import load_synthesis_model, synthesize
 
     model = load_synthesis_model(model_folder, device="cpu")
     sources = torch.stack([p.source for p in pairs])
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     torch.set_num_threads(args.threads)
-    from lift3d.training import train
+    from lift3d.training.loop import train
 
     started, load_before, machine = time.perf_counter(), os.getloadavg(), machine_info()
     stage1_model = args.stage1 / "model"

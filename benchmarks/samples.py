@@ -5,7 +5,7 @@ Protocol
   (16, 32, 64), one layer per block) on that benchmark's 48 x 48 x 24 grid and on a tiny
   16 x 16 x 8 one, random weights: speed does not depend on what the weights have learned. It is
   exported and loaded as ``lift3d-synthesize`` does.
-- Methods: ``lift3d.synthesis.synthesize_posterior`` with K samples, all K through the U-Net at
+- Methods: ``lift3d.sampling.synthesis.synthesize_posterior`` with K samples, all K through the U-Net at
   once (``sample_batch=K``) or one at a time (``sample_batch=1``), DPM-Solver++ 25 steps (the
   sampler the issue-14 averaging run used).
 - Timing: one volume, each configuration (grid x K x batching) run ``--repeats`` times in
@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, machine_info, write_json  # noqa: E402
 
 import lift3d  # noqa: E402
-from lift3d.config import TrainConfig  # noqa: E402
-from lift3d.synthesis import load_synthesis_model, synthesize_posterior  # noqa: E402
-from lift3d.training import build_autoencoder, build_noise_scheduler, export_model, new_unet2d  # noqa: E402
+from lift3d.training.config import TrainConfig  # noqa: E402
+from lift3d.sampling.synthesis import load_synthesis_model, synthesize_posterior  # noqa: E402
+from lift3d.training.loop import build_autoencoder, build_noise_scheduler, export_model, new_unet2d  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

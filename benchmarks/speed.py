@@ -5,17 +5,17 @@ network. For one volume of N slices of 64x64 latents this measures, in one run, 
 forward pass and a train step (forward + MSE + backward + AdamW step) of four models:
 
 - ``2d``: the diffusers ``UNet2DModel`` run slice-wise (its slices flattened to a batch);
-- ``lifted``: the same model after :func:`lift3d.inflate` (its defaults), everything trained;
+- ``lifted``: the same model after :func:`lift3d.lifting.inflate` (its defaults), everything trained;
 - ``lifted:<kind>[:key=value,...]`` (``--kinds``): a layer kind and its settings, e.g. ``full``,
   ``low-rank:train_down=false``, ``full:where=resnet-coarse``, ``low-rank:recompute=true`` (recompute
-  the layers' inputs in backward), ``full:fused=true`` (:func:`lift3d.fuse`, forward only);
+  the layers' inputs in backward), ``full:fused=true`` (:func:`lift3d.lifting.fuse`, forward only);
 - ``lifted-volumetric``: the lifted model with only its volumetric layers trained
   (``lift3d.set_trainable(model, "volumetric")``; its forward pass is ``lifted``'s);
 - ``native3d``: the peer a user would pick instead, MONAI's ``DiffusionModelUNet(spatial_dims=3)``
   of the same widths (:func:`native3d_config` states the mapping), its depth zero-padded at the end
   to a multiple of ``2 ** (levels - 1)`` and the output cropped back, inside the timed region.
 
-and the cost of sampling one volume with :func:`lift3d.synthesis.synthesize` (DDIM, 200 steps, the
+and the cost of sampling one volume with :func:`lift3d.sampling.synthesis.synthesize` (DDIM, 200 steps, the
 source encoded and the result decoded by a KL autoencoder), extrapolated from a few steps when
 ``--sample-steps`` is below 200. The helpers of ``inflate_overhead.py`` are reused: each measurement
 runs in a fresh forked process on CPU (its own peak RSS) and inline on CUDA (the allocator's peak),
@@ -277,7 +277,7 @@ def autoencoder_flops(size: str, name: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling: lift3d.synthesis on an in-process SynthesisModel.
+# Sampling: lift3d.sampling.synthesis on an in-process SynthesisModel.
 
 
 def _timed(function: Callable, record: list[float], device: torch.device) -> Callable:
@@ -297,7 +297,7 @@ def sample(job: dict) -> dict:
     DDIM-200 figure (measured when steps == 200, else encode + decode + 200 x the mean step)."""
     from diffusers import DDPMScheduler
 
-    from lift3d.synthesis import SynthesisModel, check_channels, synthesize
+    from lift3d.sampling.synthesis import SynthesisModel, check_channels, synthesize
 
     device, dtype = torch.device(job["device"]), getattr(torch, job["dtype"])
     if job["threads"]:
@@ -365,7 +365,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--kinds", nargs="*", default=[], metavar="KIND[:KEY=VALUE,...]",
                         help="more lifted models, one per layer kind and setting (see the module docstring); "
-                             f"kinds: {', '.join(lift3d.layer_kinds.names())}")
+                             f"kinds: {', '.join(lift3d.layers.registry.names())}")
     parser.add_argument("--size", choices=tuple(UNET_CONFIGS), default=None,
                         help="U-Net widths and latent size (default full; --small is --size small)")
     parser.add_argument("--warmup", type=int, default=None,
@@ -411,7 +411,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for spec in args.kinds:
         try:
             settings = parse_kind(spec)
-            lift3d.layer_kinds.check_options(settings["kind"], {k: v for k, v in settings.items() if k not in
+            lift3d.layers.registry.check_options(settings["kind"], {k: v for k, v in settings.items() if k not in
                                                                 ("kind", "fused", "where", "recompute", "kernel_size",
                                                                  "padding_mode")})
         except ValueError as exc:

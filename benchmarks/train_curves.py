@@ -161,7 +161,7 @@ def dataset_settings(name: str, args: argparse.Namespace, icbm_root: Path | None
 
 def run_config(run: str, stage: str, trainable: str | None, data: dict[str, Any], folder: Path,
                stage1_model: Path | None, args: argparse.Namespace):
-    from lift3d.config import TrainConfig, apply, load_toml
+    from lift3d.training.config import TrainConfig, apply, load_toml
 
     example = EXAMPLES / ("phantom-stage1.toml" if stage == "slices" else "phantom-stage2.toml")
     cfg = apply(TrainConfig(), load_toml(example), str(example))
@@ -233,7 +233,7 @@ def summarise(run: str, cfg, metrics: dict[str, list[tuple[int, float]]], wall_s
 
 
 def run_dataset(name: str, data: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from lift3d.training import train
+    from lift3d.training.loop import train
 
     results: dict[str, Any] = {"data": data, "runs": {}}
     stage1_model = None
@@ -274,7 +274,7 @@ def timestep_grid_loss(cfg, model_dir: Path, name: str) -> dict[str, Any]:
     """
     from lift3d.data.dataset import stack_items
     from lift3d.plugins import create
-    from lift3d.training import (LatentEncoder, build_autoencoder, build_noise_scheduler, build_unet,
+    from lift3d.training.loop import (LatentEncoder, build_autoencoder, build_noise_scheduler, build_unet,
                                  diffusion_loss)
 
     cfg = copy.deepcopy(cfg)

@@ -19,7 +19,7 @@ import nibabel as nib
 
 from lift3d.data.nifti import load_image
 from lift3d.data.orientation import SLICE_AXES, to_slices
-from lift3d.figures import save_orthogonal_views
+from lift3d.evaluation.figures import save_orthogonal_views
 
 PLANES = {"axial": ("axial", "coronal", "sagittal"), "coronal": ("coronal", "axial", "sagittal"),
           "sagittal": ("sagittal", "axial", "coronal")}

@@ -12,8 +12,12 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
-from lift3d.fuse import fuse, fused_layers
-from lift3d.inflate import (
+from lift3d.layers.low_rank import LowRankVolumetricConv
+from lift3d.layers.volumetric import VolumetricConv
+from lift3d.lifting import checkpoint
+from lift3d.lifting.checkpoint import load_lifted, load_volumetric, save_lifted, save_volumetric
+from lift3d.lifting.fuse import fuse, fused_layers
+from lift3d.lifting.inflate import (
     PRESETS,
     InflationReport,
     inflate,
@@ -28,12 +32,11 @@ from lift3d.inflate import (
     volumetric_layers,
     volumetric_state_dict,
 )
-from lift3d.low_rank import LowRankVolumetricConv
 from lift3d.plugins import hookimpl
-from lift3d.volumetric import VolumetricConv
 
 __all__ = [
-    "PRESETS", "InflationReport", "LowRankVolumetricConv", "VolumetricConv", "__version__", "fuse", "fused_layers",
-    "hookimpl", "inflate", "is_lifted", "is_volumetric_parameter", "lift_settings", "report", "set_recompute",
-    "set_trainable", "volume_batch", "volumetric_disabled", "volumetric_layers", "volumetric_state_dict",
+    "PRESETS", "InflationReport", "LowRankVolumetricConv", "VolumetricConv", "__version__", "checkpoint", "fuse",
+    "fused_layers", "hookimpl", "inflate", "is_lifted", "is_volumetric_parameter", "lift_settings", "load_lifted",
+    "load_volumetric", "report", "save_lifted", "save_volumetric", "set_recompute", "set_trainable", "volume_batch",
+    "volumetric_disabled", "volumetric_layers", "volumetric_state_dict",
 ]

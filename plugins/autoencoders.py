@@ -2,7 +2,7 @@
 
 Make-A-Volume (Zhu et al., MICCAI 2023, sec. 2.2) runs its diffusion in the latent space of a
 pretrained KL autoencoder with downsampling factor f = 4. Both classes follow
-:class:`lift3d.protocols.Autoencoder` on slice batches ``(B, C, H, W)``.
+:class:`lift3d.plugins.protocols.Autoencoder` on slice batches ``(B, C, H, W)``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from lift3d.checkpoint import build_diffusers_model, load_state_dict_checked, read_safetensors
+from lift3d.diffusion.autoencoding import tiny_kl_config  # noqa: F401 (the plugin's config helper)
+from lift3d.lifting.checkpoint import build_diffusers_model, load_state_dict_checked, read_safetensors
 from lift3d.io.schemas import AUTOENCODER_CLASSES, ModelConfig, read_json, validate
 from lift3d.plugins import hookimpl
 
@@ -26,39 +27,6 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 _PICKLE_WEIGHTS = ("diffusion_pytorch_model.bin", "pytorch_model.bin", "diffusion_pytorch_model.ckpt")
 DEFAULT_CHUNK_SIZE = 16
-
-
-def tiny_kl_config(
-    image_channels: int = 1,
-    latent_channels: int = 4,
-    block_out_channels: Sequence[int] = (16, 32, 32),
-    layers_per_block: int = 1,
-    norm_num_groups: int = 8,
-    scaling_factor: float = 1.0,
-) -> dict[str, Any]:
-    """A small ``AutoencoderKL`` config for tests and demos: f = 2 ** (len(block_out_channels) - 1).
-
-    The default three blocks give the paper's f = 4. ``scaling_factor`` 1.0 because an untrained
-    autoencoder has no measured latent scale; set it to ``1 / latents.std()`` after training.
-    """
-    blocks = len(block_out_channels)
-    bad = [c for c in block_out_channels if c % norm_num_groups]
-    if blocks < 1 or bad:
-        raise ValueError(
-            f"block_out_channels must be a non-empty sequence of multiples of norm_num_groups="
-            f"{norm_num_groups}, got {tuple(block_out_channels)}"
-        )
-    return {
-        "in_channels": image_channels,
-        "out_channels": image_channels,
-        "latent_channels": latent_channels,
-        "block_out_channels": list(block_out_channels),
-        "down_block_types": ["DownEncoderBlock2D"] * blocks,
-        "up_block_types": ["UpDecoderBlock2D"] * blocks,
-        "layers_per_block": layers_per_block,
-        "norm_num_groups": norm_num_groups,
-        "scaling_factor": scaling_factor,
-    }
 
 
 def _read_config(folder: Path) -> dict[str, Any]:

@@ -1,17 +1,17 @@
-"""Built-in kinds of volumetric layer, registered as any plugin's would be (``lift3d.layer_kinds``).
+"""Built-in kinds of volumetric layer, registered as any plugin's would be (``lift3d.layers.registry``).
 
 ``full`` is Make-A-Volume's layer (Zhu et al., MICCAI 2023, eqs. 5-7), a full-channel 1D conv along
 the slices; ``depthwise`` the same with one group per channel; ``low-rank`` the conv inside a C/8
-bottleneck (:mod:`lift3d.low_rank`); ``slice-attention`` attention over all slices
-(:mod:`lift3d.slice_attention`).
+bottleneck (:mod:`lift3d.layers.low_rank`); ``slice-attention`` attention over all slices
+(:mod:`lift3d.layers.slice_attention`).
 """
 
 from __future__ import annotations
 
-from lift3d.low_rank import LowRankVolumetricConv
+from lift3d.layers.low_rank import LowRankVolumetricConv
 from lift3d.plugins import hookimpl
-from lift3d.slice_attention import SliceAttention
-from lift3d.volumetric import VolumetricConv
+from lift3d.layers.slice_attention import SliceAttention
+from lift3d.layers.volumetric import VolumetricConv
 
 
 def full(channels: int, *, kernel_size: int = 3, padding_mode: str = "zeros", groups: int | str = 1,

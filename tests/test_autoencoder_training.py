@@ -1,4 +1,4 @@
-"""The autoencoder stage (lift3d/autoencoder_training.py through lift3d/training.py) and the whole
+"""The autoencoder stage (lift3d/training/stages/autoencoder.py through lift3d/training/loop.py) and the whole
 latent pipeline it opens: autoencoder -> stage 1 -> lift -> stage 2 -> synthesis back to NIfTI."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from lift3d.cli.finetune import main as finetune
 from lift3d.plugins import create
-from lift3d.training import train
+from lift3d.training.loop import train
 from test_training import BIN, KILLER, losses, max_diff, run_cli, tiny_cfg, weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_the_autoencoder_resumes_after_sigkill_like_an_uninterrupted_run(tmp_pat
     step 2 (autoencoder, discriminator, both optimizers, RNG) ends where a run never killed ends."""
     import signal
 
-    from lift3d.training import list_checkpoints
+    from lift3d.training.loop import list_checkpoints
 
     config = tmp_path / "ae.toml"
     config.write_text(AE_TOML.format(out=tmp_path / "killed"))

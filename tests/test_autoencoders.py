@@ -1,13 +1,13 @@
-"""Tests for plugins/autoencoders.py and lift3d/autoencoding.py (tiny configs, CPU)."""
+"""Tests for plugins/autoencoders.py and lift3d/diffusion/autoencoding.py (tiny configs, CPU)."""
 
 import json
 
 import pytest
 import torch
 
-from lift3d.autoencoding import decode_volume, encode_volume
+from lift3d.diffusion.autoencoding import decode_volume, encode_volume
 from lift3d.plugins import PluginManager
-from lift3d.protocols import Autoencoder
+from lift3d.plugins.protocols import Autoencoder
 from lift3d_plugins.autoencoders import (
     CONFIG_NAME,
     WEIGHTS_NAME,

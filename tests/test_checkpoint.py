@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lift3d
-from lift3d.checkpoint import (CheckpointError, load_lifted, load_volumetric, read_settings, save_lifted,
+from lift3d.lifting.checkpoint import (CheckpointError, load_lifted, load_volumetric, read_settings, save_lifted,
                                save_volumetric)
 from tests.conftest import tiny_unet2d
 from tests.test_inflate import PlainNet, randomise

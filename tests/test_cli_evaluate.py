@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lift3d.cli.evaluate import main
-from lift3d.metrics import INTENSITY_RULE, METRICS, evaluate_volumes
+from lift3d.evaluation.metrics import INTENSITY_RULE, METRICS, evaluate_volumes
 
 # Canonical RAS storage (x, y, z); with --slice-axis axial the volume becomes (z, y, x) = (8, 12, 10).
 RAS_SHAPE = (10, 12, 8)
@@ -103,7 +103,7 @@ def test_std_maps_from_synthesize_are_found_scored_and_drawn(tmp_path):
     """lift3d-synthesize --samples K writes <name>_synth.nii.gz and std/<name>_std.nii.gz; --std DIR finds them.
     A std map that grows with the error ranks it (Spearman 1); one that does not, does not."""
     from lift3d.cli._common import OUTPUT_SUFFIX, STD_DIR, STD_SUFFIX
-    from lift3d.metrics import uncertainty_scores
+    from lift3d.evaluation.metrics import uncertainty_scores
 
     synth, target_dir = tmp_path / "synth", tmp_path / "target"
     (synth / STD_DIR).mkdir(parents=True), target_dir.mkdir()

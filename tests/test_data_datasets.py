@@ -15,7 +15,7 @@ from lift3d.data.dataset import stack_items
 from lift3d.data.errors import VolumeError
 from lift3d.data.nifti import save_volume
 from lift3d.plugins import PluginManager
-from lift3d.protocols import PairedVolumeDataset, VolumePair
+from lift3d.plugins.protocols import PairedVolumeDataset, VolumePair
 from lift3d_plugins.datasets import phantom as phantom_module
 from lift3d_plugins.datasets import _files
 from lift3d_plugins.datasets.phantom import TISSUES

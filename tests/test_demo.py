@@ -60,7 +60,7 @@ def test_demo_help_says_which_data(capsys):
 
 
 def test_unknown_demo_dataset_is_one_clear_error(capsys):
-    from lift3d.demo import run_demo
+    from lift3d.recipes.demo import run_demo
 
     with pytest.raises(ValueError, match="Unknown demo dataset 'brats'; available: icbm152, phantom"):
         run_demo("unused", dataset="brats")
@@ -71,7 +71,7 @@ def test_threads_auto_drops_to_one_on_a_busy_machine(monkeypatch, capsys):
 
     import torch
 
-    from lift3d import demo
+    from lift3d.recipes import demo
 
     previous = torch.get_num_threads()
     try:

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-import lift3d.demo
-from lift3d.demo import SCALES, demo_config
-from lift3d.training import train
+import lift3d.recipes.demo
+from lift3d.recipes.demo import SCALES, demo_config
+from lift3d.training.loop import train
 from tests.conftest import benchmark_module
 
 
@@ -35,7 +35,7 @@ def test_missing_stage1_is_refused(bench, tmp_path, capsys):
 def test_schedules_are_scored_and_the_best_chosen(bench, tmp_path, monkeypatch, capsys):
     quick = SCALES["icbm152"]["quick"]
     stage1 = train(demo_config(tmp_path / "demo", quick, "slices", 0))
-    monkeypatch.setitem(lift3d.demo.SCALES["icbm152"], "default", quick)  # seconds, not the demo's 600 steps
+    monkeypatch.setitem(lift3d.recipes.demo.SCALES["icbm152"], "default", quick)  # seconds, not the demo's 600 steps
     out = tmp_path / "report.json"
     assert bench.main(["--stage1", str(stage1), "--out", str(tmp_path / "s2"), "--schedule", "2e-3:constant",
                        "--schedule", "4e-3:cosine", "--json", str(out)]) == 0

@@ -1,4 +1,4 @@
-"""Tests for lift3d/figures.py: panel count and layout, mid-planes and their orientation, grey
+"""Tests for lift3d/evaluation/figures.py: panel count and layout, mid-planes and their orientation, grey
 levels shared by prediction and target, error rows, std (uncertainty) rows, atomic PNG writing."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from lift3d.figures import save_orthogonal_views
-from lift3d.metrics import scale_to_target_range
+from lift3d.evaluation.figures import save_orthogonal_views
+from lift3d.evaluation.metrics import scale_to_target_range
 
 SHAPE = (9, 12, 10)
 

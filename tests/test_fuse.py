@@ -1,4 +1,4 @@
-"""lift3d.fuse: the residual and centre tap folded into the host conv, for inference."""
+"""lift3d.lifting.fuse: the residual and centre tap folded into the host conv, for inference."""
 
 import copy
 
@@ -71,7 +71,7 @@ def test_fused_model_cannot_be_trained_or_saved(tmp_path):
     with pytest.raises(ValueError, match="fused for inference.*cannot be trained"):
         lift3d.set_trainable(fused, "all")
     with pytest.raises(ValueError, match="fused for inference.*cannot be saved"):
-        lift3d.checkpoint.save_lifted(fused, tmp_path / "model")
+        lift3d.lifting.checkpoint.save_lifted(fused, tmp_path / "model")
     assert not (tmp_path / "model").exists()
 
 

@@ -19,12 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lift3d
-from lift3d.checkpoint import CheckpointError, load_lifted
+from lift3d.lifting.checkpoint import CheckpointError, load_lifted
 from lift3d.cli.synthesize import main as synthesize_main
-from lift3d.config import TrainConfig
+from lift3d.training.config import TrainConfig
 from lift3d.io.errors import BudgetError, Lift3dError, UnsafePathError
-from lift3d.synthesis import load_synthesis_model, synthesize
-from lift3d.training import build_autoencoder, build_noise_scheduler, build_unet, export_model, new_unet2d
+from lift3d.sampling.synthesis import load_synthesis_model, synthesize
+from lift3d.training.loop import build_autoencoder, build_noise_scheduler, build_unet, export_model, new_unet2d
 
 SIZE, SLICES = 16, 4
 pytestmark = pytest.mark.usefixtures("one_thread")

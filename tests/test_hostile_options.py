@@ -16,15 +16,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lift3d.config import (
-    ConfigError,
-    TrainConfig,
-    apply,
-    load_toml,
-    model_memory,
-    unet2d_arguments,
-    validate,
-)
+from lift3d.training.config import ConfigError, TrainConfig, apply, load_toml, unet2d_arguments, validate
+from lift3d.training.memory import check_memory, model_memory
 from lift3d.io.budget import ENV as BUDGET_ENV
 from lift3d.io.budget import memory_budget
 from lift3d.io.errors import BudgetError, Lift3dError
@@ -215,7 +208,7 @@ def test_the_noise_schedule_is_checked_against_the_budget(monkeypatch):
     cfg = apply(TrainConfig(), {"diffusion": {"num_train_timesteps": 100_000}}, "test")
     with pytest.raises(BudgetError, match=r"diffusion.num_train_timesteps = 100000: the noise schedule's arrays need "
                                           r"6.1 MiB, more than the 1.0 MiB"):
-        validate(cfg)
+        check_memory(validate(cfg))
 
 
 @pytest.mark.parametrize("stage", ["slices", "volumes"])
@@ -254,9 +247,9 @@ def test_a_tight_budget_counts_gradients_and_adam_moments(monkeypatch):
     weights, _, _ = model_memory(cfg)
     monkeypatch.setenv(BUDGET_ENV, str(3 * weights))  # the weights fit, their optimizer state does not
     with pytest.raises(BudgetError, match="its weights, gradients and AdamW moments need"):
-        validate(cfg)
+        check_memory(validate(cfg))
     monkeypatch.setenv(BUDGET_ENV, str(4 * weights + 10**6))
-    validate(cfg)
+    check_memory(validate(cfg))
 
 
 @pytest.mark.parametrize("stage", ["slices", "volumes", "autoencoder"])
@@ -269,7 +262,7 @@ def test_the_quick_lower_bound_never_refuses_what_fits(monkeypatch, stage, width
                 "test")
     weights, trained, _ = model_memory(cfg)
     monkeypatch.setenv(BUDGET_ENV, str(weights + 3 * trained + 10**6))  # + the noise schedule
-    validate(cfg)
+    check_memory(validate(cfg))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -373,7 +366,7 @@ def test_timestep_samplers_refuse_sizes_past_the_budget():
 
 
 def test_plugins_command_lists_layer_kinds(capsys):
-    from lift3d import layer_kinds
+    from lift3d.layers import registry as layer_kinds
     from lift3d.cli.main import main
 
     assert main(["plugins", "--kind", "layer_kinds"]) == 0
@@ -457,7 +450,7 @@ def test_fuzz_apply_and_validate(monkeypatch, entries):
         values.setdefault(section, {})[name] = value
     cfg = TrainConfig()
     try:
-        validate(apply(cfg, values, "fuzz"))
+        check_memory(validate(apply(cfg, values, "fuzz")))
     except BudgetError as exc:
         event("refused: over the budget")
         assert "need" in str(exc) and "lift3d may use" in str(exc) and "\n" not in str(exc)

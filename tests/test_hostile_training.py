@@ -2,7 +2,7 @@
 checkpoint files that are all checked before use, writes that leave nothing partial, options that
 say what this machine can do. Plus fuzz tests of every checkpoint file.
 
-Tests lift3d/training.py, lift3d/training_state.py and lift3d/tracking.py.
+Tests lift3d/training/loop.py, lift3d/training/state.py and lift3d/training/tracking.py.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from hypothesis import strategies as st
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-import lift3d.training_state as TS
-from lift3d.checkpoint import CheckpointError
+import lift3d.training.state as TS
+from lift3d.lifting.checkpoint import CheckpointError
 from lift3d.cli.finetune import main
 from lift3d.io.errors import Lift3dError, RunFolderError, UnsafePathError
 from lift3d.io.writing import LOCK_FILE, is_temporary, temporary_path
-from lift3d.training import list_checkpoints, train
+from lift3d.training.loop import list_checkpoints, train
 from test_training import losses, tiny_cfg
 
 CLI_DATA = ["--data.options", "{size = 16, num_slices = 4, num_subjects = 5}", "--model.block_out_channels", "[16, 32]",
@@ -325,7 +325,7 @@ def test_a_full_disk_at_a_checkpoint_leaves_no_partial_checkpoint(tmp_path, monk
 def test_a_full_disk_during_export_leaves_no_temporary_model(tmp_path, monkeypatch, capsys, fault):
     import safetensors.torch
 
-    import lift3d.checkpoint
+    import lift3d.lifting.checkpoint
 
     if fault == "safetensors":  # what diffusers' save_pretrained raises on a full disk
         def full(*args, **kwargs):
@@ -335,7 +335,7 @@ def test_a_full_disk_during_export_leaves_no_temporary_model(tmp_path, monkeypat
     else:
         def full(*args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device")
-        monkeypatch.setattr(lift3d.checkpoint, "save_safetensors", full)
+        monkeypatch.setattr(lift3d.lifting.checkpoint, "save_safetensors", full)
     out = tmp_path / "run"
     with pytest.raises(Lift3dError) as failed:
         train(tiny_cfg(out, run={"max_steps": 2, "checkpoint_every": 2}))

@@ -8,7 +8,7 @@ from einops import rearrange
 from torch import nn
 
 import lift3d
-from lift3d import layer_kinds
+from lift3d.layers import registry as layer_kinds
 from tests.conftest import tiny_unet2d
 
 KINDS = [(kind, {}) for kind in layer_kinds.names()] + [("low-rank", {"train_down": False}), ("full", {"groups": 4})]

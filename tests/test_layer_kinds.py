@@ -6,8 +6,8 @@ from einops import rearrange
 from torch import nn
 
 import lift3d
-from lift3d import layer_kinds
-from lift3d.checkpoint import CheckpointError, load_lifted, load_volumetric, save_lifted, save_volumetric
+from lift3d.layers import registry as layer_kinds
+from lift3d.lifting.checkpoint import CheckpointError, load_lifted, load_volumetric, save_lifted, save_volumetric
 from lift3d.plugins import PluginError, PluginManager, hookimpl
 from tests.conftest import tiny_unet2d
 
@@ -45,7 +45,7 @@ class ThirdParty:
 def test_builtin_kinds_register_like_a_plugin():
     registry = layer_kinds.build_registry(PluginManager(autoload=False).pm)
     assert registry.names() == ["depthwise", "full", "low-rank", "slice-attention"]
-    assert registry.entry("low-rank").plugin == "lift3d.low_rank"
+    assert registry.entry("low-rank").plugin == "lift3d.layers.low_rank"
     with pytest.raises(PluginError, match="layer kind 'full' is registered twice"):
         registry.add("full", ScaledNeighbour)
 
@@ -104,7 +104,7 @@ def test_an_adapter_of_another_kind_is_refused(tmp_path):
 
 
 def test_settings_from_before_kinds_load_as_the_full_layer():
-    from lift3d.checkpoint import inflate_arguments
+    from lift3d.lifting.checkpoint import inflate_arguments
 
     old = {"kernel_size": 3, "where": ["a"], "padding_mode": "zeros", "groups": 1, "num_layers": 1}
     assert inflate_arguments(old) == {"kind": "full", "kernel_size": 3, "where": ["a"], "padding_mode": "zeros",

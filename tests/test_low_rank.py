@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lift3d.low_rank import LowRankVolumetricConv, rank_for
+from lift3d.layers.low_rank import LowRankVolumetricConv, rank_for
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "replicate"])

@@ -1,4 +1,4 @@
-"""Tests for lift3d/metrics.py: the [0, 255] scaling rule, MAE/PSNR/SSIM, masks, z_inconsistency."""
+"""Tests for lift3d/evaluation/metrics.py: the [0, 255] scaling rule, MAE/PSNR/SSIM, masks, z_inconsistency."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from lift3d.metrics import (
+from lift3d.evaluation.metrics import (
     DATA_RANGE,
     METRICS,
     evaluate_volumes,
@@ -206,7 +206,7 @@ def test_summarize_rejects_empty_and_inconsistent_rows():
 def test_paired_differences_pair_by_subject_with_a_t_interval():
     from scipy.stats import t
 
-    from lift3d.metrics import paired_differences
+    from lift3d.evaluation.metrics import paired_differences
 
     a = [{"subject": s, "psnr": p, "mae": m} for s, p, m in (("s1", 20.0, 10.0), ("s2", 21.0, 9.0), ("s3", 22.0, 8.0))]
     b = [{"subject": s, "psnr": p, "mae": m} for s, p, m in (("s3", 23.0, 9.0), ("s1", 20.5, 9.0), ("s2", 22.0, 8.5))]
@@ -223,7 +223,7 @@ def test_paired_differences_pair_by_subject_with_a_t_interval():
 
 
 def test_uncertainty_scores_rank_the_errors_on_the_0_255_scale():
-    from lift3d.metrics import uncertainty_scores
+    from lift3d.evaluation.metrics import uncertainty_scores
 
     rng = np.random.default_rng(0)
     target = rng.uniform(2, 8, (4, 6, 6))

@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from lift3d import layer_kinds
+from lift3d.layers import registry as layer_kinds
 
 from lift3d import hookimpl
 from lift3d.cli import main as cli_main

@@ -1,4 +1,4 @@
-"""2.5D source context (lift3d/source_context.py): stage 1 trains with neighbouring source slices on
+"""2.5D source context (lift3d/data/context.py): stage 1 trains with neighbouring source slices on
 channels, stage 2 and synthesis inherit it, and a volume's slice k sees what training item k saw."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from lift3d.plugins import create
-from lift3d.source_context import centre_with_context, context_indices, padded_indices, with_source_context
-from lift3d.synthesis import load_synthesis_model, synthesize
+from lift3d.data.context import centre_with_context, context_indices, padded_indices, with_source_context
+from lift3d.sampling.synthesis import load_synthesis_model, synthesize
 from lift3d.data.dataset import stack_items as stack
-from lift3d.training import LatentEncoder, train
+from lift3d.training.loop import LatentEncoder, train
 from test_training import tiny_cfg
 
 

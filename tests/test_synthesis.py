@@ -1,4 +1,4 @@
-"""Tests for lift3d/synthesis.py on tiny exported models (identity autoencoder, 16 x 16 x 8, 2-4 steps)."""
+"""Tests for lift3d/sampling/synthesis.py on tiny exported models (identity autoencoder, 16 x 16 x 8, 2-4 steps)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import lift3d
-from lift3d import synthesis
-from lift3d.checkpoint import CheckpointError
-from lift3d.config import TrainConfig
-from lift3d.synthesis import (
+from lift3d.sampling import synthesis
+from lift3d.lifting.checkpoint import CheckpointError
+from lift3d.training.config import TrainConfig
+from lift3d.sampling.synthesis import (
     SCHEDULERS,
     correlate_slices,
     load_synthesis_model,
@@ -25,7 +25,7 @@ from lift3d.synthesis import (
     synthesize_posterior,
     window_weights,
 )
-from lift3d.training import build_autoencoder, build_noise_scheduler, export_model, new_unet2d
+from lift3d.training.loop import build_autoencoder, build_noise_scheduler, export_model, new_unet2d
 
 SIZE, SLICES = 16, 8
 
@@ -420,7 +420,7 @@ def test_out_of_memory_halves_the_sample_batch(folders, source, monkeypatch, cap
         return real(model, sample, *args, **kwargs)
 
     monkeypatch.setattr(synthesis, "predict_noise", small_memory)
-    with caplog.at_level("WARNING", logger="lift3d.synthesis"):
+    with caplog.at_level("WARNING", logger="lift3d.sampling.synthesis"):
         result = synthesize_posterior(model, source, samples=4, sample_batch=4, steps=2, progress=False)
     assert torch.equal(result.mean, expected.mean) and torch.equal(result.std, expected.std)
     assert "out of memory denoising 4 samples together; retrying 2 at a time" in caplog.text

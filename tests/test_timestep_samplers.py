@@ -6,7 +6,7 @@ import torch
 from scipy.stats import chisquare
 
 from lift3d.plugins import PluginManager
-from lift3d.protocols import TimestepSampler
+from lift3d.plugins.protocols import TimestepSampler
 from lift3d_plugins.timestep_samplers import (
     MakeAVolumeTimestepSampler,
     PerSliceTimestepSampler,

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lift3d.config import ConfigError, TrainConfig, apply
-from lift3d.training import BatchPlan, NonFiniteLossError, list_checkpoints, train
+from lift3d.training.config import ConfigError, TrainConfig, apply
+from lift3d.training.loop import BatchPlan, NonFiniteLossError, list_checkpoints, train
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -91,7 +91,7 @@ def test_same_seed_gives_identical_safetensors(tmp_path):
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    import lift3d.training as T
+    import lift3d.training.loop as T
     from lift3d.cli.finetune import main
 
     original = T.save_checkpoint
@@ -183,7 +183,7 @@ def test_each_rank_sees_different_data():
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, monkeypatch):
-    import lift3d.training as T
+    import lift3d.training.loop as T
 
     calls = {"n": 0}
     original = T.diffusion_loss

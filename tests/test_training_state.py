@@ -1,7 +1,7 @@
 """Training state that cannot run code, and the bad inputs a refused run must leave no trace of.
 
-Tests lift3d/training_state.py, the option rules of lift3d/config.py and the refusals of
-lift3d/training.py as ``lift3d-finetune`` users meet them.
+Tests lift3d/training/state.py, the option rules of lift3d/training/config.py and the refusals of
+lift3d/training/loop.py as ``lift3d-finetune`` users meet them.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-import lift3d.training as T
-from lift3d.checkpoint import CheckpointError, save_safetensors
+import lift3d.training.loop as T
+from lift3d.lifting.checkpoint import CheckpointError, save_safetensors
 from lift3d.cli.finetune import main
-from lift3d.training import NonFiniteLossError, list_checkpoints, train
-from lift3d.training_state import KNOWN_FILES
+from lift3d.training.loop import NonFiniteLossError, list_checkpoints, train
+from lift3d.training.state import KNOWN_FILES
 from test_training import losses, tiny_cfg
 
 
@@ -238,8 +238,8 @@ VALIDATED = {"options": {"size": 16, "num_slices": 8, "num_subjects": 7, "val_si
 
 
 def test_sampled_validation_is_logged_and_the_best_step_exported(tmp_path, capsys):
-    import lift3d.training as T
-    from lift3d.validation import SampledValidation
+    import lift3d.training.loop as T
+    from lift3d.training.validation import SampledValidation
 
     scripted = iter([20.0, 25.0, 21.0, 22.0])  # step 0, 2, 4 and the final step 4 is the same scoring: 3 calls
     calls = []
@@ -273,7 +273,7 @@ def test_sampled_validation_is_logged_and_the_best_step_exported(tmp_path, capsy
 
 
 def test_a_stage2_that_never_beats_stage1_says_so(tmp_path, capsys, monkeypatch):
-    from lift3d.validation import SampledValidation
+    from lift3d.training.validation import SampledValidation
 
     stage1 = train(tiny_cfg(tmp_path / "s1", data=VALIDATED, run={"max_steps": 1}))
     scripted = iter([30.0, 20.0, 21.0])
@@ -287,8 +287,8 @@ def test_a_stage2_that_never_beats_stage1_says_so(tmp_path, capsys, monkeypatch)
     assert "no stage-2 step beat the stage-1 model on validation (stage 1: psnr 30" in out
     from einops import rearrange
 
-    from lift3d.checkpoint import load_lifted
-    from lift3d.training import load_unet2d
+    from lift3d.lifting.checkpoint import load_lifted
+    from lift3d.training.loop import load_unet2d
 
     lifted, flat = load_lifted(model), load_unet2d(stage1).eval()
     x, t = torch.randn(1, 2, 8, 16, 16), torch.tensor([500])
@@ -316,7 +316,7 @@ def test_stage2_takes_the_layer_kind_from_the_config(tmp_path, capsys):
     model = train(tiny_cfg(tmp_path / "s2", stage="volumes", model={"pretrained": str(stage1)}, data={"batch_size": 1},
                            lift={"kind": "depthwise", "where": "resnet", "recompute": True}, run={"max_steps": 1}))
     settings = json.loads((model / "lift3d.json").read_text())["lift"]
-    assert settings["kind"] == "depthwise" and lift3d.is_lifted(lift3d.checkpoint.load_lifted(model))
+    assert settings["kind"] == "depthwise" and lift3d.is_lifted(lift3d.lifting.checkpoint.load_lifted(model))
     capsys.readouterr()
     assert main(["--model.pretrained", str(stage1), "--run.output_dir", str(tmp_path / "bad"), "--lift.kind", "ful",
                  "--data.options", "{size = 16, num_slices = 4, num_subjects = 5}"]) == 2

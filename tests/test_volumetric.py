@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lift3d.volumetric import VolumetricConv
+from lift3d.layers.volumetric import VolumetricConv
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "replicate"])

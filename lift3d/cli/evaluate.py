@@ -31,8 +31,8 @@ from lift3d.data.nifti import list_image_files, load_image, open_nifti
 from lift3d.io.errors import Lift3dError
 from lift3d.io.writing import clean_stale_temporaries, temporary_path
 from lift3d.data.orientation import SLICE_AXES, to_slices
-from lift3d.figures import save_orthogonal_views
-from lift3d.metrics import (DATA_RANGE, INTENSITY_RULE, METRICS, SSIM_WIN_SIZE, UNCERTAINTY_METRICS, evaluate_volumes,
+from lift3d.evaluation.figures import save_orthogonal_views
+from lift3d.evaluation.metrics import (DATA_RANGE, INTENSITY_RULE, METRICS, SSIM_WIN_SIZE, UNCERTAINTY_METRICS, evaluate_volumes,
                             summarize, uncertainty_scores)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")

@@ -18,7 +18,7 @@ Fine-tune a 2D diffusion U-Net into a volume-aware one (Make-A-Volume).
 Stage 1 (--run.stage slices) trains a slice-wise latent diffusion U-Net: the source latent is
 concatenated to the noisy target latent, with a timestep per slice. Stage 2 (--run.stage volumes,
 the default) takes a stage-1 output or any local diffusers 2D U-Net folder (--model.pretrained),
-inserts identity-initialised volumetric layers with lift3d.inflate, and fine-tunes on whole volumes
+inserts identity-initialised volumetric layers with lift3d.lifting.inflate, and fine-tunes on whole volumes
 with one timestep per volume (make-a-volume: weight 2T - t).
 
 Options come from defaults, then the --config TOML file, then --section.field flags. The result
@@ -37,7 +37,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lift3d.config import add_arguments
+    from lift3d.training.config import add_arguments
 
     parser = argparse.ArgumentParser(prog="lift3d-finetune", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 @run_cli
 def main(argv: list[str] | None = None) -> int:
     from lift3d.cli._common import UserError
-    from lift3d.config import from_args
-    from lift3d.training import NonFiniteLossError, train
+    from lift3d.training.config import from_args
+    from lift3d.training.loop import NonFiniteLossError, train
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")

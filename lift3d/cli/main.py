@@ -13,14 +13,14 @@ import lift3d
 from lift3d.cli._common import run_cli
 from lift3d.plugins import AUTOLOAD_ENV, KINDS, get_plugin_manager
 
-# Layer kinds have their own registry (lift3d.layer_kinds), filled through the same plugin manager.
+# Layer kinds have their own registry (lift3d.layers.registry), filled through the same plugin manager.
 LISTED_KINDS = (*KINDS, "layer_kinds")
 
 
 def _registry(kind: str):
     manager = get_plugin_manager()
     if kind == "layer_kinds":
-        from lift3d.layer_kinds import build_registry
+        from lift3d.layers.registry import build_registry
 
         return build_registry(manager.pm)
     return manager.registry(kind)
@@ -57,7 +57,7 @@ def add_plugins_parser(subparsers) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from lift3d.demo import run_demo
+    from lift3d.recipes.demo import run_demo
 
     run_demo(args.out, dataset=args.dataset, scale=args.scale, seed=args.seed, threads=args.threads)
     return 0

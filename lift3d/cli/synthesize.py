@@ -2,7 +2,7 @@
 
 Each source is prepared exactly as in training (closest canonical orientation, slice axis first,
 percentile normalisation to [-1, 1], resampling to the training grid), synthesised with
-:func:`lift3d.synthesis.synthesize_posterior` (Make-A-Volume, DDIM-200 by default), and written as
+:func:`lift3d.sampling.synthesis.synthesize_posterior` (Make-A-Volume, DDIM-200 by default), and written as
 ``<name>_synth.nii.gz`` back on the source's own grid with the source's affine; with ``--samples K``
 that is the mean of K samples, and their per-voxel std goes to ``std/<name>_std.nii.gz``. Every
 input and the output folder are checked before the first volume is synthesised: no output may
@@ -29,7 +29,7 @@ from lift3d.data.volume import TrainingGrid, prepare_volume
 from lift3d.io.budget import check_count
 from lift3d.io.errors import BudgetError
 from lift3d.io.writing import clean_stale_temporaries, commit_together, temporary_path
-from lift3d.synthesis import (DTYPES, SCHEDULERS, SynthesisModel, check_clip_x0, load_synthesis_model, make_scheduler,
+from lift3d.sampling.synthesis import (DTYPES, SCHEDULERS, SynthesisModel, check_clip_x0, load_synthesis_model, make_scheduler,
                               resolve_sample_batch, resolve_window, save_std_volume, synthesize_posterior)
 
 NATIVE = "native"
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the initial noise (and of ddpm's added noise); the same seed and "
                         "options give the same volume. With --samples K, sample 0 uses the seed itself and "
-                        "sample k a seed hashed from (seed, k) (lift3d.synthesis.sample_seed). Default: 0")
+                        "sample k a seed hashed from (seed, k) (lift3d.sampling.synthesis.sample_seed). Default: 0")
     parser.add_argument("--samples", type=_positive, default=1, metavar="K",
                         help=f"draw K samples per source and write their mean as <name>{OUTPUT_SUFFIX} and "
                         f"their per-voxel standard deviation as {STD_DIR}/<name>{STD_SUFFIX} (an uncertainty "

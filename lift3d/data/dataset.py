@@ -13,7 +13,7 @@ from functools import lru_cache
 import torch
 from torch.utils.data import Dataset
 
-from lift3d.protocols import VolumePair
+from lift3d.plugins.protocols import VolumePair
 
 
 class VolumeDataset(abc.ABC):
@@ -61,7 +61,7 @@ def _item(pair: VolumePair, sl: slice | int) -> dict:
 class SliceView(Dataset):
     """Every slice of every subject: items ``{"source": (c, h, w), "target": (c, h, w)}``.
 
-    With ``context = C`` (2.5D, :mod:`lift3d.source_context`) the source is the window of slices
+    With ``context = C`` (2.5D, :mod:`lift3d.data.context`) the source is the window of slices
     ``k - C .. k + C`` around the target slice, ``(c, 2 C + 1, h, w)``, the edge slice repeated
     (the target's one slice, padded by ``C`` on each side).
     """
@@ -77,7 +77,7 @@ class SliceView(Dataset):
         pair = self.dataset[subject]
         item = _item(pair, k)
         if self.context:
-            from lift3d.source_context import padded_indices
+            from lift3d.data.context import padded_indices
 
             item["source"] = pair.source[:, padded_indices(k, 1, pair.source.shape[1], self.context)]
         return item
@@ -115,7 +115,7 @@ class VolumeView(Dataset):
         pair = self.dataset[subject]
         item = _item(pair, slice(start, start + self.window))
         if self.context:
-            from lift3d.source_context import padded_indices
+            from lift3d.data.context import padded_indices
 
             item["source"] = pair.source[:, padded_indices(start, self.window, pair.source.shape[1], self.context)]
         item["start"] = start

@@ -1,6 +1,6 @@
 """Loading one subject's pair: read, align the target (and mask) onto the source, prepare both.
 
-The result is a :class:`lift3d.protocols.VolumePair` whose ``meta`` is the source's
+The result is a :class:`lift3d.plugins.protocols.VolumePair` whose ``meta`` is the source's
 :class:`VolumeMeta`, so a synthesised target can be written back on the source's own grid.
 """
 
@@ -16,7 +16,7 @@ from lift3d.data.align import align_to
 from lift3d.data.errors import VolumeError
 from lift3d.data.nifti import load_image
 from lift3d.data.volume import TrainingGrid, prepare_volume
-from lift3d.protocols import VolumePair
+from lift3d.plugins.protocols import VolumePair
 
 
 def load_pair(

@@ -69,33 +69,6 @@ class LiftedModelSettings(Checked):
     training: dict[str, Any] | None = None
 
 
-class AutoencoderSpec(Checked):
-    name: str = Field(min_length=1)
-    options: dict[str, Any] | None = None
-
-
-class DataSettings(Checked):
-    dataset: str | None = None
-    options: dict[str, Any] | None = None
-    num_slices: int | None = Field(default=None, ge=1)
-    window: int | None = Field(default=None, ge=0)
-
-
-class TrainingSettings(Checked):
-    """``lift3d_training.json``: what synthesis needs to prepare inputs as in training."""
-
-    stage: Literal["slices", "volumes"] | None = None
-    conditioning: Literal["concat", "none"]
-    source_context: int = Field(default=0, ge=0, le=64)
-    prediction_type: Literal[PREDICTION_TYPES] | None = None  # type: ignore[valid-type]
-    autoencoder: AutoencoderSpec
-    image_channels: int | None = Field(default=None, ge=1, le=64)
-    latent_channels: int | None = Field(default=None, ge=1, le=1024)
-    size_multiple: int | None = Field(default=None, ge=1, le=4096)
-    data: DataSettings | None = None
-    config: dict[str, Any] | None = None
-
-
 class ModelConfig(Checked):
     """A diffusers model's ``config.json``: the class and the sizes that set its memory."""
 

@@ -91,7 +91,7 @@ class Registry(Generic[T]):
 
     def create(self, name: str, /, **options: Any) -> T:
         factory = self.get(name)
-        _check_options(f"{self._noun} {name!r}", factory, options)
+        check_factory_options(f"{self._noun} {name!r}", factory, options)
         return factory(**options)
 
     def names(self) -> list[str]:
@@ -110,7 +110,7 @@ class Registry(Generic[T]):
         return f"Registry({self.kind!r}, {self.names()})"
 
 
-def _check_options(what: str, factory: Callable[..., Any], options: dict[str, Any]) -> None:
+def check_factory_options(what: str, factory: Callable[..., Any], options: dict[str, Any]) -> None:
     """A misspelt option names itself and the valid ones (instead of Python's bare TypeError)."""
     try:
         params = inspect.signature(factory).parameters.values()

@@ -19,7 +19,7 @@ def lift3d_register_datasets(registry):
 
     :param registry: a :class:`lift3d.plugins.Registry` of datasets; call
         ``registry.add(name, factory)`` where ``factory(**options)`` returns an object that
-        follows :class:`lift3d.protocols.PairedVolumeDataset`.
+        follows :class:`lift3d.plugins.protocols.PairedVolumeDataset`.
     """
 
 
@@ -28,7 +28,7 @@ def lift3d_register_autoencoders(registry):
     """Register autoencoder factories.
 
     :param registry: a :class:`lift3d.plugins.Registry` of autoencoders; ``factory(**options)``
-        returns an object that follows :class:`lift3d.protocols.Autoencoder`.
+        returns an object that follows :class:`lift3d.plugins.protocols.Autoencoder`.
     """
 
 
@@ -38,17 +38,17 @@ def lift3d_register_timestep_samplers(registry):
 
     :param registry: a :class:`lift3d.plugins.Registry` of timestep samplers;
         ``factory(**options)`` returns an object that follows
-        :class:`lift3d.protocols.TimestepSampler`.
+        :class:`lift3d.plugins.protocols.TimestepSampler`.
     """
 
 
 @hookspec
 def lift3d_register_layer_kinds(registry):
-    """Register kinds of volumetric layer, the layers :func:`lift3d.inflate` inserts (``kind=``).
+    """Register kinds of volumetric layer, the layers :func:`lift3d.lifting.inflate` inserts (``kind=``).
 
     :param registry: a :class:`lift3d.plugins.Registry` of layer kinds; ``factory(channels, *,
         kernel_size, padding_mode, device, dtype, **options)`` returns an ``nn.Module`` whose
         ``forward(x, num_slices)`` maps a ``(b n) c h w`` batch of slices to the same shape, is the
         identity exactly after its ``reset_parameters()``, and never mixes different volumes. See
-        :mod:`lift3d.layer_kinds` for the optional methods (``init_random_``, ``fuse_into``).
+        :mod:`lift3d.layers.registry` for the optional methods (``init_random_``, ``fuse_into``).
     """

@@ -17,7 +17,7 @@ from lift3d.data.nifti import NIFTI_SUFFIXES, image_suffix
 from lift3d.data.pairs import load_pair
 from lift3d.data.splits import SubjectList, select_split
 from lift3d.data.volume import TrainingGrid
-from lift3d.protocols import VolumePair
+from lift3d.plugins.protocols import VolumePair
 
 
 @dataclass(frozen=True)

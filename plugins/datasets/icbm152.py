@@ -29,7 +29,7 @@ from lift3d.data.splits import SPLITS, check_split
 from lift3d.data.volume import TrainingGrid, prepare_volume
 from lift3d.io.budget import check_bytes
 from lift3d.io.errors import BudgetError
-from lift3d.protocols import VolumePair
+from lift3d.plugins.protocols import VolumePair
 
 PACKAGED = Path(__file__).resolve().parent / "data" / "icbm152"
 FILES = {"T1": "T1w.nii.gz", "T2": "T2w.nii.gz", "mask": "brainmask.nii.gz"}

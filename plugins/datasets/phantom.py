@@ -22,7 +22,7 @@ from lift3d.data.splits import select_split
 from lift3d.data.volume import TrainingGrid, VolumeMeta
 from lift3d.io.budget import check_bytes, check_count
 from lift3d.io.errors import BudgetError, Lift3dError
-from lift3d.protocols import VolumePair
+from lift3d.plugins.protocols import VolumePair
 
 # Float32 volumes of the grid alive at once while one subject is generated (about 21, measured), and those a
 # cached subject keeps: source and target, and its int64 labels.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from lift3d.data.dataset import VolumeDataset
-from lift3d.protocols import VolumePair
+from lift3d.plugins.protocols import VolumePair
 
 
 class SpheresDataset(VolumeDataset):

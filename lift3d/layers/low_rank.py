@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lift3d.volumetric import check_slice_conv, conv_along_slices
+from lift3d.layers.functional import check_slice_conv, conv_along_slices
 
 
 def rank_for(channels: int, rank: int | None = None, rank_ratio: float = 0.125) -> int:
@@ -119,7 +119,7 @@ class LowRankVolumetricConv(nn.Module):
         z = rearrange(z, "(b h w) r n -> (b n) r h w", h=h, w=w)
         return x + F.conv2d(z, self.up_weight[:, :, None, None], self.bias)
 
-    # Inference fast path (lift3d.fuse): fold the residual and the centre tap into the host conv.
+    # Inference fast path (lift3d.lifting.fuse): fold the residual and the centre tap into the host conv.
 
     def centre_map(self) -> tuple[Tensor, Tensor]:
         """What the layer does to a slice from the slice itself, ``y -> A y + c``, in float64:
@@ -131,7 +131,7 @@ class LowRankVolumetricConv(nn.Module):
     def fuse_into(self, host: nn.Conv2d) -> nn.Module:
         """Fold into ``host``, which then computes ``y' = A y + c`` (:meth:`centre_map`); the layer
         keeps only the off-centre taps and reads ``down(y)`` as ``down A^-1 (y' - c) + down_bias``."""
-        from lift3d.fuse import fold_into_host
+        from lift3d.layers.fused import fold_into_host
 
         matrix, offset = self.centre_map()
         inverse = fold_into_host(host, matrix, offset)

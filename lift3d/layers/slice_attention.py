@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from lift3d.low_rank import rank_for
+from lift3d.layers.low_rank import rank_for
 
 
 class SliceAttention(nn.Module):

@@ -1,16 +1,8 @@
-"""The inference fast path: fold each volumetric layer's residual and centre tap into its host conv.
+"""A volumetric conv folded into its host conv for inference: what is left of it after the fold.
 
-A volumetric layer after a host conv computes ``out_i = y_i + W_c y_i + sum_j W_j y_(i+j) + b`` with
-``y = conv(x)``. The part that reads the slice itself is linear, ``A y_i + c`` with ``A = I + W_c``,
-so it can live in the host: ``W' = A W_host``, ``b' = A b_host + c``. The host then returns
-``y' = A y + c`` at the host's own cost, and the layer computes only the off-centre taps, from
-``y = A^-1 (y' - c)`` folded into their weights. :func:`fuse` does this for every layer whose kind
-supports it (``fuse_into``) and whose host is a plain ``nn.Conv2d``; the others run unchanged.
-
-Exactness: the fused model equals the unfused one up to fp32 round-off (the folding runs in float64;
-``tests/test_fuse.py`` checks ``rtol = atol = 1e-4`` on outputs of order 1 for trained-size weights).
-A fused model is for inference only: it cannot be trained or saved (save before fusing). A plain 2D
-batch and :func:`lift3d.volumetric_disabled` still give the 2D model's output, through ``A^-1``.
+:func:`lift3d.fuse` (in :mod:`lift3d.lifting.fuse`) calls each layer's ``fuse_into(host)``; the conv
+kinds fold their residual and centre tap into the host with :func:`fold_into_host` and keep only
+their off-centre taps, as a :class:`FusedSliceConv`.
 """
 
 from __future__ import annotations
@@ -19,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lift3d._hooks import LAYER_NAME
-from lift3d.volumetric import conv_along_slices
+from lift3d.layers.functional import conv_along_slices
 
 CONDITION_LIMIT = 1e6
 """Refuse to fold a layer whose ``A = I + W_c`` is this ill-conditioned (its inverse would amplify
@@ -49,7 +40,7 @@ def fold_into_host(host: nn.Conv2d, matrix: Tensor, offset: Tensor) -> Tensor:
 
 
 class FusedSliceConv(nn.Module):
-    """The off-centre taps of a folded :class:`~lift3d.volumetric.VolumetricConv`:
+    """The off-centre taps of a folded :class:`~lift3d.layers.volumetric.VolumetricConv`:
     ``out_i = y'_i + sum_(j != centre) (W'_j y'_(i+j) + g_j)``, with ``W'_j = W_j A^-1`` and
     ``g_j = -W'_j c``, each tap added only where its neighbour exists (as the unfused layer's
     zero padding does) or from the border slice (replicate)."""
@@ -99,36 +90,3 @@ class FusedSliceConv(nn.Module):
     def unfuse(self, y: Tensor) -> Tensor:
         """The 2D host's output from the fused host's: ``A^-1 (y' - c)``."""
         return F.conv2d(y - self.centre_bias[:, None, None], self.inverse[:, :, None, None])
-
-
-def fuse(model: nn.Module) -> nn.Module:
-    """Fold every volumetric layer that can be folded into its host conv, in place; returns the
-    model in eval mode with gradients off. Idempotent. The layers left as they were (a kind without
-    ``fuse_into``, a host that is not a plain ``nn.Conv2d``, an ill-conditioned ``A``) are listed by
-    :func:`fused_layers`."""
-    from lift3d.inflate import _state
-
-    state = _state(model)
-    model.eval().requires_grad_(False)
-    modules = dict(model.named_modules())
-    for name in state.where:
-        host = modules[name]
-        layer = getattr(host, LAYER_NAME)
-        if getattr(layer, "fused", False) or type(host) is not nn.Conv2d or not hasattr(layer, "fuse_into"):
-            continue
-        try:
-            folded = layer.fuse_into(host)
-        except FoldError:
-            continue
-        if folded is not layer:
-            host.add_module(LAYER_NAME, folded)
-    state.fused = True
-    return model
-
-
-def fused_layers(model: nn.Module) -> dict[str, bool]:
-    """``{host name: whether its layer is folded}`` for every volumetric layer."""
-    from lift3d.inflate import _state
-
-    modules = dict(model.named_modules())
-    return {name: bool(getattr(getattr(modules[name], LAYER_NAME), "fused", False)) for name in _state(model).where}

@@ -14,17 +14,18 @@ are measured on the training latents, so that stage 1 sees unit-variance latents
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lift3d.diffusion.autoencoding import tiny_kl_config
+
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
-    from lift3d.config import VaeConfig
 
 
 class PatchDiscriminator(nn.Module):
@@ -63,7 +64,7 @@ class AutoencoderObjective(nn.Module):
     ``forward`` lets Accelerate's DDP wrapper all-reduce every gradient.
     """
 
-    def __init__(self, vae: "AutoencoderKL", cfg: "VaeConfig") -> None:
+    def __init__(self, vae: "AutoencoderKL", cfg: Any) -> None:
         super().__init__()
         self.vae, self.cfg = vae, cfg
         adversarial = cfg.adversarial_weight > 0
@@ -99,11 +100,9 @@ class AutoencoderObjective(nn.Module):
         return loss, logs
 
 
-def new_vae(cfg: "VaeConfig", image_channels: int) -> "AutoencoderKL":
+def new_vae(cfg: Any, image_channels: int) -> "AutoencoderKL":
     """A fresh ``AutoencoderKL``: f = 2 ** (len(block_out_channels) - 1), f = 4 by default."""
     from diffusers import AutoencoderKL
-
-    from lift3d_plugins.autoencoders import tiny_kl_config
 
     return AutoencoderKL.from_config(tiny_kl_config(
         image_channels=image_channels, latent_channels=cfg.latent_channels, block_out_channels=cfg.block_out_channels,

@@ -178,7 +178,7 @@ def evaluate_volumes(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | No
 
 def uncertainty_scores(std: np.ndarray, pred: np.ndarray, target: np.ndarray,
                        mask: np.ndarray | None = None) -> dict[str, float]:
-    """How well a per-voxel std map (the spread of K samples, :func:`lift3d.synthesis.synthesize_posterior`)
+    """How well a per-voxel std map (the spread of K samples, :func:`lift3d.sampling.synthesis.synthesize_posterior`)
     points at the mean prediction's errors, on the metrics' [0, 255] scale (std x 255 / the target's range).
 
     ``std_mean``: the mean std over the (masked) voxels. ``std_error_spearman``: Spearman's rank

@@ -1,6 +1,6 @@
 """Sampling a trained model: source volume -> synthesised target volume (Make-A-Volume, sec. 2.2-2.3).
 
-:func:`load_synthesis_model` reads a folder written by :func:`lift3d.training.export_model`;
+:func:`load_synthesis_model` reads a folder written by :func:`lift3d.training.loop.export_model`;
 :func:`synthesize` encodes the source, starts from seeded Gaussian noise, denoises **all slices
 jointly at the same timestep** with the source latent concatenated on channels (the paper's
 ``p_theta(z_{t-1} | z_t, z_c)``), and decodes. The samplers are diffusers' own classes built from
@@ -19,9 +19,7 @@ component, so the slices of a volume start (and, with DDPM, are perturbed) alike
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -31,29 +29,25 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import lift3d
-from lift3d.autoencoding import decode_volume, encode_volume
-from lift3d.source_context import with_source_context
-from lift3d.checkpoint import (SCHEDULER_CONFIG, SETTINGS_FILE, TRAINING_SETTINGS, CheckpointError, inside, load_lifted,
-                               load_unet2d, read_scheduler_config, read_training_settings)
+from lift3d.diffusion.autoencoding import decode_volume, encode_volume
+from lift3d.data.context import with_source_context
+from lift3d.diffusion.conditioning import check_channels as check_conditioned_channels
+from lift3d.diffusion.conditioning import predict
+from lift3d.diffusion.export import TRAINING_SETTINGS, read_scheduler_config, read_training_settings
+from lift3d.diffusion.schedules import SCHEDULERS, make_scheduler  # noqa: F401 (part of the sampling API)
+from lift3d.io.paths import inside
+from lift3d.lifting.checkpoint import SETTINGS_FILE, CheckpointError, load_lifted, load_unet2d
 from lift3d.data.intensity import IntensityScaling
 from lift3d.data.nifti import save_volume
 from lift3d.data.resample import check_in_plane_size
 from lift3d.data.volume import VolumeMeta
 from lift3d.plugins import create
 
-logger = logging.getLogger("lift3d.synthesis")
-
-SCHEDULERS: dict[str, tuple[str, int]] = {
-    "ddpm": ("DDPMScheduler", 1000),
-    "ddim": ("DDIMScheduler", 200),
-    "dpm": ("DPMSolverMultistepScheduler", 25),
-}
-"""Sampler name -> (diffusers class, default number of steps). DDIM-200 is the paper's setting."""
+logger = logging.getLogger("lift3d.sampling.synthesis")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -87,7 +81,7 @@ class SynthesisModel:
 
     @property
     def source_context(self) -> int:
-        """2.5D: source slices on each side the U-Net sees (:mod:`lift3d.source_context`); 0 for older exports."""
+        """2.5D: source slices on each side the U-Net sees (:mod:`lift3d.data.context`); 0 for older exports."""
         return int(self.settings.get("source_context", 0))
 
     @property
@@ -136,18 +130,9 @@ def _build_autoencoder(folder: Path, settings: dict[str, Any]):
 
 def check_channels(unet: nn.Module, autoencoder, conditioning: str, where: object = "the model",
                    source_context: int = 0) -> None:
-    """The U-Net must take ``latent`` noisy-target channels plus, with ``concat``, ``latent`` per source
-    slice it sees (``2 source_context + 1``), and give ``latent``."""
-    latent = int(autoencoder.latent_channels)
-    sources = 2 * source_context + 1
-    need_in = latent + sources * latent if conditioning == "concat" else latent
-    got_in, got_out = int(unet.config.in_channels), int(unet.config.out_channels)
-    if (got_in, got_out) != (need_in, latent):
-        how = (f"{latent} noisy target + {sources} x {latent} source" if conditioning == "concat"
-               else "the noisy target")
-        raise CheckpointError(f"{where}: the autoencoder {type(autoencoder).__name__} has {latent} latent channels, so "
-                              f"the U-Net must take {need_in} input channels ({how}, conditioning {conditioning!r}) "
-                              f"and give {latent}; this U-Net takes {got_in} and gives {got_out}")
+    """The U-Net must follow the conditioning rule (:func:`lift3d.diffusion.conditioning.unet_channels`)."""
+    check_conditioned_channels(unet, autoencoder.latent_channels, conditioning, where, source_context,
+                               f"autoencoder {type(autoencoder).__name__}")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -209,27 +194,6 @@ def load_synthesis_model(folder: str | os.PathLike, *, device: str | torch.devic
 
 # --------------------------------------------------------------------------------------------
 # Samplers
-
-
-def make_scheduler(name: str, scheduler_config: dict[str, Any], steps: int | None = None, *,
-                   device: torch.device | str | None = None, clip_x0: bool = False):
-    """The diffusers sampler ``name`` (see :data:`SCHEDULERS`) on the training noise schedule,
-    with ``steps`` inference steps (the sampler's default when None). ``clip_x0`` clamps the
-    sampler's x0 estimate to [-1, 1] at every step (diffusers' ``thresholding`` at 1.0)."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"Unknown scheduler {name!r}; available: {', '.join(SCHEDULERS)}")
-    class_name, default_steps = SCHEDULERS[name]
-    steps = default_steps if steps is None else steps
-    train_steps = int(scheduler_config.get("num_train_timesteps", 1000))
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= train_steps:
-        raise ValueError(f"steps must be an integer from 1 to the {train_steps} training timesteps, got {steps!r}")
-    import diffusers
-
-    if clip_x0:  # dynamic thresholding with its ceiling at 1.0 is a plain clamp to [-1, 1]
-        scheduler_config = {**scheduler_config, "thresholding": True, "sample_max_value": 1.0}
-    scheduler = getattr(diffusers, class_name).from_config(scheduler_config)
-    scheduler.set_timesteps(steps, device=device)
-    return scheduler
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,20 +288,7 @@ def _check_source(model: SynthesisModel, source: Tensor) -> None:
 def predict_noise(model: SynthesisModel, sample: Tensor, condition: Tensor | None, t: Tensor,
                   slice_wise: bool = False) -> Tensor:
     """One U-Net call on a volume batch ``(b, c, n, h, w)``, every slice at timestep ``t``."""
-    b, _, n = sample.shape[:3]
-    x = sample if condition is None else torch.cat([sample, condition], dim=1)
-    flat = rearrange(x, "b c n h w -> (b n) c h w").to(model.dtype)
-    timesteps = t.reshape(1).expand(b * n).to(flat.device)
-    if not model.lifted:
-        context: Any = contextlib.nullcontext()
-    elif slice_wise:
-        context = lift3d.volumetric_disabled(model.unet)
-    else:
-        context = lift3d.volume_batch(model.unet, n)
-    with context:
-        out = model.unet(flat, timesteps)
-    out = getattr(out, "sample", out)
-    return rearrange(out.float(), "(b n) c h w -> b c n h w", b=b)
+    return predict(model.unet, sample, condition, t, slice_wise=slice_wise, dtype=model.dtype).float()
 
 
 def predict_noise_windowed(model: SynthesisModel, sample: Tensor, condition: Tensor | None, t: Tensor,

@@ -16,7 +16,7 @@ hook exactly as datasets are (the built-ins in ``lift3d_plugins.layer_kinds`` do
 - ``init_random_(std=None, generator=None)``: random weights, so tests can see the layer work.
 
 Optional: ``fuse_into(host)`` folds the residual and the centre tap into a host ``nn.Conv2d`` for
-inference and returns the layer that computes what is left (:mod:`lift3d.fuse`); its ``unfuse(y)``
+inference and returns the layer that computes what is left (:mod:`lift3d.lifting.fuse`); its ``unfuse(y)``
 turns the fused host's output back into the 2D host's. A kind without it is left unfused.
 """
 
@@ -28,17 +28,17 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from lift3d.plugins.manager import PluginError, Registry, _check_options
+from lift3d.plugins.manager import PluginError, Registry, check_factory_options
 
 BUILTIN = "lift3d_plugins.layer_kinds"
 DEFAULT_KIND = "full"
-"""What :func:`lift3d.inflate` inserts by default: the paper's layer. The cheaper ``low-rank`` did not
+"""What :func:`lift3d.lifting.inflate` inserts by default: the paper's layer. The cheaper ``low-rank`` did not
 keep its quality in every recipe (README, "Lifting a U-Net", gives the trade)."""
 
 
 @runtime_checkable
 class VolumetricLayer(Protocol):
-    """What :func:`lift3d.inflate` needs from a layer of any kind."""
+    """What :func:`lift3d.lifting.inflate` needs from a layer of any kind."""
 
     def forward(self, x: Tensor, num_slices: int) -> Tensor: ...
 
@@ -77,7 +77,7 @@ def create(kind: str, channels: int, *, kernel_size: int, padding_mode: str, dev
            **options: Any) -> nn.Module:
     """Build one layer of ``kind``; an unknown kind or option names itself and the valid ones."""
     factory = registry().get(kind)
-    _check_options(f"layer kind {kind!r}", factory, {**options, "kernel_size": kernel_size,
+    check_factory_options(f"layer kind {kind!r}", factory, {**options, "kernel_size": kernel_size,
                                                      "padding_mode": padding_mode, "device": device, "dtype": dtype})
     layer = factory(channels, kernel_size=kernel_size, padding_mode=padding_mode, device=device, dtype=dtype, **options)
     missing = [m for m in ("forward", "reset_parameters", "init_random_") if not callable(getattr(layer, m, None))]
@@ -89,4 +89,4 @@ def create(kind: str, channels: int, *, kernel_size: int, padding_mode: str, dev
 
 def check_options(kind: str, options: dict[str, Any]) -> None:
     """Fail before anything is inserted when ``kind`` is unknown or does not take ``options``."""
-    _check_options(f"layer kind {kind!r}", registry().get(kind), options)
+    check_factory_options(f"layer kind {kind!r}", registry().get(kind), options)

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from lift3d.config import TrainConfig, apply
+from lift3d.training.config import TrainConfig, apply
 from lift3d.data import save_volume
-from lift3d.figures import save_orthogonal_views
-from lift3d.metrics import INTENSITY_RULE, evaluate_volumes, summarize
+from lift3d.evaluation.figures import save_orthogonal_views
+from lift3d.evaluation.metrics import INTENSITY_RULE, evaluate_volumes, summarize
 from lift3d.plugins import create
-from lift3d.synthesis import load_synthesis_model, save_std_volume, synthesize_posterior
-from lift3d.training import train
+from lift3d.sampling.synthesis import load_synthesis_model, save_std_volume, synthesize_posterior
+from lift3d.training.loop import train
 
 DATASETS = ("icbm152", "phantom")
 

@@ -20,18 +20,15 @@ from safetensors.torch import save as _safetensors_bytes
 from torch import nn
 
 import lift3d
-from lift3d.inflate import inflate, is_lifted, lift_settings, volumetric_state_dict
+from lift3d.lifting.inflate import inflate, is_lifted, lift_settings, volumetric_state_dict
 from lift3d.io.budget import check_bytes
 from lift3d.io.errors import Lift3dError
 from lift3d.io.paths import check_contained, inside  # noqa: F401 (inside: re-exported)
-from lift3d.io.schemas import (MODEL_CLASSES, LiftedModelSettings, ModelConfig,
-                               SchedulerConfig, TrainingSettings, read_json)
+from lift3d.io.schemas import MODEL_CLASSES, LiftedModelSettings, ModelConfig, read_json
 from lift3d.io.writing import atomic_path, clean_stale_temporaries, temporary_path
 
 SETTINGS_FILE = "lift3d.json"
-TRAINING_SETTINGS = "lift3d_training.json"
 MODEL_CONFIG = "config.json"
-SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 GENERIC_WEIGHTS = "model.safetensors"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -126,7 +123,7 @@ def save_volumetric(model: nn.Module, path: str | os.PathLike, *, state_dict: di
 
 
 def inflate_arguments(lift: dict[str, Any]) -> dict[str, Any]:
-    """:func:`lift3d.inflate` keywords from saved lift settings; settings written before layer kinds
+    """:func:`lift3d.lifting.inflate` keywords from saved lift settings; settings written before layer kinds
     existed (no ``kind``, a top-level ``groups``) are the full layer."""
     options = lift.get("options", {"groups": lift.get("groups", 1)})
     return {"kind": lift.get("kind", "full"), "kernel_size": lift["kernel_size"], "where": lift["where"],
@@ -206,7 +203,7 @@ def save_lifted(model: nn.Module, folder: str | os.PathLike, *, state_dict: dict
     return folder
 
 
-def _model_folder(folder: str | os.PathLike) -> Path:
+def model_folder(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"model folder not found: {folder}" if not folder.exists()
@@ -216,48 +213,13 @@ def _model_folder(folder: str | os.PathLike) -> Path:
 
 def read_settings(folder: str | os.PathLike) -> dict[str, Any]:
     """The checked ``lift3d.json`` of a lifted-model folder, with a clear error when it is not one."""
-    folder = _model_folder(folder)
+    folder = model_folder(folder)
     path = folder / SETTINGS_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {SETTINGS_FILE}: it is not a lifted lift3d model folder "
-                              "(for a plain 2D diffusers folder, load it with diffusers and call lift3d.inflate)")
+                              "(for a plain 2D diffusers folder, load it with diffusers and call lift3d.lifting.inflate)")
     return read_json(path, LiftedModelSettings, folder=folder, what=SETTINGS_FILE).model_dump(
         by_alias=True, exclude_unset=True)
-
-
-def read_training_settings(folder: str | os.PathLike) -> dict[str, Any]:
-    """The checked training settings of an exported model folder (``lift3d_training.json``, or the
-    ``training`` entry of ``lift3d.json``), or a :class:`CheckpointError` saying why not."""
-    folder = _model_folder(folder)
-    path = folder / TRAINING_SETTINGS
-    if path.is_file() or path.is_symlink():
-        settings = read_json(path, TrainingSettings, folder=folder, what=TRAINING_SETTINGS)
-    elif (folder / SETTINGS_FILE).is_file():
-        raw = read_settings(folder).get("training")
-        if raw is None:
-            raise CheckpointError(f"{folder} has a {SETTINGS_FILE} but no training settings ({TRAINING_SETTINGS}): "
-                                  "the autoencoder and conditioning it was trained with are unknown; synthesise "
-                                  "from a folder exported by lift3d-finetune")
-        from lift3d.io.schemas import validate
-
-        settings = validate(raw, TrainingSettings, folder / SETTINGS_FILE, f"{SETTINGS_FILE}'s training settings")
-    else:
-        raise CheckpointError(f"{folder} has no lift3d settings (neither {TRAINING_SETTINGS} nor {SETTINGS_FILE}): "
-                              "it is not a model exported by lift3d-finetune, so its autoencoder, conditioning and "
-                              "data preparation are unknown")
-    return settings.model_dump(by_alias=True, exclude_unset=True)
-
-
-def read_scheduler_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """The checked training noise schedule of an exported model folder (``scheduler/scheduler_config.json``)."""
-    folder = _model_folder(folder)
-    path = folder / SCHEDULER_CONFIG
-    if not path.exists():
-        raise CheckpointError(f"{folder} has no {SCHEDULER_CONFIG} (the training noise schedule); re-export the model")
-    config = read_json(path, SchedulerConfig, folder=folder, what="scheduler config")
-    # diffusers keeps several float64 arrays of length T per scheduler
-    check_bytes(config.num_train_timesteps * 8 * 16, f"{path}: num_train_timesteps {config.num_train_timesteps}")
-    return config.model_dump(by_alias=True, exclude_unset=True)
 
 
 def build_diffusers_model(config_path: Path, folder: Path, allowed: tuple[str, ...] = MODEL_CLASSES) -> nn.Module:
@@ -286,7 +248,7 @@ def build_diffusers_model(config_path: Path, folder: Path, allowed: tuple[str, .
 
 def load_unet2d(folder: str | os.PathLike) -> nn.Module:
     """A 2D diffusers U-Net from a local folder (config.json + safetensors); never from a hub."""
-    folder = _model_folder(folder)
+    folder = model_folder(folder)
     if not (folder / MODEL_CONFIG).exists():
         raise CheckpointError(f"{folder} is not a diffusers model folder: {MODEL_CONFIG} is missing")
     weights = folder / DIFFUSERS_WEIGHTS
@@ -304,7 +266,7 @@ def load_lifted(folder: str | os.PathLike, model: nn.Module | None = None) -> nn
     the freshly built 2D ``model`` and it is lifted with the saved settings and loaded. The model
     comes back in eval mode, as from ``from_pretrained``.
     """
-    folder = _model_folder(folder)
+    folder = model_folder(folder)
     settings = read_settings(folder)
     if model is None:
         if not settings.get("diffusers_class"):

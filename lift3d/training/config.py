@@ -14,11 +14,10 @@ import numbers
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, get_args, get_origin, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
-from lift3d.io.budget import check_bytes
 from lift3d.io.errors import Lift3dError
-from lift3d.placement import PRESETS
+from lift3d.lifting.placement import PRESETS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -141,12 +140,12 @@ class ModelConfig:
 
 @dataclass
 class LiftConfig:
-    kind: str = opt("", "kind of volumetric layer (lift3d.layer_kinds; e.g. full, low-rank, depthwise, "
-                    "slice-attention); empty = lift3d.inflate's default")
+    kind: str = opt("", "kind of volumetric layer (lift3d.layers.registry; e.g. full, low-rank, depthwise, "
+                    "slice-attention); empty = lift3d.lifting.inflate's default")
     options: dict = opt({}, "options of the layer kind, e.g. {rank = 16} for low-rank or {heads = 4}")
     kernel_size: int = opt(3, "odd kernel size of the volumetric 1D convs", rule=ODD)
     where: str = opt("auto", "placement of the volumetric layers: auto = resnet where the model has residual "
-                     "blocks, else every spatial conv (lift3d.placement.PRESETS)", tuple(PRESETS))
+                     "blocks, else every spatial conv (lift3d.lifting.placement.PRESETS)", tuple(PRESETS))
     recompute: bool = opt(False, "recompute the volumetric layers' inputs in backward instead of keeping them "
                           "(less training memory)")
     padding_mode: str = opt("zeros", "border handling along the slice axis", ("zeros", "replicate"))
@@ -230,7 +229,7 @@ def _sections(cfg: TrainConfig):
         yield sec.name, getattr(cfg, sec.name)
 
 
-def _show(value: Any, limit: int = 80) -> str:
+def show_value(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
@@ -301,14 +300,14 @@ def _not_finite(where: str, value: Any, depth: int = 0) -> str | None:
 def _check(where: str, value: Any, choices: tuple | None, rule: Rule | None, kind: Any = None) -> Any:
     """Refuse a value of the wrong kind, a NaN or infinity anywhere in it, or one outside its choices or rule."""
     if kind is not None and not _of_kind(value, kind):
-        raise ConfigError(f"{where} = {_show(value)} is not a valid {_kind_name(kind)}")
+        raise ConfigError(f"{where} = {show_value(value)} is not a valid {_kind_name(kind)}")
     bad = _not_finite(where, value)
     if bad is not None:
-        raise ConfigError(f"{where} = {_show(value)} is not allowed; {bad} must be a finite number")
+        raise ConfigError(f"{where} = {show_value(value)} is not allowed; {bad} must be a finite number")
     if choices and value not in choices:
-        raise ConfigError(f"{where} = {_show(value)} is not allowed; choose one of: {', '.join(map(str, choices))}")
+        raise ConfigError(f"{where} = {show_value(value)} is not allowed; choose one of: {', '.join(map(str, choices))}")
     if rule is not None and not rule.holds(value):
-        raise ConfigError(f"{where} = {_show(value)} is not allowed; it must be {rule}")
+        raise ConfigError(f"{where} = {show_value(value)} is not allowed; it must be {rule}")
     return value
 
 
@@ -337,7 +336,7 @@ def _coerce(section: str, name: str, value: Any, kind: Any, metadata) -> Any:
     try:
         value = _convert(value, kind)
     except (ValueError, TypeError, OverflowError, RecursionError, tomllib.TOMLDecodeError):
-        raise ConfigError(f"{where} = {_show(value)} is not a valid {_kind_name(kind)}") from None
+        raise ConfigError(f"{where} = {show_value(value)} is not a valid {_kind_name(kind)}") from None
     return _check(where, value, metadata.get("choices"), metadata.get("rule"), kind)
 
 
@@ -362,10 +361,10 @@ def apply(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Check every option of a config built in Python (``apply`` checks what it sets), how the options
-    fit together, and the memory the configured models need (:func:`check_memory`)."""
+    """Check every option of a config built in Python (``apply`` checks what it sets) and how the options
+    fit together. The memory the configured models need is :func:`lift3d.training.memory.check_memory`."""
     if not isinstance(cfg, TrainConfig):
-        raise ConfigError(f"a training config must be a lift3d.config.TrainConfig, got {type(cfg).__name__}")
+        raise ConfigError(f"a training config must be a lift3d.training.config.TrainConfig, got {type(cfg).__name__}")
     for section, obj in _sections(cfg):
         hints = get_type_hints(type(obj))
         for f in dataclasses.fields(obj):
@@ -382,30 +381,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     elif not cfg.model.pretrained:
         _check_groups("model", cfg.model.block_out_channels, cfg.model.norm_num_groups)
         if cfg.model.block_out_channels[-1] < ATTENTION_HEAD_DIM:
-            raise ConfigError(f"model.block_out_channels = {_show(cfg.model.block_out_channels)} is not allowed; the "
+            raise ConfigError(f"model.block_out_channels = {show_value(cfg.model.block_out_channels)} is not allowed; the "
                               f"last width must be >= {ATTENTION_HEAD_DIM} (diffusers' UNet2DModel gives its mid-block "
                               f"attention width // {ATTENTION_HEAD_DIM} heads)")
-    check_memory(cfg)
     return cfg
 
 
 def _check_groups(section: str, widths_: list[int], groups: int) -> None:
     bad = [c for c in widths_ if c % groups]
     if bad:
-        raise ConfigError(f"{section}.block_out_channels = {_show(widths_)} is not allowed with {section}.norm_num_groups "
+        raise ConfigError(f"{section}.block_out_channels = {show_value(widths_)} is not allowed with {section}.norm_num_groups "
                           f"= {groups}: GroupNorm needs every width to be a multiple of it, and "
                           f"{', '.join(map(str, bad[:5]))} {'is' if len(bad) == 1 else 'are'} not")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Memory the configured models need, checked before anything is allocated
-
-
-# Per diffusion step: betas, alphas, alphas_cumprod and timesteps (DDPM), the stage-2 sampler's float64 weights,
-# and DPM-Solver++'s alpha_t, sigma_t and lambda_t: eight arrays of at most 8 bytes.
-TIMESTEP_BYTES = 64
-# Trained weights also hold a gradient and AdamW's two moments.
-TRAINED_COPIES = 4
 
 
 def unet2d_arguments(model: ModelConfig, in_channels: int, out_channels: int, sample_size: int | None = None) -> dict:
@@ -418,100 +405,6 @@ def unet2d_arguments(model: ModelConfig, in_channels: int, out_channels: int, sa
                 block_out_channels=tuple(int(c) for c in model.block_out_channels),
                 layers_per_block=model.layers_per_block, down_block_types=tuple(down), up_block_types=tuple(up),
                 norm_num_groups=model.norm_num_groups)
-
-
-def _resnet_lower_bound(widths_: list[int], layers: int) -> int:
-    """Parameters a 2D U-Net or autoencoder of these widths has at least: each resnet's second 3x3 conv,
-    ``layers`` per level down and ``layers + 1`` up. Exact integers: a width of 10**30 gives a huge number,
-    not an overflow, and is refused before torch is asked to build anything."""
-    return 9 * sum((2 * layers + 1) * w * w for w in widths_)
-
-
-def _meta_parameters(build: Callable[[], Any], what: str) -> Any:
-    import torch
-
-    try:
-        with torch.device("meta"):
-            return build()
-    except Lift3dError:
-        raise
-    except Exception as exc:  # diffusers' own checks of its arguments; the config layer tells which options
-        raise ConfigError(f"{what} cannot be built: {type(exc).__name__}: {exc}".replace("\n", " ")) from None
-
-
-def _parameter_bytes(module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-def _check_total(weights: int, trained: int, what: str, ema: bool) -> None:
-    copies = TRAINED_COPIES + (1 if ema else 0)
-    check_bytes(min(weights + (copies - 1) * trained, 2**100), what)
-
-
-def model_memory(cfg: TrainConfig) -> tuple[int, int, str] | None:
-    """``(weight bytes, trained weight bytes, description)`` of the model this stage builds from the config,
-    measured on torch's meta device (nothing is allocated); None when it comes from ``model.pretrained``.
-
-    In the diffusion stages the U-Net's input channels are counted for a 1-channel latent (the autoencoder
-    plugin, which knows its latent channels, is not built here): the estimate is a lower bound.
-    """
-    if cfg.run.stage == "autoencoder":
-        vae = cfg.vae
-        what = (f"the autoencoder of vae.block_out_channels = {_show(vae.block_out_channels)}, layers_per_block = "
-                f"{vae.layers_per_block}, latent_channels = {vae.latent_channels}")
-        first, last, latent = vae.block_out_channels[0], vae.block_out_channels[-1], vae.latent_channels
-        # and the four convs in and out: image -> first, last -> mean and log-variance, latent -> last, first -> image
-        bound = _resnet_lower_bound(vae.block_out_channels, vae.layers_per_block) + 9 * (2 * first + 3 * latent * last)
-        if vae.adversarial_weight > 0:
-            bound += 16 * 2 * vae.discriminator_width ** 2
-            what += f", discriminator_width = {vae.discriminator_width}"
-        _check_total(4 * bound, 4 * bound, what + " (at least)", False)
-        from lift3d.autoencoder_training import PatchDiscriminator, new_vae
-
-        nbytes = _parameter_bytes(_meta_parameters(lambda: new_vae(vae, 1), what))
-        if vae.adversarial_weight > 0:
-            nbytes += _parameter_bytes(_meta_parameters(lambda: PatchDiscriminator(1, vae.discriminator_width), what))
-        return nbytes, nbytes, what
-    if cfg.model.pretrained:
-        return None
-    model = cfg.model
-    sources = 2 * model.source_context + 1 if model.conditioning == "concat" else 0
-    in_channels = 1 + sources
-    what = (f"the U-Net of model.block_out_channels = {_show(model.block_out_channels)}, layers_per_block = "
-            f"{model.layers_per_block}" + (f", source_context = {model.source_context}" if model.source_context else ""))
-    bound = 4 * (_resnet_lower_bound(model.block_out_channels, model.layers_per_block)
-                 + 9 * (in_channels + 1) * model.block_out_channels[0])  # and conv_in, conv_out
-    _check_total(bound, bound if cfg.run.stage == "slices" or cfg.lift.trainable == "all" else 0,
-                 what + " (at least)", cfg.optim.ema)
-
-    from diffusers import UNet2DModel
-
-    unet = _meta_parameters(lambda: UNet2DModel(**unet2d_arguments(model, in_channels, 1)), what)
-    weights = _parameter_bytes(unet)
-    if cfg.run.stage == "slices":
-        return weights, weights, what
-    import lift3d
-
-    lift = cfg.lift
-    what += (f", lifted with lift.kind = {lift.kind or 'default'!r}, lift.kernel_size = {lift.kernel_size}"
-             + (f", lift.options = {_show(lift.options)}" if lift.options else ""))
-    _meta_parameters(lambda: lift3d.inflate(unet, lift.kind or None, kernel_size=lift.kernel_size, where=lift.where,
-                                            padding_mode=lift.padding_mode, **lift.options), what)
-    lifted = _parameter_bytes(unet) - weights
-    return weights + lifted, lifted if lift.trainable == "volumetric" else weights + lifted, what
-
-
-def check_memory(cfg: TrainConfig) -> None:
-    """Refuse a config whose noise schedule or model (weights, gradients and AdamW moments) would not fit in
-    the memory budget (:mod:`lift3d.io.budget`), with one line giving the size and the limit."""
-    steps = cfg.diffusion.num_train_timesteps
-    check_bytes(TIMESTEP_BYTES * steps, f"diffusion.num_train_timesteps = {steps}: the noise schedule's arrays")
-    measured = model_memory(cfg)
-    if measured is not None:
-        weights, trained, what = measured
-        ema = cfg.optim.ema and cfg.run.stage != "autoencoder"
-        _check_total(weights, trained, f"{what}: its weights, gradients and AdamW moments"
-                     + (" and EMA" if ema else ""), ema)
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Stage 1 (``run.stage = "slices"``, sec. 2.2): a 2D U-Net denoises target latents of shuffled slices,
 conditioned on the source latent by channel concatenation, with a timestep per slice.
-Stage 2 (``run.stage = "volumes"``, sec. 2.3): the U-Net is lifted with :func:`lift3d.inflate` and
+Stage 2 (``run.stage = "volumes"``, sec. 2.3): the U-Net is lifted with :func:`lift3d.lifting.inflate` and
 fine-tuned on whole volumes (or windows) with one timestep per volume (``make-a-volume``: 2T - t).
 The loss is eq. 4 (MSE on epsilon; v-prediction optional) under a diffusers ``DDPMScheduler``.
 
@@ -27,23 +27,29 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import lift3d
-from lift3d.checkpoint import (SETTINGS_FILE, TRAINING_SETTINGS, CheckpointError, load_lifted,
-                               load_state_dict_checked, load_unet2d, read_safetensors, read_training_settings,
-                               save_diffusers_folder, save_lifted, save_volumetric)
-from lift3d.config import TrainConfig, validate
 from lift3d.data.dataset import stack_items
+from lift3d.diffusion.conditioning import predict
+from lift3d.diffusion.conditioning import unet_channels as conditioned_channels
+from lift3d.diffusion.export import (TRAINING_SETTINGS, export_settings, read_training_settings,
+                                     write_export_settings)
+from lift3d.diffusion.schedules import training_scheduler
 from lift3d.io.errors import Lift3dError, RunFolderError
 from lift3d.io.writing import RunLock, clean_stale_temporaries, disk_full_message, temporary_path
+from lift3d.lifting.checkpoint import (SETTINGS_FILE, CheckpointError, load_lifted, load_unet2d,
+                                       save_diffusers_folder, save_lifted, save_volumetric)
 from lift3d.plugins import create
-from lift3d.tracking import check_tracker, drop_rows_after
-from lift3d.training_state import (TRAINER_STATE, check_training_state, load_training_state, load_validation_state,
+from lift3d.training.config import TrainConfig, validate
+from lift3d.training.memory import check_memory
+from lift3d.training.tracking import check_tracker, drop_rows_after
+from lift3d.training.state import (TRAINER_STATE, check_training_state, load_training_state, load_validation_state,
                                    read_trainer_state, save_training_state)
 
-logger = logging.getLogger("lift3d.training")
+logger = logging.getLogger("lift3d.training.loop")
 
 CHECKPOINT_PREFIX = "checkpoint-"
 VAL_VOLUMES = 2
@@ -59,12 +65,10 @@ class NonFiniteLossError(RuntimeError):
 
 
 def build_noise_scheduler(cfg: TrainConfig):
-    """The forward process as LDM configures it (1000 steps, scaled-linear 0.0015..0.0195)."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(num_train_timesteps=cfg.diffusion.num_train_timesteps, beta_schedule=cfg.diffusion.beta_schedule,
-                         beta_start=cfg.diffusion.beta_start, beta_end=cfg.diffusion.beta_end,
-                         prediction_type=cfg.model.prediction_type, clip_sample=False)
+    """The training forward process of ``cfg`` (:func:`lift3d.diffusion.schedules.training_scheduler`)."""
+    d = cfg.diffusion
+    return training_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end,
+                              cfg.model.prediction_type)
 
 
 def build_autoencoder(cfg: TrainConfig) -> nn.Module:
@@ -74,10 +78,8 @@ def build_autoencoder(cfg: TrainConfig) -> nn.Module:
 
 
 def unet_channels(cfg: TrainConfig, autoencoder) -> tuple[int, int]:
-    """U-Net ``(in, out)`` channels: the noisy target latent, plus the source latent of every slice it sees."""
-    latent = autoencoder.latent_channels
-    sources = 2 * cfg.model.source_context + 1
-    return (latent + sources * latent if cfg.model.conditioning == "concat" else latent), latent
+    """U-Net ``(in, out)`` channels under ``cfg``'s conditioning (:mod:`lift3d.diffusion.conditioning`)."""
+    return conditioned_channels(autoencoder.latent_channels, cfg.model.conditioning, cfg.model.source_context)
 
 
 def new_unet2d(cfg: TrainConfig, in_channels: int, out_channels: int, sample_size: int) -> nn.Module:
@@ -240,7 +242,7 @@ class LatentEncoder:
     """Encodes source and target volumes with the frozen autoencoder, optionally caching per item.
 
     With a 2.5D ``context`` the source latents get their neighbouring slices on channels
-    (:mod:`lift3d.source_context`). Training items carry a source padded by ``context`` slices on
+    (:mod:`lift3d.data.context`). Training items carry a source padded by ``context`` slices on
     each side (a stage-1 item, a stage-2 window); an unpadded whole volume has its edge slices
     repeated. Either way slice ``k`` gets the channels it has in the whole volume.
     """
@@ -249,7 +251,7 @@ class LatentEncoder:
         self.autoencoder, self.cache, self.context = autoencoder, {} if cache else None, context
 
     def with_context(self, source: Tensor, target: Tensor) -> Tensor:
-        from lift3d.source_context import centre_with_context, with_source_context
+        from lift3d.data.context import centre_with_context, with_source_context
 
         if source.shape[2] == target.shape[2] + 2 * self.context:
             return centre_with_context(source, self.context)
@@ -257,7 +259,7 @@ class LatentEncoder:
 
     @torch.no_grad()
     def _encode(self, x: Tensor) -> Tensor:
-        from lift3d.autoencoding import encode_volume
+        from lift3d.diffusion.autoencoding import encode_volume
 
         ae = self.autoencoder
         dtype = next((p.dtype for p in ae.parameters()), x.dtype) if isinstance(ae, nn.Module) else x.dtype
@@ -291,27 +293,15 @@ def draw_noise(latents: Tensor, indices: list[int], step: int, seed: int, sample
     return torch.stack(noises).to(latents.device), torch.stack(timesteps).to(latents.device)
 
 
-def predict(unet: nn.Module, sample: Tensor, timesteps: Tensor, num_slices: int) -> Tensor:
-    """Run the U-Net on flattened slices; a lifted one learns which slices form a volume."""
-    inner = getattr(unet, "module", unet)
-    if lift3d.is_lifted(inner):
-        with lift3d.volume_batch(inner, num_slices):
-            return unet(sample, timesteps).sample
-    return unet(sample, timesteps).sample
-
-
 def diffusion_loss(unet, noise_scheduler, latents: Tensor, source_latents: Tensor | None, noise: Tensor,
                    timesteps: Tensor, prediction_type: str) -> Tensor:
     """Eq. 4: ``|| eps - eps_theta(sqrt(a_t) z + sqrt(1 - a_t) eps, t, z_c) ||^2`` over all slices."""
-    from einops import rearrange
-
     n = latents.shape[2]
     flat = lambda x: rearrange(x, "b c n h w -> (b n) c h w")  # noqa: E731
     z, eps, t = flat(latents), flat(noise), timesteps.reshape(-1)
-    noisy = noise_scheduler.add_noise(z, eps, t)
-    model_in = noisy if source_latents is None else torch.cat([noisy, flat(source_latents)], dim=1)
+    noisy = rearrange(noise_scheduler.add_noise(z, eps, t), "(b n) c h w -> b c n h w", n=n)
     target = eps if prediction_type == "epsilon" else noise_scheduler.get_velocity(z, eps, t)
-    return F.mse_loss(predict(unet, model_in, t, n).float(), target.float())
+    return F.mse_loss(flat(predict(unet, noisy, source_latents, t)).float(), target.float())
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,7 +317,7 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 @dataclass
 class TrainingState:
-    """Everything a checkpoint restores, as :mod:`lift3d.training_state` writes it (no pickle)."""
+    """Everything a checkpoint restores, as :mod:`lift3d.training.state` writes it (no pickle)."""
 
     model: nn.Module
     optimizer: Any
@@ -528,19 +518,14 @@ def training_settings(cfg: TrainConfig, autoencoder, dataset, exported_autoencod
     """What synthesis needs to prepare inputs exactly as in training and to rebuild the sampler."""
     ae_options = {"path": "autoencoder"} if exported_autoencoder else dict(cfg.autoencoder.options)
     unet_multiple = 2 ** (len(cfg.model.block_out_channels) - 1)
-    return {
-        "stage": cfg.run.stage,
-        "conditioning": cfg.model.conditioning,
-        "source_context": cfg.model.source_context,
-        "prediction_type": cfg.model.prediction_type,
-        "autoencoder": {"name": cfg.autoencoder.name, "options": ae_options},
-        "image_channels": autoencoder.image_channels,
-        "latent_channels": autoencoder.latent_channels,
-        "size_multiple": unet_multiple * autoencoder.downsampling_factor,
-        "data": {"dataset": cfg.data.dataset, "options": dict(cfg.data.options),
-                 "num_slices": getattr(dataset, "num_slices", None), "window": cfg.data.window},
-        "config": cfg.to_dict(),
-    }
+    return export_settings(
+        stage=cfg.run.stage, conditioning=cfg.model.conditioning, source_context=cfg.model.source_context,
+        prediction_type=cfg.model.prediction_type, autoencoder={"name": cfg.autoencoder.name, "options": ae_options},
+        image_channels=autoencoder.image_channels, latent_channels=autoencoder.latent_channels,
+        size_multiple=unet_multiple * autoencoder.downsampling_factor,
+        data={"dataset": cfg.data.dataset, "options": dict(cfg.data.options),
+              "num_slices": getattr(dataset, "num_slices", None), "window": cfg.data.window},
+        config=cfg.to_dict())
 
 
 def export_model(cfg: TrainConfig, unet: nn.Module, autoencoder, noise_scheduler, dataset, output_dir: Path) -> Path:
@@ -557,7 +542,7 @@ def export_model(cfg: TrainConfig, unet: nn.Module, autoencoder, noise_scheduler
             save_volumetric(unet, tmp / "volumetric.safetensors", state_dict=state)
         else:
             save_diffusers_folder(unet, tmp, state)
-        (tmp / TRAINING_SETTINGS).write_text(json.dumps(settings, indent=2))
+        write_export_settings(tmp, settings)
         if has_weights:
             autoencoder.save(tmp / "autoencoder")
         noise_scheduler.save_pretrained(tmp / "scheduler")
@@ -608,7 +593,7 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path):
 
     from accelerate.state import AcceleratorState
 
-    from lift3d.tracking import CSVTracker
+    from lift3d.training.tracking import CSVTracker
 
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # Accelerate's state is a process-wide singleton; a second run in one process (the demo's
@@ -639,7 +624,7 @@ class Task:
     loss: Callable[[nn.Module, dict, int], tuple[Tensor, dict[str, Tensor]]]
     validate: Callable[[nn.Module], dict[str, float]]
     export: Callable[[nn.Module], Path]
-    sampled: Any = None  # a lift3d.validation.SampledValidation when run.validate_every is set
+    sampled: Any = None  # a lift3d.training.validation.SampledValidation when run.validate_every is set
 
 
 def check_grid(dataset, multiple: int, why: str) -> None:
@@ -667,7 +652,7 @@ def diffusion_task(cfg: TrainConfig, dataset, autoencoder, unet, sampler, output
 
     sampled = None
     if val_pairs:
-        from lift3d.validation import SampledValidation
+        from lift3d.training.validation import SampledValidation
 
         sampled = SampledValidation(val_pairs, autoencoder, training_settings(cfg, autoencoder, dataset, False),
                                     dict(noise_scheduler.config), cfg.run.validate_steps, device)
@@ -678,7 +663,7 @@ def diffusion_task(cfg: TrainConfig, dataset, autoencoder, unet, sampler, output
 
 def autoencoder_task(cfg: TrainConfig, dataset, objective, output_dir: Path, device) -> Task:
     """The autoencoder stage: reconstruct source and target slices with one KL autoencoder."""
-    from lift3d.autoencoder_training import measure_latent_scale
+    from lift3d.training.stages.autoencoder import measure_latent_scale
 
     view = IndexedView(dataset.slices())
 
@@ -730,7 +715,7 @@ def validation_pairs(cfg: TrainConfig) -> list:
 
 def build_autoencoder_objective(cfg: TrainConfig, dataset):
     """A new KL autoencoder from [vae], or the ``kl`` autoencoder of [autoencoder] to fine-tune."""
-    from lift3d.autoencoder_training import AutoencoderObjective, new_vae
+    from lift3d.training.stages.autoencoder import AutoencoderObjective, new_vae
 
     if cfg.autoencoder.options:
         base = create("autoencoders", cfg.autoencoder.name, **cfg.autoencoder.options)
@@ -757,6 +742,7 @@ def train(cfg: TrainConfig) -> Path:
     from accelerate.utils import set_seed
 
     validate(cfg)
+    check_memory(cfg)
     check_run_options(cfg)
     output_dir = Path(cfg.run.output_dir)
     check_outside_inputs(cfg, output_dir)
@@ -920,7 +906,7 @@ def _train(cfg: TrainConfig, make_task: Callable[[Any], Task], output_dir: Path,
 
 
 class ValidationTracker:
-    """Sampled validation during the loop (:mod:`lift3d.validation`): scores, and the best step kept."""
+    """Sampled validation during the loop (:mod:`lift3d.training.validation`): scores, and the best step kept."""
 
     def __init__(self, sampled, unet: nn.Module, params: list[nn.Parameter], ema, every: int) -> None:
         self.sampled, self.unet, self.params, self.ema, self.every = sampled, unet, params, ema, every
@@ -929,7 +915,7 @@ class ValidationTracker:
         self.first: dict[str, float] | None = None
 
     def score(self, step: int) -> dict[str, float]:
-        from lift3d.validation import Best, better, snapshot
+        from lift3d.training.validation import Best, better, snapshot
 
         with exported_weights(self.ema, self.params):
             scores = self.sampled.score(self.unet)
@@ -940,7 +926,7 @@ class ValidationTracker:
         return scores
 
     def summary(self, stage: str) -> str:
-        from lift3d.validation import summary_line
+        from lift3d.training.validation import summary_line
 
         return summary_line(self.best, self.first, stage)
 
@@ -948,7 +934,7 @@ class ValidationTracker:
         return self.best.weights, {"step": self.best.step, "scores": self.best.scores, "first": self.first}
 
     def restore(self, folder: Path) -> None:
-        from lift3d.validation import SELECTION_METRIC, Best
+        from lift3d.training.validation import SELECTION_METRIC, Best
 
         weights, info = load_validation_state(folder, dict(zip(self.names, self.params)))
         if info is None:

@@ -1,9 +1,9 @@
 """Lift a 2D network into a volume-aware one: :func:`inflate` (Make-A-Volume, sec. 2.3).
 
 ``inflate`` walks the module graph, attaches a volumetric layer of the chosen kind
-(:mod:`lift3d.layer_kinds`) to each chosen host module (:mod:`lift3d.placement`) as a child named
+(:mod:`lift3d.layers.registry`) to each chosen host module (:mod:`lift3d.lifting.placement`) as a child named
 ``volumetric`` (so ``conv1.weight`` keeps its name and the new weights read
-``conv1.volumetric.weight``), and runs it from a forward hook on the host. Two hooks on the root model (:mod:`lift3d._hooks`) let it take a volume batch
+``conv1.volumetric.weight``), and runs it from a forward hook on the host. Two hooks on the root model (:mod:`lift3d.lifting.hooks`) let it take a volume batch
 ``(b, c, n, h, w)``: the slices are flattened to ``(b n) c h w`` for the 2D network, per-volume
 conditioning is repeated for each slice, and the output is folded back to ``(b, c', n, h, w)``.
 A plain 4D batch runs exactly as before.
@@ -17,15 +17,14 @@ import logging
 from dataclasses import dataclass
 from typing import Iterator
 
-import torch
 from torch import Tensor, nn
 
-from lift3d import layer_kinds
-from lift3d._hooks import (LAYER_NAME, LiftState, accept_2d_state_dict, is_volumetric_parameter, make_flatten_hook,
+from lift3d.layers import registry as layer_kinds
+from lift3d.lifting.hooks import (LAYER_NAME, lift_state, LiftState, accept_2d_state_dict, is_volumetric_parameter, make_flatten_hook,
                            make_host_hook, make_unflatten_hook)
 from lift3d.io.budget import check_bytes
-from lift3d.placement import PRESETS, Where, choose_hosts, out_channels
-from lift3d.volumetric import PADDING_MODES
+from lift3d.lifting.placement import PRESETS, Where, choose_hosts, out_channels
+from lift3d.layers.functional import PADDING_MODES
 
 __all__ = ["LAYER_NAME", "PRESETS", "InflationReport", "inflate", "is_lifted", "is_volumetric_parameter", "lift_settings", "report",
            "set_recompute", "set_trainable", "volume_batch", "volumetric_disabled", "volumetric_layers",
@@ -62,17 +61,10 @@ class InflationReport:
         return "\n".join(lines)
 
 
-def _state(model: nn.Module) -> LiftState:
-    state = getattr(model, "_lift3d_state", None)
-    if state is None:
-        raise ValueError(f"{type(model).__name__} is not lifted; call lift3d.inflate(model) first")
-    return state
-
-
 def _unfused_state(model: nn.Module, doing: str) -> LiftState:
-    state = _state(model)
+    state = lift_state(model)
     if state.fused:
-        raise ValueError(f"{type(model).__name__} is fused for inference (lift3d.fuse), so it cannot {doing}; "
+        raise ValueError(f"{type(model).__name__} is fused for inference (lift3d.lifting.fuse), so it cannot {doing}; "
                          "do that before fusing, or load the model again")
     return state
 
@@ -92,12 +84,12 @@ def volumetric_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     if not is_lifted(model):
         return
     modules = dict(model.named_modules())
-    for name in _state(model).where:
+    for name in lift_state(model).where:
         yield name, getattr(modules[name], LAYER_NAME)
 
 
 def report(model: nn.Module) -> InflationReport:
-    state = _state(model)
+    state = lift_state(model)
     volumetric = sum(v.numel() for k, v in model.state_dict().items() if is_volumetric_parameter(k))
     base = sum(p.numel() for n, p in model.named_parameters() if not is_volumetric_parameter(n))
     return InflationReport(tuple(state.channels.items()), base, volumetric, state.kind, state.placement)
@@ -128,7 +120,7 @@ def inflate(
 ) -> nn.Module:
     """Insert identity-initialised volumetric layers into a 2D network, in place; returns it.
 
-    :param kind: the kind of layer (``lift3d.layer_kinds.names()``): ``"full"`` (the default, the
+    :param kind: the kind of layer (``lift3d.layers.registry.names()``): ``"full"`` (the default, the
         paper's full-channel 1D conv), ``"low-rank"`` (1x1 C -> r, 1D conv along n in r channels,
         1x1 r -> C from zero: 1.02x the 2D FLOPs instead of 1.19x), ``"depthwise"``,
         ``"slice-attention"``, or one a plugin registered. The README gives the trade.
@@ -152,7 +144,7 @@ def inflate(
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
         raise TypeError(f"kernel_size must be an odd int, got {kernel_size!r} ({type(kernel_size).__name__})")
     if is_lifted(model):
-        raise ValueError(f"{type(model).__name__} is already lifted ({len(_state(model).where)} volumetric "
+        raise ValueError(f"{type(model).__name__} is already lifted ({len(lift_state(model).where)} volumetric "
                          "layers); inflate it only once")
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"Unknown padding_mode {padding_mode!r}; available: {', '.join(PADDING_MODES)}")
@@ -194,7 +186,7 @@ def set_recompute(model: nn.Module, on: bool = True) -> None:
     """Recompute each volumetric layer's input (its host conv's output) in backward instead of
     keeping it: the train step's activation memory goes back to about the 2D model's, for one more
     host conv forward per layer in backward. Gradients are unchanged (``tests/test_inflate.py``)."""
-    _state(model).recompute = bool(on)
+    lift_state(model).recompute = bool(on)
 
 
 @contextlib.contextmanager
@@ -204,7 +196,7 @@ def volume_batch(model: nn.Module, num_slices: int):
         with lift3d.volume_batch(model, n):
             eps = model(x_flat, t_flat).sample
     """
-    state = _state(model)
+    state = lift_state(model)
     if num_slices < 1:
         raise ValueError(f"num_slices must be >= 1, got {num_slices}")
     previous, state.forced_num_slices = state.forced_num_slices, int(num_slices)
@@ -217,7 +209,7 @@ def volume_batch(model: nn.Module, num_slices: int):
 @contextlib.contextmanager
 def volumetric_disabled(model: nn.Module):
     """Switch the volumetric layers off: the lifted model computes the plain 2D model slice by slice."""
-    state = _state(model)
+    state = lift_state(model)
     previous, state.enabled = state.enabled, False
     try:
         yield model
@@ -245,5 +237,5 @@ def set_trainable(model: nn.Module, which: str = "volumetric") -> list[str]:
 
 
 def volumetric_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    _state(model)
+    lift_state(model)
     return {k: v for k, v in model.state_dict().items() if is_volumetric_parameter(k)}

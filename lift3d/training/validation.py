@@ -3,7 +3,7 @@
 The fixed-volume loss that training logs does not rank models the way sampled volumes do (a lower
 loss can still sample worse), so stages 1 and 2 can score held-out *validation* subjects every
 ``run.validate_every`` steps: DPM-Solver++ with ``run.validate_steps`` steps and a fixed seed, then
-PSNR, SSIM, MAE and z-inconsistency (:mod:`lift3d.metrics`, inside the subject's mask when the
+PSNR, SSIM, MAE and z-inconsistency (:mod:`lift3d.evaluation.metrics`, inside the subject's mask when the
 dataset gives one). The run keeps the weights of the step with the best validation PSNR and exports
 those. In stage 2 step 0 is the stage-1 model itself (lifting is the identity at initialisation), so
 a stage 2 that never beats its stage-1 model says so, and exports the stage-1 weights.
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lift3d.metrics import evaluate_volumes, summarize
+from lift3d.evaluation.metrics import evaluate_volumes, summarize
 
 SELECTION_METRIC = "psnr"
 VALIDATION_SEED = 4321
@@ -33,7 +33,7 @@ class Best:
 
 
 class SampledValidation:
-    """Scores a U-Net by sampling ``pairs`` (held-out :class:`~lift3d.protocols.VolumePair`)."""
+    """Scores a U-Net by sampling ``pairs`` (held-out :class:`~lift3d.plugins.protocols.VolumePair`)."""
 
     def __init__(self, pairs: list, autoencoder, settings: dict[str, Any], scheduler_config: dict[str, Any],
                  steps: int, device) -> None:
@@ -45,7 +45,7 @@ class SampledValidation:
 
     @torch.no_grad()
     def score(self, unet: nn.Module) -> dict[str, float]:
-        from lift3d.synthesis import SynthesisModel, synthesize
+        from lift3d.sampling.synthesis import SynthesisModel, synthesize
 
         was_training = unet.training
         unet.eval()

@@ -9,7 +9,7 @@ coronal and sagittal (superior up), with the patient's right on the right.
 
 Below the volumes come ``|error|`` rows and, for predictions that are the mean of several samples,
 rows of their per-voxel standard deviation (the uncertainty map of
-:func:`lift3d.synthesis.synthesize_posterior`).
+:func:`lift3d.sampling.synthesis.synthesize_posterior`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lift3d.metrics import DATA_RANGE, scale_to_target_range
+from lift3d.evaluation.metrics import DATA_RANGE, scale_to_target_range
 
 PLANE_NAMES = ("axial", "coronal", "sagittal")
 # Grey levels clip the rarest 0.5 % at each end so a few bright voxels do not darken the panel.
@@ -107,7 +107,7 @@ def save_orthogonal_views(
     :param error_of: a ``(prediction, target)`` pair of names in ``volumes``, a list of such
         pairs (one per method), or None. Each prediction is drawn with its target's grey levels;
         other rows (a source modality) get their own. The error is ``|pred - target|`` on the
-        metrics' [0, 255] scale (:func:`lift3d.metrics.scale_to_target_range`), hot colormap,
+        metrics' [0, 255] scale (:func:`lift3d.evaluation.metrics.scale_to_target_range`), hot colormap,
         one colour scale shared by all error rows, with a colourbar.
     :param uncertainty: prediction name (in ``volumes``) -> its per-voxel standard deviation
         ``(n, h, w)`` over samples. Drawn as ``std(name)`` rows (viridis, one colour scale shared by
