@@ -42,7 +42,7 @@ def lifted_start(stage1_model: Path, folder: Path, settings: dict[str, Any], see
     that stage 2 fine-tunes (``model.pretrained``); the stage-1 export's other files come along."""
     import lift3d
     from lift3d.lifting.checkpoint import save_lifted
-    from lift3d.training.loop import load_unet2d
+    from lift3d.lifting.checkpoint import load_unet2d
 
     unet = load_unet2d(stage1_model)
     torch.manual_seed(seed)  # the random parts of a kind (low-rank's down projection) per seed

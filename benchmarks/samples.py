@@ -36,7 +36,8 @@ from _common import REPO, machine_info, write_json  # noqa: E402
 import lift3d  # noqa: E402
 from lift3d.training.config import TrainConfig  # noqa: E402
 from lift3d.sampling.synthesis import load_synthesis_model, synthesize_posterior  # noqa: E402
-from lift3d.training.loop import build_autoencoder, build_noise_scheduler, export_model, new_unet2d  # noqa: E402
+from lift3d.training.export import export_model  # noqa: E402
+from lift3d.training.unets import build_autoencoder, build_noise_scheduler, new_unet2d  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

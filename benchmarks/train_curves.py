@@ -274,7 +274,8 @@ def timestep_grid_loss(cfg, model_dir: Path, name: str) -> dict[str, Any]:
     """
     from lift3d.data.dataset import stack_items
     from lift3d.plugins import create
-    from lift3d.training.loop import (LatentEncoder, build_autoencoder, build_noise_scheduler, build_unet,
+    from lift3d.training.data_order import LatentEncoder
+    from lift3d.training.unets import build_autoencoder, build_noise_scheduler, build_unet
                                  diffusion_loss)
 
     cfg = copy.deepcopy(cfg)

@@ -7,10 +7,9 @@ pretrained KL autoencoder with downsampling factor f = 4. Both classes follow
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn

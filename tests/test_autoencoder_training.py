@@ -97,7 +97,7 @@ def test_the_autoencoder_resumes_after_sigkill_like_an_uninterrupted_run(tmp_pat
     step 2 (autoencoder, discriminator, both optimizers, RNG) ends where a run never killed ends."""
     import signal
 
-    from lift3d.training.loop import list_checkpoints
+    from lift3d.training.checkpoints import list_checkpoints
 
     config = tmp_path / "ae.toml"
     config.write_text(AE_TOML.format(out=tmp_path / "killed"))

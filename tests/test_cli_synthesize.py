@@ -13,7 +13,8 @@ import torch
 import lift3d
 from lift3d.cli.synthesize import OUTPUT_SUFFIX, STD_DIR, STD_SUFFIX, main
 from lift3d.training.config import TrainConfig
-from lift3d.training.loop import build_autoencoder, build_noise_scheduler, export_model, new_unet2d
+from lift3d.training.export import export_model
+from lift3d.training.unets import build_autoencoder, build_noise_scheduler, new_unet2d
 
 SIZE, SLICES = 16, 8
 # Oblique, anisotropic and not RAS (axis codes P, S, L): the axial slices are the file's second axis.

@@ -24,7 +24,8 @@ from lift3d.cli.synthesize import main as synthesize_main
 from lift3d.training.config import TrainConfig
 from lift3d.io.errors import BudgetError, Lift3dError, UnsafePathError
 from lift3d.sampling.synthesis import load_synthesis_model, synthesize
-from lift3d.training.loop import build_autoencoder, build_noise_scheduler, build_unet, export_model, new_unet2d
+from lift3d.training.export import export_model
+from lift3d.training.unets import build_autoencoder, build_noise_scheduler, build_unet, new_unet2d
 
 SIZE, SLICES = 16, 4
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -28,7 +28,8 @@ from lift3d.lifting.checkpoint import CheckpointError
 from lift3d.cli.finetune import main
 from lift3d.io.errors import Lift3dError, RunFolderError, UnsafePathError
 from lift3d.io.writing import LOCK_FILE, is_temporary, temporary_path
-from lift3d.training.loop import list_checkpoints, train
+from lift3d.training.checkpoints import list_checkpoints
+from lift3d.training.loop import train
 from test_training import losses, tiny_cfg
 
 CLI_DATA = ["--data.options", "{size = 16, num_slices = 4, num_subjects = 5}", "--model.block_out_channels", "[16, 32]",

@@ -12,7 +12,8 @@ from lift3d.plugins import create
 from lift3d.data.context import centre_with_context, context_indices, padded_indices, with_source_context
 from lift3d.sampling.synthesis import load_synthesis_model, synthesize
 from lift3d.data.dataset import stack_items as stack
-from lift3d.training.loop import LatentEncoder, train
+from lift3d.training.data_order import LatentEncoder
+from lift3d.training.loop import train
 from test_training import tiny_cfg
 
 

@@ -25,7 +25,8 @@ from lift3d.sampling.synthesis import (
     synthesize_posterior,
     window_weights,
 )
-from lift3d.training.loop import build_autoencoder, build_noise_scheduler, export_model, new_unet2d
+from lift3d.training.export import export_model
+from lift3d.training.unets import build_autoencoder, build_noise_scheduler, new_unet2d
 
 SIZE, SLICES = 16, 8
 

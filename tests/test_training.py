@@ -16,7 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from lift3d.training.config import ConfigError, TrainConfig, apply
-from lift3d.training.loop import BatchPlan, NonFiniteLossError, list_checkpoints, train
+from lift3d.training.checkpoints import list_checkpoints
+from lift3d.training.data_order import BatchPlan
+from lift3d.training.loop import NonFiniteLossError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -93,6 +95,7 @@ KILLER = textwrap.dedent("""
     import os, signal, sys
     import lift3d.training.loop as T
     from lift3d.cli.finetune import main
+    from lift3d.training.state import save_training_state
 
     original = T.save_checkpoint
 
@@ -100,8 +103,8 @@ KILLER = textwrap.dedent("""
         if step == 4:  # killed while writing: the temp folder exists, the rename never happens
             tmp = output_dir / f".tmp-checkpoint-{step}"
             tmp.mkdir()
-            T.save_training_state(tmp, model=state.model, optimizer=state.optimizer, lr_scheduler=state.lr_scheduler,
-                                  step=step, loss=loss)
+            save_training_state(tmp, model=state.model, optimizer=state.optimizer, lr_scheduler=state.lr_scheduler,
+                                step=step, loss=loss)
             os.kill(os.getpid(), signal.SIGKILL)
         return original(accelerator, output_dir, step, keep, state, loss)
 
@@ -183,7 +186,7 @@ def test_each_rank_sees_different_data():
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, monkeypatch):
-    import lift3d.training.loop as T
+    import lift3d.training.stages.diffusion as T
 
     calls = {"n": 0}
     original = T.diffusion_loss

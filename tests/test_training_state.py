@@ -18,9 +18,11 @@ import pytest
 import torch
 
 import lift3d.training.loop as T
+import lift3d.training.stages.diffusion as D
 from lift3d.lifting.checkpoint import CheckpointError, save_safetensors
 from lift3d.cli.finetune import main
-from lift3d.training.loop import NonFiniteLossError, list_checkpoints, train
+from lift3d.training.checkpoints import list_checkpoints
+from lift3d.training.loop import NonFiniteLossError, train
 from lift3d.training.state import KNOWN_FILES
 from test_training import losses, tiny_cfg
 
@@ -193,14 +195,14 @@ def test_a_read_only_output_folder_is_one_line(tmp_path, capsys, monkeypatch):
 def poison_loss(monkeypatch, bad) -> None:
     """Make the training loss NaN on the training calls ``bad(n)`` says (n counts from 1)."""
     calls = {"n": 0}
-    original = T.diffusion_loss
+    original = D.diffusion_loss
 
     def poisoned(*args, **kwargs):
         calls["n"] += torch.is_grad_enabled()  # training calls only, not the validation loss
         loss = original(*args, **kwargs)
         return loss * float("nan") if bad(calls["n"]) else loss
 
-    monkeypatch.setattr(T, "diffusion_loss", poisoned)
+    monkeypatch.setattr(D, "diffusion_loss", poisoned)
 
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
@@ -288,7 +290,7 @@ def test_a_stage2_that_never_beats_stage1_says_so(tmp_path, capsys, monkeypatch)
     from einops import rearrange
 
     from lift3d.lifting.checkpoint import load_lifted
-    from lift3d.training.loop import load_unet2d
+    from lift3d.lifting.checkpoint import load_unet2d
 
     lifted, flat = load_lifted(model), load_unet2d(stage1).eval()
     x, t = torch.randn(1, 2, 8, 16, 16), torch.tensor([500])

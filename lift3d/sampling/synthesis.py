@@ -29,234 +29,27 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
-import lift3d
-from lift3d.diffusion.autoencoding import decode_volume, encode_volume
 from lift3d.data.context import with_source_context
-from lift3d.diffusion.conditioning import check_channels as check_conditioned_channels
-from lift3d.diffusion.conditioning import predict
-from lift3d.diffusion.export import TRAINING_SETTINGS, read_scheduler_config, read_training_settings
-from lift3d.diffusion.schedules import SCHEDULERS, make_scheduler  # noqa: F401 (part of the sampling API)
-from lift3d.io.paths import inside
-from lift3d.lifting.checkpoint import SETTINGS_FILE, CheckpointError, load_lifted, load_unet2d
 from lift3d.data.intensity import IntensityScaling
 from lift3d.data.nifti import save_volume
 from lift3d.data.resample import check_in_plane_size
 from lift3d.data.volume import VolumeMeta
-from lift3d.plugins import create
+from lift3d.diffusion.autoencoding import decode_volume, encode_volume
+from lift3d.diffusion.schedules import SCHEDULERS, make_scheduler
+from lift3d.sampling.model import (DTYPES, SynthesisModel, check_channels, load_synthesis_model, resolve_device,
+                                   resolve_dtype)
+from lift3d.sampling.windows import predict_noise, predict_noise_windowed, resolve_window, window_weights
 
 logger = logging.getLogger("lift3d.sampling.synthesis")
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class SynthesisModel:
-    """Everything :func:`synthesize` needs, as loaded from an exported model folder.
-
-    :param unet: the denoising U-Net, lifted (stage 2) or plain 2D (stage 1), in eval mode.
-    :param autoencoder: the autoencoder plugin the model was trained with.
-    :param settings: the training settings (``lift3d_training.json``).
-    :param scheduler_config: the training noise scheduler's config (a diffusers config dict).
-    :param max_slices: volumes with more slices are denoised in windows of this many slices
-        (by default the slice count a lifted model was fine-tuned on; None = never).
-    """
-
-    unet: nn.Module
-    autoencoder: Any
-    settings: dict[str, Any]
-    scheduler_config: dict[str, Any]
-    folder: Path | None = None
-    max_slices: int | None = None
-
-    @property
-    def lifted(self) -> bool:
-        return lift3d.is_lifted(self.unet)
-
-    @property
-    def conditioning(self) -> str:
-        return self.settings.get("conditioning", "concat")
-
-    @property
-    def source_context(self) -> int:
-        """2.5D: source slices on each side the U-Net sees (:mod:`lift3d.data.context`); 0 for older exports."""
-        return int(self.settings.get("source_context", 0))
-
-    @property
-    def image_channels(self) -> int:
-        return int(self.autoencoder.image_channels)
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.autoencoder.latent_channels)
-
-    @property
-    def size_multiple(self) -> int:
-        """What the in-plane size must divide by: autoencoder factor x U-Net downsampling."""
-        multiple = self.settings.get("size_multiple")
-        if not multiple:
-            widths = getattr(getattr(self.unet, "config", None), "block_out_channels", None) or (0,)
-            multiple = self.autoencoder.downsampling_factor * 2 ** (len(widths) - 1)
-        return int(multiple)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-
-
-def _build_autoencoder(folder: Path, settings: dict[str, Any]):
-    spec = settings["autoencoder"]
-    options = dict(spec.get("options") or {})
-    if "path" in options:  # an exported autoencoder lives inside the model folder, and only there
-        options["path"] = str(inside(folder, options["path"], f"{folder / TRAINING_SETTINGS}'s autoencoder path"))
-    try:
-        autoencoder = create("autoencoders", spec["name"], **options)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        raise CheckpointError(f"{folder}: cannot build its autoencoder {spec['name']!r}: {exc}") from None
-    if isinstance(autoencoder, nn.Module):
-        autoencoder.requires_grad_(False).eval()
-    return autoencoder
-
-
-def check_channels(unet: nn.Module, autoencoder, conditioning: str, where: object = "the model",
-                   source_context: int = 0) -> None:
-    """The U-Net must follow the conditioning rule (:func:`lift3d.diffusion.conditioning.unet_channels`)."""
-    check_conditioned_channels(unet, autoencoder.latent_channels, conditioning, where, source_context,
-                               f"autoencoder {type(autoencoder).__name__}")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N, mps") from None
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device {str(device)!r} cannot run synthesis; valid: cpu, cuda, cuda:N, mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available here; use cpu")
-    return device
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def _move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    module.to(device)
-    current = next(module.parameters(), None)
-    if current is not None and current.dtype != dtype:  # diffusers warns on any .to(dtype), even a no-op
-        module.to(dtype=dtype)
-
-
-def load_synthesis_model(folder: str | os.PathLike, *, device: str | torch.device | None = None,
-                         dtype: str | torch.dtype | None = None) -> SynthesisModel:
-    """Load ``folder`` (``<output_dir>/model`` of a training run) for :func:`synthesize`.
-
-    The U-Net is lifted when the folder has ``lift3d.json`` (stage 2), plain 2D otherwise (stage 1).
-    ``device`` defaults to CUDA when available; ``dtype`` (``float32`` by default) applies to the
-    U-Net and autoencoder, while the sampler state stays float32.
-    """
-    folder = Path(folder)
-    settings = read_training_settings(folder)
-    device, dtype = resolve_device(device), resolve_dtype(dtype)
-    autoencoder = _build_autoencoder(folder, settings)
-    unet = load_lifted(folder) if (folder / SETTINGS_FILE).is_file() else load_unet2d(folder)
-    check_channels(unet, autoencoder, settings["conditioning"], where=folder,
-                   source_context=int(settings.get("source_context", 0)))
-    scheduler_config = read_scheduler_config(folder)
-    _move(unet.requires_grad_(False).eval(), device, dtype)
-    if lift3d.is_lifted(unet):
-        lift3d.fuse(unet)  # inference fast path: each volumetric layer folded into its host conv
-    if isinstance(autoencoder, nn.Module):
-        _move(autoencoder, device, dtype)
-    data = settings.get("data") or {}
-    max_slices = (data.get("window") or data.get("num_slices")) if lift3d.is_lifted(unet) else None
-    return SynthesisModel(unet, autoencoder, settings, scheduler_config, folder, int(max_slices) if max_slices else None)
-
-
-# --------------------------------------------------------------------------------------------
-# Samplers
-
-
-# --------------------------------------------------------------------------------------------
-# Windows
-
-
-def window_weights(num_slices: int, window: int, overlap: int) -> list[tuple[int, Tensor]]:
-    """``(start, weights)`` for each window of ``window`` slices covering ``num_slices``.
-
-    Windows start every ``window - overlap`` slices; the last one is aligned to the end of the
-    volume. Weights are 1 inside a window and fall over the ``L`` slices it shares with a
-    neighbour along a raised-cosine (Hann) ramp, ``sin^2(pi k / (2 (L + 1)))`` for k = 1..L, so
-    two overlapping ramps sum to 1 and a window's border slices, which miss their neighbours,
-    get the least weight. Volume ends are never ramped, and every weight is > 0, so normalising
-    by the summed weights gives each slice a convex blend of the windows that contain it.
-    """
-    if not 0 <= overlap < window:
-        raise ValueError(f"overlap must be from 0 to window - 1 = {window - 1} slices, got {overlap}")
-    if window >= num_slices:
-        return [(0, torch.ones(num_slices))]
-    stride = window - overlap
-    starts = list(range(0, num_slices - window + 1, stride))
-    if starts[-1] != num_slices - window:
-        starts.append(num_slices - window)
-    out = []
-    for i, start in enumerate(starts):
-        w = torch.ones(window, dtype=torch.float64)
-        if i > 0:
-            shared = starts[i - 1] + window - start
-            w[:shared] = torch.minimum(w[:shared], _rising(shared))
-        if i < len(starts) - 1:
-            shared = start + window - starts[i + 1]
-            w[window - shared:] = torch.minimum(w[window - shared:], _rising(shared).flip(0))
-        out.append((start, w.float()))
-    return out
-
-
-def _rising(length: int) -> Tensor:
-    k = torch.arange(1, length + 1, dtype=torch.float64)
-    return torch.sin(torch.pi * k / (2 * (length + 1))) ** 2
-
-
-def resolve_window(model: SynthesisModel, num_slices: int, window: int | None = None, overlap: int | None = None,
-                   slice_wise: bool = False) -> tuple[int, int] | None:
-    """The ``(window, overlap)`` :func:`synthesize` denoises ``num_slices`` slices with, or None for
-    the whole volume at once (see its ``window`` and ``overlap``)."""
-    n = num_slices
-    for name, value in (("window", window), ("overlap", overlap)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"{name} must be a non-negative integer or None, got {value!r}")
-    if window is None:
-        # Slices of a 2D (or slice-wise) model never interact, so there is nothing to window.
-        if slice_wise or not model.lifted or not model.max_slices or n <= model.max_slices:
-            return None
-        window = model.max_slices
-        logger.info("volume of %d slices is longer than the %d the model was fine-tuned on: denoising in windows",
-                    n, window)
-    if window == 0 or window >= n:
-        return None
-    overlap = max(window // 4, 1) if overlap is None else overlap
-    if overlap >= window:
-        raise ValueError(f"overlap must be smaller than the window ({window} slices), got {overlap}")
-    return window, overlap
+# The sampling API in one place: what a user imports from here lives in these modules.
+__all__ = ["DTYPES", "SCHEDULERS", "PosteriorEstimate", "SynthesisModel", "check_channels", "check_clip_x0",
+           "load_synthesis_model", "make_scheduler", "predict_noise", "predict_noise_windowed", "resolve_device",
+           "resolve_dtype", "resolve_window", "sample_seed", "save_std_volume", "synthesize", "synthesize_posterior",
+           "window_weights"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,30 +76,6 @@ def _check_source(model: SynthesisModel, source: Tensor) -> None:
     if low < -1 - SOURCE_RANGE_SLACK or high > 1 + SOURCE_RANGE_SLACK:
         raise ValueError(f"source values span [{low:.4g}, {high:.4g}], but the model takes sources scaled to [-1, 1] "
                          "as in training; prepare them with lift3d.data.prepare_volume")
-
-
-def predict_noise(model: SynthesisModel, sample: Tensor, condition: Tensor | None, t: Tensor,
-                  slice_wise: bool = False) -> Tensor:
-    """One U-Net call on a volume batch ``(b, c, n, h, w)``, every slice at timestep ``t``."""
-    return predict(model.unet, sample, condition, t, slice_wise=slice_wise, dtype=model.dtype).float()
-
-
-def predict_noise_windowed(model: SynthesisModel, sample: Tensor, condition: Tensor | None, t: Tensor,
-                           windows: list[tuple[int, Tensor]], slice_wise: bool = False) -> Tensor:
-    """Blend the noise predictions of each window by its weights, normalised by their sum."""
-    n = sample.shape[2]
-    total = torch.zeros(n, device=sample.device)
-    out = None
-    for start, weights in windows:
-        part = slice(start, start + len(weights))
-        eps = predict_noise(model, sample[:, :, part], None if condition is None else condition[:, :, part], t,
-                            slice_wise)
-        weights = weights.to(sample.device)
-        if out is None:
-            out = torch.zeros(*eps.shape[:2], n, *eps.shape[3:], device=sample.device)
-        out[:, :, part] += eps * weights[:, None, None]
-        total[part] += weights
-    return out / total[:, None, None]
 
 
 @torch.no_grad()

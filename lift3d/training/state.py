@@ -40,10 +40,10 @@ from pydantic import ConfigDict, Field, field_validator
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from lift3d.lifting.checkpoint import CheckpointError, load_state_dict_checked, read_safetensors, save_safetensors
 from lift3d.io.errors import Lift3dError, UnsafePathError
 from lift3d.io.paths import check_contained
 from lift3d.io.schemas import Checked, read_json
+from lift3d.lifting.checkpoint import CheckpointError, load_state_dict_checked, read_safetensors, save_safetensors
 
 STATE_FORMAT = 1
 MAX_STEP = 10**9

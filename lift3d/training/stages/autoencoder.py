@@ -14,18 +14,27 @@ are measured on the training latents, so that stage 1 sees unit-variance latents
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lift3d.data.dataset import stack_items
 from lift3d.diffusion.autoencoding import tiny_kl_config
+from lift3d.diffusion.export import TRAINING_SETTINGS
+from lift3d.plugins import create
+from lift3d.training.checkpoints import write_folder
+from lift3d.training.config import TrainConfig
+from lift3d.training.data_order import IndexedView
+from lift3d.training.task import Task, check_grid
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
-
 
 
 class PatchDiscriminator(nn.Module):
@@ -122,3 +131,68 @@ def measure_latent_scale(vae: "AutoencoderKL", batches: Iterable[Tensor]) -> tup
     mean = total / count
     std = max(total_sq / count - mean ** 2, 1e-12) ** 0.5
     return float(mean), float(1.0 / std)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
+def autoencoder_task(cfg: TrainConfig, dataset, objective, output_dir: Path, device) -> Task:
+    """The autoencoder stage: reconstruct source and target slices with one KL autoencoder."""
+    view = IndexedView(dataset.slices())
+
+    def slices(batch: dict) -> Tensor:
+        parts = [batch["source"]] + ([batch["target"]] if "target" in batch else [])
+        return torch.cat(parts).to(device)
+
+    def loss(model, batch: dict, micro: int):
+        return model(slices(batch), micro // cfg.optim.gradient_accumulation_steps)
+
+    val_items = stack_items([view[i] for i in range(0, len(view), max(1, len(view) // 16))][:16])
+
+    @torch.no_grad()
+    def validate(model) -> dict[str, float]:
+        x = slices(val_items)
+        vae = model.vae
+        reconstruction = vae.decode(vae.encode(x.to(vae.dtype)).latent_dist.mode()).sample.float().clamp(-1, 1)
+        mse = float(F.mse_loss(reconstruction, x.float()))
+        return {"val_l1": float(F.l1_loss(reconstruction, x.float())),
+                "val_psnr": 10 * math.log10(4.0 / max(mse, 1e-12))}  # slices in [-1, 1]: peak-to-peak 2
+
+    def export(model) -> Path:
+        loader = torch.utils.data.DataLoader(view, batch_size=cfg.data.batch_size, collate_fn=stack_items)
+        batches = (slices(b) for _, b in zip(range(cfg.vae.scale_batches), loader))
+        shift, scale = measure_latent_scale(model.vae, batches)
+        model.vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+
+        def write(tmp: Path) -> None:
+            model.vae.save_pretrained(tmp, safe_serialization=True)
+            (tmp / TRAINING_SETTINGS).write_text(json.dumps(
+                {"stage": "autoencoder", "scaling_factor": scale, "shift_factor": shift,
+                 "downsampling_factor": 2 ** (len(model.vae.config.block_out_channels) - 1),
+                 "data": {"dataset": cfg.data.dataset, "options": dict(cfg.data.options)}, "config": cfg.to_dict()},
+                indent=2))
+
+        return write_folder(output_dir / "model", write)
+
+    return Task(objective, [p for p in objective.parameters() if p.requires_grad], view, loss, validate, export)
+
+
+def build_autoencoder_objective(cfg: TrainConfig, dataset):
+    """A new KL autoencoder from [vae], or the ``kl`` autoencoder of [autoencoder] to fine-tune."""
+    if cfg.autoencoder.options:
+        base = create("autoencoders", cfg.autoencoder.name, **cfg.autoencoder.options)
+        if not hasattr(base, "vae"):
+            raise ValueError(f"run.stage = 'autoencoder' trains a KL autoencoder; autoencoder.name = "
+                             f"{cfg.autoencoder.name!r} has none (use 'kl', or no autoencoder.options for a new one)")
+        vae = base.vae
+    else:
+        vae = new_vae(cfg.vae, dataset[0].source.shape[0])
+    check_grid(dataset, 2 ** (len(vae.config.block_out_channels) - 1), "the autoencoder's f")
+    return AutoencoderObjective(vae.train().requires_grad_(True), cfg.vae)
+
+
+def prepare(cfg: TrainConfig, dataset, output_dir: Path) -> Callable[[Any], Task]:
+    """Build and check the autoencoder stage before the run folder is touched."""
+    objective = build_autoencoder_objective(cfg, dataset)
+    return lambda accelerator: autoencoder_task(cfg, dataset, objective, output_dir, accelerator.device)
