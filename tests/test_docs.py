@@ -1,0 +1,38 @@
+"""The documents are tested: the docs site builds in MkDocs' strict mode (a broken link or a missing
+API object fails), and no README, docs or results text names a machine path, a commit id or an
+internal label. (Every Python block of the README and docs runs through pytest-markdown-docs.)"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+README_MAX_LINES = 150
+
+
+def test_the_docs_site_builds_strictly(tmp_path):
+    mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent))
+    assert mkdocs, "mkdocs is not installed: pip install -e '.[test]'"
+    run = subprocess.run([mkdocs, "build", "--strict", "-f", str(ROOT / "docs" / "mkdocs.yml"), "-d", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert (tmp_path / "architecture" / "index.html").is_file()
+
+
+def test_the_readme_is_a_short_users_guide():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES
+    assert lines[0] == "# lift3d"
+
+
+def test_no_text_names_a_machine_path_a_commit_or_an_issue():
+    bad = re.compile(r"/work/|/tmp/|/root/|\bcommit [0-9a-f]{7,40}\b|\bat [0-9a-f]{7,40}\b|\bissue \d+\b|\bsession \d+\b",
+                     re.IGNORECASE)
+    found = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in TEXTS
+             for i, line in enumerate(p.read_text().splitlines(), 1) if bad.search(line)]
+    assert found == []
