@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from _common import REPO, machine_info, write_json
+from lift3d.recipes.reports import REPO, machine_info, write_json
 from lift3d.training.config import TrainConfig, apply
 from lift3d.evaluation.metrics import evaluate_volumes, summarize
 from lift3d.plugins import create

@@ -14,14 +14,13 @@ and writes them as JSON.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info, validation_curve, write_json  # noqa: E402
+from lift3d.recipes.reports import machine_info, write_json  # noqa: E402
+from lift3d.training.tracking import validation_curve  # noqa: E402
 
 SCHEDULES = ("2e-3:constant", "4e-3:cosine", "2e-3:cosine")  # the previous demo, the benchmark's winner, ...
 

@@ -20,8 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import REPO, machine_info, write_json  # noqa: E402
+from lift3d.recipes.reports import REPO, machine_info, write_json  # noqa: E402
 
 from lift3d.evaluation.metrics import paired_differences  # noqa: E402
 

@@ -59,8 +59,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _common.py, also when loaded by path
-from _common import machine_info, validation_curve, write_json  # noqa: E402
+from lift3d.recipes.reports import machine_info, write_json  # noqa: E402
+from lift3d.training.tracking import validation_curve  # noqa: E402
 
 import numpy as np
 import torch

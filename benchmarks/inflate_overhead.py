@@ -41,8 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import lift3d
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _common.py, also when loaded by path
-from _common import machine_info, write_json  # noqa: E402
+from lift3d.recipes.reports import machine_info, write_json  # noqa: E402
 
 UNET_CONFIGS: dict[str, dict[str, Any]] = {
     # Realistic width for 64x64 latents. Self-attention at 16x16 only, as in DDPM (Ho et al., 2020),

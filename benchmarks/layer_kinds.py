@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _common.py, also when loaded by path
-from _common import REPO, machine_info, parse_kind, write_json  # noqa: E402
+from lift3d.layers.registry import parse_kind  # noqa: E402
+from lift3d.recipes.reports import REPO, machine_info, write_json  # noqa: E402
 
 import torch  # noqa: E402
 

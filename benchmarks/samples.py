@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, machine_info, write_json  # noqa: E402
+from lift3d.recipes.reports import REPO, machine_info, write_json  # noqa: E402
 
 import lift3d  # noqa: E402
 from lift3d.training.config import TrainConfig  # noqa: E402

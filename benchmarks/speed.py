@@ -54,7 +54,8 @@ from diffusers import UNet2DModel
 from torch import nn
 
 import lift3d
-from _common import machine_info, parse_kind, write_json
+from lift3d.layers.registry import parse_kind
+from lift3d.recipes.reports import machine_info, write_json
 from inflate_overhead import (UNET_CONFIGS, MemoryProbe, _flop_counter, _sync, make_batch, make_step, run_forked,
                               run_inline)
 

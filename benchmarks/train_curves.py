@@ -40,8 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _common.py, also when loaded by path
-from _common import machine_info, write_json  # noqa: E402
+from lift3d.recipes.reports import machine_info, write_json  # noqa: E402
 
 import torch  # CUDA starts on first use, so main() can still hide the GPU for --device cpu
 
@@ -275,8 +274,8 @@ def timestep_grid_loss(cfg, model_dir: Path, name: str) -> dict[str, Any]:
     from lift3d.data.dataset import stack_items
     from lift3d.plugins import create
     from lift3d.training.data_order import LatentEncoder
+    from lift3d.training.losses import diffusion_loss
     from lift3d.training.unets import build_autoencoder, build_noise_scheduler, build_unet
-                                 diffusion_loss)
 
     cfg = copy.deepcopy(cfg)
     cfg.model.pretrained = str(model_dir)

@@ -90,3 +90,26 @@ def create(kind: str, channels: int, *, kernel_size: int, padding_mode: str, dev
 def check_options(kind: str, options: dict[str, Any]) -> None:
     """Fail before anything is inserted when ``kind`` is unknown or does not take ``options``."""
     check_factory_options(f"layer kind {kind!r}", registry().get(kind), options)
+
+
+def parse_kind(spec: str) -> dict[str, Any]:
+    """A layer kind and its settings as written on a benchmark's command line, as ``lift3d.lifting.inflate``
+    keywords: ``"low-rank:train_down=false,rank=4"`` -> ``{"kind": "low-rank", "train_down": False,
+    "rank": 4}`` (``true``/``false``, ints and floats are converted, anything else stays a string)."""
+    kind, _, rest = spec.partition(":")
+    settings: dict[str, Any] = {"kind": kind}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{item!r} in {spec!r} is not key=value")
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            settings[key] = lowered == "true"
+            continue
+        for convert in (int, float, str):
+            try:
+                settings[key] = convert(value)
+                break
+            except ValueError:
+                continue
+    return settings

@@ -93,3 +93,11 @@ def drop_rows_after(path: Path, step: int) -> None:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def validation_curve(folder: Path) -> list[dict[str, float]]:
+    """The sampled-validation rows of a lift3d run's CSV log: step, val_psnr, val_ssim, val_mae, ..."""
+    with (folder / "logs" / "metrics.csv").open(newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("val_psnr")]
+    return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items()
+             if v and (k == "step" or k.startswith("val_"))} for row in rows]

@@ -6,6 +6,8 @@ chooses the split and loads a subject only when it is indexed.
 
 from __future__ import annotations
 
+import math
+
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +19,8 @@ from lift3d.data.nifti import NIFTI_SUFFIXES, image_suffix
 from lift3d.data.pairs import load_pair
 from lift3d.data.splits import SubjectList, select_split
 from lift3d.data.volume import TrainingGrid
+from lift3d.io.budget import check_bytes
+from lift3d.io.errors import BudgetError
 from lift3d.plugins.protocols import VolumePair
 
 
@@ -65,6 +69,12 @@ def missing_error(root: Path, missing: list[str], expected: str) -> VolumeError:
     return VolumeError(f"{root}: {len(missing)} subject(s) lack a file ({expected}): {shown}")
 
 
+# Volumes on the training grid held at once while one subject is served (reading, resampling, scaling),
+# and per cached subject (source, target, mask).
+GRID_WORKING_VOLUMES = 6
+CACHED_VOLUMES = 3
+
+
 class PairedFilesDataset(VolumeDataset):
     """Pairs of image files, one subject each, served on one :class:`TrainingGrid`.
 
@@ -73,6 +83,8 @@ class PairedFilesDataset(VolumeDataset):
     ``size`` (int or (h, w)), ``num_slices``, ``slice_axis``, ``multiple``, ``percentiles``;
     ``min_overlap`` for pairs on different grids; ``apply_mask``; ``cache``, ``cache_size``.
     """
+
+    plugin_name = "paired-nifti"  # names the dataset in its errors
 
     def __init__(
         self,
@@ -97,7 +109,11 @@ class PairedFilesDataset(VolumeDataset):
         cache_size: int | None = None,
     ) -> None:
         super().__init__(cache=cache, cache_size=cache_size)
-        self.grid = TrainingGrid(size, num_slices, slice_axis, multiple, percentiles)
+        sizes = f"num_slices = {num_slices!r} and size = {size!r}"
+        try:
+            self.grid = TrainingGrid(size, num_slices, slice_axis, multiple, percentiles)
+        except BudgetError as exc:
+            raise BudgetError(f"{self.plugin_name}: {sizes}: {exc}") from None
         self.num_slices = self.grid.num_slices
         self.split = split
         self.min_overlap = float(min_overlap)
@@ -111,6 +127,11 @@ class PairedFilesDataset(VolumeDataset):
             test_size=test_size, val_size=val_size, seed=seed, where=where,
         )
         self.files = [by_subject[s] for s in chosen]
+        cached = min(len(self.files), cache_size if isinstance(cache_size, int) else len(self.files)) if cache else 0
+        held = GRID_WORKING_VOLUMES + CACHED_VOLUMES * cached
+        check_bytes(4 * math.prod(self.grid.shape), f"{self.plugin_name}: {sizes} give "
+                    f"{' x '.join(map(str, self.grid.shape))} float32 voxels; {held} such volumes (serving one subject"
+                    + (f", and {cached} cached" if cached else "") + ")", copies=held)
 
     def subjects(self) -> list[str]:
         return [f.subject for f in self.files]

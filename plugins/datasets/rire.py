@@ -5,21 +5,16 @@ Make-A-Volume uses 17 volumes, 14 for training and 3 for testing, resized to 256
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from lift3d.data.errors import VolumeError
 from lift3d.data.metaimage import METAIMAGE_SUFFIXES, require_simpleitk
-from lift3d.io.budget import check_bytes
-from lift3d.io.errors import BudgetError
 from lift3d_plugins.datasets._files import PairedFilesDataset, SubjectFiles, check_root, find_first, missing_error
 
 
 # Float32 volumes of the training grid while one subject is served (source, target, mask and the
 # resampling's output), and those a cached subject keeps (source, target, mask).
-GRID_WORKING_VOLUMES = 6
-CACHED_VOLUMES = 3
 
 
 def rire_candidates(patient: Path, modality: str) -> list[Path]:
@@ -48,6 +43,8 @@ class RireDataset(PairedFilesDataset):
     paper: 256 x 256 x 35 and 3 test patients drawn with ``seed``. With
     ``skip_incomplete=True`` patients lacking a modality are left out instead of being an error.
     """
+
+    plugin_name = "rire"
 
     def __init__(
         self,
@@ -80,14 +77,4 @@ class RireDataset(PairedFilesDataset):
         metaimages = [p for f in files for p in (f.source, f.target) if p.suffix in METAIMAGE_SUFFIXES]
         if metaimages:
             require_simpleitk(metaimages[0])
-        sizes = f"num_slices = {num_slices!r} and size = {size!r}"
-        try:
-            super().__init__(files, where=root, size=size, num_slices=num_slices, test_size=test_size, **options)
-        except BudgetError as exc:
-            raise BudgetError(f"rire: {sizes}: {exc}") from None
-        subjects, cache_size = len(self.subjects()), options.get("cache_size")
-        cached = min(subjects, cache_size if isinstance(cache_size, int) else subjects) if options.get("cache") else 0
-        held = GRID_WORKING_VOLUMES + CACHED_VOLUMES * cached
-        check_bytes(4 * math.prod(self.grid.shape), f"rire: {sizes} give {' x '.join(map(str, self.grid.shape))} "
-                    f"float32 voxels; {held} such volumes (serving one subject"
-                    + (f", and {cached} cached" if cached else "") + ")", copies=held)
+        super().__init__(files, where=root, size=size, num_slices=num_slices, test_size=test_size, **options)

@@ -1,8 +1,8 @@
-"""What every benchmark records next to its figures: the machine, the code, and the JSON report."""
+"""What every benchmark records next to its figures: the machine, the code, and the JSON report (with
+paths relative to the repository, so a report never records where the machine kept things)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import platform
@@ -13,7 +13,10 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+import lift3d
+
+REPO = Path(lift3d.__file__).resolve().parents[1]
+"""The checkout lift3d runs from (benchmarks and their reports live there)."""
 
 
 def cpu_model() -> str:
@@ -34,8 +37,6 @@ def machine_info(**extra: Any) -> dict[str, Any]:
     """The machine, the library versions, and the commit (plus any uncommitted change to ``lift3d/``
     or ``plugins/``) the figures belong to. Call it before the measurements start."""
     import diffusers
-
-    import lift3d
 
     info: dict[str, Any] = {
         "cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -77,34 +78,3 @@ def write_json(path: str | os.PathLike, report: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(portable(json.loads(json.dumps(report, default=str))), indent=1))
-
-
-def parse_kind(spec: str) -> dict[str, Any]:
-    """A layer kind and its settings as written on a benchmark's command line, as ``lift3d.lifting.inflate``
-    keywords: ``"low-rank:train_down=false,rank=4"`` -> ``{"kind": "low-rank", "train_down": False,
-    "rank": 4}`` (``true``/``false``, ints and floats are converted, anything else stays a string)."""
-    kind, _, rest = spec.partition(":")
-    settings: dict[str, Any] = {"kind": kind}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"{item!r} in {spec!r} is not key=value")
-        lowered = value.lower()
-        if lowered in ("true", "false"):
-            settings[key] = lowered == "true"
-            continue
-        for convert in (int, float, str):
-            try:
-                settings[key] = convert(value)
-                break
-            except ValueError:
-                continue
-    return settings
-
-
-def validation_curve(folder: Path) -> list[dict[str, float]]:
-    """The sampled-validation rows of a lift3d run's CSV log: step, val_psnr, val_ssim, val_mae, ..."""
-    with (folder / "logs" / "metrics.csv").open(newline="") as f:
-        rows = [row for row in csv.DictReader(f) if row.get("val_psnr")]
-    return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items()
-             if v and (k == "step" or k.startswith("val_"))} for row in rows]
