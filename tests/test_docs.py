@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXTS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-README_MAX_LINES = 150
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+TEXTS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), RESULTS,
+         *sorted((ROOT / "benchmarks" / "results").glob("*.md"))]
+README_MAX_LINES, RESULTS_MAX_LINES = 150, 300
 
 
 def test_the_docs_site_builds_strictly(tmp_path):
@@ -28,6 +30,14 @@ def test_the_readme_is_a_short_users_guide():
     lines = (ROOT / "README.md").read_text().splitlines()
     assert len(lines) <= README_MAX_LINES
     assert lines[0] == "# lift3d"
+
+
+def test_results_is_a_summary_whose_tables_link_their_detail_pages():
+    text = RESULTS.read_text()
+    assert len(text.splitlines()) <= RESULTS_MAX_LINES
+    links = re.findall(r"\]\((results/[a-z0-9-]+\.md)\)", text)
+    assert links and all((RESULTS.parent / link).is_file() for link in links)
+    assert text.count("python benchmarks/") >= len(set(links))
 
 
 def test_no_text_names_a_machine_path_a_commit_or_an_issue():
