@@ -1,0 +1,28 @@
+"""Exports written before the package layout changed (and before the export settings had a format
+field) still load and sample bit-identically. The fixture was written by that code: a tiny lifted
+stage-2 export, a source, and the prediction that code made from it (DPM-Solver++, 3 steps, seed 0)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from lift3d.diffusion.export import read_training_settings
+from lift3d.sampling.synthesis import load_synthesis_model, synthesize
+
+FIXTURE = Path(__file__).parent / "fixtures" / "export-v0"
+
+
+def test_the_fixture_predates_the_format_field():
+    assert "format" not in json.loads((FIXTURE / "model" / "lift3d_training.json").read_text())
+    assert read_training_settings(FIXTURE / "model").get("format", 1) == 1
+
+
+def test_an_old_export_loads_and_samples_bit_identically(one_thread):
+    expected = load_file(str(FIXTURE / "expected.safetensors"))
+    model = load_synthesis_model(FIXTURE / "model", device="cpu")
+    prediction = synthesize(model, expected["source"], scheduler="dpm", steps=3, seed=0)
+    assert torch.equal(prediction, expected["prediction"])
