@@ -38,21 +38,12 @@ METRICS = ("psnr", "ssim", "mae", "z_inconsistency")
 
 
 def lifted_start(stage1_model: Path, folder: Path, settings: dict[str, Any], seed: int) -> Path:
-    """The stage-1 U-Net lifted with ``settings`` (identity, so the same function), as a model folder
-    that stage 2 fine-tunes (``model.pretrained``); the stage-1 export's other files come along."""
-    import lift3d
-    from lift3d.lifting.checkpoint import save_lifted
-    from lift3d.lifting.checkpoint import load_unet2d
+    """The stage-1 U-Net lifted with ``settings`` (identity, so the same function), as the model folder
+    stage 2 fine-tunes (``lift3d inflate``'s library function)."""
+    from lift3d.lifting.checkpoint import lift_export
 
-    unet = load_unet2d(stage1_model)
-    torch.manual_seed(seed)  # the random parts of a kind (low-rank's down projection) per seed
-    lift3d.inflate(unet, **settings)
     shutil.rmtree(folder, ignore_errors=True)
-    save_lifted(unet, folder)
-    for item in stage1_model.iterdir():
-        if not (folder / item.name).exists():
-            (shutil.copytree if item.is_dir() else shutil.copyfile)(item, folder / item.name)
-    return folder
+    return lift_export(stage1_model, folder, seed=seed, **settings)
 
 
 def stage1_config(stage1: Path) -> dict[str, Any]:

@@ -327,3 +327,44 @@ def test_fuzz_damaged_weights_load_or_raise_a_user_error(folders, tmp_path_facto
         raw[i] ^= 0x5A
     path.write_bytes(bytes(raw[: len(raw) - cut]))
     _load_or_user_error(folder)
+
+
+# --------------------------------------------------------------------------------------------
+# Lifting a saved stage-1 export: lift3d inflate STAGE1 OUT
+
+
+def test_lift3d_inflate_lifts_a_stage1_export_that_synthesises_the_same(folders, tmp_path, capsys):
+    from lift3d.cli.main import main as lift3d_main
+
+    out = tmp_path / "lifted"
+    assert lift3d_main(["inflate", str(folders["slices"]), str(out), "--kind", "low-rank", "--option", "rank=4"]) == 0
+    assert "volumetric layers" in capsys.readouterr().out
+    flat, lifted = (load_synthesis_model(f, device="cpu") for f in (folders["slices"], out))
+    assert lifted.lifted and json.loads((out / "lift3d.json").read_text())["lift"]["kind"] == "low-rank"
+    source = torch.rand(1, 1, SLICES, SIZE, SIZE, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    a = synthesize(flat, source, scheduler="dpm", steps=2, seed=0)
+    b = synthesize(lifted, source, scheduler="dpm", steps=2, seed=0)
+    assert torch.allclose(a, b, atol=1e-4)  # identity at initialisation (fused for inference: fp32 round-off)
+
+
+@pytest.mark.parametrize("case", ["exists", "inside", "unknown-kind", "lifted-input"])
+def test_lift3d_inflate_refuses_in_one_line_and_writes_nothing(folders, tmp_path, capsys, case):
+    from lift3d.cli.main import main as lift3d_main
+
+    stage1, out, extra = str(folders["slices"]), tmp_path / "lifted", []
+    if case == "exists":
+        out.mkdir()
+    elif case == "inside":
+        out = folders["slices"] / "lifted"
+    elif case == "unknown-kind":
+        extra = ["--kind", "banana"]
+    else:
+        stage1 = str(folders["volumes"])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert lift3d_main(["inflate", stage1, str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ": error: " in err
+    assert {"exists": "exists already", "inside": "lies inside", "unknown-kind": "banana",
+            "lifted-input": "lifted already"}[case] in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert not (folders["slices"] / "lifted").exists()

@@ -7,6 +7,7 @@ A subcommand is a ``add_<name>_parser(subparsers)`` function that sets ``func`` 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import lift3d
@@ -105,6 +106,52 @@ def add_demo_parser(subparsers) -> None:
     parser.set_defaults(func=_demo)
 
 
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"invalid option {text!r}; give KEY=VALUE, e.g. rank=16")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _inflate(args: argparse.Namespace) -> int:
+    from lift3d.lifting.checkpoint import lift_export
+
+    settings = {"kernel_size": args.kernel_size, "where": args.where, **dict(args.option)}
+    if args.kind:
+        settings["kind"] = args.kind
+    out = lift_export(args.stage1, args.out, seed=args.seed, **settings)
+    report = lift3d.report(lift3d.load_lifted(out))
+    print(f"lifted {args.stage1} -> {out}: {report.num_layers} volumetric layers, "
+          f"+{report.volumetric_parameters:,} parameters")
+    return 0
+
+
+def add_inflate_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "inflate",
+        help="lift a saved 2D model folder (a stage-1 export) into a lifted model folder",
+        description=(
+            "Insert identity-initialised volumetric layers into the 2D U-Net of STAGE1 (a lift3d stage-1 export or "
+            "a diffusers 2D U-Net folder) and write the lifted model to OUT, with STAGE1's other files (training "
+            "settings, noise schedule, autoencoder). OUT is then what stage 2 fine-tunes (--model.pretrained OUT) "
+            "and what lift3d-synthesize loads; until trained, it synthesises exactly what STAGE1 does."
+        ),
+    )
+    parser.add_argument("stage1", metavar="STAGE1", help="the 2D model folder to lift")
+    parser.add_argument("out", metavar="OUT", help="the new lifted model folder (must not exist)")
+    parser.add_argument("--kind", default="", help="layer kind (see `lift3d plugins --kind layer_kinds`); "
+                        "default: lift3d.inflate's default")
+    parser.add_argument("--kernel-size", type=int, default=3, help="odd kernel size along the slices (default: 3)")
+    parser.add_argument("--where", default="auto", help="placement preset (default: auto)")
+    parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of the layer kind, e.g. --option rank=16 (repeatable)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a kind's random parts (default: 0)")
+    parser.set_defaults(func=_inflate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lift3d",
@@ -114,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="<command>")
     add_plugins_parser(subparsers)
     add_demo_parser(subparsers)
+    add_inflate_parser(subparsers)
     return parser
 
 

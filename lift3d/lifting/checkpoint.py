@@ -283,3 +283,37 @@ def load_lifted(folder: str | os.PathLike, model: nn.Module | None = None) -> nn
     weights, _ = read_safetensors(weights_path, "model weights", folder=folder)
     load_state_dict_checked(model, weights, f"model weights in {folder}")
     return model.eval()  # as diffusers' from_pretrained does
+
+
+def lift_export(stage1: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0, **settings: Any) -> Path:
+    """Lift a saved 2D model folder (a stage-1 export, or any diffusers 2D U-Net folder) into ``out``:
+    :func:`lift3d.inflate` with ``settings`` (``kind``, ``kernel_size``, ``where``, the kind's options),
+    written with :func:`save_lifted`; the folder's other files (training settings, noise schedule,
+    autoencoder) come along, so ``out`` is what stage 2 fine-tunes (``model.pretrained``) or synthesis
+    loads. ``seed`` seeds the random parts of a kind (low-rank's down projection). ``out`` must not exist
+    yet, nor lie inside ``stage1``; it is written whole or not at all."""
+    stage1, out = model_folder(stage1), Path(out)
+    if out.exists():
+        raise CheckpointError(f"{out} exists already; choose a new folder for the lifted model")
+    if out.resolve().is_relative_to(stage1.resolve()):
+        raise CheckpointError(f"{out} lies inside the model it lifts ({stage1}); choose a folder outside it")
+    if (stage1 / SETTINGS_FILE).exists():
+        raise CheckpointError(f"{stage1} is lifted already ({SETTINGS_FILE}); lift a 2D model folder")
+    unet = load_unet2d(stage1)
+    torch.manual_seed(seed)
+    inflate(unet, **settings)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(out.parent)
+    tmp = temporary_path(out)
+    try:
+        save_lifted(unet, tmp)
+        for item in stage1.iterdir():
+            if item.name.startswith(".") or (tmp / item.name).exists():
+                continue
+            check_contained(stage1, item, f"{stage1}'s {item.name}")
+            (shutil.copytree if item.is_dir() else shutil.copyfile)(item, tmp / item.name)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
