@@ -176,6 +176,21 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert max_diff(weights(tmp_path / "two" / "model"), weights(tmp_path / "one" / "model")) <= 1e-4
 
 
+def test_accelerate_launch_runs_the_console_script_with_no_python(tmp_path):
+    """README and docs: ``accelerate launch --no_python lift3d-finetune ...`` (Accelerate's own flag for a
+    console script) is the same program as ``accelerate launch -m lift3d.finetune ...``."""
+    config = write_config(tmp_path / "c.toml", tmp_path / "script", max_steps=2, checkpoint_every=0)
+    env_path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    script = subprocess.run([str(BIN / "accelerate"), "launch", "--num_processes", "1", "--no_python", "lift3d-finetune",
+                             "--config", str(config)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PATH": env_path, "PYTHONUNBUFFERED": "1"})
+    assert script.returncode == 0, script.stderr[-3000:]
+    module = run_cli(str(BIN / "accelerate"), "launch", "--num_processes", "1", "-m", "lift3d.finetune", "--config",
+                     str(config), "--run.output_dir", str(tmp_path / "module"), cwd=tmp_path)
+    assert module.returncode == 0, module.stderr[-3000:]
+    assert max_diff(weights(tmp_path / "script" / "model"), weights(tmp_path / "module" / "model")) == 0
+
+
 def test_each_rank_sees_different_data():
     ranks = [BatchPlan(20, 2, 2, r, seed=0) for r in range(2)]
     single = BatchPlan(20, 4, 1, 0, seed=0)
