@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shlex
 import shutil
@@ -60,11 +59,10 @@ from pathlib import Path
 from typing import Any
 
 from lift3d.recipes.reports import machine_info, write_json  # noqa: E402
+from lift3d.recipes.unet3d import build_unet3d, train_unet3d  # noqa: E402
 from lift3d.training.tracking import validation_curve  # noqa: E402
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -305,56 +303,13 @@ def train_stage2(out: Path, scale: Scale, data: dict[str, Any], seed: int, stage
     return model, finish(folder, key, time.perf_counter() - tic, validation_curve=curve, best_step=best["step"])
 
 
-def build_baseline(features: tuple[int, ...]) -> tuple[nn.Module, str]:
-    """MONAI's BasicUNet (3D) when MONAI is installed, else :class:`UNet3D`, the same layout by hand."""
-    try:
-        import monai
-        from monai.networks.nets import BasicUNet
-    except ImportError:
-        return UNet3D(features), f"hand-written 3D U-Net (BasicUNet's layout; MONAI not installed), features {list(features)}"
-    net = BasicUNet(spatial_dims=3, in_channels=1, out_channels=1, features=features)
-    return net, f"MONAI {monai.__version__} BasicUNet(spatial_dims=3), features {list(features)}"
-
-
-def double_conv(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv3d(cin, cout, 3, padding=1), nn.InstanceNorm3d(cout, affine=True), nn.LeakyReLU(0.1),
-                         nn.Conv3d(cout, cout, 3, padding=1), nn.InstanceNorm3d(cout, affine=True), nn.LeakyReLU(0.1))
-
-
-class UNet3D(nn.Module):
-    """BasicUNet's layout (four 2x poolings, concatenated skips, ``features[5]`` channels at the top
-    level), for machines without MONAI. Odd sizes are handled by padding the upsampled features."""
-
-    def __init__(self, features: tuple[int, ...]) -> None:
-        super().__init__()
-        f = list(features)
-        self.down = nn.ModuleList([double_conv(1, f[0])] + [double_conv(f[i], f[i + 1]) for i in range(4)])
-        ups = [(f[4], f[3], f[3]), (f[3], f[2], f[2]), (f[2], f[1], f[1]), (f[1], f[0], f[5])]
-        self.up = nn.ModuleList([nn.ConvTranspose3d(cin, cin // 2, 2, stride=2) for cin, _, _ in ups])
-        self.merge = nn.ModuleList([double_conv(cin // 2 + skip, cout) for cin, skip, cout in ups])
-        self.head = nn.Conv3d(f[5], 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for i, block in enumerate(self.down):
-            x = block(x if i == 0 else F.max_pool3d(x, 2))
-            skips.append(x)
-        x = skips.pop()
-        for up, merge in zip(self.up, self.merge):
-            skip = skips.pop()
-            x = up(x)
-            x = F.pad(x, [p for d in (4, 3, 2) for p in (0, skip.shape[d] - x.shape[d])], mode="replicate")
-            x = merge(torch.cat([skip, x], dim=1))
-        return self.head(x)
-
-
 def train_baseline(out: Path, scale: Scale, data: dict[str, Any], train_pairs, val_pairs, seed: int, device,
                    reuse: bool) -> tuple[nn.Module, dict[str, Any]]:
     """L1 regression source -> target on whole volumes; keeps the weights best on the validation subject."""
     from safetensors.torch import load_file, save_file
 
     folder = out / "baseline"
-    net, description = build_baseline(scale.baseline_features)
+    net, description = build_unet3d(scale.baseline_features)
     key = phase_key(scale, "baseline", data, seed, model=description)
     record = reusable(folder, key, reuse)
     if record and (folder / "model.safetensors").is_file():
@@ -362,39 +317,11 @@ def train_baseline(out: Path, scale: Scale, data: dict[str, Any], train_pairs, v
         return net.to(device).eval(), record
     print(f"[3D U-Net] {scale.baseline_steps} steps x {scale.baseline_batch} volumes, L1")
     tic = time.perf_counter()
-    torch.manual_seed(seed)
-    net, description = build_baseline(scale.baseline_features)  # seeded weights
-    net.to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=scale.baseline_lr)
-    sources = torch.stack([p.source for p in train_pairs])
-    targets = torch.stack([p.target for p in train_pairs])
-    generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    best: tuple[float, int, dict] = (math.inf, 0, {})
-    history = []
-    for step in range(1, scale.baseline_steps + 1):
-        if len(order) < scale.baseline_batch:
-            order += torch.randperm(len(sources), generator=generator).tolist()
-        batch, order = order[:scale.baseline_batch], order[scale.baseline_batch:]
-        net.train()
-        loss = (net(sources[batch].to(device)) - targets[batch].to(device)).abs().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % scale.baseline_val_every == 0 or step == scale.baseline_steps:
-            net.eval()
-            with torch.no_grad():
-                val = float(np.mean([(net(p.source[None].to(device)).clamp(-1, 1).cpu() - p.target[None]).abs().mean()
-                                     for p in val_pairs]))
-            history.append({"step": step, "train_l1": loss.item(), "val_l1": val})
-            if val < best[0]:
-                best = (val, step, {k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
-    net.load_state_dict(best[2])
+    net, info = train_unet3d(train_pairs, val_pairs, features=scale.baseline_features, steps=scale.baseline_steps,
+                             batch=scale.baseline_batch, lr=scale.baseline_lr, val_every=scale.baseline_val_every,
+                             seed=seed, device=device)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in best[2].items()}, str(folder / "model.safetensors"))
-    info = {"model": description, "parameters": sum(p.numel() for p in net.parameters()), "loss": "L1",
-            "steps": scale.baseline_steps, "batch_volumes": scale.baseline_batch, "lr": scale.baseline_lr,
-            "chosen_step": best[1], "chosen_val_l1": best[0], "history": history}
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
     return net.eval(), finish(folder, key, time.perf_counter() - tic, info=info)
 
 
@@ -670,7 +597,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="an extra stage-2 run to choose from on the validation subjects, e.g. kind=slice-attention, "
                              "lr_scheduler=cosine, trainable=all, where=spatial, kernel_size=5, learning_rate=1e-3 "
                              "(repeatable)")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the 3D U-Net (e.g. for a latent-space run)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the 3D U-Net (MONAI's BasicUNet, the bench extra; e.g. for a latent-space run)")
     parser.add_argument("--x0-clip", action="store_true",
                         help="clip the samplers' x0 estimate to [-1, 1] at every step (diffusers' thresholding at "
                              "1.0), as pixel-space DDPM/DDIM do; the exported scheduler config has it off")
@@ -767,6 +694,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_autoencoder(autoencoder, scale)
     for overrides in variants:  # a bad variant fails now, not after stage 1
         diffusion_config("volumes", out, scale, data, args.seed, 1, None, overrides, autoencoder)
+    if not args.no_baseline:
+        build_unet3d(scale.baseline_features)  # without MONAI the benchmark says so now, before any training
     out.mkdir(parents=True, exist_ok=True)
     start, load_before, machine = time.perf_counter(), os.getloadavg(), machine_info()  # the commit at start
     timing: dict[str, Any] = {"data_s": data_s}

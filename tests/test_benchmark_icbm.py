@@ -213,3 +213,15 @@ def test_latent_grid_must_be_a_multiple_of_f(bench, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "size 30" in err and "multiple" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_3d_unet_is_monais_and_refused_without_it(monkeypatch):
+    from lift3d.io.errors import Lift3dError
+    from lift3d.recipes.unet3d import build_unet3d
+
+    net, description = build_unet3d((8, 8, 8, 16, 16, 8))
+    assert type(net).__name__ == "BasicUNet" and description.startswith("MONAI ")
+    monkeypatch.setitem(sys.modules, "monai", None)  # as on a machine without the bench extra
+    monkeypatch.setitem(sys.modules, "monai.networks.nets", None)
+    with pytest.raises(Lift3dError, match=r"MONAI is not installed: pip install 'lift3d\[bench\]'"):
+        build_unet3d((8, 8, 8, 16, 16, 8))
