@@ -410,14 +410,9 @@ class Predictor:
 def evaluate(pred: torch.Tensor, pairs, reference: str = "target") -> list[dict[str, Any]]:
     """Per-subject metrics in the brain mask, against the noisy ``target`` or the ``clean_target``
     (the deformed target before its own bias field and noise, from the icbm152 plugin)."""
-    from lift3d.evaluation.metrics import evaluate_volumes
+    from lift3d.evaluation.metrics import score_pair
 
-    rows = []
-    for i, p in enumerate(pairs):
-        truth = p.target if reference == "target" else p.extra[reference]
-        rows.append({"subject": p.subject, **evaluate_volumes(pred[i, 0].numpy(), truth[0].numpy(),
-                                                               p.extra["mask"][0].numpy())})
-    return rows
+    return [score_pair(pred[i, 0].numpy(), p, reference) for i, p in enumerate(pairs)]
 
 
 def scored(method: Method, prediction: Prediction, pairs) -> dict[str, Any]:

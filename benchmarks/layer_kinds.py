@@ -80,7 +80,7 @@ def subjects(stage1: Path, split: str) -> list:
 
 def score(model_folder: Path, pairs: list, steps: int, seed: int) -> tuple[list[dict[str, Any]], float]:
     """Per-subject metrics of one model (DPM-Solver++ ``steps``, all subjects in one batch)."""
-    from lift3d.evaluation.metrics import evaluate_volumes
+    from lift3d.evaluation.metrics import score_pair
     from lift3d.sampling.synthesis import load_synthesis_model, synthesize
 
     model = load_synthesis_model(model_folder, device="cpu")
@@ -88,9 +88,7 @@ def score(model_folder: Path, pairs: list, steps: int, seed: int) -> tuple[list[
     tic = time.perf_counter()
     pred = synthesize(model, sources, scheduler="dpm", steps=steps, seed=seed, progress=False)
     seconds = (time.perf_counter() - tic) / len(pairs)
-    masks = [p.extra["mask"][0].numpy() if "mask" in p.extra else None for p in pairs]
-    rows = [{"subject": p.subject, **evaluate_volumes(pred[i, 0].numpy(), p.target[0].numpy(), masks[i])}
-            for i, p in enumerate(pairs)]
+    rows = [score_pair(pred[i, 0].numpy(), p) for i, p in enumerate(pairs)]
     return rows, seconds
 
 

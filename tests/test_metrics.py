@@ -240,3 +240,22 @@ def test_uncertainty_scores_rank_the_errors_on_the_0_255_scale():
         error[mask].mean() * 255 / np.ptp(target))
     with pytest.raises(ValueError, match=r"std has shape \(4, 6, 5\) but target has \(4, 6, 6\)"):
         uncertainty_scores(error[..., :5], target, target)
+
+
+def test_score_pair_scores_inside_the_pairs_mask_against_the_chosen_reference():
+    from types import SimpleNamespace
+
+    import torch
+
+    from lift3d.evaluation.metrics import evaluate_volumes, score_pair
+
+    rng = np.random.default_rng(0)
+    target, clean, pred = (rng.uniform(-1, 1, (1, 8, 10, 10)).astype(np.float32) for _ in range(3))
+    mask = np.zeros((1, 8, 10, 10), dtype=bool)
+    mask[:, 1:7, 2:8, 2:8] = True
+    pair = SimpleNamespace(subject="s-00", target=torch.from_numpy(target),
+                           extra={"mask": torch.from_numpy(mask), "clean_target": torch.from_numpy(clean)})
+    assert score_pair(pred[0], pair) == {"subject": "s-00", **evaluate_volumes(pred[0], target[0], mask[0])}
+    assert score_pair(pred[0], pair, "clean_target") == {"subject": "s-00", **evaluate_volumes(pred[0], clean[0], mask[0])}
+    unmasked = SimpleNamespace(subject="s-01", target=torch.from_numpy(target), extra={})
+    assert score_pair(pred[0], unmasked) == {"subject": "s-01", **evaluate_volumes(pred[0], target[0])}

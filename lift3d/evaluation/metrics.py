@@ -176,6 +176,17 @@ def evaluate_volumes(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | No
     }
 
 
+def score_pair(pred, pair, reference: str = "target") -> dict[str, float | str]:
+    """All :data:`METRICS` of a prediction ``(n, h, w)`` for one :class:`~lift3d.plugins.protocols.VolumePair`:
+    against its ``target``, or ``extra[reference]`` (``"clean_target"``), inside ``extra["mask"]`` where it has
+    one. The row starts with the subject, as :func:`summarize` and the reports expect."""
+    extra = pair.extra or {}
+    truth = pair.target if reference == "target" else extra[reference]
+    mask = extra.get("mask")
+    return {"subject": pair.subject, **evaluate_volumes(np.asarray(pred), truth[0].numpy(),
+                                                        None if mask is None else mask[0].numpy())}
+
+
 def uncertainty_scores(std: np.ndarray, pred: np.ndarray, target: np.ndarray,
                        mask: np.ndarray | None = None) -> dict[str, float]:
     """How well a per-voxel std map (the spread of K samples, :func:`lift3d.sampling.synthesis.synthesize_posterior`)

@@ -20,7 +20,7 @@ import torch
 from lift3d.training.config import TrainConfig, apply
 from lift3d.data import save_volume
 from lift3d.evaluation.figures import save_orthogonal_views
-from lift3d.evaluation.metrics import INTENSITY_RULE, evaluate_volumes, summarize
+from lift3d.evaluation.metrics import INTENSITY_RULE, score_pair, summarize
 from lift3d.plugins import create
 from lift3d.sampling.synthesis import load_synthesis_model, save_std_volume, synthesize_posterior
 from lift3d.training.loop import train
@@ -131,11 +131,6 @@ def set_threads(threads: int | str | None) -> None:
     torch.set_num_threads(threads)
 
 
-def score(pred, pair, target) -> dict:
-    mask = pair.extra.get("mask")
-    return evaluate_volumes(pred, target, None if mask is None else mask[0].numpy())
-
-
 def run_demo(out: str | Path, *, dataset: str = "icbm152", scale: str = "default", seed: int = 0,
              threads: int | str | None = "auto") -> dict:
     """Run the pipeline into ``out``; returns the paths written and the metrics.
@@ -188,17 +183,15 @@ def run_demo(out: str | Path, *, dataset: str = "icbm152", scale: str = "default
                 files["nifti"].append(str(path))
         for name, vol in (("source", pair.source), ("target", pair.target)):
             save_volume(synth_dir / f"{pair.subject}_{name}.nii.gz", vol, pair.meta)
-        target = pair.target[0].numpy()
-        clean = pair.extra.get("clean_target")
         for method in rows:
-            rows[method].append({"subject": pair.subject, **score(outputs[method], pair, target)})
-            if clean is not None:
-                clean_rows[method].append({"subject": pair.subject, **score(outputs[method], pair, clean[0].numpy())})
+            rows[method].append(score_pair(outputs[method], pair))
+            if "clean_target" in pair.extra:
+                clean_rows[method].append(score_pair(outputs[method], pair, "clean_target"))
         figure = eval_dir / "figures" / f"{pair.subject}.png"
         figure.parent.mkdir(parents=True, exist_ok=True)
         modality = "T1 -> T2" if dataset == "icbm152" else "phantom T1 -> T2"
         save_orthogonal_views(figure, {"source": pair.source[0].numpy(), "slice-wise": outputs["slice-wise"],
-                                       "lifted": outputs["lifted"], "target": target},
+                                       "lifted": outputs["lifted"], "target": pair.target[0].numpy()},
                               title=f"{pair.subject} ({dataset} test): {modality}, {sampler}",
                               error_of=[("slice-wise", "target"), ("lifted", "target")],
                               uncertainty={"lifted": stds["lifted"]} if stds else None, spacing=pair.meta.grid_spacing)

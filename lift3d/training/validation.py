@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lift3d.evaluation.metrics import evaluate_volumes, summarize
+from lift3d.evaluation.metrics import score_pair, summarize
 
 SELECTION_METRIC = "psnr"
 VALIDATION_SEED = 4321
@@ -54,9 +54,7 @@ class SampledValidation:
         for pair in self.pairs:
             source = pair.source[None].to(self.device)
             pred = synthesize(model, source, scheduler="dpm", steps=self.steps, seed=VALIDATION_SEED, progress=False)
-            mask = pair.extra.get("mask") if pair.extra else None
-            rows.append(evaluate_volumes(pred[0, 0].float().cpu().numpy(), pair.target[0].numpy(),
-                                         None if mask is None else mask[0].numpy()))
+            rows.append(score_pair(pred[0, 0].float().cpu().numpy(), pair))
         unet.train(was_training)
         return {f"val_{k}": v["mean"] for k, v in summarize(rows).items()}
 
