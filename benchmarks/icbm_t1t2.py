@@ -58,6 +58,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from lift3d.recipes.make_a_volume import Recipe, stage_config  # noqa: E402
 from lift3d.recipes.reports import machine_info, write_json  # noqa: E402
 from lift3d.recipes.unet3d import build_unet3d, train_unet3d  # noqa: E402
 from lift3d.training.tracking import validation_curve  # noqa: E402
@@ -231,35 +232,20 @@ def diffusion_config(stage: str, folder: Path, scale: Scale, data: dict[str, Any
     """The lift3d config of stage 1 (``slices``) or stage 2 (``volumes``); latent space with ``autoencoder``
     (a KL autoencoder folder, e.g. from ``lift3d-finetune --run.stage autoencoder``), else pixel space.
     ``source_context`` (2.5D, stage 1; stage 2 inherits it) gives the U-Net that many source slices on each side."""
-    from lift3d.training.config import TrainConfig, apply
-
     coder = ({"name": "kl", "options": {"path": str(autoencoder)}, "cache_latents": True} if autoencoder
              else {"name": "identity"})
-    common = {
-        "run": {"stage": stage, "output_dir": str(folder), "seed": seed, "max_steps": steps, "log_every": 10,
-                "checkpoint_every": 0},
-        "data": {"dataset": "icbm152", "options": data},
-        "model": {"block_out_channels": list(scale.widths), "layers_per_block": scale.layers_per_block,
-                  "prediction_type": scale.stage1_prediction},
-        "autoencoder": coder,
-    }
-    if stage == "slices":
-        extra = {"data": {"batch_size": scale.stage1_batch}, "model": {"source_context": source_context},
-                 "optim": {"learning_rate": scale.stage1_lr, "lr_scheduler": "cosine",
-                           "warmup_steps": min(20, max(steps // 4, 0))}}
-    else:
-        lift = {k: v for k, v in (overrides or {}).items() if k not in OPTIM_KEYS}
-        optim = {"learning_rate": scale.stage2_lr, "lr_scheduler": "constant"}
-        optim |= {k: v for k, v in (overrides or {}).items() if k in OPTIM_KEYS}
-        # lift3d's sampled validation: the validation subjects every stage2_val_every steps and at step 0
-        # (the stage-1 model, lifted at identity); the best step's weights are exported.
-        extra = {"run": {"validate_every": scale.stage2_val_every, "validate_steps": scale.selection_steps},
-                 "data": {"batch_size": 1, "val_volumes": data.get("num_val", 1)},
-                 "model": {"pretrained": str(stage1_model or "")},
-                 "lift": {"trainable": "volumetric", **lift},
-                 "diffusion": {"timestep_sampler": "make-a-volume"}, "optim": optim}
-    cfg = apply(TrainConfig(), common, "icbm_t1t2")
-    return apply(cfg, extra, "icbm_t1t2")
+    overrides = overrides or {}
+    recipe = Recipe(dataset="icbm152", data_options=data, widths=scale.widths, stage1_steps=steps, stage2_steps=steps,
+                    layers_per_block=scale.layers_per_block, prediction_type=scale.stage1_prediction,
+                    autoencoder=coder, source_context=source_context, stage1_batch=scale.stage1_batch,
+                    stage1_lr=scale.stage1_lr, stage2_lr=scale.stage2_lr,
+                    stage2_lift={k: v for k, v in overrides.items() if k not in OPTIM_KEYS},
+                    stage2_optim={k: v for k, v in overrides.items() if k in OPTIM_KEYS},
+                    # lift3d's sampled validation: the validation subjects every stage2_val_every steps and at
+                    # step 0 (the stage-1 model, lifted at identity); the best step's weights are exported.
+                    validate_every=scale.stage2_val_every, validate_steps=scale.selection_steps,
+                    val_volumes=data.get("num_val", 1), name="icbm_t1t2")
+    return stage_config(recipe, stage, folder, seed, stage1_model)
 
 
 def train_stage1(out: Path, scale: Scale, data: dict[str, Any], seed: int, reuse: bool,

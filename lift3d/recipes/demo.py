@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from lift3d.training.config import TrainConfig, apply
+from lift3d.recipes.make_a_volume import Recipe, stage_config
+from lift3d.training.config import TrainConfig
 from lift3d.data import save_volume
 from lift3d.evaluation.figures import save_orthogonal_views
 from lift3d.evaluation.metrics import INTENSITY_RULE, score_pair, summarize
@@ -91,30 +92,20 @@ def dataset_options(dataset: str, scale: DemoScale, seed: int) -> dict:
                      "voxel_mm": scale.voxel_mm}
 
 
+def demo_recipe(scale: DemoScale, seed: int, dataset: str = "icbm152") -> Recipe:
+    return Recipe(dataset=dataset, data_options=dataset_options(dataset, scale, seed), widths=scale.widths,
+                  stage1_steps=scale.stage1_steps, stage2_steps=scale.stage2_steps,
+                  source_context=scale.source_context, stage2_lr=scale.stage2_lr,
+                  stage2_lr_scheduler=scale.stage2_lr_scheduler, stage2_trainable=scale.stage2_trainable,
+                  # Pinned, not inflate's default: the recipe was chosen, and the demo measured, with full layers.
+                  stage2_lift={"kind": "full"}, validate_every=scale.validate_every if scale.num_val else 0,
+                  val_volumes=max(scale.num_val, 1), log_every=20, overwrite=True, name="demo")
+
+
 def demo_config(out: Path, scale: DemoScale, stage: str, seed: int, dataset: str = "icbm152") -> TrainConfig:
-    common = {
-        "run": {"stage": stage, "output_dir": str(out / ("stage1" if stage == "slices" else "stage2")),
-                "seed": seed, "log_every": 20, "checkpoint_every": 0, "overwrite": True},
-        "data": {"dataset": dataset, "options": dataset_options(dataset, scale, seed)},
-        # v-prediction: in pixel space after a few hundred steps, an epsilon model's samples are noise.
-        "model": {"block_out_channels": list(scale.widths), "layers_per_block": 1, "prediction_type": "v_prediction"},
-        "autoencoder": {"name": "identity"},
-    }
-    if stage == "slices":
-        extra = {"run": {"max_steps": scale.stage1_steps}, "data": {"batch_size": 16},
-                 "model": {"source_context": scale.source_context},
-                 "optim": {"learning_rate": 1e-3, "warmup_steps": min(20, scale.stage1_steps // 4),
-                           "lr_scheduler": "cosine"}}
-    else:
-        validation = ({"validate_every": scale.validate_every, "validate_steps": 25} if scale.num_val else {})
-        extra = {"run": {"max_steps": scale.stage2_steps, **validation},
-                 "data": {"batch_size": 1, "val_volumes": max(scale.num_val, 1)},
-                 "model": {"pretrained": str(out / "stage1" / "model")},
-                 # Pinned, not inflate's default: the recipe was chosen, and the demo measured, with full layers.
-                 "lift": {"kind": "full", "trainable": scale.stage2_trainable}, "diffusion": {"timestep_sampler": "make-a-volume"},
-                 "optim": {"learning_rate": scale.stage2_lr, "lr_scheduler": scale.stage2_lr_scheduler}}
-    cfg = apply(TrainConfig(), common, "demo")
-    return apply(cfg, extra, "demo")
+    folder = out / ("stage1" if stage == "slices" else "stage2")
+    return stage_config(demo_recipe(scale, seed, dataset), stage, folder, seed,
+                        out / "stage1" / "model" if stage == "volumes" else None)
 
 
 def set_threads(threads: int | str | None) -> None:
