@@ -315,7 +315,8 @@ def sample(job: dict) -> dict:
         if dtype != torch.float32:
             module.to(dtype)
     scheduler_config = dict(DDPMScheduler(num_train_timesteps=1000).config)
-    model = SynthesisModel(unet, autoencoder, {"conditioning": "concat"}, scheduler_config)
+    model = SynthesisModel(unet, autoencoder, {"conditioning": "concat", "autoencoder": {"name": "kl"}},
+                           scheduler_config)
     check_channels(unet, autoencoder, "concat", where="speed.py")
     encode_s: list[float] = []
     decode_s: list[float] = []

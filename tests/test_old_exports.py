@@ -18,7 +18,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "export-v0"
 
 def test_the_fixture_predates_the_format_field():
     assert "format" not in json.loads((FIXTURE / "model" / "lift3d_training.json").read_text())
-    assert read_training_settings(FIXTURE / "model").get("format", 1) == 1
+    assert read_training_settings(FIXTURE / "model").format == 1
 
 
 def test_an_old_export_loads_and_samples_bit_identically(one_thread):

@@ -294,14 +294,14 @@ def prepare_out(out: Path) -> bool:
 
 def grid_settings(model: SynthesisModel) -> dict[str, Any]:
     """Size, slice count, slice axis and percentiles of the training grid, from the training settings."""
-    data = model.settings.get("data") or {}
-    options = data.get("options") or {}
+    data = model.settings.data
+    options = (data.options if data is not None else None) or {}
     size = options.get("size")
     if size is None:  # the dataset's default size; the U-Net was built for it
         size = int(model.unet.config.sample_size) * int(model.autoencoder.downsampling_factor)
     return {
         "size": tuple(size) if isinstance(size, (list, tuple)) else int(size),
-        "num_slices": data.get("num_slices") or options.get("num_slices"),
+        "num_slices": (data.num_slices if data is not None else None) or options.get("num_slices"),
         "slice_axis": options.get("slice_axis", "axial"),
         "percentiles": tuple(options.get("percentiles", DEFAULT_PERCENTILES)),
     }

@@ -68,7 +68,7 @@ def write_export_settings(folder: str | os.PathLike, settings: dict[str, Any]) -
     return write_text_atomic(Path(folder) / TRAINING_SETTINGS, json.dumps(settings, indent=2))
 
 
-def read_training_settings(folder: str | os.PathLike) -> dict[str, Any]:
+def read_training_settings(folder: str | os.PathLike) -> ExportSettings:
     """The checked training settings of an exported model folder (``lift3d_training.json``, or the
     ``training`` entry of ``lift3d.json``), or a :class:`CheckpointError` saying why not."""
     folder = model_folder(folder)
@@ -86,7 +86,7 @@ def read_training_settings(folder: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{folder} has no lift3d settings (neither {TRAINING_SETTINGS} nor {SETTINGS_FILE}): "
                               "it is not a model exported by lift3d-finetune, so its autoencoder, conditioning and "
                               "data preparation are unknown")
-    return settings.model_dump(by_alias=True, exclude_unset=True)
+    return settings
 
 
 def read_scheduler_config(folder: str | os.PathLike) -> dict[str, Any]:
@@ -101,3 +101,8 @@ def read_scheduler_config(folder: str | os.PathLike) -> dict[str, Any]:
     return config.model_dump(by_alias=True, exclude_unset=True)
 
 
+def as_export_settings(settings: ExportSettings | dict[str, Any], where: object = "export settings") -> ExportSettings:
+    """``settings`` as the typed record (a dict, as training builds one, is checked against the schema)."""
+    if isinstance(settings, ExportSettings):
+        return settings
+    return validate(settings, ExportSettings, str(where), "export settings")

@@ -13,7 +13,8 @@ from torch import nn
 
 import lift3d
 from lift3d.diffusion.conditioning import check_channels as check_conditioned_channels
-from lift3d.diffusion.export import TRAINING_SETTINGS, read_scheduler_config, read_training_settings
+from lift3d.diffusion.export import (TRAINING_SETTINGS, ExportSettings, as_export_settings, read_scheduler_config,
+                                     read_training_settings)
 from lift3d.io.paths import inside
 from lift3d.lifting.checkpoint import SETTINGS_FILE, CheckpointError, load_lifted, load_unet2d
 from lift3d.plugins import create
@@ -36,10 +37,13 @@ class SynthesisModel:
 
     unet: nn.Module
     autoencoder: Any
-    settings: dict[str, Any]
+    settings: ExportSettings  # a dict (as training builds one) is checked into the typed record
     scheduler_config: dict[str, Any]
     folder: Path | None = None
     max_slices: int | None = None
+
+    def __post_init__(self) -> None:
+        self.settings = as_export_settings(self.settings, self.folder or "the model's export settings")
 
     @property
     def lifted(self) -> bool:
@@ -47,12 +51,12 @@ class SynthesisModel:
 
     @property
     def conditioning(self) -> str:
-        return self.settings.get("conditioning", "concat")
+        return self.settings.conditioning
 
     @property
     def source_context(self) -> int:
         """2.5D: source slices on each side the U-Net sees (:mod:`lift3d.data.context`); 0 for older exports."""
-        return int(self.settings.get("source_context", 0))
+        return self.settings.source_context
 
     @property
     def image_channels(self) -> int:
@@ -65,7 +69,7 @@ class SynthesisModel:
     @property
     def size_multiple(self) -> int:
         """What the in-plane size must divide by: autoencoder factor x U-Net downsampling."""
-        multiple = self.settings.get("size_multiple")
+        multiple = self.settings.size_multiple
         if not multiple:
             widths = getattr(getattr(self.unet, "config", None), "block_out_channels", None) or (0,)
             multiple = self.autoencoder.downsampling_factor * 2 ** (len(widths) - 1)
@@ -80,15 +84,15 @@ class SynthesisModel:
         return next(self.unet.parameters()).dtype
 
 
-def _build_autoencoder(folder: Path, settings: dict[str, Any]):
-    spec = settings["autoencoder"]
-    options = dict(spec.get("options") or {})
+def _build_autoencoder(folder: Path, settings: ExportSettings):
+    spec = settings.autoencoder
+    options = dict(spec.options or {})
     if "path" in options:  # an exported autoencoder lives inside the model folder, and only there
         options["path"] = str(inside(folder, options["path"], f"{folder / TRAINING_SETTINGS}'s autoencoder path"))
     try:
-        autoencoder = create("autoencoders", spec["name"], **options)
+        autoencoder = create("autoencoders", spec.name, **options)
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        raise CheckpointError(f"{folder}: cannot build its autoencoder {spec['name']!r}: {exc}") from None
+        raise CheckpointError(f"{folder}: cannot build its autoencoder {spec.name!r}: {exc}") from None
     if isinstance(autoencoder, nn.Module):
         autoencoder.requires_grad_(False).eval()
     return autoencoder
@@ -145,14 +149,13 @@ def load_synthesis_model(folder: str | os.PathLike, *, device: str | torch.devic
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     autoencoder = _build_autoencoder(folder, settings)
     unet = load_lifted(folder) if (folder / SETTINGS_FILE).is_file() else load_unet2d(folder)
-    check_channels(unet, autoencoder, settings["conditioning"], where=folder,
-                   source_context=int(settings.get("source_context", 0)))
+    check_channels(unet, autoencoder, settings.conditioning, where=folder, source_context=settings.source_context)
     scheduler_config = read_scheduler_config(folder)
     _move(unet.requires_grad_(False).eval(), device, dtype)
     if lift3d.is_lifted(unet):
         lift3d.fuse(unet)  # inference fast path: each volumetric layer folded into its host conv
     if isinstance(autoencoder, nn.Module):
         _move(autoencoder, device, dtype)
-    data = settings.get("data") or {}
-    max_slices = (data.get("window") or data.get("num_slices")) if lift3d.is_lifted(unet) else None
+    data = settings.data
+    max_slices = (data.window or data.num_slices) if data is not None and lift3d.is_lifted(unet) else None
     return SynthesisModel(unet, autoencoder, settings, scheduler_config, folder, int(max_slices) if max_slices else None)

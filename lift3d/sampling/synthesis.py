@@ -84,7 +84,7 @@ def check_clip_x0(model: SynthesisModel) -> None:
     factor = model.autoencoder.downsampling_factor
     if factor != 1:
         raise ValueError(f"clip_x0 (--clip-x0) is for pixel-space models, but this one samples in the latent space "
-                         f"of the {model.settings['autoencoder']['name']!r} autoencoder (downsampling factor "
+                         f"of the {model.settings.autoencoder.name!r} autoencoder (downsampling factor "
                          f"{factor}), whose values are not bounded by [-1, 1]")
 
 

@@ -57,14 +57,14 @@ def check_pretrained_settings(cfg: TrainConfig, folder: Path) -> None:
     if not (folder / TRAINING_SETTINGS).is_file() and not (folder / SETTINGS_FILE).is_file():
         return  # a plain diffusers folder: nothing recorded to compare with
     settings = read_training_settings(folder)
-    theirs = int(settings.get("source_context", 0))
+    theirs = settings.source_context
     if cfg.model.source_context == 0:
         cfg.model.source_context = theirs
     elif cfg.model.source_context != theirs:
         raise ValueError(f"pretrained model {folder} was trained with source_context {theirs}, but this run says "
                          f"{cfg.model.source_context}; leave --model.source_context unset (stage 2 inherits it)")
     for key, ours in (("prediction_type", cfg.model.prediction_type), ("conditioning", cfg.model.conditioning)):
-        theirs = settings.get(key)
+        theirs = getattr(settings, key)
         if theirs is not None and theirs != ours:
             raise ValueError(f"pretrained model {folder} was trained with {key} {theirs!r}, but this run says "
                              f"{ours!r}; set --model.{key} {theirs} (or [model] {key} = \"{theirs}\")")
