@@ -36,7 +36,7 @@ import lift3d  # noqa: E402
 from lift3d.training.config import TrainConfig  # noqa: E402
 from lift3d.sampling.synthesis import load_synthesis_model, synthesize_posterior  # noqa: E402
 from lift3d.training.export import export_model  # noqa: E402
-from lift3d.training.unets import build_autoencoder, build_noise_scheduler, new_unet2d  # noqa: E402
+from lift3d.training.unets import build_autoencoder, build_objective, new_unet2d  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,7 +72,7 @@ def build_model(folder: Path, args: argparse.Namespace, size: int, num_slices: i
     generator = torch.Generator().manual_seed(1)
     for _, layer in lift3d.volumetric_layers(unet):
         layer.init_random_(std=0.05, generator=generator)
-    folder = export_model(cfg, unet, build_autoencoder(cfg), build_noise_scheduler(cfg), _Dataset(num_slices), folder)
+    folder = export_model(cfg, unet, build_autoencoder(cfg), build_objective(cfg), _Dataset(num_slices), folder)
     return load_synthesis_model(folder, device=args.device)
 
 

@@ -275,7 +275,7 @@ def timestep_grid_loss(cfg, model_dir: Path, name: str) -> dict[str, Any]:
     from lift3d.plugins import create
     from lift3d.training.data_order import LatentEncoder
     from lift3d.training.losses import diffusion_loss
-    from lift3d.training.unets import build_autoencoder, build_noise_scheduler, build_unet
+    from lift3d.training.unets import build_autoencoder, build_objective, build_unet
 
     cfg = copy.deepcopy(cfg)
     cfg.model.pretrained = str(model_dir)
@@ -288,12 +288,12 @@ def timestep_grid_loss(cfg, model_dir: Path, name: str) -> dict[str, Any]:
     batch["index"] = list(range(len(view)))
     latents, source = LatentEncoder(autoencoder, cache=False)(batch, torch.device("cpu"))
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(T_GRID_SEED))
-    scheduler = build_noise_scheduler(cfg)
+    objective = build_objective(cfg)
     losses = []
     for t in T_GRID:
         timesteps = torch.full(latents.shape[:1] + latents.shape[2:3], t, dtype=torch.int64)
-        losses.append(float(diffusion_loss(unet, scheduler, latents, source if cfg.model.conditioning == "concat" else None,
-                                           noise, timesteps, cfg.model.prediction_type)))
+        losses.append(float(diffusion_loss(unet, objective, latents, source if cfg.model.conditioning == "concat" else None,
+                                           noise, timesteps)))
     return {"split": split, "volumes": len(view), "t": list(T_GRID), "loss": losses,
             "mean": statistics.fmean(losses)}
 

@@ -14,7 +14,7 @@ import lift3d
 from lift3d.cli.synthesize import OUTPUT_SUFFIX, STD_DIR, STD_SUFFIX, main
 from lift3d.training.config import TrainConfig
 from lift3d.training.export import export_model
-from lift3d.training.unets import build_autoencoder, build_noise_scheduler, new_unet2d
+from lift3d.training.unets import build_autoencoder, build_objective, new_unet2d
 
 SIZE, SLICES = 16, 8
 # Oblique, anisotropic and not RAS (axis codes P, S, L): the axial slices are the file's second axis.
@@ -41,7 +41,7 @@ def model_folder(tmp_path_factory):
     for _, layer in lift3d.volumetric_layers(unet):
         layer.init_random_(std=0.05, generator=torch.Generator().manual_seed(1))
     root = tmp_path_factory.mktemp("model")
-    return export_model(cfg, unet, build_autoencoder(cfg), build_noise_scheduler(cfg), _Dataset(), root)
+    return export_model(cfg, unet, build_autoencoder(cfg), build_objective(cfg), _Dataset(), root)
 
 
 def write_source(path, shape=SHAPE, affine=AFFINE, seed=0):

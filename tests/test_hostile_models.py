@@ -25,7 +25,7 @@ from lift3d.training.config import TrainConfig
 from lift3d.io.errors import BudgetError, Lift3dError, UnsafePathError
 from lift3d.sampling.synthesis import load_synthesis_model, synthesize
 from lift3d.training.export import export_model
-from lift3d.training.unets import build_autoencoder, build_noise_scheduler, build_unet, new_unet2d
+from lift3d.training.unets import build_autoencoder, build_objective, build_unet, new_unet2d
 
 SIZE, SLICES = 16, 4
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,7 +45,7 @@ def _export(root, stage: str):
     unet = new_unet2d(cfg, 2, 1, SIZE)
     if stage == "volumes":
         lift3d.inflate(unet)
-    return export_model(cfg, unet, build_autoencoder(cfg), build_noise_scheduler(cfg), _Dataset(), root)
+    return export_model(cfg, unet, build_autoencoder(cfg), build_objective(cfg), _Dataset(), root)
 
 
 @pytest.fixture(scope="module")

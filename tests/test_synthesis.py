@@ -26,7 +26,7 @@ from lift3d.sampling.synthesis import (
     window_weights,
 )
 from lift3d.training.export import export_model
-from lift3d.training.unets import build_autoencoder, build_noise_scheduler, new_unet2d
+from lift3d.training.unets import build_autoencoder, build_objective, new_unet2d
 
 SIZE, SLICES = 16, 8
 
@@ -45,7 +45,7 @@ def export_tiny(folder, unet, stage: str):
     cfg.data.options = {"size": SIZE, "num_slices": SLICES}
     cfg.model.block_out_channels = [16, 32]
     autoencoder = build_autoencoder(cfg)
-    return export_model(cfg, unet, autoencoder, build_noise_scheduler(cfg), _Dataset(), folder)
+    return export_model(cfg, unet, autoencoder, build_objective(cfg), _Dataset(), folder)
 
 
 def tiny_unet():
@@ -117,7 +117,7 @@ def test_step_counts_are_honoured(folders, source, name, steps):
 def test_default_step_counts_and_classes(folders):
     config = load_synthesis_model(folders["2d"], device="cpu").scheduler_config
     expected = {"ddpm": ("DDPMScheduler", 1000), "ddim": ("DDIMScheduler", 200), "dpm": ("DPMSolverMultistepScheduler", 25)}
-    assert SCHEDULERS == expected
+    assert SCHEDULERS == {**expected, "flow": ("FlowMatchEulerDiscreteScheduler", 4)}
     for name, (class_name, steps) in expected.items():
         scheduler = make_scheduler(name, config)
         assert type(scheduler).__name__ == class_name and len(scheduler.timesteps) == steps
@@ -126,8 +126,11 @@ def test_default_step_counts_and_classes(folders):
 
 def test_unknown_scheduler_and_bad_steps(folders, source):
     model = load_synthesis_model(folders["2d"], device="cpu")
-    with pytest.raises(ValueError, match="Unknown scheduler 'euler'; available: ddpm, ddim, dpm"):
+    with pytest.raises(ValueError, match="scheduler 'euler' does not sample a model trained with the 'ddpm' objective; "
+                                         "valid: ddpm, ddim, dpm"):
         synthesize(model, source, scheduler="euler", progress=False)
+    with pytest.raises(ValueError, match="scheduler 'flow' does not sample .* 'ddpm' objective"):
+        synthesize(model, source, scheduler="flow", progress=False)
     with pytest.raises(ValueError, match="steps must be an integer from 1 to the 1000 training timesteps, got 0"):
         synthesize(model, source, steps=0, progress=False)
 
@@ -317,7 +320,7 @@ def test_latent_model_with_exported_kl_autoencoder(tmp_path, monkeypatch, source
     torch.manual_seed(0)
     autoencoder = build_autoencoder(cfg)
     unet = lift3d.inflate(new_unet2d(cfg, 6, 3, SIZE // 4))
-    folder = export_model(cfg, unet, autoencoder, build_noise_scheduler(cfg), _Dataset(), tmp_path / "kl")
+    folder = export_model(cfg, unet, autoencoder, build_objective(cfg), _Dataset(), tmp_path / "kl")
     assert json.loads((folder / "lift3d_training.json").read_text())["autoencoder"]["options"] == {"path": "autoencoder"}
     monkeypatch.chdir(tmp_path.parent)
     model = load_synthesis_model(folder, device="cpu")

@@ -18,7 +18,8 @@ from lift3d.lifting.checkpoint import SETTINGS_FILE, CheckpointError, model_fold
 
 TRAINING_SETTINGS = "lift3d_training.json"
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2
+"""Format 2 added ``objective``; a ``ddpm`` export is still written as format 1, which older lift3d reads."""
 
 
 class AutoencoderSpec(Checked):
@@ -35,13 +36,16 @@ class DataSettings(Checked):
 
 class ExportSettings(Checked):
     """``lift3d_training.json``: what synthesis needs to prepare inputs as in training, and to rebuild
-    the sampler. ``format`` is absent from exports written before it existed; they read as format 1."""
+    the sampler. ``format`` is absent from exports written before it existed; they read as format 1.
+    ``objective`` (format 2) is absent from exports written before objectives existed: they are ``ddpm``."""
 
-    format: int = Field(default=EXPORT_FORMAT, ge=1, le=EXPORT_FORMAT)
+    format: int = Field(default=1, ge=1, le=EXPORT_FORMAT)
     stage: Literal["slices", "volumes"] | None = None
     conditioning: Literal["concat", "none"]
     source_context: int = Field(default=0, ge=0, le=64)
     prediction_type: Literal[PREDICTION_TYPES] | None = None  # type: ignore[valid-type]
+    objective: str | None = Field(default=None, min_length=1, max_length=64)
+    objective_options: dict[str, Any] | None = None
     autoencoder: AutoencoderSpec
     image_channels: int | None = Field(default=None, ge=1, le=64)
     latent_channels: int | None = Field(default=None, ge=1, le=1024)
@@ -53,13 +57,15 @@ class ExportSettings(Checked):
 
 
 def export_settings(*, stage: str, conditioning: str, source_context: int, prediction_type: str,
-                    autoencoder: dict[str, Any], image_channels: int, latent_channels: int, size_multiple: int,
+                    autoencoder: dict[str, Any], objective: str = "ddpm", objective_options: dict | None = None, image_channels: int, latent_channels: int, size_multiple: int,
                     data: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """The export settings, checked against their own schema before they are written."""
-    settings = {"format": EXPORT_FORMAT, "stage": stage, "conditioning": conditioning,
+    settings = {"format": 1 if objective == "ddpm" else EXPORT_FORMAT, "stage": stage, "conditioning": conditioning,
                 "source_context": source_context, "prediction_type": prediction_type, "autoencoder": autoencoder,
                 "image_channels": image_channels, "latent_channels": latent_channels,
                 "size_multiple": size_multiple, "data": data, "config": config}
+    if objective != "ddpm" or objective_options:
+        settings.update(objective=objective, objective_options=dict(objective_options or {}))
     validate(settings, ExportSettings, TRAINING_SETTINGS, "export settings")
     return settings
 

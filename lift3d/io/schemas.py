@@ -113,6 +113,7 @@ class SchedulerConfig(Checked):
     beta_end: float = Field(default=0.02, gt=0, lt=1)
     prediction_type: Literal[PREDICTION_TYPES] = "epsilon"  # type: ignore[valid-type]
     trained_betas: list[float] | None = None
+    shift: float | None = Field(default=None, gt=0, le=100)  # FlowMatchEulerDiscreteScheduler
 
     @field_validator("beta_end")
     @classmethod

@@ -26,9 +26,10 @@ BUILTIN_PLUGINS = (
     "lift3d_plugins.timestep_samplers",
     "lift3d_plugins.datasets",
     "lift3d_plugins.layer_kinds",
+    "lift3d_plugins.objectives",
 )
 
-KINDS = ("datasets", "autoencoders", "timestep_samplers")
+KINDS = ("datasets", "autoencoders", "timestep_samplers", "objectives")
 
 T = TypeVar("T")
 
@@ -170,6 +171,8 @@ class PluginManager:
         self.pm.hook.lift3d_register_datasets(registry=self.datasets)
         self.pm.hook.lift3d_register_autoencoders(registry=self.autoencoders)
         self.pm.hook.lift3d_register_timestep_samplers(registry=self.timestep_samplers)
+        self.objectives: Registry[Any] = Registry("objectives")
+        self.pm.hook.lift3d_register_objectives(registry=self.objectives)
 
     def registry(self, kind: str) -> Registry[Any]:
         if kind not in KINDS:
@@ -184,5 +187,5 @@ def get_plugin_manager() -> PluginManager:
 
 
 def create(kind: str, name: str, /, **options: Any) -> Any:
-    """Build the plugin ``name`` of ``kind`` (``datasets``, ``autoencoders``, ``timestep_samplers``)."""
+    """Build the plugin ``name`` of ``kind`` (one of :data:`KINDS`)."""
     return get_plugin_manager().registry(kind).create(name, **options)

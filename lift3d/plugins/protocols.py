@@ -1,4 +1,5 @@
-"""The contracts between lift3d's core and its plugins (datasets, autoencoders, timestep samplers).
+"""The contracts between lift3d's core and its plugins (datasets, autoencoders, timestep samplers,
+objectives).
 
 Shapes follow one convention everywhere: a volume is ``(c, n, h, w)`` with ``n`` slices along the
 chosen slice axis; a batch of volumes is ``(b, c, n, h, w)``; a batch of slices is ``(b n) c h w``.
@@ -51,6 +52,35 @@ class TimestepSampler(Protocol):
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
     ) -> Tensor: ...
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """A training objective (:mod:`lift3d.diffusion.objectives`): how a clean latent is noised, what the
+    U-Net learns to predict, and the diffusers samplers that invert it.
+
+    ``t`` is the sampler's integer training timestep in ``[0, T)``; :meth:`noisy` also returns the
+    timesteps the U-Net sees (they may differ, e.g. flow matching's ``s T``). ``samplers`` maps a
+    sampler name to ``(diffusers class name, default steps)``; :meth:`sampler_config` gives the
+    class and config of one on the exported schedule. ``scheduler`` is the diffusers scheduler of the
+    forward process, saved with the model; ``options`` are what an export records of the objective's own.
+    """
+
+    name: str
+    prediction_type: str
+    samplers: dict[str, tuple[str, int]]
+    scheduler: Any
+    options: dict[str, Any]
+
+    def training_timesteps(self, t: Tensor) -> Tensor: ...
+
+    def noisy(self, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor: ...
+
+    def clean_estimate(self, prediction: Tensor, x_t: Tensor, t: Tensor) -> Tensor: ...
+
+    def sampler_config(self, name: str, scheduler_config: dict[str, Any]) -> tuple[str, dict[str, Any]]: ...
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Hook specifications: the kinds of lift3d plugin (datasets, autoencoders, timestep samplers, layer kinds).
+"""Hook specifications: the kinds of lift3d plugin (datasets, autoencoders, timestep samplers, layer kinds,
+objectives).
 
 A plugin module implements any of these with ``@lift3d.hookimpl`` and registers names on the
 typed registry it receives, e.g. ``registry.add("phantom", PhantomDataset)``.
@@ -51,4 +52,15 @@ def lift3d_register_layer_kinds(registry):
         ``forward(x, num_slices)`` maps a ``(b n) c h w`` batch of slices to the same shape, is the
         identity exactly after its ``reset_parameters()``, and never mixes different volumes. See
         :mod:`lift3d.layers.registry` for the optional methods (``init_random_``, ``fuse_into``).
+    """
+
+
+@hookspec
+def lift3d_register_objectives(registry):
+    """Register training objectives: how latents are noised, what the U-Net predicts, which samplers apply.
+
+    :param registry: a :class:`lift3d.plugins.Registry` of objectives; ``factory(**scheduler_config)``
+        (the keys of a diffusers scheduler config, plus the objective's own options such as
+        ``train_steps``; unknown keys ignored) returns an object that follows
+        :class:`lift3d.plugins.protocols.Objective`.
     """

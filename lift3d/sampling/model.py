@@ -46,6 +46,16 @@ class SynthesisModel:
         self.settings = as_export_settings(self.settings, self.folder or "the model's export settings")
 
     @property
+    def objective(self):
+        """The training objective (an ``objectives`` plugin) on the exported noise schedule; ``ddpm`` for
+        exports written before objectives existed."""
+        if getattr(self, "_objective", None) is None:
+            from lift3d.diffusion.objectives import build_objective, objective_name
+
+            self._objective = build_objective(objective_name(self.settings.objective), self.scheduler_config)
+        return self._objective
+
+    @property
     def lifted(self) -> bool:
         return lift3d.is_lifted(self.unet)
 

@@ -49,7 +49,7 @@ logger = logging.getLogger("lift3d.sampling.synthesis")
 __all__ = ["DTYPES", "SCHEDULERS", "PosteriorEstimate", "SynthesisModel", "check_channels", "check_clip_x0",
            "load_synthesis_model", "make_scheduler", "predict_noise", "predict_noise_windowed", "resolve_device",
            "resolve_dtype", "resolve_window", "sample_seed", "save_std_volume", "synthesize", "synthesize_posterior",
-           "window_weights"]
+           "unet_evaluations", "window_weights", "STARTS"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,11 +100,13 @@ class PosteriorEstimate:
     :param std: the per-voxel sample standard deviation (Bessel-corrected, ``K - 1`` in the
         denominator) of the samples, same shape; None for a single sample.
     :param samples: how many samples were drawn per source volume.
+    :param unet_evaluations: U-Net passes per source volume, all samples together (:func:`unet_evaluations`).
     """
 
     mean: Tensor
     std: Tensor | None
     samples: int
+    unet_evaluations: int = 0
 
 
 def sample_seed(seed: int, k: int) -> int:
@@ -185,39 +187,108 @@ def _ddpm_step(sampler, eps: Tensor, t: Tensor, latents: Tensor, generators: Seq
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
+STARTS = ("noise", "estimate", "source")
+"""Where sampling starts: pure noise (the whole schedule), or an informed start (SDEdit, Meng et al., ICLR
+2022): the model's own one-pass estimate of the target, or the source itself, noised to an intermediate step."""
+
+
+def first_step(num_steps: int, start: str, strength: float | None) -> int:
+    """The index of the first of ``num_steps`` sampler steps that runs: 0 from noise; with an informed
+    start the last ``ceil(strength * num_steps)`` steps run (at least one)."""
+    if start == "noise":
+        return 0
+    return num_steps - max(1, math.ceil(float(strength) * num_steps - 1e-9))
+
+
+def check_start(start: str, strength: float | None, conditioning: str = "concat") -> None:
+    """The informed-start options :func:`synthesize_posterior` accepts, as one clear :class:`ValueError`."""
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
+    if start == "noise":
+        if strength is not None:
+            raise ValueError(f"strength {strength!r} is for an informed start (start = 'estimate' or 'source'); "
+                             "from noise the whole schedule runs")
+        return
+    if (isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength)
+            or not 0.0 < strength < 1.0):
+        raise ValueError(f"start = {start!r} needs strength in (0, 1): the fraction of the schedule that runs from "
+                         f"the noised start; got {strength!r}")
+    if start == "source" and conditioning != "concat":
+        raise ValueError("start = 'source' needs a model conditioned on a source (conditioning 'concat')")
+
+
+def _informed_start(model: SynthesisModel, sampler, net, noise: Tensor, source: Tensor | None, generators, rho: float,
+                    begin: int, start: str, latent_shape: torch.Size) -> Tensor:
+    """SDEdit: the clean estimate (one U-Net pass at the first step, or the source) noised with fresh noise
+    to the sampler's step ``begin``."""
+    t0, t_begin = sampler.timesteps[0], sampler.timesteps[begin]
+    clean = model.objective.clean_estimate(net(noise, t0), noise, t0) if start == "estimate" else source
+    fresh = torch.cat([correlate_slices(torch.randn(latent_shape, generator=g), rho) for g in generators])
+    fresh = fresh.to(noise.device, noise.dtype)
+    if hasattr(sampler, "set_begin_index"):
+        sampler.set_begin_index(begin)
+    t = t_begin.reshape(1).expand(noise.shape[0])
+    if hasattr(sampler, "scale_noise"):  # flow matching: (1 - s) x0 + s eps
+        return sampler.scale_noise(clean, t, fresh)
+    return sampler.add_noise(clean, fresh, t)
+
+
 def _denoise_samples(model: SynthesisModel, condition: Tensor | None, latent_shape: torch.Size, seeds: Sequence[int],
                      *, scheduler: str, steps: int | None, clip_x0: bool, windows: list[tuple[int, Tensor]] | None,
-                     slice_wise: bool, rho: float, bar: tqdm) -> list[Tensor]:
+                     slice_wise: bool, rho: float, bar: tqdm, start: str = "noise", strength: float | None = None,
+                     source_latent: Tensor | None = None) -> list[Tensor]:
     """Denoise one batch of samples (one seed each) of the ``b`` sources together; returns each
     sample's decoded ``(b, c, n, h, w)`` volume in [-1, 1]."""
     from diffusers import DDPMScheduler
 
     device = model.device
-    sampler = make_scheduler(scheduler, model.scheduler_config, steps, device=device, clip_x0=clip_x0)
+    sampler = make_scheduler(scheduler, model.scheduler_config, steps, device=device, clip_x0=clip_x0,
+                             objective=model.objective)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     # Drawn on the CPU, so the same seed gives the same noise on every device.
     noise = [correlate_slices(torch.randn(latent_shape, generator=g), rho) for g in generators]
-    latents = (noise[0] if len(noise) == 1 else torch.cat(noise)).to(device) * sampler.init_noise_sigma
+    latents = (noise[0] if len(noise) == 1 else torch.cat(noise)).to(device) * getattr(sampler, "init_noise_sigma", 1.0)
     if condition is not None and len(seeds) > 1:
         condition = condition.repeat(len(seeds), *([1] * (condition.ndim - 1)))  # sample-major, like latents
-    # DDIM (eta = 0, as called here) and DPM-Solver++ add no noise after the start; DDPM adds some
-    # at every step, from each sample's own generator.
-    stochastic = isinstance(sampler, DDPMScheduler)
-    for t in sampler.timesteps:
-        model_in = sampler.scale_model_input(latents, t)
+
+    def net(x: Tensor, t: Tensor) -> Tensor:  # one U-Net evaluation of the whole batch
+        model_in = sampler.scale_model_input(x, t) if hasattr(sampler, "scale_model_input") else x
         if windows is None:
-            eps = predict_noise(model, model_in, condition, t, slice_wise)
+            out = predict_noise(model, model_in, condition, t, slice_wise)
         else:
-            eps = predict_noise_windowed(model, model_in, condition, t, windows, slice_wise)
+            out = predict_noise_windowed(model, model_in, condition, t, windows, slice_wise)
+        bar.update(1)
+        return out
+
+    begin = first_step(len(sampler.timesteps), start, strength)
+    if start != "noise":
+        source = None
+        if source_latent is not None:
+            source = source_latent.repeat(len(seeds), *([1] * (source_latent.ndim - 1))).to(latents)
+        latents = _informed_start(model, sampler, net, latents, source, generators, rho, begin, start, latent_shape)
+    # DDIM (eta = 0, as called here), DPM-Solver++ and flow Euler add no noise after the start; DDPM adds
+    # some at every step, from each sample's own generator.
+    stochastic = isinstance(sampler, DDPMScheduler)
+    for t in sampler.timesteps[begin:]:
+        eps = net(latents, t)
         if stochastic:
             latents = _ddpm_step(sampler, eps, t, latents, generators, rho)
         else:
             latents = sampler.step(eps, t, latents).prev_sample
-        bar.update(1)
     ae_dtype = getattr(model.autoencoder, "dtype", None) or model.dtype
     b = latent_shape[0]
     return [decode_volume(model.autoencoder, part.to(ae_dtype)).float().clamp_(-1.0, 1.0)
             for part in latents.split(b)]
+
+
+def unet_evaluations(model: SynthesisModel, scheduler: str, steps: int | None = None, *, samples: int = 1,
+                     start: str = "noise", strength: float | None = None) -> int:
+    """U-Net passes per volume of a :func:`synthesize_posterior` call (each pass covers all slices; with
+    windows, every window of one step counts as one pass): the steps that run, plus one for an
+    ``estimate`` start, times ``samples``."""
+    sampler = make_scheduler(scheduler, model.scheduler_config, steps, objective=model.objective)
+    n = len(sampler.timesteps)
+    return samples * (n - first_step(n, start, strength) + (start == "estimate"))
 
 
 @torch.no_grad()
@@ -235,6 +306,8 @@ def synthesize_posterior(
     slice_wise: bool = False,
     clip_x0: bool = False,
     noise_correlation: float = 0.0,
+    start: str = "noise",
+    strength: float | None = None,
     progress: bool | None = True,
 ) -> PosteriorEstimate:
     """Draw ``samples`` syntheses of ``source`` ``(b, c, n, h, w)`` in [-1, 1]; their mean and std.
@@ -268,22 +341,29 @@ def synthesize_posterior(
         rho, each voxel's noise staying N(0, 1) (:func:`correlate_slices`). It applies to the
         initial noise, and with ``ddpm`` to the noise added at every step; DDIM and DPM-Solver++
         add none after the start. 0 (the default): independent noise per slice, as in training.
+    :param start: ``noise`` (default): the whole schedule from Gaussian noise. ``estimate``: an informed
+        start (SDEdit): one U-Net pass on the noise gives the model's own estimate of the target, which is
+        noised afresh to the step where the last ``strength`` of the schedule begins. ``source``: the
+        same from the source itself (a bridge from the input contrast; concat-conditioned models).
+    :param strength: with an informed start, the fraction of the ``steps`` that run, in (0, 1).
     :param progress: show a tqdm bar over the denoising steps (None: only on a terminal).
 
     With ``conditioning = "none"`` (plain volume generation) the source only sets the shape.
     """
     check_sampling_options(samples, sample_batch, noise_correlation)
+    check_start(start, strength, model.conditioning)
     _check_source(model, source)
     b, _, n, h, w = source.shape
     windowing = resolve_window(model, n, window, overlap, slice_wise)
     if clip_x0:
         check_clip_x0(model)
-    sampler = make_scheduler(scheduler, model.scheduler_config, steps, clip_x0=clip_x0)  # checks name and steps
+    # checks the name against the model's objective, and the steps
+    sampler = make_scheduler(scheduler, model.scheduler_config, steps, clip_x0=clip_x0, objective=model.objective)
     device = model.device
     ae_dtype = getattr(model.autoencoder, "dtype", None) or model.dtype
-    condition = None
+    condition = source_latent = None
     if model.conditioning == "concat":
-        condition = encode_volume(model.autoencoder, source.to(device=device, dtype=ae_dtype)).float()
+        condition = source_latent = encode_volume(model.autoencoder, source.to(device=device, dtype=ae_dtype)).float()
         latent_shape = condition.shape
         condition = with_source_context(condition, model.source_context)
     else:
@@ -292,10 +372,10 @@ def synthesize_posterior(
     windows = None if windowing is None else window_weights(n, *windowing)
     seeds = [sample_seed(seed, k) for k in range(samples)]
     batch = resolve_sample_batch(sample_batch, samples, device)
-    num_steps = len(sampler.timesteps)
+    evaluations = unet_evaluations(model, scheduler, steps, samples=samples, start=start, strength=strength)
     desc = f"{scheduler} sampling" + (f", {samples} samples" if samples > 1 else "")
     drawn: list[Tensor] = []
-    with tqdm(total=num_steps * samples, desc=desc, disable=None if progress is None else not progress,
+    with tqdm(total=evaluations, desc=desc, disable=None if progress is None else not progress,
               dynamic_ncols=True) as bar:
         while len(drawn) < samples:
             chunk = seeds[len(drawn):len(drawn) + batch]
@@ -303,7 +383,8 @@ def synthesize_posterior(
             try:
                 drawn += _denoise_samples(model, condition, latent_shape, chunk, scheduler=scheduler, steps=steps,
                                           clip_x0=clip_x0, windows=windows, slice_wise=slice_wise,
-                                          rho=float(noise_correlation), bar=bar)
+                                          rho=float(noise_correlation), bar=bar, start=start, strength=strength,
+                                          source_latent=source_latent)
             except torch.OutOfMemoryError:
                 if len(chunk) == 1:
                     raise
@@ -314,9 +395,9 @@ def synthesize_posterior(
                     torch.cuda.empty_cache()
                 bar.update(done - bar.n)
     if samples == 1:
-        return PosteriorEstimate(drawn[0], None, 1)
+        return PosteriorEstimate(drawn[0], None, 1, evaluations)
     std, mean = torch.std_mean(torch.stack(drawn), dim=0, correction=1)
-    return PosteriorEstimate(mean, std, samples)
+    return PosteriorEstimate(mean, std, samples, evaluations)
 
 
 def synthesize(model: SynthesisModel, source: Tensor, *, samples: int = 1, **options: Any) -> Tensor:

@@ -187,6 +187,12 @@ class DiffusionConfig:
                              BETA_SCHEDULES)
     beta_start: float = opt(0.0015, "first beta (LDM)", rule=between(0, 1))
     beta_end: float = opt(0.0195, "last beta (LDM)", rule=between(0, 1))
+    objective: str = opt("", "training objective plugin: 'ddpm' (the paper's; model.prediction_type says epsilon or v) "
+                         "or 'flow' (flow matching: few-step sampling); empty = 'ddpm', or in stage 2 the "
+                         "objective of model.pretrained, which stage 2 inherits")
+    objective_options: dict = opt({}, "options of the objective, e.g. {train_steps = 4}: train only on the timesteps "
+                                  "a 4-step sampler visits (step-count-matched training, as in Fast-DDPM); "
+                                  "{shift = 3.0} for flow")
     timestep_sampler: str = opt("", "timestep sampler plugin; empty = 'uniform-slice' in stage 1, "
                                 "'make-a-volume' (weight 2T - t, one t per volume) in stage 2")
 

@@ -17,13 +17,17 @@ from lift3d.training.config import TrainConfig
 logger = logging.getLogger("lift3d.training.export")
 
 
-def training_settings(cfg: TrainConfig, autoencoder, dataset, exported_autoencoder: bool) -> dict[str, Any]:
+def training_settings(cfg: TrainConfig, autoencoder, dataset, exported_autoencoder: bool,
+                      objective=None) -> dict[str, Any]:
     """What synthesis needs to prepare inputs exactly as in training and to rebuild the sampler."""
     ae_options = {"path": "autoencoder"} if exported_autoencoder else dict(cfg.autoencoder.options)
     unet_multiple = 2 ** (len(cfg.model.block_out_channels) - 1)
     return export_settings(
         stage=cfg.run.stage, conditioning=cfg.model.conditioning, source_context=cfg.model.source_context,
-        prediction_type=cfg.model.prediction_type, autoencoder={"name": cfg.autoencoder.name, "options": ae_options},
+        prediction_type=objective.prediction_type if objective is not None else cfg.model.prediction_type,
+        objective=objective.name if objective is not None else (cfg.diffusion.objective or "ddpm"),
+        objective_options=objective.options if objective is not None else dict(cfg.diffusion.objective_options),
+        autoencoder={"name": cfg.autoencoder.name, "options": ae_options},
         image_channels=autoencoder.image_channels, latent_channels=autoencoder.latent_channels,
         size_multiple=unet_multiple * autoencoder.downsampling_factor,
         data={"dataset": cfg.data.dataset, "options": dict(cfg.data.options),
@@ -31,13 +35,13 @@ def training_settings(cfg: TrainConfig, autoencoder, dataset, exported_autoencod
         config=cfg.to_dict())
 
 
-def export_model(cfg: TrainConfig, unet: nn.Module, autoencoder, noise_scheduler, dataset, output_dir: Path) -> Path:
+def export_model(cfg: TrainConfig, unet: nn.Module, autoencoder, objective, dataset, output_dir: Path) -> Path:
     """Write ``output_dir/model``: the (lifted) U-Net in safetensors, its settings, the autoencoder
-    (if it has weights) and the scheduler config; plus ``volumetric.safetensors`` in stage 2.
+    (if it has weights) and the objective's noise-scheduler config; plus ``volumetric.safetensors`` in stage 2.
     With ``optim.ema`` the loop calls this with the EMA weights copied into ``unet``."""
     state = unet.state_dict()
     has_weights = any(True for _ in autoencoder.parameters()) if isinstance(autoencoder, nn.Module) else False
-    settings = training_settings(cfg, autoencoder, dataset, exported_autoencoder=has_weights)
+    settings = training_settings(cfg, autoencoder, dataset, exported_autoencoder=has_weights, objective=objective)
 
     def write(tmp: Path) -> None:
         if lift3d.is_lifted(unet):
@@ -48,6 +52,6 @@ def export_model(cfg: TrainConfig, unet: nn.Module, autoencoder, noise_scheduler
         write_export_settings(tmp, settings)
         if has_weights:
             autoencoder.save(tmp / "autoencoder")
-        noise_scheduler.save_pretrained(tmp / "scheduler")
+        objective.scheduler.save_pretrained(tmp / "scheduler")
 
     return write_folder(output_dir / "model", write)

@@ -19,15 +19,17 @@ from lift3d.training.data_order import LatentEncoder
 logger = logging.getLogger("lift3d.training.losses")
 
 
-def diffusion_loss(unet, noise_scheduler, latents: Tensor, source_latents: Tensor | None, noise: Tensor,
-                   timesteps: Tensor, prediction_type: str) -> Tensor:
-    """Eq. 4: ``|| eps - eps_theta(sqrt(a_t) z + sqrt(1 - a_t) eps, t, z_c) ||^2`` over all slices."""
+def diffusion_loss(unet, objective, latents: Tensor, source_latents: Tensor | None, noise: Tensor,
+                   timesteps: Tensor) -> Tensor:
+    """Eq. 4 under any objective: ``|| target - f_theta(x_t, t, z_c) ||^2`` over all slices; for ``ddpm`` with
+    epsilon, ``|| eps - eps_theta(sqrt(a_t) z + sqrt(1 - a_t) eps, t, z_c) ||^2``."""
     n = latents.shape[2]
     flat = lambda x: rearrange(x, "b c n h w -> (b n) c h w")  # noqa: E731
     z, eps, t = flat(latents), flat(noise), timesteps.reshape(-1)
-    noisy = rearrange(noise_scheduler.add_noise(z, eps, t), "(b n) c h w -> b c n h w", n=n)
-    target = eps if prediction_type == "epsilon" else noise_scheduler.get_velocity(z, eps, t)
-    return F.mse_loss(flat(predict(unet, noisy, source_latents, t)).float(), target.float())
+    noisy, model_t = objective.noisy(z, eps, t)
+    noisy = rearrange(noisy, "(b n) c h w -> b c n h w", n=n)
+    target = objective.target(z, eps, t)
+    return F.mse_loss(flat(predict(unet, noisy, source_latents, model_t)).float(), target.float())
 
 
 VAL_VOLUMES = 2
@@ -36,7 +38,7 @@ VAL_TIMESTEP_FRACTIONS = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 @torch.no_grad()
-def fixed_volume_loss(unet, noise_scheduler, encoder: LatentEncoder, dataset, cfg: TrainConfig, device) -> float:
+def fixed_volume_loss(unet, objective, encoder: LatentEncoder, dataset, cfg: TrainConfig, device) -> float:
     """Mean loss on the first volumes of the dataset, with fixed noise, at a fixed grid of t.
 
     Every slice of a volume shares t, as in stage 2. The 2D model (stage 1) and the lifted model at
@@ -54,8 +56,8 @@ def fixed_volume_loss(unet, noise_scheduler, encoder: LatentEncoder, dataset, cf
     for fraction in VAL_TIMESTEP_FRACTIONS:
         t = int(fraction * cfg.diffusion.num_train_timesteps)
         timesteps = torch.full(latents.shape[:1] + latents.shape[2:3], t, device=device)
-        losses.append(float(diffusion_loss(unet, noise_scheduler, latents,
+        losses.append(float(diffusion_loss(unet, objective, latents,
                                            source if cfg.model.conditioning == "concat" else None, noise,
-                                           timesteps, cfg.model.prediction_type)))
+                                           timesteps)))
     unet.train(was_training)
     return sum(losses) / len(losses)

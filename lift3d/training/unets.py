@@ -11,7 +11,7 @@ from torch import nn
 import lift3d
 from lift3d.diffusion.conditioning import unet_channels as conditioned_channels
 from lift3d.diffusion.export import TRAINING_SETTINGS, read_training_settings
-from lift3d.diffusion.schedules import training_scheduler
+from lift3d.diffusion.objectives import build_objective as _objective_plugin, objective_name
 from lift3d.lifting.checkpoint import SETTINGS_FILE, load_lifted, load_unet2d
 from lift3d.plugins import create
 from lift3d.training.config import TrainConfig
@@ -19,11 +19,13 @@ from lift3d.training.config import TrainConfig
 logger = logging.getLogger("lift3d.training.unets")
 
 
-def build_noise_scheduler(cfg: TrainConfig):
-    """The training forward process of ``cfg`` (:func:`lift3d.diffusion.schedules.training_scheduler`)."""
+def build_objective(cfg: TrainConfig):
+    """The training objective of ``cfg`` (an ``objectives`` plugin, :mod:`lift3d.diffusion.objectives`) on its
+    noise schedule; ``ddpm`` unless ``diffusion.objective`` (or, in stage 2, the pretrained export) says otherwise."""
     d = cfg.diffusion
-    return training_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end,
-                              cfg.model.prediction_type)
+    schedule = {"num_train_timesteps": d.num_train_timesteps, "beta_schedule": d.beta_schedule,
+                "beta_start": d.beta_start, "beta_end": d.beta_end, "prediction_type": cfg.model.prediction_type}
+    return _objective_plugin(d.objective or "ddpm", schedule, d.objective_options)
 
 
 def build_autoencoder(cfg: TrainConfig) -> nn.Module:
@@ -63,7 +65,16 @@ def check_pretrained_settings(cfg: TrainConfig, folder: Path) -> None:
     elif cfg.model.source_context != theirs:
         raise ValueError(f"pretrained model {folder} was trained with source_context {theirs}, but this run says "
                          f"{cfg.model.source_context}; leave --model.source_context unset (stage 2 inherits it)")
-    for key, ours in (("prediction_type", cfg.model.prediction_type), ("conditioning", cfg.model.conditioning)):
+    theirs = objective_name(settings.objective)
+    if not cfg.diffusion.objective:
+        cfg.diffusion.objective = theirs
+    elif cfg.diffusion.objective != theirs:
+        raise ValueError(f"pretrained model {folder} was trained with objective {theirs!r}, but this run says "
+                         f"{cfg.diffusion.objective!r}; leave --diffusion.objective unset (stage 2 inherits it)")
+    checked = [("conditioning", cfg.model.conditioning)]
+    if theirs == "ddpm":
+        checked.append(("prediction_type", cfg.model.prediction_type))
+    for key, ours in checked:
         theirs = getattr(settings, key)
         if theirs is not None and theirs != ours:
             raise ValueError(f"pretrained model {folder} was trained with {key} {theirs!r}, but this run says "

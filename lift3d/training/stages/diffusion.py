@@ -21,7 +21,7 @@ from lift3d.training.data_order import IndexedView, LatentEncoder, build_view, d
 from lift3d.training.export import export_model, training_settings
 from lift3d.training.losses import diffusion_loss, fixed_volume_loss
 from lift3d.training.task import Task, check_grid, validation_pairs
-from lift3d.training.unets import build_autoencoder, build_noise_scheduler, build_unet, trainable_parameters
+from lift3d.training.unets import build_autoencoder, build_objective, build_unet, trainable_parameters
 
 logger = logging.getLogger("lift3d.training.stages.diffusion")
 
@@ -29,7 +29,7 @@ logger = logging.getLogger("lift3d.training.stages.diffusion")
 def diffusion_task(cfg: TrainConfig, dataset, autoencoder, unet, sampler, output_dir: Path, device,
                    val_pairs: list | None = None) -> Task:
     """Stages 1 and 2 (eq. 4): denoise target latents given the source latents."""
-    noise_scheduler = build_noise_scheduler(cfg)
+    objective = build_objective(cfg)
     encoder = LatentEncoder(autoencoder, cache=cfg.autoencoder.cache_latents, context=cfg.model.source_context)
     conditioning = cfg.model.conditioning == "concat"
 
@@ -37,18 +37,18 @@ def diffusion_task(cfg: TrainConfig, dataset, autoencoder, unet, sampler, output
         latents, source = encoder(batch, device)
         noise, timesteps = draw_noise(latents, batch["index"], micro, cfg.run.seed, sampler,
                                       cfg.diffusion.num_train_timesteps)
-        return diffusion_loss(model, noise_scheduler, latents, source if conditioning else None, noise, timesteps,
-                              cfg.model.prediction_type), {}
+        timesteps = objective.training_timesteps(timesteps)
+        return diffusion_loss(model, objective, latents, source if conditioning else None, noise, timesteps), {}
 
     sampled = None
     if val_pairs:
         from lift3d.training.validation import SampledValidation
 
-        sampled = SampledValidation(val_pairs, autoencoder, training_settings(cfg, autoencoder, dataset, False),
-                                    dict(noise_scheduler.config), cfg.run.validate_steps, device)
+        sampled = SampledValidation(val_pairs, autoencoder, training_settings(cfg, autoencoder, dataset, False, objective),
+                                    dict(objective.scheduler.config), cfg.run.validate_steps, device)
     return Task(unet, trainable_parameters(cfg, unet), IndexedView(build_view(cfg, dataset)), loss,
-                lambda model: {"val_loss": fixed_volume_loss(model, noise_scheduler, encoder, dataset, cfg, device)},
-                lambda model: export_model(cfg, model, autoencoder, noise_scheduler, dataset, output_dir), sampled)
+                lambda model: {"val_loss": fixed_volume_loss(model, objective, encoder, dataset, cfg, device)},
+                lambda model: export_model(cfg, model, autoencoder, objective, dataset, output_dir), sampled)
 
 
 def prepare(cfg: TrainConfig, dataset, output_dir: Path) -> Callable[[Any], Task]:
