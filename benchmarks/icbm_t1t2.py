@@ -194,8 +194,9 @@ def finish(folder: Path, key: dict[str, Any], wall_s: float, **extra: Any) -> di
 
 # Stage-2 variants (--variant): overrides of the [lift] section, plus the learning rate and its schedule.
 VARIANT_KEYS = {"kind": str, "kernel_size": int, "where": str, "padding_mode": str, "trainable": str,
-                "learning_rate": float, "lr_scheduler": str}
+                "learning_rate": float, "lr_scheduler": str, "train_steps": int}
 OPTIM_KEYS = ("learning_rate", "lr_scheduler")
+OBJECTIVE_KEYS = ("train_steps",)  # stage 2 trains only on the timesteps a sampler of that many steps visits
 
 
 def parse_variant(text: str) -> dict[str, Any]:
@@ -228,7 +229,7 @@ def variant_folder(overrides: dict[str, Any]) -> str:
 
 def diffusion_config(stage: str, folder: Path, scale: Scale, data: dict[str, Any], seed: int, steps: int,
                      stage1_model: Path | None = None, overrides: dict[str, Any] | None = None,
-                     autoencoder: Path | None = None, source_context: int = 0):
+                     autoencoder: Path | None = None, source_context: int = 0, objective: str = "ddpm"):
     """The lift3d config of stage 1 (``slices``) or stage 2 (``volumes``); latent space with ``autoencoder``
     (a KL autoencoder folder, e.g. from ``lift3d-finetune --run.stage autoencoder``), else pixel space.
     ``source_context`` (2.5D, stage 1; stage 2 inherits it) gives the U-Net that many source slices on each side."""
@@ -239,8 +240,10 @@ def diffusion_config(stage: str, folder: Path, scale: Scale, data: dict[str, Any
                     layers_per_block=scale.layers_per_block, prediction_type=scale.stage1_prediction,
                     autoencoder=coder, source_context=source_context, stage1_batch=scale.stage1_batch,
                     stage1_lr=scale.stage1_lr, stage2_lr=scale.stage2_lr,
-                    stage2_lift={k: v for k, v in overrides.items() if k not in OPTIM_KEYS},
+                    stage2_lift={k: v for k, v in overrides.items() if k not in OPTIM_KEYS + OBJECTIVE_KEYS},
                     stage2_optim={k: v for k, v in overrides.items() if k in OPTIM_KEYS},
+                    stage2_objective_options={k: v for k, v in overrides.items() if k in OBJECTIVE_KEYS},
+                    objective=objective,
                     # lift3d's sampled validation: the validation subjects every stage2_val_every steps and at
                     # step 0 (the stage-1 model, lifted at identity); the best step's weights are exported.
                     validate_every=scale.stage2_val_every, validate_steps=scale.selection_steps,
@@ -249,14 +252,15 @@ def diffusion_config(stage: str, folder: Path, scale: Scale, data: dict[str, Any
 
 
 def train_stage1(out: Path, scale: Scale, data: dict[str, Any], seed: int, reuse: bool,
-                 autoencoder: Path | None = None, source_context: int = 0) -> tuple[Path, dict]:
+                 autoencoder: Path | None = None, source_context: int = 0, objective: str = "ddpm") -> tuple[Path, dict]:
     from lift3d.training.loop import train
 
     folder = out / "stage1"
     training_data = {k: v for k, v in data.items() if k not in HELD_OUT_COUNTS}
     key = phase_key(scale, "stage1", training_data, seed, unet={"widths": scale.widths, "layers": scale.layers_per_block},
                     **({"autoencoder": str(autoencoder)} if autoencoder else {}),
-                    **({"source_context": source_context} if source_context else {}))
+                    **({"source_context": source_context} if source_context else {}),
+                    **({"objective": objective} if objective != "ddpm" else {}))
     record = reusable(folder, key, reuse)
     if record and (folder / "model").is_dir():
         return folder / "model", record
@@ -264,7 +268,7 @@ def train_stage1(out: Path, scale: Scale, data: dict[str, Any], seed: int, reuse
     shutil.rmtree(folder, ignore_errors=True)
     tic = time.perf_counter()
     model = train(diffusion_config("slices", folder, scale, data, seed, scale.stage1_steps, autoencoder=autoencoder,
-                                   source_context=source_context))
+                                   source_context=source_context, objective=objective))
     return model, finish(folder, key, time.perf_counter() - tic)
 
 
@@ -579,6 +583,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "lr_scheduler=cosine, trainable=all, where=spatial, kernel_size=5, learning_rate=1e-3 "
                              "(repeatable)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the 3D U-Net (MONAI's BasicUNet, the bench extra; e.g. for a latent-space run)")
+    parser.add_argument("--objective", choices=("ddpm", "flow"), default="ddpm",
+                        help="training objective of both stages: ddpm (v-prediction, the protocol's) or flow (flow "
+                             "matching); a flow run trains only (--train-only) and benchmarks/icbm_fast.py scores it")
     parser.add_argument("--x0-clip", action="store_true",
                         help="clip the samplers' x0 estimate to [-1, 1] at every step (diffusers' thresholding at "
                              "1.0), as pixel-space DDPM/DDIM do; the exported scheduler config has it off")
@@ -593,6 +600,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.source == args.target:
         parser.error(f"--source and --target are both {args.source}; valid pairs: T1 -> T2, T2 -> T1")
+    if args.objective != "ddpm" and not args.train_only:
+        parser.error(f"--objective {args.objective} trains the models only: add --train-only, then score them with "
+                     "benchmarks/icbm_fast.py")
     if args.source_context < 0:
         parser.error(f"--source-context {args.source_context} must be 0 or more (source slices on each side)")
     if args.size is not None and args.size < 8:
@@ -667,20 +677,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     autoencoder = args.autoencoder.resolve() if args.autoencoder else None
     variants = [{}] + [parse_variant(v) for v in args.variant]
     direction = f"{args.source} -> {args.target}"
-    out = (args.out or REPO / "runs" / f"icbm_t1t2-{args.scale}").resolve()
+    suffix = "" if args.objective == "ddpm" else f"-{args.objective}"
+    out = (args.out or REPO / "runs" / f"icbm_t1t2-{args.scale}{suffix}").resolve()
     data = dataset_options(args.data, scale, args.source, args.target)
     tic = time.perf_counter()
     datasets = {split: create("datasets", "icbm152", split=split, **data) for split in ("train", "val", "test")}
     data_s = time.perf_counter() - tic  # a missing or unreadable template file has failed by now
     check_autoencoder(autoencoder, scale)
     for overrides in variants:  # a bad variant fails now, not after stage 1
-        diffusion_config("volumes", out, scale, data, args.seed, 1, None, overrides, autoencoder)
+        diffusion_config("volumes", out, scale, data, args.seed, 1, None, overrides, autoencoder, objective=args.objective)
     if not args.no_baseline:
         build_unet3d(scale.baseline_features)  # without MONAI the benchmark says so now, before any training
     out.mkdir(parents=True, exist_ok=True)
     start, load_before, machine = time.perf_counter(), os.getloadavg(), machine_info()  # the commit at start
     timing: dict[str, Any] = {"data_s": data_s}
-    stage1_model, stage1_record = train_stage1(out, scale, data, args.seed, args.reuse, autoencoder, args.source_context)
+    stage1_model, stage1_record = train_stage1(out, scale, data, args.seed, args.reuse, autoencoder, args.source_context,
+                                               args.objective)
     stage2 = {variant_name(o): train_stage2(out, scale, data, args.seed, (stage1_model, stage1_record), o, args.reuse,
                                             autoencoder)
               for o in variants}

@@ -152,3 +152,25 @@ def test_bad_start_options_are_one_line(flow_models, options, message):
     model = load_synthesis_model(flow_models[2], device="cpu")
     with pytest.raises(ValueError, match=message):
         synthesize(model, torch.zeros(1, 1, 4, 16, 16), scheduler="flow", progress=False, **options)
+
+
+def test_cli_fast_preset_prints_evaluations_and_writes_mean_and_std(flow_models, tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    from lift3d.cli.synthesize import main
+
+    _, _, stage2 = flow_models
+    source = tmp_path / "a.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((16, 16, 4), dtype=np.float32), np.diag([1, 1, 2, 1])),
+             source)
+    assert main(["--model", str(stage2), "--source", str(source), "--out", str(tmp_path / "out"), "--fast",
+                 "--samples", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "flow model, flow 4 steps" in printed and "8 U-Net evaluations per volume" in printed
+    assert "s per volume" in printed
+    assert (tmp_path / "out" / "a_synth.nii.gz").is_file() and (tmp_path / "out" / "std" / "a_std.nii.gz").is_file()
+    assert main(["--model", str(stage2), "--source", str(source), "--out", str(tmp_path / "o2"),
+                 "--scheduler", "ddim"]) == 2
+    assert not (tmp_path / "o2").exists()
+    assert "scheduler 'ddim' does not sample a model trained with the 'flow' objective" in capsys.readouterr().err

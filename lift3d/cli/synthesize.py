@@ -29,8 +29,9 @@ from lift3d.data.volume import TrainingGrid, prepare_volume
 from lift3d.io.budget import check_count
 from lift3d.io.errors import BudgetError
 from lift3d.io.writing import clean_stale_temporaries, commit_together, temporary_path
-from lift3d.sampling.synthesis import (DTYPES, SCHEDULERS, SynthesisModel, check_clip_x0, load_synthesis_model, make_scheduler,
-                              resolve_sample_batch, resolve_window, save_std_volume, synthesize_posterior)
+from lift3d.sampling.synthesis import (DTYPES, SCHEDULERS, STARTS, SynthesisModel, check_clip_x0, check_start,
+                                      load_synthesis_model, make_scheduler, resolve_sample_batch, resolve_window,
+                                      save_std_volume, synthesize_posterior, unet_evaluations)
 
 NATIVE = "native"
 DEFAULT_PERCENTILES = (0.5, 99.5)
@@ -54,6 +55,12 @@ With --samples K, K samples are drawn per source (on a GPU batched through the U
 batch sets how many at once): <name>_synth.nii.gz is their mean, and std/<name>_std.nii.gz their per-voxel
 standard deviation (an uncertainty map, in the same intensity units; a scale, so the intensity
 offset is not added). The mean of several samples usually scores better than one sample.
+
+A model trained with the flow objective (--diffusion.objective flow) samples well in a few steps
+(--scheduler flow --steps 2). --fast takes the few-step setting chosen for the model's objective on
+validation subjects (benchmarks/RESULTS.md); --start estimate --strength S starts from the model's own
+one-pass estimate, noised to where the last fraction S of the steps begins (SDEdit). Every run prints
+its U-Net evaluations and seconds per volume.
 """
 
 EPILOG = """\
@@ -63,6 +70,8 @@ examples:
   lift3d-synthesize --model runs/stage2/model --source a.nii.gz --out synth/ --num-slices native --window 16
   lift3d-synthesize --model runs/stage2/model --source a.nii.gz --out ablation/ --slice-wise
   lift3d-synthesize --model runs/stage2/model --source a.nii.gz --out mean8/ --scheduler dpm --samples 8
+  lift3d-synthesize --model runs/flow-stage2/model --source a.nii.gz --out fast/ --fast --samples 4
+  lift3d-synthesize --model runs/flow-stage2/model --source a.nii.gz --out few/ --scheduler flow --steps 2
 """
 
 
@@ -83,6 +92,16 @@ def _integer_at_least(low: int, words: str):
 
 _non_negative = _integer_at_least(0, "non-negative")
 _positive = _integer_at_least(1, "positive")
+
+
+def _strength(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
 
 
 def _correlation(text: str) -> float:
@@ -146,11 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"output folder, created if missing; one <name>{OUTPUT_SUFFIX} per source (an "
                         "existing file of that name is replaced). It may not be a source's folder, and no output "
                         "may replace a source")
-    parser.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="ddim",
-                        help="sampler, built from the training noise schedule: ddpm (ancestral), ddim (the "
-                        "paper's, deterministic) or dpm (DPM-Solver++ multistep). Default: ddim")
+    parser.add_argument("--scheduler", choices=tuple(SCHEDULERS),
+                        help="sampler, built from the training noise schedule. For a ddpm model (the default "
+                        "objective): ddpm (ancestral), ddim (the paper's, deterministic) or dpm (DPM-Solver++ "
+                        "multistep). For a flow model: flow (Euler on the straight path) or dpm. Default: ddim for "
+                        "ddpm models, flow for flow models")
     parser.add_argument("--steps", type=_positive, metavar="N",
                         help=f"denoising steps (default: {steps}); more is slower and usually better")
+    parser.add_argument("--fast", action="store_true",
+                        help="the few-step preset of the model's objective, chosen on validation subjects (sampler, "
+                        "steps and start; any of them given explicitly wins): a flow model in a few U-Net passes")
+    parser.add_argument("--start", choices=STARTS, default=None,
+                        help="noise (default): the whole schedule from Gaussian noise. estimate: one U-Net pass on "
+                        "the noise estimates the target, which is noised afresh to where the last --strength of "
+                        "the steps begins (SDEdit). source: the same from the source volume itself")
+    parser.add_argument("--strength", type=_strength, metavar="S",
+                        help="with --start estimate or source: the fraction of the steps that run, in (0, 1)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the initial noise (and of ddpm's added noise); the same seed and "
                         "options give the same volume. With --samples K, sample 0 uses the seed itself and "
@@ -371,16 +401,18 @@ def _synthesise_one(model: SynthesisModel, path: Path, grid: TrainingGrid, out: 
     result = synthesize_posterior(model, source, samples=args.samples, sample_batch=args.sample_batch,
                                   scheduler=args.scheduler, steps=args.steps, seed=args.seed, window=args.window,
                                   overlap=args.overlap, slice_wise=args.slice_wise, clip_x0=args.clip_x0,
-                                  noise_correlation=args.noise_correlation, progress=None)
+                                  noise_correlation=args.noise_correlation, start=args.start,
+                                  strength=args.strength, progress=None)
     elapsed = time.perf_counter() - tic
     dest, std_dest = output_paths(out, path)
     write_result(dest, std_dest, result, meta)
     n, h, w = grid.shape
     windows = resolve_window(model, n, args.window, args.overlap, args.slice_wise)
     how = f", windows of {windows[0]} slices overlapping by {windows[1]}" if windows else ""
+    cost = f"{result.unet_evaluations} U-Net evaluations, {elapsed:.1f} s per volume"
     if result.std is None:
-        return f"{path} -> {dest} ({n}x{h}x{w} grid{how}, {elapsed:.1f} s)"
-    return (f"{path} -> {dest} (mean of {result.samples}), {std_dest} (std) ({n}x{h}x{w} grid{how}, {elapsed:.1f} s, "
+        return f"{path} -> {dest} ({n}x{h}x{w} grid{how}, {cost})"
+    return (f"{path} -> {dest} (mean of {result.samples}), {std_dest} (std) ({n}x{h}x{w} grid{how}, {cost}, "
             f"{elapsed / result.samples:.1f} s per sample)")
 
 
@@ -404,6 +436,20 @@ def write_result(dest: Path, std_dest: Path, result: Any, meta: Any) -> None:
         for tmp in (mean_tmp, std_tmp):
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
+
+
+def choose_sampler(model: SynthesisModel, args: argparse.Namespace) -> None:
+    """Fill --scheduler, --steps, --start and --strength from --fast (the objective's few-step preset) or
+    the objective's default sampler; what the user gave explicitly wins."""
+    preset = dict(model.objective.fast) if args.fast else {}
+    if args.scheduler is None:
+        args.scheduler = preset.get("scheduler", model.objective.default_sampler)
+    if args.steps is None and preset.get("scheduler", args.scheduler) == args.scheduler:
+        args.steps = preset.get("steps")
+    if args.start is None:
+        args.start = preset.get("start", "noise")
+        if args.strength is None and args.start != "noise":
+            args.strength = preset.get("strength")
 
 
 def check_windows(model: SynthesisModel, grids: list[TrainingGrid], args: argparse.Namespace) -> None:
@@ -434,13 +480,18 @@ def main(argv: list[str] | None = None) -> int:
     grids = [source_grid(model, load_image(p), p, size=args.size, num_slices=args.num_slices, samples=args.samples)
              for p in sources]
     check_windows(model, grids, args)
-    make_scheduler(args.scheduler, model.scheduler_config, args.steps)  # checks --steps
+    choose_sampler(model, args)
+    try:  # checks --scheduler against the model's objective, and --steps
+        make_scheduler(args.scheduler, model.scheduler_config, args.steps, objective=model.objective)
+        check_start(args.start, args.strength, model.conditioning)
+    except ValueError as exc:
+        raise UserError(f"{args.model}: {exc}") from None
     if args.clip_x0:
         check_clip_x0(model)
     created = prepare_out(out)
     for where in (out, out / STD_DIR):
         clean_stale_temporaries(where)  # what a killed run left
-    steps = args.steps or SCHEDULERS[args.scheduler][1]
+    steps = args.steps or model.objective.samplers[args.scheduler][1]
     mode = ("slice-wise (2D model)" if not model.lifted else
             "slice-wise (volumetric layers off)" if args.slice_wise else "volume-wise")
     sampling = ""
@@ -452,8 +503,11 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         print(f"lift3d-synthesize: skipping {len(skipped)} earlier output(s) in {folder} "
               f"({', '.join(p.name for p in skipped)}); give them as --source files to synthesise them")
-    print(f"lift3d-synthesize: {len(sources)} volume(s), {args.scheduler} {steps} steps, {mode}, seed {args.seed}"
-          f"{sampling}, on {model.device}")
+    start = f", from its {args.start} noised at strength {args.strength:g}" if args.start != "noise" else ""
+    evaluations = unet_evaluations(model, args.scheduler, args.steps, samples=args.samples, start=args.start,
+                                   strength=args.strength)
+    print(f"lift3d-synthesize: {len(sources)} volume(s), {model.objective.name} model, {args.scheduler} {steps} steps"
+          f"{start}, {mode}, seed {args.seed}{sampling} ({evaluations} U-Net evaluations per volume), on {model.device}")
     written = 0
     try:
         for path, grid in zip(sources, grids):

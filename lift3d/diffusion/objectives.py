@@ -57,6 +57,8 @@ class DDPMObjective:
     name = "ddpm"
     samplers = {"ddpm": ("DDPMScheduler", 1000), "ddim": ("DDIMScheduler", 200),
                 "dpm": ("DPMSolverMultistepScheduler", 25)}
+    default_sampler = "ddim"  # the paper's DDIM-200
+    fast = {"scheduler": "dpm", "steps": 8}  # the few-step preset (lift3d-synthesize --fast)
 
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear",
                  beta_start: float = 0.0001, beta_end: float = 0.02, prediction_type: str = "epsilon",
@@ -117,6 +119,8 @@ class FlowMatchingObjective:
     name = "flow"
     prediction_type = "flow_prediction"
     samplers = {"flow": ("FlowMatchEulerDiscreteScheduler", 4), "dpm": ("DPMSolverMultistepScheduler", 8)}
+    default_sampler = "flow"
+    fast = {"scheduler": "flow", "steps": 4}  # the few-step preset (lift3d-synthesize --fast)
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, train_steps: int | None = None,
                  **_diffusers_keys: Any) -> None:

@@ -62,13 +62,17 @@ class Objective(Protocol):
     ``t`` is the sampler's integer training timestep in ``[0, T)``; :meth:`noisy` also returns the
     timesteps the U-Net sees (they may differ, e.g. flow matching's ``s T``). ``samplers`` maps a
     sampler name to ``(diffusers class name, default steps)``; :meth:`sampler_config` gives the
-    class and config of one on the exported schedule. ``scheduler`` is the diffusers scheduler of the
+    class and config of one on the exported schedule; ``default_sampler`` names the one used when none is
+    asked for, ``fast`` the few-step preset (``scheduler``, ``steps``, optionally ``start`` and
+    ``strength``) of ``lift3d-synthesize --fast``. ``scheduler`` is the diffusers scheduler of the
     forward process, saved with the model; ``options`` are what an export records of the objective's own.
     """
 
     name: str
     prediction_type: str
     samplers: dict[str, tuple[str, int]]
+    default_sampler: str
+    fast: dict[str, Any]
     scheduler: Any
     options: dict[str, Any]
 

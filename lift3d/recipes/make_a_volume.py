@@ -24,6 +24,9 @@ class Recipe:
     stage2_steps: int
     layers_per_block: int = 1
     prediction_type: str = "v_prediction"  # in pixel space an epsilon model's early samples are noise
+    objective: str = "ddpm"  # or "flow" (flow matching); set in stage 1, inherited by stage 2
+    objective_options: dict[str, Any] = field(default_factory=dict)  # stage 1's, e.g. {"train_steps": 4}
+    stage2_objective_options: dict[str, Any] = field(default_factory=dict)
     autoencoder: dict[str, Any] = field(default_factory=lambda: {"name": "identity"})
     source_context: int = 0  # 2.5D: set in stage 1, inherited by stage 2
     stage1_batch: int = 16
@@ -55,7 +58,10 @@ def stage_config(recipe: Recipe, stage: str, output_dir: Path, seed: int, stage1
         "autoencoder": recipe.autoencoder,
     }
     if stage == "slices":
-        extra = {"data": {"batch_size": recipe.stage1_batch}, "model": {"source_context": recipe.source_context},
+        objective = ({"diffusion": {"objective": recipe.objective, "objective_options": recipe.objective_options}}
+                     if recipe.objective != "ddpm" or recipe.objective_options else {})
+        extra = {**objective, "data": {"batch_size": recipe.stage1_batch},
+                 "model": {"source_context": recipe.source_context},
                  "optim": {"learning_rate": recipe.stage1_lr, "lr_scheduler": "cosine",
                            "warmup_steps": min(20, max(run["max_steps"] // 4, 0))}}
     else:
@@ -65,7 +71,9 @@ def stage_config(recipe: Recipe, stage: str, output_dir: Path, seed: int, stage1
                  "data": {"batch_size": 1, "val_volumes": recipe.val_volumes},
                  "model": {"pretrained": str(stage1_model or "")},
                  "lift": {"trainable": recipe.stage2_trainable, **recipe.stage2_lift},
-                 "diffusion": {"timestep_sampler": "make-a-volume"},
+                 "diffusion": {"timestep_sampler": "make-a-volume",
+                               **({"objective_options": recipe.stage2_objective_options}
+                                  if recipe.stage2_objective_options else {})},
                  "optim": {"learning_rate": recipe.stage2_lr, "lr_scheduler": recipe.stage2_lr_scheduler,
                            **recipe.stage2_optim}}
     return apply(apply(TrainConfig(), common, recipe.name), extra, recipe.name)

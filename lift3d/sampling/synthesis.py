@@ -298,7 +298,7 @@ def synthesize_posterior(
     *,
     samples: int = 8,
     sample_batch: int | None = None,
-    scheduler: str = "ddim",
+    scheduler: str | None = None,
     steps: int | None = None,
     seed: int = 0,
     window: int | None = None,
@@ -321,8 +321,9 @@ def synthesize_posterior(
         (or other accelerator), one at a time on the CPU, where batching measured slower
         (:func:`resolve_sample_batch`). A smaller batch needs less memory; a batch that runs out of
         memory is halved and retried (down to 1), with a warning.
-    :param scheduler: ``ddpm`` (1000 steps by default), ``ddim`` (200, the paper's) or ``dpm``
-        (DPM-Solver++, 25).
+    :param scheduler: for a ``ddpm`` model ``ddpm`` (1000 steps by default), ``ddim`` (200, the paper's)
+        or ``dpm`` (DPM-Solver++, 25); for a ``flow`` model ``flow`` (Euler, 4) or ``dpm`` (8). None:
+        the objective's default sampler (``ddim``, ``flow``).
     :param steps: inference steps; None = the scheduler's default.
     :param seed: seeds the initial noise (drawn on the CPU, so it is the same on every device) and
         any noise the sampler adds; the same seed gives the same volume. Sample ``k`` is seeded
@@ -352,6 +353,7 @@ def synthesize_posterior(
     """
     check_sampling_options(samples, sample_batch, noise_correlation)
     check_start(start, strength, model.conditioning)
+    scheduler = scheduler or model.objective.default_sampler
     _check_source(model, source)
     b, _, n, h, w = source.shape
     windowing = resolve_window(model, n, window, overlap, slice_wise)
