@@ -330,12 +330,17 @@ class Method:
     x0_clip: bool = False  # clip the sampler's x0 estimate to [-1, 1] at every step
     samples: int = 1  # K: the mean of K samples (lift3d's sample_seed(seed, k) for k < K)
     rho: float = 0.0  # noise correlated across slices (lift3d-synthesize --noise-correlation)
+    start: str = "noise"  # or an informed start: "estimate" / "source" (lift3d-synthesize --start)
+    strength: float | None = None  # the fraction of the steps an informed start runs
 
     @property
     def sampler(self) -> str:
         if self.folder is None:
             return "one pass"
-        parts = [f"{'DDIM' if self.scheduler == 'ddim' else 'DPM-Solver++'}-{self.steps}"]
+        names = {"ddim": "DDIM", "dpm": "DPM-Solver++", "flow": "Euler (flow)", "ddpm": "DDPM"}
+        parts = [f"{names.get(self.scheduler, self.scheduler)}-{self.steps}"]
+        if self.start != "noise":
+            parts.append(f"from the {self.start} at strength {self.strength:g}")
         parts += [f"mean of {self.samples}"] * (self.samples > 1) + [f"rho {self.rho:g}"] * bool(self.rho)
         return ", ".join(parts + ["x0 clip"] * self.x0_clip)
 
@@ -365,6 +370,7 @@ class Predictor:
                "steps": method.steps, "seed": self.seed, "subjects": [p.subject for p in pairs]}
         key |= {"x0_clip": True} if method.x0_clip else {}
         key |= ({"rho": method.rho} if method.rho else {}) | ({"sample": k} if k else {})
+        key |= {"start": method.start, "strength": method.strength} if method.start != "noise" else {}
         name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         tensors, meta = self.cache / f"{name}.safetensors", self.cache / f"{name}.json"
         if self.reuse and tensors.is_file() and meta.is_file():
@@ -382,8 +388,8 @@ class Predictor:
             tic = time.perf_counter()
             # All subjects in one batch: every method sees the same initial noise for the same subject.
             pred = synthesize(self.models[method.folder], sources, scheduler=method.scheduler, steps=method.steps,
-                              seed=sample_seed(self.seed, k), clip_x0=method.x0_clip,
-                              noise_correlation=method.rho, progress=False).cpu()
+                              seed=sample_seed(self.seed, k), clip_x0=method.x0_clip, noise_correlation=method.rho,
+                              start=method.start, strength=method.strength, progress=False).cpu()
         seconds = (time.perf_counter() - tic) / len(pairs)
         self.cache.mkdir(parents=True, exist_ok=True)
         save_file({"prediction": pred.contiguous()}, str(tensors))

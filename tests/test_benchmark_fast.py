@@ -1,0 +1,55 @@
+"""benchmarks/icbm_fast.py at smoke scale: the few-step frontier end to end (needs the ICBM 152 files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import benchmark_module
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "icbm_fast.py"
+
+
+@pytest.fixture(scope="module")
+def fast():
+    with benchmark_module("icbm_t1t2"), benchmark_module("icbm_fast") as module:  # icbm_fast imports icbm_t1t2
+        yield module
+
+
+def test_evaluations_count_as_the_sampler_does(fast):
+    from dataclasses import replace
+
+    base = fast.Method("m", "", Path("x"), {"run_id": "0"}, scheduler="flow", steps=8)
+    assert fast.evaluations(base) == 8
+    assert fast.evaluations(replace(base, samples=4, steps=2)) == 8
+    assert fast.evaluations(replace(base, start="estimate", strength=0.25)) == 3  # 1 estimate + 2 of 8 steps
+    assert fast.evaluations(replace(base, start="source", strength=0.5)) == 4
+    assert all(fast.evaluations(m) <= fast.FAST_BUDGET for m in fast.candidates(base, base, base, 4))
+
+
+@pytest.mark.slow
+def test_smoke_frontier_end_to_end(fast, tmp_path):
+    import icbm_t1t2
+
+    data = Path(os.environ.get("LIFT3D_ICBM_DIR") or icbm_t1t2.DEFAULT_DATA)
+    if not all((data / name).is_file() for name in icbm_t1t2.TEMPLATE_FILES.values()):
+        pytest.skip(f"ICBM 152 files not found in {data}; set LIFT3D_ICBM_DIR")
+    out = tmp_path / "icbm"
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--scale", "smoke", "--data", str(data), "--out", str(out),
+                                "--timing-repeats", "1"], capture_output=True, text=True, timeout=900,
+                               env={**os.environ, "LIFT3D_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads((out / "fast_results.json").read_text())
+    fast_name = report["selection"]["lifted_fast"]
+    row = report["methods"][fast_name]
+    assert row["unet_evaluations"] <= 8 and len(row["subjects"]) == 6
+    assert report["seconds_per_volume"][fast_name] > 0 and report["seconds_per_volume"]["3d-unet"] > 0
+    assert {f"{fast_name} vs lifted-k4", f"{fast_name} vs 3d-unet"} <= set(report["paired_differences"])
+    assert {r["family"] for r in report["selection"]["candidates"]} == {"ddpm", "flow", "flow-matched"}
+    assert (tmp_path / "icbm-flow" / "stage2_train_steps-4" / "model").is_dir()
+    assert (out / "fast_frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
