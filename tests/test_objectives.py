@@ -174,3 +174,23 @@ def test_cli_fast_preset_prints_evaluations_and_writes_mean_and_std(flow_models,
                  "--scheduler", "ddim"]) == 2
     assert not (tmp_path / "o2").exists()
     assert "scheduler 'ddim' does not sample a model trained with the 'flow' objective" in capsys.readouterr().err
+
+
+def test_step_matched_stage2_is_validated_with_its_own_sampler(flow_models, tmp_path, monkeypatch):
+    import lift3d.sampling.synthesis as S
+
+    _, stage1, _ = flow_models
+    seen = []
+    original = S.synthesize
+
+    def recording(model, source, **options):
+        seen.append((options["scheduler"], options["steps"]))
+        return original(model, source, **options)
+
+    monkeypatch.setattr(S, "synthesize", recording)
+    data = {"batch_size": 1, "options": {"size": 16, "num_slices": 8, "num_subjects": 5, "val_size": 1}}
+    train(tiny_cfg(tmp_path / "s2", stage="volumes", model={"pretrained": str(stage1)}, data=data,
+                   run={"max_steps": 2, "validate_every": 1}, diffusion={"objective_options": {"train_steps": 2}}))
+    assert seen and set(seen) == {("flow", 2)}
+    settings = json.loads((tmp_path / "s2" / "model" / "lift3d_training.json").read_text())
+    assert settings["objective_options"] == {"train_steps": 2}

@@ -50,10 +50,13 @@ class SampledValidation:
         was_training = unet.training
         unet.eval()
         model = SynthesisModel(unet, self.autoencoder, self.settings, self.scheduler_config)
+        # A model trained for an N-step sampler (objective option train_steps) is validated with that sampler.
+        matched = (model.settings.objective_options or {}).get("train_steps")
+        scheduler, steps = (model.objective.default_sampler, matched) if matched else ("dpm", self.steps)
         rows = []
         for pair in self.pairs:
             source = pair.source[None].to(self.device)
-            pred = synthesize(model, source, scheduler="dpm", steps=self.steps, seed=VALIDATION_SEED, progress=False)
+            pred = synthesize(model, source, scheduler=scheduler, steps=steps, seed=VALIDATION_SEED, progress=False)
             rows.append(score_pair(pred[0, 0].float().cpu().numpy(), pair))
         unet.train(was_training)
         return {f"val_{k}": v["mean"] for k, v in summarize(rows).items()}
