@@ -180,9 +180,10 @@ def test_help_explains_every_option(capsys):
         main(["--help"])
     assert exc.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for option in ("--pred", "--target", "--mask", "--source", "--std", "--slice-axis", "--out"):
+    for option in ("--pred", "--target", "--mask", "--source", "--std", "--slice-axis", "--report", "--out"):
         assert option in text
-    for phrase in ("axial,coronal,sagittal", "[0, 255]", "metrics.csv", "summary.json", "z_inconsistency"):
+    for phrase in ("axial,coronal,sagittal", "[0, 255]", "metrics.csv", "summary.json", "z_inconsistency",
+                   "through_plane_mae", "ms_ssim", "176 voxels", "report.html"):
         assert phrase in text
 
 
@@ -269,3 +270,61 @@ def test_unwritable_output_path_is_reported(tmp_path, capsys):
         err = capsys.readouterr().err
         assert str(blocker) in err and err.count("\n") == 1
     assert blocker.read_text() == ""
+
+
+def test_plane_scores_are_columns_and_ms_ssim_of_a_small_volume_is_a_note(tmp_path, pair_files, capsys):
+    """The per-plane, through-plane and MS-SSIM scores of lift3d.evaluation.planes, per subject, inside the mask;
+    MS-SSIM of a 10 x 12 x 8 volume cannot be taken: an empty cell, null in the summary, one printed note."""
+    from lift3d.evaluation.metrics import PLANE_METRICS
+    from lift3d.evaluation.planes import evaluate_all
+
+    out = tmp_path / "out"
+    argv = ["--pred", *pair_files["pred"], "--target", *pair_files["target"], "--mask", pair_files["mask"], "--out", str(out)]
+    assert main(argv) == 0
+    rows, summary = read_outputs(out)
+    mask = axial_view(pair_files["mask_array"])
+    for row, (pred, target) in zip(rows, pair_files["arrays"]):
+        expected = evaluate_all(axial_view(pred), axial_view(target), mask)
+        for name in PLANE_METRICS:
+            if name == "ms_ssim":
+                assert row[name] == "" and expected[name] is None
+            else:
+                assert float(row[name]) == pytest.approx(expected[name], rel=1e-5)
+    # an offset per axial slice: axial slices keep their structure, the through-plane views are striped
+    assert all(float(r["ssim_axial"]) > float(r["ssim_coronal"]) for r in rows)
+    assert summary["metrics"]["ms_ssim"] == {"mean": None, "std": None, "n": 0}
+    assert summary["metrics"]["through_plane_correlation"]["n"] == 2
+    assert summary["higher_is_better"]["through_plane_mae"] is False
+    printed = capsys.readouterr().out
+    notes = [line for line in printed.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {summary['notes'][0]}"]
+    assert re.fullmatch(r"note: ms_ssim not scored: volume \(8, 12, 10\) has an axis shorter than the 176 voxels .*; "
+                        r"2 of 2 subjects", notes[0])
+    assert re.search(r"ms_ssim +n/a", printed) and re.search(r"psnr_sagittal +\d+\.\d{4} \+/- ", printed)
+    assert "report.html" not in printed and not (out / "report.html").exists()
+
+
+def test_report_is_one_self_contained_page_with_every_subject(tmp_path, pair_files, capsys):
+    out = tmp_path / "out"
+    argv = ["--pred", *pair_files["pred"], "--target", *pair_files["target"], "--source", *pair_files["source"],
+            "--report", "--out", str(out)]
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["figures", "metrics.csv", "report.html", "summary.json"]
+    page = (out / "report.html").read_text()
+    figures = re.findall(r'<figure id="views-([^"]+)"><img alt="[^"]*" src="data:image/png;base64,([^"]+)"', page)
+    assert [name for name, _ in figures] == ["sub-01_pred", "sub-02_pred"]
+    import base64
+    for name, data in figures:  # the very PNGs of figures/
+        assert base64.b64decode(data) == (out / "figures" / f"{name}.png").read_bytes()
+    assert page.count("<li>ms_ssim") == 1 and "2 of 2 subjects" in page  # the CLI's note, not a second one
+    assert 'id="table-planes"' in page and "http" not in page.replace("http-equiv", "")
+    assert str(out / "report.html") in capsys.readouterr().out
+
+
+def test_a_failing_subject_leaves_no_report(tmp_path, capsys):
+    good_t = save(tmp_path / "t.nii.gz", phantom(0))
+    constant = save(tmp_path / "constant.nii.gz", np.ones(RAS_SHAPE))
+    out = tmp_path / "out"
+    assert main(["--pred", save(tmp_path / "a.nii.gz", phantom(1)), good_t, "--target", good_t, constant,
+                 "--report", "--out", str(out)]) == 2
+    assert "constant" in capsys.readouterr().err and not out.exists()

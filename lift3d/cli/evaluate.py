@@ -1,8 +1,10 @@
 """``lift3d-evaluate``: score synthesized NIfTI volumes against their targets (MAE, PSNR, SSIM of
-Make-A-Volume's Tables 1-2, plus a z-consistency score) and draw Fig. 3-style orthogonal views.
+Make-A-Volume's Tables 1-2, plus a z-consistency score; per-plane, through-plane and multi-scale scores
+of :mod:`lift3d.evaluation.planes`) and draw Fig. 3-style orthogonal views.
 
 Writes ``metrics.csv`` (one row per subject), ``summary.json`` (mean and std per metric, and the
-intensity-scale rule) and ``figures/<subject>.png`` into ``--out``. Everything is written into a
+intensity-scale rule), ``figures/<subject>.png`` and, with ``--report``, ``report.html`` (one
+self-contained page, :func:`lift3d.evaluation.report.write_report`) into ``--out``. Everything is written into a
 hidden staging folder first and moved into place only when every subject succeeded. Every file is
 read through :func:`lift3d.data.nifti.open_nifti`, which checks its header (and the memory its voxels
 need) before any voxel is read; folders are listed without hidden files, so a temporary left by a
@@ -17,7 +19,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -32,8 +34,11 @@ from lift3d.io.errors import Lift3dError
 from lift3d.io.writing import clean_stale_temporaries, temporary_path
 from lift3d.data.orientation import SLICE_AXES, to_slices
 from lift3d.evaluation.figures import save_orthogonal_views
-from lift3d.evaluation.metrics import (DATA_RANGE, INTENSITY_RULE, METRICS, SSIM_WIN_SIZE, UNCERTAINTY_METRICS, evaluate_volumes,
+from lift3d.evaluation.metrics import (DATA_RANGE, INTENSITY_RULE, METRICS, PLANE_METRICS, SSIM_WIN_SIZE, UNCERTAINTY_METRICS,
                             summarize, uncertainty_scores)
+from lift3d.evaluation.planes import evaluate_all, ms_ssim_minimum_size, ms_ssim_note
+from lift3d.evaluation.report import REPORT_NAME, write_report
+from lift3d.evaluation.segmentation import PREFIXES as DICE_PREFIXES, file_tissue_dice, load_segmenter
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CSV_NAME = "metrics.csv"
@@ -58,21 +63,27 @@ class Subject:
     mask: Path | None = None
     source: Path | None = None
     std: Path | None = None
+    labels: Path | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lift3d-evaluate",
         description=(
-            "Compare predicted 3D volumes with their targets. Metrics: MAE, PSNR (dB), 3D SSIM and "
+            "Compare predicted 3D volumes with their targets. Metrics: MAE, PSNR (dB), 3D SSIM, "
             "z_inconsistency (mean |dz(pred) - dz(target)| / mean |dz(target)|, dz = difference of "
-            "consecutive slices; lower is better). Intensity scale: " + INTENSITY_RULE + "."
+            "consecutive slices; lower is better); per plane, psnr_/ssim_axial,coronal,sagittal (2D scores averaged "
+            "over the slices of that plane); through_plane_mae and through_plane_correlation (of dz(pred) with "
+            f"dz(target)); ms_ssim (3D multi-scale SSIM, n/a for a volume under {ms_ssim_minimum_size()} voxels along "
+            "an axis). "
+            "Intensity scale: " + INTENSITY_RULE + "."
         ),
         epilog=(
             f"Outputs in --out: {CSV_NAME} (one row per subject), {SUMMARY_NAME} (mean and population std "
             f"per metric, the intensity rule; {NON_FINITE_RULE}) and {FIGURES_DIR}/<subject>.png "
             "(axial/coronal/sagittal mid-planes of source, prediction, target, |error| and, with --std, the std "
-            "map). "
+            f"map); with --report, {REPORT_NAME}. A score that cannot be taken (ms_ssim of a small volume) is an "
+            "empty cell in the CSV, n/a in the printed table, and a printed note says why. "
             "Nothing is written unless every subject is evaluated."
         ),
     )
@@ -109,6 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--slice-axis", choices=tuple(PLANE_NAMES), default="axial",
         help="the axis the 2D model sliced along. Every volume is reoriented to the closest canonical (RAS) "
         "orientation and this axis is put first; z_inconsistency differences along it (default: axial)",
+    )
+    parser.add_argument(
+        "--report", action="store_true",
+        help=f"also write {REPORT_NAME}: one self-contained HTML page (images embedded, no network) with the "
+        "scores in tables sortable by a click on a header, their distributions and every subject's figure",
+    )
+    parser.add_argument(
+        "--segmenter", metavar="DIR",
+        help="a segmenter folder (lift3d-finetune --run.stage segmenter writes one; a plugin's own folder names its "
+        "plugin in segmenter.json): segment prediction and target and score, per tissue, the Dice of the two "
+        "segmentations (dice_csf, dice_gm, dice_wm, dice_mean; within --mask where given)",
+    )
+    parser.add_argument(
+        "--labels", nargs="+", metavar="PATH",
+        help="with --segmenter, tissue label maps (0 = background, then 1, 2, ... in the segmenter's class order): "
+        "one per subject in --pred order, or a directory matched by file name; adds dice_label_* (the prediction's "
+        "segmentation against them) and dice_target_label_* (the target's: the segmenter's own ceiling)",
     )
     parser.add_argument(
         "--out", required=True, metavar="DIR",
@@ -189,6 +217,11 @@ def collect_subjects(args: argparse.Namespace) -> list[Subject]:
         Subject(_subject_name(p), p, t, m, s, d)  # type: ignore[arg-type]
         for p, t, m, s, d in zip(predictions, targets, masks, sources, stds)
     ]
+    if getattr(args, "labels", None):
+        if not getattr(args, "segmenter", None):
+            raise UserError("--labels are scored against a segmentation: give --segmenter DIR too")
+        labels = _per_subject(args.labels, predictions, "labels", allow_one=False)
+        subjects = [replace(subject, labels=path) for subject, path in zip(subjects, labels)]
     names = [s.name for s in subjects]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -242,7 +275,7 @@ def check_shapes(subjects: list[Subject]) -> None:
     for subject in subjects:
         target = _load_header(subject.target, "target")
         others = [("prediction", subject.prediction), ("mask", subject.mask), ("source", subject.source),
-                  ("std", subject.std)]
+                  ("std", subject.std), ("labels", subject.labels)]
         for role, path in others:
             if path is None:
                 continue
@@ -272,7 +305,7 @@ def evaluate_subject(subject: Subject, slice_axis: str, figure_path: Path) -> di
         )
     mask = None if subject.mask is None else load_volume(subject.mask, slice_axis)[0] > 0
     try:
-        metrics = evaluate_volumes(prediction, target, mask)
+        metrics = evaluate_all(prediction, target, mask, slice_axis=slice_axis)
     except ValueError as exc:
         raise UserError(f"subject '{subject.name}': {exc}") from None
     volumes = {}
@@ -306,7 +339,7 @@ def _json_number(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)
 
 
-def build_summary(rows: list[dict[str, object]], slice_axis: str) -> dict[str, object]:
+def build_summary(rows: list[dict[str, object]], slice_axis: str, notes: Sequence[str] = ()) -> dict[str, object]:
     summary = summarize(rows)
     return {
         "n_subjects": len(rows),
@@ -315,11 +348,19 @@ def build_summary(rows: list[dict[str, object]], slice_axis: str) -> dict[str, o
         "data_range": DATA_RANGE,
         "ssim": f"skimage.metrics.structural_similarity on the 3D volume, uniform {SSIM_WIN_SIZE}^3 window",
         "z_inconsistency": "mean |dz(pred) - dz(target)| / mean |dz(target)|, dz along the slice axis; lower is better",
+        "per_plane": f"psnr_<plane>, ssim_<plane>: skimage's 2D PSNR and SSIM (uniform {SSIM_WIN_SIZE}^2 window) of "
+                     "each slice of that plane (within the mask), averaged over the slices",
+        "through_plane": "through_plane_mae: mean |dz(pred) - dz(target)| on the 0-255 scale; through_plane_correlation: "
+                         "Pearson r of dz(pred) with dz(target); dz along the slice axis",
+        "ms_ssim": f"torchmetrics' 3D multi-scale SSIM (Gaussian sigma 1.5, 5 scales, normalize='relu'); null (not "
+                   f"scored) for a volume under {ms_ssim_minimum_size()} voxels along an axis",
+        "notes": list(notes),
         "std": "population standard deviation (ddof=0) over subjects",
         "non_finite": NON_FINITE_RULE,
-        "higher_is_better": {name: (METRICS | UNCERTAINTY_METRICS)[name] for name in summary},
-        "metrics": {
-            name: {"mean": _json_number(stats["mean"]), "std": _json_number(stats["std"]), "n": stats["n"]}
+        "higher_is_better": {name: (METRICS | PLANE_METRICS | UNCERTAINTY_METRICS).get(name) for name in summary},
+        "metrics": {  # a metric no subject could be scored by: mean and std null
+            name: {"mean": _json_number(stats["mean"]) if stats["n"] else None,
+                   "std": _json_number(stats["std"]) if stats["n"] else None, "n": stats["n"]}
             for name, stats in summary.items()
         },
     }
@@ -344,23 +385,37 @@ def _publish(staging: Path, out: Path, figure_names: list[str]) -> None:
     (out / FIGURES_DIR).mkdir(exist_ok=True)
     for name in figure_names:
         os.replace(staging / FIGURES_DIR / name, out / FIGURES_DIR / name)
-    # The CSV and summary go last, so their presence means the figures are all there.
+    if (staging / REPORT_NAME).exists():
+        os.replace(staging / REPORT_NAME, out / REPORT_NAME)
+    # The CSV and summary go last, so their presence means the figures (and the report) are all there.
     os.replace(staging / CSV_NAME, out / CSV_NAME)
     os.replace(staging / SUMMARY_NAME, out / SUMMARY_NAME)
 
 
 def _write_csv(path: Path, rows: list[dict[str, object]]) -> None:
     scored = [name for name in UNCERTAINTY_METRICS if name in rows[0]]
-    columns = ["subject", *METRICS, *scored, "prediction", "target", "mask", *(["std"] if scored else [])]
+    planes = [name for name in PLANE_METRICS if name in rows[0]]
+    columns = ["subject", *METRICS, *planes, *scored, "prediction", "target", "mask", *(["std"] if scored else [])]
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
-        for row in rows:
+        for row in rows:  # a score not taken (None) is an empty cell
             writer.writerow({key: (repr(row[key]) if isinstance(row[key], float) else row[key]) for key in columns})
 
 
-def _format(value: float | str) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else value
+def _format(value: float | str | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else value
+
+
+def score_notes(subjects: list[Subject], rows: list[dict[str, object]], slice_axis: str) -> list[str]:
+    """One line per reason a score could not be taken (ms_ssim of a small volume), with how many subjects it hit."""
+    reasons: dict[str, int] = {}
+    for subject, row in zip(subjects, rows):
+        if row.get("ms_ssim", 0.0) is None:
+            shape, _ = _canonical_grid(_load_header(subject.target, "target"))
+            note = ms_ssim_note(tuple(shape[axis] for axis in SLICE_AXES[slice_axis]))
+            reasons[str(note)] = reasons.get(str(note), 0) + 1
+    return [f"{note}; {count} of {len(rows)} subjects" for note, count in reasons.items()]
 
 
 @run_cli
@@ -376,7 +431,11 @@ def main(argv: list[str] | None = None) -> int:
         for subject in tqdm(subjects, desc="lift3d-evaluate", unit="subject", disable=None):
             rows.append(evaluate_subject(subject, args.slice_axis, staging / FIGURES_DIR / f"{subject.name}.png"))
         _write_csv(staging / CSV_NAME, rows)
-        summary = build_summary(rows, args.slice_axis)
+        notes = score_notes(subjects, rows, args.slice_axis)
+        summary = build_summary(rows, args.slice_axis, notes)
+        if args.report:
+            write_report(staging / REPORT_NAME, rows, title=f"lift3d-evaluate: {len(rows)} subjects", notes=notes,
+                         views={s.name: staging / FIGURES_DIR / f"{s.name}.png" for s in subjects})
         (staging / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         _publish(staging, out, [f"{s.name}.png" for s in subjects])
     except OSError as exc:
@@ -385,7 +444,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(staging, ignore_errors=True)
         if created_out and not any(out.iterdir()):
             out.rmdir()
-    print(f"{len(rows)} subjects -> {out / CSV_NAME}, {out / SUMMARY_NAME}, {out / FIGURES_DIR}/")
+    report = f", {out / REPORT_NAME}" if args.report else ""
+    print(f"{len(rows)} subjects -> {out / CSV_NAME}, {out / SUMMARY_NAME}, {out / FIGURES_DIR}/{report}")
     for name, stats in summary["metrics"].items():  # type: ignore[union-attr]
-        print(f"  {name:18s} {_format(stats['mean'])} +/- {_format(stats['std'])}")
+        score = f"{_format(stats['mean'])} +/- {_format(stats['std'])}" if stats["n"] else "n/a (not scored, see the note)"
+        print(f"  {name:26s} {score}")
+    for note in notes:
+        print(f"note: {note}")
     return 0

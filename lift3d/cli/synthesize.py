@@ -29,13 +29,12 @@ from lift3d.data.volume import TrainingGrid, prepare_volume
 from lift3d.io.budget import check_count
 from lift3d.io.errors import BudgetError
 from lift3d.io.writing import clean_stale_temporaries, commit_together, temporary_path
+from lift3d.cli import arguments
 from lift3d.sampling.synthesis import (DTYPES, SCHEDULERS, STARTS, SynthesisModel, check_clip_x0, check_start,
                                       load_synthesis_model, make_scheduler, resolve_sample_batch, resolve_window,
                                       save_std_volume, synthesize_posterior, unet_evaluations)
 
-NATIVE = "native"
 DEFAULT_PERCENTILES = (0.5, 99.5)
-DEVICE_TYPES = ("cpu", "cuda", "mps")
 # Float32 volumes of the synthesis grid held at once besides the K samples and their stack: the
 # source, its encoding, the noisy sample, the noise prediction, the mean and the std. A lower bound
 # (the U-Net's activations come on top), so no run that fits is refused.
@@ -75,82 +74,6 @@ examples:
 """
 
 
-def _integer_at_least(low: int, words: str):
-    """An argparse type: an int >= ``low``, with an error that calls the bound what it is."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {words} integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected a {words} integer, got {value}")
-        return value
-
-    return parse
-
-
-_non_negative = _integer_at_least(0, "non-negative")
-_positive = _integer_at_least(1, "positive")
-
-
-def _strength(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return value
-
-
-def _correlation(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 (independent slices) to 1 (the same noise in "
-                                         f"every slice), got {text!r}")
-    return value
-
-
-def _window(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0 or value == 1:
-        raise argparse.ArgumentTypeError(f"expected 0 (always the whole volume) or a window of at least 2 slices, "
-                                         f"got {text!r}")
-    return value
-
-
-def _device(text: str) -> str:
-    try:
-        kind = torch.device(text).type
-    except (RuntimeError, TypeError, ValueError):
-        kind = None
-    if kind not in DEVICE_TYPES:
-        raise argparse.ArgumentTypeError(f"expected a device that can run synthesis: cpu, cuda, cuda:N or mps; "
-                                         f"got {text!r}")
-    return text
-
-
-def _slice_count(text: str) -> int | str:
-    return NATIVE if text == NATIVE else _positive(text)
-
-
-def _in_plane_size(text: str) -> tuple[int, int] | str:
-    if text == NATIVE:
-        return NATIVE
-    parts = text.lower().split("x")
-    if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"expected N, HxW or 'native', got {text!r}")
-    h, w = (int(parts[0]), int(parts[-1]))
-    return h, w
-
-
 def build_parser() -> argparse.ArgumentParser:
     steps = ", ".join(f"{steps} for {name}" for name, (_, steps) in SCHEDULERS.items())
     parser = argparse.ArgumentParser(prog="lift3d-synthesize", description=DESCRIPTION, epilog=EPILOG,
@@ -170,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "objective): ddpm (ancestral), ddim (the paper's, deterministic) or dpm (DPM-Solver++ "
                         "multistep). For a flow model: flow (Euler on the straight path) or dpm. Default: ddim for "
                         "ddpm models, flow for flow models")
-    parser.add_argument("--steps", type=_positive, metavar="N",
+    parser.add_argument("--steps", type=arguments.positive, metavar="N",
                         help=f"denoising steps (default: {steps}); more is slower and usually better")
     parser.add_argument("--fast", action="store_true",
                         help="the few-step preset of the model's objective, chosen on validation subjects (sampler, "
@@ -179,33 +102,33 @@ def build_parser() -> argparse.ArgumentParser:
                         help="noise (default): the whole schedule from Gaussian noise. estimate: one U-Net pass on "
                         "the noise estimates the target, which is noised afresh to where the last --strength of "
                         "the steps begins (SDEdit). source: the same from the source volume itself")
-    parser.add_argument("--strength", type=_strength, metavar="S",
+    parser.add_argument("--strength", type=arguments.strength, metavar="S",
                         help="with --start estimate or source: the fraction of the steps that run, in (0, 1)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the initial noise (and of ddpm's added noise); the same seed and "
                         "options give the same volume. With --samples K, sample 0 uses the seed itself and "
                         "sample k a seed hashed from (seed, k) (lift3d.sampling.synthesis.sample_seed). Default: 0")
-    parser.add_argument("--samples", type=_positive, default=1, metavar="K",
+    parser.add_argument("--samples", type=arguments.positive, default=1, metavar="K",
                         help=f"draw K samples per source and write their mean as <name>{OUTPUT_SUFFIX} and "
                         f"their per-voxel standard deviation as {STD_DIR}/<name>{STD_SUFFIX} (an uncertainty "
                         "map). K times the work of one sample, less per sample when batched. Default: 1 (one "
                         "sample, no std map)")
-    parser.add_argument("--sample-batch", type=_positive, metavar="N",
+    parser.add_argument("--sample-batch", type=arguments.positive, metavar="N",
                         help="denoise N of the K samples together (default: all K on a GPU, 1 on the CPU, "
                         "where batching measured slower). Lower it if GPU memory is short; a batch that runs "
                         "out of memory is halved and retried anyway. The result does not depend on it beyond "
                         "float rounding")
-    parser.add_argument("--noise-correlation", type=_correlation, default=0.0, metavar="RHO",
+    parser.add_argument("--noise-correlation", type=arguments.correlation, default=0.0, metavar="RHO",
                         help="correlate the noise of all slices of a volume by RHO in [0, 1] (each voxel's "
                         "noise stays N(0, 1), as sqrt(RHO) x shared + sqrt(1 - RHO) x own-per-slice would "
                         "give): the initial noise, and ddpm's noise at every step. 0 = independent slices, "
                         "as in training; 1 = the same noise in every slice. Default: 0")
-    parser.add_argument("--window", type=_window, metavar="N",
+    parser.add_argument("--window", type=arguments.window, metavar="N",
                         help="denoise in overlapping windows of N slices, blending their noise predictions "
                         "at every step (saves memory on long volumes). 0 = always the whole volume. Default: "
                         "the whole volume unless it has more slices than the model was fine-tuned on, then "
                         "windows of that many slices")
-    parser.add_argument("--overlap", type=_non_negative, metavar="N",
+    parser.add_argument("--overlap", type=arguments.non_negative, metavar="N",
                         help="slices shared by neighbouring windows, 0 to N - 1 (default: a quarter of the window, "
                         "at least 1); the shared slices are blended with raised-cosine weights")
     parser.add_argument("--slice-wise", action="store_true",
@@ -215,14 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="clamp the sampler's estimate of the clean volume to [-1, 1] at every step. Pixel-"
                         "space models only (identity autoencoder); helps an epsilon model that drifts to "
                         "black or white slices")
-    parser.add_argument("--num-slices", type=_slice_count, metavar="N|native",
+    parser.add_argument("--num-slices", type=arguments.slice_count, metavar="N|native",
                         help="resample each source to N slices instead of the training slice count; "
                         "'native' keeps the source's own slice count (longer volumes are then windowed)")
-    parser.add_argument("--size", type=_in_plane_size, metavar="N|HxW|native",
+    parser.add_argument("--size", type=arguments.in_plane_size, metavar="N|HxW|native",
                         help="in-plane size to resample each slice to instead of the training size; "
                         "'native' keeps the source's own. Both sides must be multiples of the model's "
                         "size multiple (autoencoder factor x U-Net downsampling)")
-    parser.add_argument("--device", type=_device, metavar="DEVICE",
+    parser.add_argument("--device", type=arguments.device, metavar="DEVICE",
                         help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                         help="dtype of the U-Net and autoencoder; the sampler stays float32. Default: float32")
@@ -355,10 +278,10 @@ def source_grid(model: SynthesisModel, image: nib.Nifti1Image, path: Path, *, si
     settings = grid_settings(model)
     axis = settings["slice_axis"]
     native = slice_shape(image.shape[:3], orientation_codes(image.affine), axis)
-    n = native[0] if num_slices == NATIVE or settings["num_slices"] is None else (num_slices or settings["num_slices"])
+    n = native[0] if num_slices == arguments.NATIVE or settings["num_slices"] is None else (num_slices or settings["num_slices"])
     multiple = model.size_multiple
     trained = "x".join(map(str, _pair(settings["size"])))
-    if size == NATIVE:
+    if size == arguments.NATIVE:
         h, w = native[1:]
         if h % multiple or w % multiple:
             fix = "x".join(str(max(multiple, (s + multiple // 2) // multiple * multiple)) for s in (h, w))
@@ -371,15 +294,15 @@ def source_grid(model: SynthesisModel, image: nib.Nifti1Image, path: Path, *, si
         grid_size: Any = (h, w)
     else:
         grid_size = size or settings["size"]
-    options = ([f"--num-slices {num_slices}"] if num_slices not in (None, NATIVE) else []) + (
-        [f"--size {'x'.join(map(str, _pair(size)))}"] if size not in (None, NATIVE) else [])
+    options = ([f"--num-slices {num_slices}"] if num_slices not in (None, arguments.NATIVE) else []) + (
+        [f"--size {'x'.join(map(str, _pair(size)))}"] if size not in (None, arguments.NATIVE) else [])
     origin = ", ".join(options) or str(path)
     try:
         grid = TrainingGrid(grid_size, int(n), axis, multiple, settings["percentiles"])
     except BudgetError as exc:
         raise BudgetError(f"{origin}: {exc}") from None
     except ValueError as exc:
-        if size not in (None, NATIVE):
+        if size not in (None, arguments.NATIVE):
             raise UserError(f"--size {'x'.join(map(str, _pair(size)))} does not fit this model: {exc}. The source "
                             f"is resampled in-plane to --size and back, so any valid size works; omit --size to use "
                             f"the training size {trained}") from None

@@ -14,6 +14,7 @@ rows of their per-voxel standard deviation (the uncertainty map of
 
 from __future__ import annotations
 
+import io
 import os
 import uuid
 from pathlib import Path
@@ -100,8 +101,49 @@ def save_orthogonal_views(
     plane_names: Sequence[str] = PLANE_NAMES,
     dpi: int = 100,
 ) -> Figure:
-    """Write a PNG with one row per volume, one ``|error|`` row per ``error_of`` pair, then one
-    ``std`` row per ``uncertainty`` map.
+    """Write :func:`orthogonal_views` as a PNG at ``path`` and return the figure.
+
+    The file is written to a temporary name in the same folder, then renamed over ``path``.
+    """
+    fig = orthogonal_views(volumes, title=title, error_of=error_of, uncertainty=uncertainty, spacing=spacing,
+                           plane_names=plane_names, dpi=dpi)
+    save_png(fig, path, dpi=dpi)
+    return fig
+
+
+def save_png(fig: Figure, path: str | os.PathLike, *, dpi: int = 100) -> Path:
+    """Write ``fig`` as a PNG: to a temporary name in the same folder, then renamed over ``path``."""
+    path = Path(path)
+    # A unique sibling name (not mkstemp, whose 0600 mode would survive the rename).
+    temp_name = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        fig.savefig(temp_name, format="png", dpi=dpi)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def png_bytes(fig: Figure, *, dpi: int = 100) -> bytes:
+    """``fig`` as PNG bytes, e.g. to embed in an HTML page."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def orthogonal_views(
+    volumes: Mapping[str, np.ndarray],
+    *,
+    title: str | None = None,
+    error_of: tuple[str, str] | Sequence[tuple[str, str]] | None = ("prediction", "target"),
+    uncertainty: Mapping[str, np.ndarray] | None = None,
+    spacing: Sequence[float] | None = None,
+    plane_names: Sequence[str] = PLANE_NAMES,
+    dpi: int = 100,
+) -> Figure:
+    """A figure with one row per volume, one ``|error|`` row per ``error_of`` pair, then one
+    ``std`` row per ``uncertainty`` map; :func:`save_orthogonal_views` writes it as a PNG.
 
     :param volumes: name -> ``(n, h, w)`` array, all the same shape; rows follow this order.
     :param error_of: a ``(prediction, target)`` pair of names in ``volumes``, a list of such
@@ -116,7 +158,6 @@ def save_orthogonal_views(
     :param spacing: voxel size ``(slice, row, column)``, e.g. in mm, for true panel aspect.
     :param plane_names: column titles for the in-plane view and the two through-plane views.
     :returns: the figure (three image axes per row, plus one colourbar axes per error or std row).
-    The file is written to a temporary name in the same folder, then renamed over ``path``.
     """
     names = list(volumes)
     if not names:
@@ -184,14 +225,48 @@ def save_orthogonal_views(
             colourbar.set_label(bar_label, fontsize="small")
     if title:
         fig.suptitle(title)
+    return fig
 
-    path = Path(path)
-    # A unique sibling name (not mkstemp, whose 0600 mode would survive the rename).
-    temp_name = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        fig.savefig(temp_name, format="png", dpi=dpi)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+
+def metric_distributions(
+    rows: Sequence[Mapping[str, object]],
+    names: Sequence[str],
+    *,
+    higher_is_better: Mapping[str, bool | None] | None = None,
+    columns: int = 4,
+    dpi: int = 100,
+) -> Figure:
+    """One small panel per metric in ``names``: a box plot per method (a row's ``method``, one box if no row
+    has one) with every subject drawn as a point over it. Values that are None (not scored) or not finite
+    (a perfect PSNR) cannot be drawn; a panel's title counts those it leaves out.
+
+    :param higher_is_better: metric -> its better direction, shown as an arrow in the panel's title.
+    """
+    if not rows or not names:
+        raise ValueError(f"metric_distributions needs rows and metric names; got {len(rows)} rows and names {list(names)}")
+    methods = list(dict.fromkeys(str(row.get("method", "")) for row in rows))
+    directions = higher_is_better or {}
+    columns = max(1, min(columns, len(names)))
+    lines = -(-len(names) // columns)
+    width = max(2.6, 0.7 * len(methods) + 1.2)
+    fig = Figure(figsize=(width * columns, 2.4 * lines), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    jitter = np.random.default_rng(0)  # fixed, so the same rows draw the same figure
+    for index, name in enumerate(names):
+        ax = fig.add_subplot(lines, columns, index + 1)
+        groups, left_out = [], 0
+        for method in methods:
+            values = [row.get(name) for row in rows if str(row.get("method", "")) == method]
+            finite = [float(v) for v in values if v is not None and np.isfinite(float(v))]  # type: ignore[arg-type]
+            left_out += len(values) - len(finite)
+            groups.append(finite)
+        positions = [i + 1 for i, group in enumerate(groups) if group]
+        if positions:
+            ax.boxplot([g for g in groups if g], positions=positions, widths=0.5, showfliers=False)
+        for position, group in enumerate(groups, start=1):
+            ax.scatter(position + jitter.uniform(-0.12, 0.12, len(group)), group, s=12, alpha=0.8, zorder=3)
+        ax.set_xticks(range(1, len(methods) + 1), [m or "prediction" for m in methods], fontsize="small")
+        arrow = {True: " \u2191", False: " \u2193"}.get(directions.get(name), "")  # type: ignore[arg-type]
+        ax.set_title(name + arrow + (f" ({left_out} not drawn)" if left_out else ""), fontsize="small")
+        ax.tick_params(axis="y", labelsize="small")
     return fig

@@ -29,6 +29,17 @@ INTENSITY_RULE = (
 
 # Name -> True when higher is better. Order is the column order of reports.
 METRICS: dict[str, bool] = {"mae": False, "psnr": True, "ssim": True, "z_inconsistency": False}
+# The viewing planes, named by the RAS axis their slices are perpendicular to (R, A, S).
+PLANES: tuple[str, ...] = ("axial", "coronal", "sagittal")
+# The scores of :mod:`lift3d.evaluation.planes` (``evaluate_all``): per plane, across slices, multi-scale.
+# ``ms_ssim`` is None for a volume too small for it (``lift3d.evaluation.planes.ms_ssim_note`` says why).
+PLANE_METRICS: dict[str, bool] = {
+    **{f"psnr_{plane}": True for plane in PLANES},
+    **{f"ssim_{plane}": True for plane in PLANES},
+    "through_plane_mae": False,
+    "through_plane_correlation": True,
+    "ms_ssim": True,
+}
 # Scores of an uncertainty map (:func:`uncertainty_scores`); None: no better direction (a magnitude).
 UNCERTAINTY_METRICS: dict[str, bool | None] = {"std_mean": None, "std_error_spearman": True}
 
@@ -45,9 +56,11 @@ def _as_volume(array: np.ndarray, name: str) -> np.ndarray:
     return volume
 
 
-def _check_inputs(
+def check_inputs(
     pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Float64 ``(n, h, w)`` copies of a prediction and its target (same shape, finite) and the mask
+    (boolean, same shape, not empty), or a one-line error naming what is wrong."""
     pred = _as_volume(pred, "prediction")
     target = _as_volume(target, "target")
     if pred.shape != target.shape:
@@ -84,7 +97,7 @@ def scale_to_target_range(
 
 def mean_absolute_error(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Mean ``|pred - target|`` over all voxels, or over the voxels where ``mask`` is True."""
-    pred, target, mask = _check_inputs(pred, target, mask)
+    pred, target, mask = check_inputs(pred, target, mask)
     error = np.abs(pred - target)
     return float(error[mask].mean() if mask is not None else error.mean())
 
@@ -96,7 +109,7 @@ def peak_signal_to_noise_ratio(
 
     Identical volumes have MSE 0 and give ``math.inf`` (not an error, not a large finite number).
     """
-    pred, target, mask = _check_inputs(pred, target, mask)
+    pred, target, mask = check_inputs(pred, target, mask)
     squared = (pred - target) ** 2
     mse = float(squared[mask].mean() if mask is not None else squared.mean())
     if mse == 0.0:
@@ -119,7 +132,7 @@ def structural_similarity_3d(
     ``(win_size - 1) // 2`` voxels where the window leaves the volume; so an all-True mask gives
     the unmasked value. Every axis must be at least ``win_size`` voxels long.
     """
-    pred, target, mask = _check_inputs(pred, target, mask)
+    pred, target, mask = check_inputs(pred, target, mask)
     if min(target.shape) < win_size:
         raise ValueError(
             f"SSIM needs every axis to be at least win_size={win_size} voxels; got shape {target.shape}"
@@ -147,7 +160,7 @@ def z_inconsistency(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | Non
     coronal/sagittal views) raise it much more than an error that varies smoothly along z.
     A target with no change along z gives 0 if the prediction has none either, else ``inf``.
     """
-    pred, target, mask = _check_inputs(pred, target, mask)
+    pred, target, mask = check_inputs(pred, target, mask)
     if target.shape[0] < 2:
         raise ValueError(f"z_inconsistency needs at least 2 slices; got shape {target.shape}")
     dz_pred = np.diff(pred, axis=0)
@@ -166,7 +179,7 @@ def z_inconsistency(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | Non
 
 def evaluate_volumes(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
     """All :data:`METRICS` for one subject, after :func:`scale_to_target_range`."""
-    pred, target, mask = _check_inputs(pred, target, mask)
+    pred, target, mask = check_inputs(pred, target, mask)
     pred, target = scale_to_target_range(pred, target)
     return {
         "mae": mean_absolute_error(pred, target, mask),
@@ -200,7 +213,7 @@ def uncertainty_scores(std: np.ndarray, pred: np.ndarray, target: np.ndarray,
     from scipy.stats import spearmanr
 
     std = _as_volume(std, "std")
-    pred, target, mask = _check_inputs(pred, target, mask)
+    pred, target, mask = check_inputs(pred, target, mask)
     if std.shape != target.shape:
         raise ValueError(f"std has shape {std.shape} but target has {target.shape}; they must match")
     if (std < 0).any():
@@ -217,30 +230,38 @@ def uncertainty_scores(std: np.ndarray, pred: np.ndarray, target: np.ndarray,
             "std_error_spearman": 0.0 if constant else float(spearmanr(std, error).statistic)}
 
 
-def summarize(rows: Iterable[Mapping[str, object]]) -> dict[str, dict[str, float]]:
+def summarize(rows: Iterable[Mapping[str, object]], names: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
     """Mean and population std (ddof=0) per metric over per-subject rows, plus the count ``n``.
 
     Each row is a mapping like :func:`evaluate_volumes`' result, optionally with
-    :data:`UNCERTAINTY_METRICS`; other keys (a subject name, file paths) are ignored. Every row
-    must carry the same metrics. If any value is infinite (a perfect PSNR), the mean is ``inf`` and the std ``nan``.
+    :data:`PLANE_METRICS` and :data:`UNCERTAINTY_METRICS`; other keys (a subject name, file paths) are
+    ignored unless ``names`` lists them (``names`` replaces the known metrics, e.g. to add ``dice_*``
+    columns). Every row must carry the same metrics. A None value is a score that could not be taken
+    (``ms_ssim`` of a small volume): it is left out, ``n`` counts the others, and where every value is None
+    the mean and std are NaN. If any value is infinite (a perfect PSNR), the mean is ``inf`` and the std ``nan``.
     """
     rows = list(rows)
     if not rows:
         raise ValueError("summarize needs at least one row; got none")
-    names = [name for name in (*METRICS, *UNCERTAINTY_METRICS) if name in rows[0]]
-    if not names:
-        raise ValueError(f"first row has none of the metrics {', '.join(METRICS)}; its keys: {', '.join(map(str, rows[0]))}")
+    if names is None:
+        names = [name for name in (*METRICS, *PLANE_METRICS, *UNCERTAINTY_METRICS) if name in rows[0]]
+        if not names:
+            raise ValueError(f"first row has none of the metrics {', '.join(METRICS)}; its keys: {', '.join(map(str, rows[0]))}")
     summary: dict[str, dict[str, float]] = {}
     for name in names:
         values = []
         for index, row in enumerate(rows):
             if name not in row:
                 raise ValueError(f"row {index} has no '{name}' value; its keys: {', '.join(map(str, row))}")
+            if row[name] is None:
+                continue
             values.append(float(row[name]))  # type: ignore[arg-type]
+            if math.isnan(values[-1]):
+                raise ValueError(f"'{name}' is NaN in row {index}")
         array = np.asarray(values, dtype=np.float64)
-        if np.isnan(array).any():
-            raise ValueError(f"'{name}' is NaN in row {int(np.flatnonzero(np.isnan(array))[0])}")
-        if np.isfinite(array).all():
+        if not values:
+            mean = std = math.nan
+        elif np.isfinite(array).all():
             mean, std = float(array.mean()), float(array.std())
         else:
             mean, std = float(array.mean()), math.nan
