@@ -34,6 +34,13 @@ def test_quick_demo_end_to_end(tmp_path, capsys, dataset):
     assert trained_on["data"]["dataset"] == dataset
     figures = list((out / "evaluation" / "figures").glob("*.png"))
     assert figures and figures[0].stat().st_size > 10_000
+    # the report: one self-contained page, every method and subject in it, images embedded, nothing fetched
+    report = (out / "evaluation" / "report.html").read_text()
+    assert "report.html" in printed and report.count("data:image/png;base64,") >= 2
+    assert "http://" not in report and "https://" not in report and "psnr_coronal" in report
+    for stats in summary["methods"].values():  # per-plane and through-plane scores are in the metrics too
+        assert {"psnr_coronal", "ssim_sagittal", "through_plane_mae"} <= set(stats)
+    assert set(summary["seconds_per_volume"]) == {"slice-wise", "lifted"} and "s / volume" in printed
     synth = sorted((out / "synthesis").glob("*_lifted.nii.gz"))
     assert synth
     if dataset == "icbm152":  # the mean of K samples, with the per-voxel std beside it on the same grid

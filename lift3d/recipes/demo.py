@@ -21,7 +21,9 @@ from lift3d.recipes.make_a_volume import Recipe, stage_config
 from lift3d.training.config import TrainConfig
 from lift3d.data import save_volume
 from lift3d.evaluation.figures import save_orthogonal_views
-from lift3d.evaluation.metrics import INTENSITY_RULE, score_pair, summarize
+from lift3d.evaluation.metrics import INTENSITY_RULE, summarize
+from lift3d.evaluation.planes import score_pair_all
+from lift3d.evaluation.report import SubjectViews, write_report
 from lift3d.plugins import create
 from lift3d.sampling.synthesis import load_synthesis_model, save_std_volume, synthesize_posterior
 from lift3d.training.loop import train
@@ -156,6 +158,7 @@ def run_demo(out: str | Path, *, dataset: str = "icbm152", scale: str = "default
     clean_rows: dict[str, list] = {"slice-wise": [], "lifted": []}
     files = {"model": str(model_dir), "nifti": [], "figures": []}
     seconds: dict[str, list[float]] = {"slice-wise": [], "lifted": []}
+    views: dict[str, SubjectViews] = {}
     evaluations: dict[str, int] = {}
     for pair in test:
         source = pair.source[None]
@@ -180,9 +183,11 @@ def run_demo(out: str | Path, *, dataset: str = "icbm152", scale: str = "default
         for name, vol in (("source", pair.source), ("target", pair.target)):
             save_volume(synth_dir / f"{pair.subject}_{name}.nii.gz", vol, pair.meta)
         for method in rows:
-            rows[method].append(score_pair(outputs[method], pair))
+            rows[method].append(score_pair_all(outputs[method], pair))
             if "clean_target" in pair.extra:
-                clean_rows[method].append(score_pair(outputs[method], pair, "clean_target"))
+                clean_rows[method].append(score_pair_all(outputs[method], pair, "clean_target"))
+        views[pair.subject] = SubjectViews(pair.target[0].numpy(), outputs, source=pair.source[0].numpy(), stds=stds,
+                                           spacing=pair.meta.grid_spacing)
         figure = eval_dir / "figures" / f"{pair.subject}.png"
         figure.parent.mkdir(parents=True, exist_ok=True)
         modality = "T1 -> T2" if dataset == "icbm152" else "phantom T1 -> T2"
@@ -216,6 +221,9 @@ def run_demo(out: str | Path, *, dataset: str = "icbm152", scale: str = "default
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     tmp.replace(metrics_path)
     files["metrics"] = str(metrics_path)
+    report_rows = [{"method": method, **row} for method, per_subject in rows.items() for row in per_subject]
+    files["report"] = str(write_report(eval_dir / "report.html", report_rows, views=views,
+                                       title=f"lift3d demo: {dataset} test subjects, {sampler}"))
     print_report(files, summary)
     return {"files": files, "summary": summary}
 
@@ -226,6 +234,7 @@ def print_report(files: dict, summary: dict) -> None:
     print(f"  synthesised NIfTI:    {', '.join(files['nifti'])}")
     print(f"  metrics JSON:         {files['metrics']}")
     print(f"  orthogonal views PNG: {', '.join(files['figures'])}")
+    print(f"  report (a browser):   {files['report']}")
     tables = [("target", summary["methods"])]
     if "methods_vs_clean_target" in summary:
         tables.append(("clean target (before its bias field and noise)", summary["methods_vs_clean_target"]))
