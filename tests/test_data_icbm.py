@@ -112,3 +112,42 @@ def test_icbm152_from_the_1mm_folder_gives_the_published_benchmark_subjects(icbm
         assert pair.subject == subject
         assert pair.meta.intensity.low == 0.0 and pair.meta.intensity.high == pytest.approx(high, rel=1e-12)
         assert pair.source.shape == pair.target.shape == (1, 16, 32, 32)
+
+
+def test_packaged_tissue_maps_are_the_2mm_maps_cropped(icbm):
+    """The icbm152 plugin's tissue maps (see its README): the 2 mm probability maps, voxel for voxel, in the same box."""
+    from lift3d_plugins.datasets.icbm152 import PACKAGED, TISSUE_FILES
+
+    box = (slice(4, 93), slice(4, 111), slice(0, 89))
+    for key, name in TISSUE_FILES.items():
+        source = icbm / f"2mm_tpm_{key}.nii.gz"
+        if not source.is_file():
+            pytest.skip(f"{source.name} not found in {icbm}")
+        original, packaged = nib.load(source), nib.load(PACKAGED / name)
+        assert packaged.get_data_dtype() == original.get_data_dtype()
+        np.testing.assert_array_equal(np.asarray(packaged.dataobj), np.asarray(original.dataobj)[box])
+        np.testing.assert_allclose(packaged.affine, original.slicer[box].affine)
+
+
+def test_the_benchmark_options_get_tissue_maps_and_keep_their_subjects(icbm):
+    """benchmarks/icbm_t1t2.py's options (1 mm files, 2 mm voxels, cpu grid) unchanged: the packaged 2 mm tissue maps
+    are resampled onto the 1 mm template's grid, and every other tensor is what it was before they were added."""
+    if not all((icbm / name).is_file() for name in ONE_MM.values()):
+        pytest.skip(f"1 mm ICBM files not found in {icbm}")
+    manager = PluginManager(autoload=False)
+    dataset = manager.datasets.create("icbm152", root=icbm, files=ONE_MM, voxel_mm=2, split="train", num_train=2,
+                                      size=48, num_slices=24)
+    pair = dataset[0]
+    # Sums recorded with the plugin as it was before tissue maps (float64 sums of the float32 tensors).
+    assert float(pair.source.double().sum()) == pytest.approx(-27972.071736336322, rel=1e-9)
+    assert float(pair.target.double().sum()) == pytest.approx(-33891.28431282527, rel=1e-9)
+    assert float(pair.extra["clean_target"].double().sum()) == pytest.approx(-33821.2878497453, rel=1e-9)
+    assert int(pair.extra["mask"].sum()) == 17860
+    tissue, mask = pair.extra["tissue"], pair.extra["mask"][0]
+    assert tissue.shape == (3, 24, 48, 48)
+    brain = tissue.sum(0) > 0.5
+    assert 2 * (brain & mask).sum() / (brain.sum() + mask.sum()) > 0.95  # on the subject's brain, not the template's
+    # T2 contrast, which the maps must line up with: CSF brighter than grey matter, grey than white.
+    t2 = pair.target[0]
+    means = [float(t2[(p > 0.8) & mask].mean()) for p in tissue]
+    assert means[0] > means[1] > means[2], means

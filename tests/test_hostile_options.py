@@ -287,7 +287,7 @@ def test_the_phantom_working_set_is_budgeted(monkeypatch):
                                           r"24 such volumes \(generating one subject\) need 12.0 MiB, more than the "
                                           r"8.0 MiB"):
         PhantomDataset(size=64, num_slices=32)
-    with pytest.raises(BudgetError, match=r"152 such volumes \(generating one subject, and 32 cached\)"):
+    with pytest.raises(BudgetError, match=r"248 such volumes \(generating one subject, and 32 cached\)"):
         PhantomDataset(size=32, num_slices=32, num_subjects=40, cache=True)
     PhantomDataset(size=32, num_slices=32)
 
@@ -321,8 +321,10 @@ def test_the_icbm152_template_working_set_is_budgeted(monkeypatch):
     from lift3d_plugins.datasets.icbm152 import ICBM152Dataset
 
     monkeypatch.setenv(BUDGET_ENV, "64MiB")
+    with pytest.raises(BudgetError, match=r"icbm152: the template grid of 95 x 95 x 82 voxels .* 42 float32 volumes"):
+        ICBM152Dataset()  # 36, and 6 for the tissue maps
     with pytest.raises(BudgetError, match=r"icbm152: the template grid of 95 x 95 x 82 voxels .* 36 float32 volumes"):
-        ICBM152Dataset()
+        ICBM152Dataset(tissue=False)
 
 
 def _fake_subjects(root: Path, folders: list[str], files: list[str]) -> Path:

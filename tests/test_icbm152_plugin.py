@@ -119,7 +119,7 @@ def test_reads_no_file_outside_the_package(monkeypatch):
     icbm152._load_template.cache_clear()
     dataset = create(split="train", num_train=1, **SMALL)
     dataset[0]
-    assert sorted(p.name for p in opened) == sorted(icbm152.FILES.values())
+    assert sorted(p.name for p in opened) == sorted([*icbm152.FILES.values(), *icbm152.TISSUE_FILES.values()])
     assert all(p.resolve().parent == icbm152.PACKAGED for p in opened)
 
 
@@ -232,3 +232,72 @@ def test_the_wheel_carries_the_data_and_the_plugin_runs_from_it(tmp_path):
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert completed.stdout.startswith(str(site / "lift3d_plugins" / "datasets" / "data" / "icbm152"))
     assert "(1, 8, 16, 16)" in completed.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Tissue maps (extra["tissue"])
+
+
+def test_tissue_maps_left_every_other_tensor_as_it_was():
+    """Sums recorded with the plugin as it was before tissue maps: the same seeds give the same volumes."""
+    before = {"train": (-975.4274467392825, -1057.3453840520815, -1045.6397597372998, 734),
+              "test": (-1060.5278074194212, -1120.232747925911, -1119.1216449683998, 717)}
+    for split, (source, target, clean, mask) in before.items():
+        for tissue in (None, False):
+            pair = create(split=split, num_train=2, num_test=1, tissue=tissue, **SMALL)[0]
+            assert float(pair.source.double().sum()) == pytest.approx(source, rel=1e-9)
+            assert float(pair.target.double().sum()) == pytest.approx(target, rel=1e-9)
+            assert float(pair.extra["clean_target"].double().sum()) == pytest.approx(clean, rel=1e-9)
+            assert int(pair.extra["mask"].sum()) == mask
+            assert ("tissue" in pair.extra) == (tissue is None)
+
+
+def test_tissue_maps_are_probabilities_deformed_with_the_subject():
+    pairs = create(split="train", num_train=2, size=32, num_slices=16, voxel_mm=4)
+    first, second = pairs[0], pairs[1]
+    tissue, mask = first.extra["tissue"], first.extra["mask"][0]
+    assert tissue.shape == (3, 16, 32, 32) and tissue.dtype == torch.float32
+    assert tissue.min() >= 0 and tissue.sum(0).max() <= 1 + 1e-4
+    # Zero outside the brain, up to the (linear) resampling of its edge, where the mask is nearest-neighbour.
+    assert tissue[:, ~mask].sum() < 0.05 * tissue[:, mask].sum()
+    brain = tissue.sum(0) > 0.5
+
+    def dice(a, b):
+        return float(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+    assert dice(brain, mask) > 0.95
+    assert dice(brain, second.extra["mask"][0]) < dice(brain, mask) - 0.02  # the other subject's brain fits worse
+    t2 = first.target[0]
+    means = [float(t2[(p > 0.7) & mask].mean()) for p in tissue]
+    assert means[0] > means[1] > means[2], means  # T2: CSF > grey > white matter
+
+
+def test_tissue_maps_from_the_template_folder_or_refused_in_one_line(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in [*icbm152.FILES.values(), *icbm152.TISSUE_FILES.values()]:
+        shutil.copyfile(icbm152.PACKAGED / name, folder / f"my_{name}")
+    files = {key: f"my_{name}" for key, name in {**icbm152.FILES, **icbm152.TISSUE_FILES}.items()}
+    own = create(root=folder, files=files, split="test", num_test=1, **SMALL)[0]
+    packaged = create(split="test", num_test=1, **SMALL)[0]
+    assert torch.equal(own.extra["tissue"], packaged.extra["tissue"])
+    with pytest.raises(ValueError, match="files names the tissue map.s. csf, gm but not wm; give all of csf, gm, wm"):
+        create(root=folder, files={k: v for k, v in files.items() if k != "wm"}, **SMALL)
+    with pytest.raises(VolumeError, match="tissue map.s. missing: nowhere.nii.gz"):
+        create(root=folder, files={**files, "gm": "nowhere.nii.gz"}, **SMALL)
+    with pytest.raises(ValueError, match="tissue must be true, false or None"):
+        create(tissue="yes", **SMALL)
+
+
+def test_packaged_tissue_maps_are_left_out_of_a_folder_in_another_space(tmp_path):
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    for name in icbm152.FILES.values():  # the same images, placed 120 mm to the right of the template
+        image = nib.load(icbm152.PACKAGED / name)
+        affine = image.affine.copy()
+        affine[0, 3] += 120.0
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj), affine, image.header), folder / name)
+    assert "tissue" not in create(root=folder, split="test", num_test=1, **SMALL)[0].extra
+    with pytest.raises(VolumeError) as info:
+        create(root=folder, tissue=True, **SMALL)
+    assert "do not lie on the template's brain" in str(info.value) and "\n" not in str(info.value)

@@ -154,7 +154,7 @@ def test_plugins_command_lists_every_kind(monkeypatch, capsys):
             sections[kind] = []
         elif line.strip():
             sections[kind].append(line.split())
-    assert list(sections) == ["datasets", "autoencoders", "timestep_samplers", "layer_kinds"]
+    assert list(sections) == ["datasets", "autoencoders", "timestep_samplers", "objectives", "segmenters", "layer_kinds"]
     assert ["kl", "lift3d", "lift3d_plugins.autoencoders"] in sections["autoencoders"]
     assert ["make-a-volume", "lift3d", "lift3d_plugins.timestep_samplers"] in sections["timestep_samplers"]
     assert ["fake-sampler", __name__, __name__] in sections["timestep_samplers"]

@@ -1,6 +1,7 @@
 """``lift3d-evaluate``: score synthesized NIfTI volumes against their targets (MAE, PSNR, SSIM of
 Make-A-Volume's Tables 1-2, plus a z-consistency score; per-plane, through-plane and multi-scale scores
-of :mod:`lift3d.evaluation.planes`) and draw Fig. 3-style orthogonal views.
+of :mod:`lift3d.evaluation.planes`; with ``--segmenter``, tissue Dice of :mod:`lift3d.evaluation.segmentation`)
+and draw Fig. 3-style orthogonal views.
 
 Writes ``metrics.csv`` (one row per subject), ``summary.json`` (mean and std per metric, and the
 intensity-scale rule), ``figures/<subject>.png`` and, with ``--report``, ``report.html`` (one
@@ -295,7 +296,7 @@ def check_shapes(subjects: list[Subject]) -> None:
                 )
 
 
-def evaluate_subject(subject: Subject, slice_axis: str, figure_path: Path) -> dict[str, object]:
+def evaluate_subject(subject: Subject, slice_axis: str, figure_path: Path, segmenter=None) -> dict[str, object]:
     target, spacing = load_volume(subject.target, slice_axis)
     prediction, _ = load_volume(subject.prediction, slice_axis)
     if prediction.shape != target.shape:
@@ -321,6 +322,9 @@ def evaluate_subject(subject: Subject, slice_axis: str, figure_path: Path) -> di
         except ValueError as exc:
             raise UserError(f"subject '{subject.name}': std map {subject.std}: {exc}") from None
         uncertainty = {"prediction": std}
+    if segmenter is not None:  # downstream segmentation: Dice per tissue (lift3d.evaluation.segmentation)
+        metrics |= file_tissue_dice(segmenter, subject.prediction, subject.target, subject.labels, subject.mask,
+                                    slice_axis)
     save_orthogonal_views(
         figure_path, volumes, title=subject.name, error_of=("prediction", "target"), uncertainty=uncertainty,
         spacing=spacing, plane_names=PLANE_NAMES[slice_axis],
@@ -335,12 +339,18 @@ def evaluate_subject(subject: Subject, slice_axis: str, figure_path: Path) -> di
     }
 
 
+def _dice_columns(rows: list[dict[str, object]]) -> list[str]:
+    """The --segmenter's scores (dice_*), in the order :func:`lift3d.evaluation.segmentation.tissue_dice` gives them."""
+    return [name for name in rows[0] if name.startswith(DICE_PREFIXES["segmentation"])]
+
+
 def _json_number(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)
 
 
 def build_summary(rows: list[dict[str, object]], slice_axis: str, notes: Sequence[str] = ()) -> dict[str, object]:
-    summary = summarize(rows)
+    dice = _dice_columns(rows)
+    summary = summarize(rows) | (summarize(rows, dice) if dice else {})
     return {
         "n_subjects": len(rows),
         "slice_axis": slice_axis,
@@ -357,7 +367,12 @@ def build_summary(rows: list[dict[str, object]], slice_axis: str, notes: Sequenc
         "notes": list(notes),
         "std": "population standard deviation (ddof=0) over subjects",
         "non_finite": NON_FINITE_RULE,
-        "higher_is_better": {name: (METRICS | PLANE_METRICS | UNCERTAINTY_METRICS).get(name) for name in summary},
+        **({"dice": "torchmetrics' Dice per tissue of the --segmenter's labels: dice_<tissue> of the prediction's with "
+                    "the target's segmentation, dice_label_<tissue> of the prediction's and dice_target_label_<tissue> of "
+                    "the target's with --labels; dice_*_mean over the tissues; nan: a tissue absent from both"}
+           if dice else {}),
+        "higher_is_better": {name: (METRICS | PLANE_METRICS | UNCERTAINTY_METRICS | dict.fromkeys(dice, True)).get(name)
+                             for name in summary},
         "metrics": {  # a metric no subject could be scored by: mean and std null
             name: {"mean": _json_number(stats["mean"]) if stats["n"] else None,
                    "std": _json_number(stats["std"]) if stats["n"] else None, "n": stats["n"]}
@@ -395,7 +410,8 @@ def _publish(staging: Path, out: Path, figure_names: list[str]) -> None:
 def _write_csv(path: Path, rows: list[dict[str, object]]) -> None:
     scored = [name for name in UNCERTAINTY_METRICS if name in rows[0]]
     planes = [name for name in PLANE_METRICS if name in rows[0]]
-    columns = ["subject", *METRICS, *planes, *scored, "prediction", "target", "mask", *(["std"] if scored else [])]
+    columns = ["subject", *METRICS, *planes, *scored, *_dice_columns(rows), "prediction", "target", "mask",
+               *(["std"] if scored else [])]
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
@@ -423,13 +439,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     subjects = collect_subjects(args)
     check_shapes(subjects)
+    segmenter = load_segmenter(args.segmenter) if args.segmenter else None  # a bad folder stops here, in one line
     out = Path(args.out)
     staging, created_out = _prepare_out(out)
     try:
         (staging / FIGURES_DIR).mkdir()
         rows = []
         for subject in tqdm(subjects, desc="lift3d-evaluate", unit="subject", disable=None):
-            rows.append(evaluate_subject(subject, args.slice_axis, staging / FIGURES_DIR / f"{subject.name}.png"))
+            rows.append(evaluate_subject(subject, args.slice_axis, staging / FIGURES_DIR / f"{subject.name}.png",
+                                         segmenter))
         _write_csv(staging / CSV_NAME, rows)
         notes = score_notes(subjects, rows, args.slice_axis)
         summary = build_summary(rows, args.slice_axis, notes)

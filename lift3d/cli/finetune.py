@@ -19,7 +19,8 @@ Stage 1 (--run.stage slices) trains a slice-wise latent diffusion U-Net: the sou
 concatenated to the noisy target latent, with a timestep per slice. Stage 2 (--run.stage volumes,
 the default) takes a stage-1 output or any local diffusers 2D U-Net folder (--model.pretrained),
 inserts identity-initialised volumetric layers with lift3d.lifting.inflate, and fine-tunes on whole volumes
-with one timestep per volume (make-a-volume: weight 2T - t).
+with one timestep per volume (make-a-volume: weight 2T - t). --run.stage segmenter trains the tissue
+segmenter that lift3d-evaluate --segmenter scores synthesis with, on the real targets and their tissue maps.
 
 Options come from defaults, then the --config TOML file, then --section.field flags. The result
 is written to <run.output_dir>/model (safetensors), with training-state checkpoints beside it
@@ -33,6 +34,7 @@ examples:
   accelerate launch -m lift3d.finetune --config examples/configs/phantom-stage2.toml --optim.mixed_precision bf16
   accelerate launch "$(which lift3d-finetune)" --config stage2.toml   (not: accelerate launch lift3d-finetune)
   lift3d-finetune --config stage2.toml --run.resume latest
+  lift3d-finetune --run.stage segmenter --data.dataset icbm152 --run.max_steps 600 --data.batch_size 16
 """
 
 

@@ -47,7 +47,7 @@ def _plugins(args: argparse.Namespace) -> int:
 def add_plugins_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "plugins",
-        help="list registered datasets, autoencoders, timestep samplers and layer kinds",
+        help="list registered datasets, autoencoders, timestep samplers, objectives, segmenters and layer kinds",
         description=(
             "List every registered plugin by kind: its name, the package that provides it and the "
             f"module that defines it. Set {AUTOLOAD_ENV}=1 to hide installed third-party plugins."

@@ -125,6 +125,79 @@ class SchedulerConfig(Checked):
 
 
 # --------------------------------------------------------------------------------------------
+# Segmenter folders (lift3d.evaluation.segmentation)
+
+
+SEGMENTER_FORMAT = "lift3d-segmenter"
+PLUGIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+
+
+class Exact(Checked):
+    """A file lift3d writes and reads itself: an unknown key is an error, not a newer library's field."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+
+class SegmenterGrid(Exact):
+    """The grid a segmenter was trained on, which image files are brought onto (:class:`lift3d.data.volume.TrainingGrid`)."""
+
+    size: list[int] = Field(min_length=2, max_length=2)
+    num_slices: int = Field(ge=1, le=4096)
+    slice_axis: Literal["axial", "coronal", "sagittal"]
+    percentiles: list[float] = Field(min_length=2, max_length=2)
+    spacing_mm: list[float] | None = Field(default=None, min_length=3, max_length=3)
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: list[int]) -> list[int]:
+        if any(not 1 <= s <= 4096 for s in value):
+            raise ValueError(f"each side must be from 1 to 4096, got {value}")
+        return value
+
+    @field_validator("percentiles")
+    @classmethod
+    def _percentiles(cls, value: list[float]) -> list[float]:
+        if not 0 <= value[0] < value[1] <= 100:
+            raise ValueError(f"must be [low, high] with 0 <= low < high <= 100, got {value}")
+        return value
+
+
+class TissueNetworkSettings(Exact):
+    """The built-in ``tissue-unet``'s network: a 2.5D U-Net (:mod:`lift3d.evaluation.tissue_unet`)."""
+
+    block_out_channels: list[int] = Field(min_length=1, max_length=6)
+    context: int = Field(ge=0, le=16)
+
+    @field_validator("block_out_channels")
+    @classmethod
+    def _widths(cls, value: list[int]) -> list[int]:
+        if any(not 1 <= w <= 1024 for w in value):
+            raise ValueError(f"every width must be from 1 to 1024, got {value}")
+        return value
+
+
+class SegmenterSettings(Exact):
+    """``segmenter.json`` of a segmenter folder: which plugin loads it, its classes, its network and grid."""
+
+    format: Literal["lift3d-segmenter"]
+    version: Literal[1]
+    plugin: str = Field(pattern=PLUGIN_NAME)
+    classes: list[str] = Field(min_length=1, max_length=32)
+    network: TissueNetworkSettings | None = None
+    input_grid: SegmenterGrid | None = None
+    options: dict[str, Any] | None = None  # a third-party plugin's own settings, its to check
+    training: dict[str, Any] | None = None  # provenance only: nothing is built from it
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, value: list[str]) -> list[str]:
+        bad = [c for c in value if not (c.isidentifier() and len(c) <= 64)]
+        if bad or len(set(value)) != len(value):
+            raise ValueError(f"must be distinct names of letters, digits and _ (at most 64 each), got {value}")
+        return value
+
+
+# --------------------------------------------------------------------------------------------
 # The reader
 
 

@@ -1,4 +1,4 @@
-"""lift3d's plugin system (pluggy): datasets, autoencoders and timestep samplers.
+"""lift3d's plugin system (pluggy): datasets, autoencoders, timestep samplers, objectives and segmenters.
 
 ``hookimpl`` is the one symbol a plugin needs; see the README, "Writing a dataset plugin".
 """

@@ -27,9 +27,10 @@ BUILTIN_PLUGINS = (
     "lift3d_plugins.datasets",
     "lift3d_plugins.layer_kinds",
     "lift3d_plugins.objectives",
+    "lift3d_plugins.segmenters",
 )
 
-KINDS = ("datasets", "autoencoders", "timestep_samplers", "objectives")
+KINDS = ("datasets", "autoencoders", "timestep_samplers", "objectives", "segmenters")
 
 T = TypeVar("T")
 
@@ -173,6 +174,8 @@ class PluginManager:
         self.pm.hook.lift3d_register_timestep_samplers(registry=self.timestep_samplers)
         self.objectives: Registry[Any] = Registry("objectives")
         self.pm.hook.lift3d_register_objectives(registry=self.objectives)
+        self.segmenters: Registry[Any] = Registry("segmenters")
+        self.pm.hook.lift3d_register_segmenters(registry=self.segmenters)
 
     def registry(self, kind: str) -> Registry[Any]:
         if kind not in KINDS:

@@ -1,5 +1,5 @@
 """The contracts between lift3d's core and its plugins (datasets, autoencoders, timestep samplers,
-objectives).
+objectives, segmenters).
 
 Shapes follow one convention everywhere: a volume is ``(c, n, h, w)`` with ``n`` slices along the
 chosen slice axis; a batch of volumes is ``(b, c, n, h, w)``; a batch of slices is ``(b n) c h w``.
@@ -85,6 +85,23 @@ class Objective(Protocol):
     def clean_estimate(self, prediction: Tensor, x_t: Tensor, t: Tensor) -> Tensor: ...
 
     def sampler_config(self, name: str, scheduler_config: dict[str, Any]) -> tuple[str, dict[str, Any]]: ...
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """Labels tissue in one volume, to score synthesis by a downstream task (:mod:`lift3d.evaluation.segmentation`).
+
+    ``segment``: a volume ``(c, n, h, w)`` (or ``(n, h, w)``) in [-1, 1], scaled as a dataset gives it ->
+    ``(n, h, w)`` int64 labels, 0 = background and ``i`` = ``classes[i - 1]``. ``input_grid``, if not None,
+    is the grid ``lift3d-evaluate`` brings an image file onto before segmenting it: a dict with ``size``
+    ``[h, w]``, ``num_slices``, ``slice_axis`` and ``percentiles`` (those of
+    :class:`lift3d.data.volume.TrainingGrid`); None = the file's own voxels, sliced along ``--slice-axis``.
+    """
+
+    classes: tuple[str, ...]
+    input_grid: dict[str, Any] | None
+
+    def segment(self, volume: Tensor) -> Tensor: ...
 
 
 @dataclass

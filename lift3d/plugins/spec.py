@@ -1,5 +1,5 @@
 """Hook specifications: the kinds of lift3d plugin (datasets, autoencoders, timestep samplers, layer kinds,
-objectives).
+objectives, segmenters).
 
 A plugin module implements any of these with ``@lift3d.hookimpl`` and registers names on the
 typed registry it receives, e.g. ``registry.add("phantom", PhantomDataset)``.
@@ -63,4 +63,15 @@ def lift3d_register_objectives(registry):
         (the keys of a diffusers scheduler config, plus the objective's own options such as
         ``train_steps``; unknown keys ignored) returns an object that follows
         :class:`lift3d.plugins.protocols.Objective`.
+    """
+
+
+@hookspec
+def lift3d_register_segmenters(registry):
+    """Register segmenters: networks that label tissue in a volume, used to score synthesis downstream.
+
+    :param registry: a :class:`lift3d.plugins.Registry` of segmenters; ``factory(*, path, **options)`` loads
+        the segmenter saved in the folder ``path`` and returns an object that follows
+        :class:`lift3d.plugins.protocols.Segmenter`. ``lift3d.evaluation.segmentation.load_segmenter(path)``
+        calls the factory its folder's ``segmenter.json`` names (``"plugin"``).
     """

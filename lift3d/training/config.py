@@ -77,14 +77,15 @@ def opt(default: Any, help: str, choices: tuple | None = None, rule: Rule | None
     return field(default=default, metadata=metadata, **kwargs)
 
 
-STAGES = ("autoencoder", "slices", "volumes")
+STAGES = ("autoencoder", "slices", "volumes", "segmenter")
 
 
 @dataclass
 class RunConfig:
     stage: str = opt("volumes", "'autoencoder' = train the KL autoencoder the latent stages run in ([vae]); "
                      "'slices' = stage 1 (2D latent diffusion, t per slice); "
-                     "'volumes' = stage 2 (inflate, then fine-tune on volumes, t per volume)", STAGES)
+                     "'volumes' = stage 2 (inflate, then fine-tune on volumes, t per volume); "
+                     "'segmenter' = the tissue segmenter that scores synthesis ([segmenter])", STAGES)
     output_dir: str = opt("runs/lift3d", "folder for checkpoints, logs and the exported model", rule=PATH)
     seed: int = opt(0, "seed for weights, data order, noise and timesteps", rule=between(0, 2**32))
     max_steps: int = opt(200, "optimizer steps to train", rule=at_least(1))
@@ -198,6 +199,18 @@ class DiffusionConfig:
 
 
 @dataclass
+class SegmenterConfig:
+    block_out_channels: list[int] = opt([16, 32, 64], "segmenter stage: widths of the tissue U-Net, one level each "
+                                        "(the slice is halved between levels)",
+                                        rule=Rule(lambda v: 1 <= len(v) <= 6 and all(1 <= c <= 1024 for c in v),
+                                                  "a list of 1 to 6 widths from 1 to 1024"))
+    context: int = opt(1, "segmenter stage: the U-Net also sees this many neighbouring slices on each side",
+                       rule=from_to(0, 16))
+    dice_weight: float = opt(1.0, "segmenter stage: weight of the soft Dice term added to the cross-entropy with the "
+                             "tissue probabilities", rule=at_least(0))
+
+
+@dataclass
 class OptimConfig:
     learning_rate: float = opt(1e-4, "AdamW learning rate", rule=above(0))
     weight_decay: float = opt(0.0, "AdamW weight decay", rule=at_least(0))
@@ -220,6 +233,7 @@ class TrainConfig:
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     vae: VaeConfig = field(default_factory=VaeConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -384,7 +398,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           f"= {cfg.diffusion.num_train_timesteps}; a sampler takes at most one step per training step")
     if cfg.run.stage == "autoencoder":
         _check_groups("vae", cfg.vae.block_out_channels, cfg.vae.norm_num_groups)
-    elif not cfg.model.pretrained:
+    elif not cfg.model.pretrained and cfg.run.stage != "segmenter":
         _check_groups("model", cfg.model.block_out_channels, cfg.model.norm_num_groups)
         if cfg.model.block_out_channels[-1] < ATTENTION_HEAD_DIM:
             raise ConfigError(f"model.block_out_channels = {show_value(cfg.model.block_out_channels)} is not allowed; the "
@@ -447,8 +461,8 @@ class _ReadOnce(argparse.Action):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--section.field`` option per config field, grouped by section, with its help text."""
     parser.add_argument("--config", metavar="FILE.toml", action=_ReadOnce,
-                        help="TOML file with [run], [data], [model], [lift], [autoencoder], [vae], [diffusion] and "
-                             "[optim] tables; command-line options override it (give it once)")
+                        help="TOML file with [run], [data], [model], [lift], [autoencoder], [vae], [diffusion], "
+                             "[segmenter] and [optim] tables; command-line options override it (give it once)")
     for section, obj in _sections(TrainConfig()):
         group = parser.add_argument_group(f"[{section}]")
         for f in dataclasses.fields(obj):

@@ -53,6 +53,15 @@ def model_memory(cfg: TrainConfig) -> tuple[int, int, str] | None:
     In the diffusion stages the U-Net's input channels are counted for a 1-channel latent (the autoencoder
     plugin, which knows its latent channels, is not built here): the estimate is a lower bound.
     """
+    if cfg.run.stage == "segmenter":  # widths and levels are capped by their rule: building it on meta is cheap
+        from lift3d.data.tissue import TISSUES
+        from lift3d.evaluation.tissue_unet import TissueUNet
+
+        seg = cfg.segmenter
+        what = f"the tissue U-Net of segmenter.block_out_channels = {show_value(seg.block_out_channels)}"
+        nbytes = _parameter_bytes(_meta_parameters(
+            lambda: TissueUNet(2 * seg.context + 1, len(TISSUES) + 1, seg.block_out_channels), what))
+        return nbytes, nbytes, what
     if cfg.run.stage == "autoencoder":
         vae = cfg.vae
         what = (f"the autoencoder of vae.block_out_channels = {show_value(vae.block_out_channels)}, layers_per_block = "

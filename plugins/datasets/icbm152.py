@@ -3,16 +3,18 @@
 The template (Fonov et al., NeuroImage 2011; McGill University) is one population-average brain. A
 2 mm derivative of it ships with the package (``data/icbm152/``, see its README for provenance and
 licence). Each subject is that brain under a random smooth deformation and a small rotation,
-applied identically to T1, T2 and the brain mask, plus a bias field and Gaussian noise drawn
-independently per modality; a subject depends only on its seed. Any folder holding a T1/T2/mask
-triple on one grid (the 1 mm template, your own pair) can stand in for the packaged files.
+applied identically to T1, T2, the brain mask and the template's tissue probability maps (CSF, grey
+and white matter), plus a bias field and Gaussian noise drawn independently per modality; a subject
+depends only on its seed. Any folder holding a T1/T2/mask triple on one grid (the 1 mm template, your
+own pair) can stand in for the packaged files; the tissue maps are then the folder's own (``files``
+keys ``csf``, ``gm``, ``wm``) or the packaged 2 mm ones, resampled onto its grid by the affines.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from lift3d.data.nifti import load_image
 from lift3d.data.orientation import to_slices
 from lift3d.data.resample import resize_volume
 from lift3d.data.splits import SPLITS, check_split
+from lift3d.data.tissue import TISSUES
 from lift3d.data.volume import TrainingGrid, prepare_volume
 from lift3d.io.budget import check_bytes
 from lift3d.io.errors import BudgetError
@@ -33,7 +36,11 @@ from lift3d.plugins.protocols import VolumePair
 
 PACKAGED = Path(__file__).resolve().parent / "data" / "icbm152"
 FILES = {"T1": "T1w.nii.gz", "T2": "T2w.nii.gz", "mask": "brainmask.nii.gz"}
+TISSUE_FILES = {name: f"tpm_{name}.nii.gz" for name in TISSUES}  # csf, gm, wm
 MODALITIES = ("T1", "T2")
+# Tissue maps lie on the template's brain when (CSF + GM + WM > 0.5) overlaps its brain mask with at least this
+# Dice (the packaged maps: 0.99); the packaged maps are not used for a folder in another space.
+TISSUE_MIN_DICE = 0.8
 
 # Subject i of a split is drawn from np.random.default_rng(FIRST_SEED[split] + SEED_STRIDE * seed + i):
 # seed 0 gives train 1000.., val 1500.., test 2000.. (the ICBM benchmark's protocol), seed 1 gives
@@ -43,11 +50,13 @@ SEED_STRIDE = 1500
 MAX_PER_SPLIT = 500
 
 # Memory of one subject, in float32 volumes: about 33 of the template's grid while it is deformed (float64
-# coordinates and displacements, measured), and 8 of the training grid (source, target, clean target,
-# mask and the resampling's output), 4 of which stay per cached subject.
+# coordinates and displacements, measured), and 6 more with tissue maps (the template's and the warped), and 11
+# of the training grid (source, target, clean target, mask, 3 tissue maps and the resampling's output), 7 of
+# which stay per cached subject.
 TEMPLATE_WORKING_VOLUMES = 36
-GRID_WORKING_VOLUMES = 8
-CACHED_VOLUMES = 4
+TISSUE_WORKING_VOLUMES = 6
+GRID_WORKING_VOLUMES = 11
+CACHED_VOLUMES = 7
 
 
 @dataclass(frozen=True)
@@ -74,12 +83,14 @@ class Corruption:
 
 @dataclass(frozen=True)
 class Template:
-    """T1, T2 and mask on the generation grid (RAS), and that grid's affine."""
+    """T1, T2 and mask on the generation grid (RAS), that grid's affine, and the tissue probabilities
+    ``(3, ...)`` of :data:`~lift3d.data.tissue.TISSUES` on it (None without tissue maps)."""
 
     t1: np.ndarray
     t2: np.ndarray
     mask: np.ndarray
     affine: np.ndarray
+    tissue: np.ndarray | None = None
 
     @property
     def voxel_mm(self) -> float:
@@ -87,12 +98,14 @@ class Template:
 
 
 def template_files(root: Path | str | None = None, files: dict[str, str] | None = None) -> dict[str, Path]:
-    """The T1, T2 and mask paths: packaged unless ``root`` is given; ``files`` renames any of them."""
+    """The T1, T2 and mask paths: packaged unless ``root`` is given; ``files`` renames any of them (its
+    tissue keys are :func:`tissue_files`')."""
     names = dict(FILES)
     for key, name in (files or {}).items():
-        if key not in FILES:
-            raise ValueError(f"icbm152: unknown key {key!r} in files; valid: {', '.join(FILES)}")
-        names[key] = str(name)
+        if key not in FILES and key not in TISSUE_FILES:
+            raise ValueError(f"icbm152: unknown key {key!r} in files; valid: {', '.join([*FILES, *TISSUE_FILES])}")
+        if key in FILES:
+            names[key] = str(name)
     folder = PACKAGED if root is None else Path(root).expanduser()
     if root is not None and not folder.is_dir():
         problem = "template folder not found" if not folder.exists() else "is a file"
@@ -108,9 +121,51 @@ def template_files(root: Path | str | None = None, files: dict[str, str] | None 
     return {key: folder / name for key, name in names.items()}
 
 
+def tissue_files(root: Path | str | None = None, files: dict[str, str] | None = None) -> tuple[tuple[Path, ...], bool]:
+    """The CSF, GM and WM probability maps, and whether they are the template folder's own: those ``files``
+    names (``csf``, ``gm``, ``wm``, all three, in the template folder), else the packaged 2 mm maps."""
+    given = [key for key in TISSUE_FILES if key in (files or {})]
+    if given and len(given) < len(TISSUE_FILES):
+        raise ValueError(f"icbm152: files names the tissue map(s) {', '.join(given)} but not "
+                         f"{', '.join(k for k in TISSUE_FILES if k not in given)}; give all of csf, gm, wm or none")
+    folder = (PACKAGED if root is None else Path(root).expanduser()) if given else PACKAGED
+    paths = tuple(folder / str((files or {}).get(key, name) if given else name) for key, name in TISSUE_FILES.items())
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        hint = "reinstall lift3d (pip install --force-reinstall lift3d)" if not given else \
+            "or leave csf, gm and wm out of files (the packaged 2 mm maps are then used), or set tissue = false"
+        raise VolumeError(f"{folder}: tissue map(s) missing: {', '.join(missing)}; {hint}")
+    return paths, bool(given)
+
+
+def _on_grid(image: nib.Nifti1Image, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """``image``'s voxels on the grid ``(shape, affine)``: as they are where the two grids agree, else
+    interpolated linearly through the affines (smoothed first where the image's voxels are finer), 0 outside it."""
+    from scipy.ndimage import affine_transform, gaussian_filter
+
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    if data.shape == tuple(shape) and np.allclose(image.affine, affine, atol=1e-4):
+        return data
+    finer = np.linalg.norm(affine[:3, :3], axis=0) / np.linalg.norm(image.affine[:3, :3], axis=0)
+    sigma = np.maximum(0.0, (finer - 1.0) / 2.0)
+    if sigma.any():
+        data = gaussian_filter(data, sigma, mode="constant")
+    to_image = np.linalg.inv(image.affine) @ affine  # grid voxel -> image voxel
+    return affine_transform(data, to_image[:3, :3], to_image[:3, 3], output_shape=tuple(shape), order=1,
+                            mode="constant", cval=0.0)
+
+
+def tissue_overlap(template: Template) -> float:
+    """Dice of the template's brain mask and where its tissue maps sum past 0.5 (1 = they lie on its brain)."""
+    if template.tissue is None:
+        raise ValueError("icbm152: this template has no tissue maps")
+    tissue = template.tissue.sum(0) > 0.5
+    return float(2 * (tissue & template.mask).sum() / max(1, tissue.sum() + template.mask.sum()))
+
+
 @functools.lru_cache(maxsize=4)
 def _load_template(paths: tuple[Path, Path, Path], stamps: tuple, voxel_mm: float | None, skull_strip: bool,
-                   margin_mm: float) -> Template:
+                   margin_mm: float, tissue_paths: tuple[Path, ...] | None = None) -> Template:
     try:
         images = {key: nib.as_closest_canonical(load_image(p)) for key, p in zip(("T1", "T2", "mask"), paths)}
     except VolumeError as exc:
@@ -121,6 +176,13 @@ def _load_template(paths: tuple[Path, Path, Path], stamps: tuple, voxel_mm: floa
         if image.shape != images["T1"].shape or not np.allclose(image.affine, affine, atol=1e-4):
             raise VolumeError(f"{paths[('T1', 'T2', 'mask').index(key)]}: its grid (shape {image.shape}) differs "
                               f"from {paths[0].name}'s {images['T1'].shape}; the three files must share one grid")
+    tissue = None
+    if tissue_paths is not None:
+        try:
+            tissue = [_on_grid(nib.as_closest_canonical(load_image(p)), images["T1"].shape, affine) for p in tissue_paths]
+        except VolumeError as exc:
+            packaged = tissue_paths[0].parent == PACKAGED
+            raise VolumeError(f"{exc}" + ("; the packaged ICBM 152 data is damaged: reinstall lift3d" if packaged else "")) from None
     mask = np.asarray(images["mask"].dataobj) > 0.5
     if not mask.any():
         raise VolumeError(f"{paths[2]}: the brain mask is empty")
@@ -151,23 +213,38 @@ def _load_template(paths: tuple[Path, Path, Path], stamps: tuple, voxel_mm: floa
 
     scale = np.diag([f, f, f, 1.0])
     scale[:3, 3] = lo + (f - 1) / 2.0  # block centres, in the template's voxel coordinates
+    maps = None if tissue is None else np.clip(np.stack([crop(t) for t in tissue]), 0.0, 1.0).astype(np.float32)
     return Template(crop(t1).astype(np.float32), crop(t2).astype(np.float32),
-                    crop(mask.astype(np.float32)) > 0.5, affine @ scale)
+                    crop(mask.astype(np.float32)) > 0.5, affine @ scale, maps)
 
 
 def load_template(root: Path | str | None = None, *, files: dict[str, str] | None = None,
-                  voxel_mm: float | None = None, skull_strip: bool = True, margin_mm: float = 4.0) -> Template:
+                  voxel_mm: float | None = None, skull_strip: bool = True, margin_mm: float = 4.0,
+                  tissue: bool | None = None) -> Template:
     """The template, cropped to a square in-plane field of view around the brain, block-averaged.
 
     :param root: a folder with the three files; None = the packaged 2 mm derivative.
     :param voxel_mm: the generation voxel, a whole multiple of the template's (None = the template's).
     :param skull_strip: multiply T1 and T2 by the brain mask (the T2 of the 1 mm template is brain only).
     :param margin_mm: added around the brain's bounding box.
+    :param tissue: the tissue maps of :func:`tissue_files`, brought onto the template's grid by the affines
+        (exactly, where they share it). None: where they lie on the template's brain (:data:`TISSUE_MIN_DICE`),
+        so the packaged maps are left out for a folder in another space; True: required; False: none.
     """
+    if tissue not in (None, True, False):
+        raise ValueError(f"icbm152: tissue must be true, false or None (where the maps fit), got {tissue!r}")
     paths = template_files(root, files)
     ordered = tuple(paths[k] for k in ("T1", "T2", "mask"))
-    stamps = tuple((p.resolve(), p.stat().st_mtime_ns, p.stat().st_size) for p in ordered)
-    return _load_template(ordered, stamps, voxel_mm, bool(skull_strip), float(margin_mm))
+    maps, own = tissue_files(root, files) if tissue is not False else (None, False)
+    stamps = tuple((p.resolve(), p.stat().st_mtime_ns, p.stat().st_size) for p in ordered + (maps or ()))
+    template = _load_template(ordered, stamps, voxel_mm, bool(skull_strip), float(margin_mm), maps)
+    if template.tissue is not None and (overlap := tissue_overlap(template)) < TISSUE_MIN_DICE:
+        if tissue or own:
+            raise VolumeError(f"icbm152: the tissue maps {', '.join(p.name for p in maps)} cover the brain mask "
+                              f"{paths['mask'].name} with Dice {overlap:.2f} (< {TISSUE_MIN_DICE}): they do not lie "
+                              "on the template's brain; give maps in its space, or set tissue = false")
+        template = replace(template, tissue=None)
+    return template
 
 
 def smooth_field(rng: np.random.Generator, shape: tuple[int, ...], control_points: int, std: float) -> np.ndarray:
@@ -192,10 +269,11 @@ def rotation_matrix(angles_deg: np.ndarray) -> np.ndarray:
 
 def make_subject(template: Template, seed: int, corruption: Corruption = Corruption(),
                  skull_strip: bool = True) -> dict[str, np.ndarray]:
-    """One subject on the template's grid: ``T1``, ``T2``, ``mask`` and the clean ``T1_clean``, ``T2_clean``.
+    """One subject on the template's grid: ``T1``, ``T2``, ``mask`` and the clean ``T1_clean``, ``T2_clean``
+    (and ``tissue``, ``(3, ...)``, where the template has tissue maps).
 
-    The deformation and rotation are drawn first and shared by T1, T2 and mask; then each modality
-    draws its own bias field and noise. ``*_clean`` is the deformed image before its bias and noise.
+    The deformation and rotation are drawn first and shared by T1, T2, mask and tissue maps; then each
+    modality draws its own bias field and noise. ``*_clean`` is the deformed image before its bias and noise.
     """
     from scipy.ndimage import map_coordinates
 
@@ -212,6 +290,8 @@ def make_subject(template: Template, seed: int, corruption: Corruption = Corrupt
     mask = warp(template.mask.astype(np.float32)) > 0.5
     keep = mask if skull_strip else np.ones_like(mask)
     out = {"mask": mask}
+    if template.tissue is not None:  # no random draw: every other volume is the same with or without tissue
+        out["tissue"] = np.stack([warp(t) * keep for t in template.tissue]).astype(np.float32)
     for name, volume in (("T1", template.t1), ("T2", template.t2)):
         warped = warp(volume)
         bias = np.exp(smooth_field(rng, shape, corruption.bias_control_points, corruption.bias_log_std))
@@ -257,8 +337,12 @@ class ICBM152Dataset(VolumeDataset):
     scaled to [-1, 1] by ``percentiles`` and resampled to ``size`` x ``num_slices``. ``extra`` holds
     ``mask`` ``(1, n, h, w)`` bool, ``clean_target`` (the deformed target before its own bias field
     and noise, mapped to [-1, 1] by the *target's* intensity scaling, so it is comparable with
-    predictions of the target), ``target_meta`` and ``seed``. ``meta`` writes a volume back on
-    the generation grid, with its affine. Nothing is generated until a subject is indexed.
+    predictions of the target), ``target_meta``, ``seed`` and, with tissue maps, ``tissue``: ``(3, n, h, w)``
+    float32 probabilities of CSF, grey and white matter (:data:`~lift3d.data.tissue.TISSUES`), deformed
+    with the subject and zero outside its brain mask where ``skull_strip``. ``tissue`` (None: where the
+    maps lie on the template's brain; True: required; False: none) and ``files`` keys ``csf``, ``gm``,
+    ``wm`` choose them, see :func:`load_template`. ``meta`` writes a volume back on the generation grid,
+    with its affine. Nothing is generated until a subject is indexed.
     """
 
     def __init__(
@@ -287,6 +371,7 @@ class ICBM152Dataset(VolumeDataset):
         bias_log_std: float = 0.1,
         bias_control_points: int = 4,
         noise_fraction: float = 0.02,
+        tissue: bool | None = None,
         cache: bool = False,
         cache_size: int | None = None,
     ) -> None:
@@ -326,11 +411,11 @@ class ICBM152Dataset(VolumeDataset):
             raise ValueError(f"icbm152: the {split!r} split is empty (num_train={num_train}, num_val={num_val}, "
                              f"num_test={num_test})")
         self.template = load_template(root, files=files, voxel_mm=voxel_mm, skull_strip=self.skull_strip,
-                                      margin_mm=margin_mm)
+                                      margin_mm=margin_mm, tissue=tissue)
         shape = self.template.t1.shape
+        held = TEMPLATE_WORKING_VOLUMES + (TISSUE_WORKING_VOLUMES if self.template.tissue is not None else 0)
         check_bytes(4 * math.prod(shape), f"icbm152: the template grid of {' x '.join(map(str, shape))} voxels "
-                    f"(voxel_mm = {voxel_mm!r}); {TEMPLATE_WORKING_VOLUMES} float32 volumes on it while a subject is "
-                    "deformed", copies=TEMPLATE_WORKING_VOLUMES)
+                    f"(voxel_mm = {voxel_mm!r}); {held} float32 volumes on it while a subject is deformed", copies=held)
 
     def subjects(self) -> list[str]:
         return [name for name, _ in self._plan]
@@ -354,5 +439,8 @@ class ICBM152Dataset(VolumeDataset):
         mask, _ = prepare_volume(image(volumes["mask"]), self.grid, order=0, normalise=False)
         extra = {"mask": torch.from_numpy(mask[None] > 0.5), "clean_target": torch.from_numpy(clean[None]),
                  "target_meta": target_meta, "seed": seed}
+        if "tissue" in volumes:
+            maps = [prepare_volume(image(t), self.grid, normalise=False)[0] for t in volumes["tissue"]]
+            extra["tissue"] = torch.from_numpy(np.clip(np.stack(maps), 0.0, 1.0))
         return VolumePair(subject, torch.from_numpy(source[None]), torch.from_numpy(target[None]), meta=meta, extra=extra)
 

@@ -25,9 +25,9 @@ from lift3d.io.errors import BudgetError, Lift3dError
 from lift3d.plugins.protocols import VolumePair
 
 # Float32 volumes of the grid alive at once while one subject is generated (about 21, measured), and those a
-# cached subject keeps: source and target, and its int64 labels.
+# cached subject keeps: source and target, its int64 labels and its three float32 tissue maps.
 WORKING_VOLUMES = 24
-CACHED_VOLUMES = 4
+CACHED_VOLUMES = 7
 # A subject name in the split lists, with Python's object overhead and the split's copies.
 NAME_BYTES = 256
 
@@ -154,8 +154,9 @@ class PhantomDataset(VolumeDataset):
     come first, then ``val_size``, then ``test_size`` (int = count, float = fraction), so test
     subjects always come after the training ones and never overlap them. A subject depends only
     on ``seed`` and its index, never on the split or the load order. ``extra["labels"]`` holds
-    the ``(n, h, w)`` tissue labels (indices into :data:`TISSUES`). Nothing is generated until a
-    subject is indexed.
+    the ``(n, h, w)`` tissue labels (indices into :data:`TISSUES`), and ``extra["tissue"]`` the same as
+    ``(3, n, h, w)`` one-hot CSF, grey and white matter (:data:`lift3d.data.tissue.TISSUES`). Nothing is
+    generated until a subject is indexed.
     """
 
     def __init__(
@@ -219,4 +220,7 @@ class PhantomDataset(VolumeDataset):
         rng = np.random.default_rng([self.seed, int(subject.rsplit("-", 1)[1])])
         images, labels = generate_phantom(self.grid.shape, rng, self.grid.slice_axis)
         source, target = (torch.from_numpy(images[m][None] * 2 - 1) for m in (self.source, self.target))
-        return VolumePair(subject, source, target, meta=self.meta, extra={"labels": torch.from_numpy(labels)})
+        labels = torch.from_numpy(labels)
+        # One-hot CSF, grey and white matter (lift3d.data.tissue.TISSUES), as a dataset with tissue gives them.
+        tissue = torch.stack([labels == TISSUES.index(name) for name in ("csf", "grey_matter", "white_matter")])
+        return VolumePair(subject, source, target, meta=self.meta, extra={"labels": labels, "tissue": tissue.float()})

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from lift3d.training.stages import autoencoder, diffusion
+from lift3d.training.stages import autoencoder, diffusion, segmenter
 
 STAGES: dict[str, Callable[..., Callable[[Any], Any]]] = {
     "autoencoder": autoencoder.prepare,
     "slices": diffusion.prepare,   # stage 1: a 2D U-Net, a timestep per slice
     "volumes": diffusion.prepare,  # stage 2: lifted, a timestep per volume
+    "segmenter": segmenter.prepare,  # the tissue segmenter that scores synthesis
 }
