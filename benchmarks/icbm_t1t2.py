@@ -113,6 +113,7 @@ class Scale:
     rho_samples: int  # samples per validation subject when choosing the noise correlation
     noise_correlations: tuple[float, ...]  # rho candidates, chosen on validation per model
     hardware: str
+    segmenter_steps: int = 600  # the tissue segmenter (lift3d.recipes.segmenter) that scores downstream Dice
 
 
 SCALES = {
@@ -139,7 +140,7 @@ SCALES = {
                    stage1_steps=3, stage1_batch=8, stage1_lr=1e-3, stage1_prediction="v_prediction", stage2_steps=2, stage2_val_every=1, stage2_lr=5e-4,
                    baseline_features=(8, 8, 8, 16, 16, 8), baseline_steps=2, baseline_batch=2, baseline_lr=1e-3,
                    baseline_val_every=1, ddim_steps=3, dpm_steps=2, selection_steps=2, samples=4, rho_samples=2,
-                   noise_correlations=(0.0, 0.5), hardware="any"),
+                   noise_correlations=(0.0, 0.5), hardware="any", segmenter_steps=3),
 }
 
 
@@ -315,6 +316,24 @@ def train_baseline(out: Path, scale: Scale, data: dict[str, Any], train_pairs, v
     return net.eval(), finish(folder, key, time.perf_counter() - tic, info=info)
 
 
+def train_segmenter(out: Path, scale: Scale, data: dict[str, Any], seed: int, reuse: bool):
+    """The built-in tissue segmenter (CSF, GM, WM), trained on the real target of the training subjects."""
+    from lift3d.evaluation.segmentation import load_segmenter
+    from lift3d.recipes.segmenter import train_tissue_segmenter
+
+    folder = out / "segmenter"
+    key = phase_key(scale, "segmenter", {k: v for k, v in data.items() if k not in HELD_OUT_COUNTS}, seed,
+                    segmenter="tissue-unet defaults")
+    record = reusable(folder, key, reuse)
+    if record is None or not (folder / "model").is_dir():
+        print(f"[segmenter] tissue-unet on the real {data['target']} of the training subjects")
+        shutil.rmtree(folder, ignore_errors=True)
+        tic = time.perf_counter()
+        train_tissue_segmenter("icbm152", data, folder, seed=seed, steps=scale.segmenter_steps)
+        record = finish(folder, key, time.perf_counter() - tic)
+    return load_segmenter(folder / "model"), record
+
+
 # --------------------------------------------------------------------------------------------
 # Synthesis and evaluation
 
@@ -403,18 +422,33 @@ class Predictor:
         return Prediction(stack.mean(dim=0), std, sum(seconds for _, seconds in draws))
 
 
-def evaluate(pred: torch.Tensor, pairs, reference: str = "target") -> list[dict[str, Any]]:
+def evaluate(pred: torch.Tensor, pairs, reference: str = "target", segmenter=None) -> list[dict[str, Any]]:
     """Per-subject metrics in the brain mask, against the noisy ``target`` or the ``clean_target``
-    (the deformed target before its own bias field and noise, from the icbm152 plugin)."""
-    from lift3d.evaluation.metrics import score_pair
+    (the deformed target before its own bias field and noise, from the icbm152 plugin): the volume scores,
+    per plane and through the planes (``lift3d.evaluation.planes``), and with a ``segmenter`` the tissue Dice
+    of the prediction's segmentation against the real target's and against the subject's tissue labels."""
+    from lift3d.evaluation.planes import score_pair_all
+    from lift3d.evaluation.segmentation import tissue_dice
 
-    return [score_pair(pred[i, 0].numpy(), p, reference) for i, p in enumerate(pairs)]
+    rows = []
+    for i, pair in enumerate(pairs):
+        row = score_pair_all(pred[i, 0].numpy(), pair, reference)
+        if segmenter is not None:
+            truth = pair.target if reference == "target" else pair.extra[reference]
+            row |= tissue_dice(segmenter, pred[i, 0], truth[0], labels=pair.extra.get("tissue"),
+                               mask=pair.extra.get("mask"))
+        rows.append(row)
+    return rows
+
+
+SEGMENTER: Any = None  # the protocol's tissue segmenter, trained in run() on the training subjects' real target
 
 
 def scored(method: Method, prediction: Prediction, pairs) -> dict[str, Any]:
     from lift3d.evaluation.metrics import summarize
 
-    rows, clean = evaluate(prediction.mean, pairs), evaluate(prediction.mean, pairs, "clean_target")
+    rows = evaluate(prediction.mean, pairs, segmenter=SEGMENTER)
+    clean = evaluate(prediction.mean, pairs, "clean_target")
     return {"label": method.label, "sampler": method.sampler, "samples": method.samples, "noise_correlation": method.rho,
             "model": str(method.folder) if method.folder else "baseline",
             "seconds_per_volume": prediction.seconds_per_volume, "subjects": rows, "summary": summarize(rows),
@@ -497,6 +531,26 @@ def beats(summary: dict[str, Any], method: str, baseline: str) -> dict[str, Any]
     return {"compared": f"{method} vs {baseline}", "observed": gain, "met": all(v > 0 for v in gain.values())}
 
 
+TISSUES = ("csf", "gm", "wm", "mean")
+
+
+def segmentation_summary(results: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """Per method, the mean tissue Dice of its segmentation against the labels and against the real target's
+    segmentation; the ceiling is the segmenter on the real target against the labels (the same for every method)."""
+    def mean(rows: list[dict[str, Any]], key: str) -> float:
+        return float(sum(row[key] for row in rows) / len(rows))
+
+    def tissues(rows: list[dict[str, Any]], prefix: str) -> dict[str, float]:
+        return {t: mean(rows, f"{prefix}{t}") for t in TISSUES if f"{prefix}{t}" in rows[0]}
+
+    first = next(iter(results.values()))["subjects"]
+    return {"segmenter": "tissue-unet (lift3d.recipes.segmenter) on the real target of the training subjects",
+            "trained_s": record["wall_s"], "ceiling_vs_labels": tissues(first, "dice_target_label_"),
+            "methods": {name: {"vs_labels": tissues(e["subjects"], "dice_label_"),
+                               "vs_real_target": tissues(e["subjects"], "dice_")}
+                        for name, e in results.items()}}
+
+
 def fmt(stats: dict[str, float], digits: int) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
@@ -530,6 +584,25 @@ def markdown(report: dict[str, Any]) -> str:
             d = pair[target]
             lines.append(f"| {name} | {target.replace('_', ' ')} | {fmt_diff(d['psnr'], 2)} | {fmt_diff(d['ssim'], 3)} | "
                          f"{fmt_diff(d['mae'], 2)} | {fmt_diff(d['z_inconsistency'], 3)} |")
+    planes = ("psnr_axial", "psnr_coronal", "psnr_sagittal", "ssim_axial", "ssim_coronal", "ssim_sagittal",
+              "through_plane_mae", "through_plane_correlation")
+    lines += ["", "Per plane and through the planes (noisy target; ms_ssim needs 176 voxels per axis and is not "
+              "scored at this grid):", "", "| method | " + " | ".join(planes) + " |", "|" + " --- |" * (len(planes) + 1)]
+    for name, entry in report["methods"].items():
+        lines.append(f"| `{name}` | " + " | ".join(f"{entry['summary'][k]['mean']:.3f}" for k in planes) + " |")
+    lines += ["", "Paired differences per plane: " + "; ".join(
+        f"{name}: " + ", ".join(f"{k} {fmt_diff(pair['target'][k], 3)}" for k in planes if k in pair["target"])
+        for name, pair in report["paired_differences"].items() if name == "lifted vs slice-wise")]
+    seg = report.get("segmentation")
+    if seg and seg["ceiling_vs_labels"]:
+        lines += ["", "Downstream tissue Dice (noisy-target run; the segmenter's own score on the real target against "
+                  "the labels is the ceiling):", "", "| method | CSF | GM | WM | mean | mean vs the real target's "
+                  "segmentation |", "| --- | --- | --- | --- | --- | --- |",
+                  "| real target (ceiling) | " + " | ".join(f"{seg['ceiling_vs_labels'][t]:.3f}" for t in TISSUES)
+                  + " | 1 |"]
+        for name, d in seg["methods"].items():
+            lines.append(f"| `{name}` | " + " | ".join(f"{d['vs_labels'][t]:.3f}" for t in TISSUES)
+                         + f" | {d['vs_real_target']['mean']:.3f} |")
     val = report["selection"]
     tried = "; ".join(f"{r['model']}" + (f" [{r['variant']}] step {r['stage2_steps']}" if r["model"] == "lifted" else "")
                       + f": {r['metrics']['psnr']['mean']:.2f} dB / {r['metrics']['ssim']['mean']:.3f}"
@@ -673,7 +746,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.device == "cpu":  # Accelerate (lift3d.training.loop) would otherwise take a GPU
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from lift3d.evaluation.figures import save_orthogonal_views
-    from lift3d.evaluation.metrics import INTENSITY_RULE, paired_differences
+    from lift3d.evaluation.metrics import INTENSITY_RULE, METRICS, PLANE_METRICS, paired_differences
     from lift3d.plugins import create
 
     device = resolve_device(args.device)
@@ -708,6 +781,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.train_only:
         print(f"[train only] every phase is in {out}; evaluate with the same command, --reuse and without --train-only")
         return {}
+    global SEGMENTER
+    SEGMENTER, segmenter_record = train_segmenter(out, scale, data, args.seed, args.reuse)
     predict = Predictor(args.seed, device, out / "predictions", args.reuse, baseline)
 
     print(f"[selection] stage-2 export by PSNR on the validation subjects (DPM-Solver++ {scale.selection_steps})")
@@ -752,8 +827,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     comparisons = [("lifted", "slice-wise"), ("lifted-dpm", "slice-wise-dpm"),
                    (f"lifted-k{scale.samples}", f"slice-wise-k{scale.samples}"), (best, "lifted")]
     comparisons += [(best, "3d-unet")] if baseline is not None else []
+    scores = {**METRICS, **PLANE_METRICS, **{k: True for k in results["lifted"]["subjects"][0] if k.startswith("dice")}}
     paired = {f"{b} vs {a}": {target: paired_differences(*(results[m]["subjects"] if target == "target" else
-                                                           results[m]["clean_target"]["subjects"] for m in (a, b)))
+                                                           results[m]["clean_target"]["subjects"] for m in (a, b)),
+                                                         metrics=scores)
                               for target in ("target", "clean_target")}
               for b, a in comparisons}
 
@@ -768,6 +845,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           uncertainty={best: predictions[best].std[0, 0].numpy()},
                           title=f"ICBM {direction}, {pair.subject} (test), scale {args.scale}\nslice-wise and lifted: "
                                 f"DDIM-{scale.ddim_steps}; {best}: {results[best]['sampler']}")
+    from lift3d.evaluation.report import SubjectViews, write_report
+
+    report_rows = [{"method": name, **row} for name, entry in results.items() for row in entry["subjects"]]
+    subject_views = {p.subject: SubjectViews(p.target[0].numpy(), {name: predictions[name].mean[i, 0].numpy()
+                                                                   for name in shown},
+                                             source=p.source[0].numpy(), spacing=p.meta.grid_spacing,
+                                             stds={best: predictions[best].std[i, 0].numpy()})
+                     for i, p in enumerate(pairs["test"])}
+    write_report(out / "report.html", report_rows, views=subject_views,
+                 title=f"ICBM {direction}, scale {args.scale}: {len(pairs['test'])} test subjects")
     timing["total_s"] = time.perf_counter() - start
     trained = {"stage1_s": stage1_record, "stage2_s": chosen_record}
     trained |= {"baseline_s": baseline_record} if baseline is not None else {}
@@ -835,6 +922,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       "noise_sweep": sweep, "noise_correlation": rho, "best_lift3d": best,
                       "baseline_history": baseline_record["info"]["history"] if baseline else None},
         "methods": results,
+        "segmentation": segmentation_summary(results, segmenter_record),
         "paired_differences": paired,
         "goal": goal_check(summary, "lifted", "slice-wise"),
         "goal_averaged": goal_check(summary, f"lifted-k{scale.samples}", f"slice-wise-k{scale.samples}"),
@@ -858,7 +946,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         g = report["goal_3d_unet"]
         print(f"goal ({g['compared']}, PSNR and SSIM): {'met' if g['met'] else 'NOT met'}; observed "
               + ", ".join(f"{k} {v:+.4f}" for k, v in g["observed"].items()))
-    print(f"results: {out / 'results.json'}, {views}")
+    print(f"results: {out / 'results.json'}, {views}, {out / 'report.html'}")
     return report
 
 

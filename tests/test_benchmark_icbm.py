@@ -144,6 +144,14 @@ def test_smoke_run_end_to_end(bench, tmp_path):
     summary = {name: methods[name]["summary"] for name in ("lifted", "slice-wise")}
     assert observed["psnr_gain_db"] == pytest.approx(summary["lifted"]["psnr"]["mean"] - summary["slice-wise"]["psnr"]["mean"])
 
+    # Every method is scored per plane and downstream: tissue Dice from a segmenter trained on the real target.
+    row = methods["lifted"]["subjects"][0]
+    assert {"psnr_coronal", "ssim_sagittal", "through_plane_mae", "dice_gm", "dice_label_wm"} <= set(row)
+    seg = report["segmentation"]
+    assert set(seg["ceiling_vs_labels"]) == {"csf", "gm", "wm", "mean"} and set(seg["methods"]) == set(methods)
+    assert "psnr_sagittal" in paired["lifted vs slice-wise"]["target"]
+    assert "<table" in (out / "report.html").read_text()
+
     assert (out / "views.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "results.md").read_text()
     assert "| `lifted` (b) lifted (stage 2) | DDIM-3, x0 clip |" in text and "lifted vs slice-wise | clean target" in text
@@ -159,6 +167,7 @@ def test_smoke_run_end_to_end(bench, tmp_path):
     again = json.loads((out / "results.json").read_text())
     assert again["methods"]["lifted"]["subjects"] == methods["lifted"]["subjects"]
     assert again["timing"]["reused"] == ["stage1_s", "stage2_s", "baseline_s"]
+    assert again["segmentation"] == report["segmentation"]  # the segmenter is reused too
     assert again["timing"]["reused_sampling_s"] > 0
 
 

@@ -270,14 +270,16 @@ def summarize(rows: Iterable[Mapping[str, object]], names: Iterable[str] | None 
 
 
 def paired_differences(rows_a: Iterable[Mapping[str, object]], rows_b: Iterable[Mapping[str, object]],
-                       confidence: float = 0.95) -> dict[str, dict[str, object]]:
+                       confidence: float = 0.95, metrics: Mapping[str, bool] | None = None
+                       ) -> dict[str, dict[str, object]]:
     """Per-metric paired differences ``b - a`` over the same subjects, with a Student-t interval.
 
     ``rows_a`` and ``rows_b`` are per-subject rows (:func:`evaluate_volumes` plus ``subject``) of
     two methods; they are paired by ``subject`` and must hold the same subjects. Per metric: the
     mean difference, its ``confidence`` interval (``scipy.stats.ttest_rel``; NaN bounds for one
     subject), how many subjects favour ``b`` (by the metric's direction) and each subject's
-    difference.
+    difference. ``metrics`` maps names to whether higher is better (default :data:`METRICS`); a metric
+    missing, or not scored (None) for any subject, is left out.
     """
     from scipy.stats import ttest_rel
 
@@ -287,8 +289,8 @@ def paired_differences(rows_a: Iterable[Mapping[str, object]], rows_b: Iterable[
         raise ValueError(f"paired differences need the same subjects; got {sorted(a)} and {sorted(b)}")
     subjects = sorted(a)
     result: dict[str, dict[str, object]] = {}
-    for name, higher_is_better in METRICS.items():
-        if name not in a[subjects[0]]:
+    for name, higher_is_better in (METRICS if metrics is None else metrics).items():
+        if any(a[s].get(name) is None or b[s].get(name) is None for s in subjects):
             continue
         xa = np.asarray([float(a[s][name]) for s in subjects])
         xb = np.asarray([float(b[s][name]) for s in subjects])
