@@ -2,8 +2,9 @@
 
 Builds a diffusers ``UNet2DModel`` from a config (never a hub), lifts copies of it with
 :func:`lift3d.lifting.inflate` (Make-A-Volume, Zhu et al., MICCAI 2023, sec. 2.3) and measures, for a batch
-of one volume of N slices, the forward pass and a train step of each placement preset against the
-plain 2D model run on the same N slices.
+of one volume of N slices, the forward pass and a train step of each placement preset, and of each
+layer kind given with ``--kinds`` (``KIND[:key=value,...]``, inflate's keywords, ``recompute=true``
+included), against the plain 2D model run on the same N slices.
 
 On CPU every measurement runs in a fresh process forked from this one before it computes anything,
 so its peak RSS belongs to one configuration; on CUDA the allocator's peak is reset per measurement.
@@ -15,6 +16,15 @@ lifted/2D measured back to back.
         --train-repeats 1 --train-presets resnet --json benchmarks/results/inflate_overhead_cpu.json
     python benchmarks/inflate_overhead.py --device cuda --dtype bfloat16 --slices 35 100 --repeats 5
     python benchmarks/inflate_overhead.py --small --slices 3 --repeats 1 --threads 1   # smoke test
+
+The cost of candidate default lifts (issue: "the default lift at 1.10x") on the held-out U-Net
+(``--size medium``: widths 64-256, attention at one level, 16 slices of 32x32):
+
+    python benchmarks/inflate_overhead.py --size medium --slices 16 --repeats 3 --threads 1 --warmup 1 --presets \
+        --modes forward train-all --kinds full full:recompute=true low-rank:rank_min=1 low-rank:rank_min=16 \
+        low-rank:rank_min=32 low-rank:rank_min=1,recompute=true low-rank:rank_min=16,recompute=true \
+        low-rank:rank_min=32,recompute=true low-rank:rank_min=16,train_down=false \
+        --json benchmarks/results/inflate_overhead_kinds_cpu.json
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import lift3d
 
+from lift3d.layers.registry import parse_kind
 from lift3d.recipes.reports import machine_info, write_json  # noqa: E402
 
 UNET_CONFIGS: dict[str, dict[str, Any]] = {
@@ -83,18 +94,28 @@ BASELINE = "2d"
 
 @dataclass(frozen=True)
 class Configuration:
-    """One model to measure: the plain 2D U-Net (``preset=None``) or a lifted one."""
+    """One model to measure: the plain 2D U-Net (``preset=None``, ``kind=None``), one lifted with a
+    placement preset, or one lifted with ``inflate(**parse_kind(kind))`` (``kind``: ``KIND[:key=value,...]``)."""
 
     preset: str | None
     variant: str = "fast"
+    kind: str | None = None
+
+    @property
+    def lifted(self) -> bool:
+        return self.preset is not None or self.kind is not None
 
     @property
     def name(self) -> str:
+        if self.kind is not None:
+            return self.kind
         if self.preset is None:
             return BASELINE
         return self.preset if self.variant == "fast" else f"{self.preset}/{self.variant}"
 
     def runs(self, mode: str, train_presets: list[str]) -> bool:
+        if self.kind is not None:  # recompute changes only what backward keeps
+            return mode != "forward" or not parse_kind(self.kind).get("recompute", False)
         if mode == "forward":
             return True
         if self.preset is None:
@@ -114,7 +135,9 @@ def _host_channels(model: torch.nn.Module, preset: str) -> list[int]:
 def build_model(size: str, config: Configuration) -> torch.nn.Module:
     torch.manual_seed(0)
     model = UNet2DModel(**UNET_CONFIGS[size])
-    if config.preset is not None:
+    if config.kind is not None:
+        lift3d.inflate(model, **parse_kind(config.kind))
+    elif config.preset is not None:
         groups = 1
         if config.variant == "grouped":
             groups = reduce(math.gcd, _host_channels(model, config.preset))
@@ -179,6 +202,14 @@ class MemoryProbe:
         self.method = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "VmHWM-after-clear_refs"
         self.baseline = 0
 
+    def current(self) -> int:
+        """Memory in use now, above the level at :meth:`start`."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.memory_allocated(self.device) - self.baseline
+        return _rss_bytes() - self.baseline
+
     def start(self) -> None:
         gc.collect()
         if self.device.type == "cuda":
@@ -216,13 +247,22 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(job: dict) -> dict:
-    """One configuration, one N, one mode, in this (fresh) process: seconds per step and peak memory."""
+    """One configuration, one N, one mode, in this (fresh) process: seconds per step and peak memory,
+    both above the memory in use once the model, optimizer and inputs exist (``peak_bytes``) and with
+    the model's weights included (``peak_with_model_bytes``: the probe starts before the model is
+    built on CPU, before it is moved to the GPU on CUDA)."""
     device, dtype = torch.device(job["device"]), getattr(torch, job["dtype"])
     if job["threads"]:
         torch.set_num_threads(job["threads"])
-    config = Configuration(job["preset"], job["variant"])
-    lifted = config.preset is not None
-    model = build_model(job["size"], config).to(device)
+    config = Configuration(job["preset"], job["variant"], job.get("kind"))
+    lifted = config.lifted
+    probe = MemoryProbe(device)
+    if device.type == "cpu":
+        probe.start()
+    model = build_model(job["size"], config)
+    if device.type == "cuda":
+        probe.start()
+    model.to(device)
     if dtype != torch.float32:
         model.to(dtype)
     step = make_step(model, job["mode"], lifted)
@@ -230,8 +270,7 @@ def measure(job: dict) -> dict:
     # Lazy initialisation (kernels, AdamW state) on a two-slice volume, so it is not timed but
     # the AdamW state does count towards peak memory.
     warm = make_batch(job["size"], min(job["n"], 2), lifted, device, dtype)
-    probe = MemoryProbe(device)
-    probe.start()
+    setup = probe.current()
     step(warm)
     for _ in range(job["warmup"]):
         step(batch)
@@ -246,9 +285,10 @@ def measure(job: dict) -> dict:
         cpu_times.append(time.process_time() - cpu_start)
     # CPU seconds of this process (all threads): less sensitive than wall time to other processes
     # on a shared machine, though spin-waiting threads still count.
+    peak = probe.peak()
     return {"time_s": statistics.median(times), "iter_times_s": times, "cpu_s": statistics.median(cpu_times),
-            "peak_bytes": probe.peak(),
-            "baseline_bytes": probe.baseline, "peak_method": probe.method}
+            "peak_bytes": peak - setup, "peak_with_model_bytes": peak,
+            "baseline_bytes": probe.baseline + setup, "peak_method": probe.method}
 
 
 def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -267,20 +307,24 @@ def describe(job: dict) -> dict:
     if job["threads"]:
         torch.set_num_threads(job["threads"])
     n, out = job["n"], {}
-    for preset, variant in job["configurations"]:
-        config = Configuration(preset, variant)
+    for preset, variant, kind in job["configurations"]:
+        config = Configuration(preset, variant, kind)
         model = build_model(job["size"], config).eval()
-        x, t, _ = make_batch(job["size"], n, config.preset is not None, torch.device("cpu"), torch.float32)
+        x, t, _ = make_batch(job["size"], n, config.lifted, torch.device("cpu"), torch.float32)
         with torch.no_grad(), _flop_counter() as counter:
             model(x, t)
-        info: dict[str, Any] = {"preset": preset, "variant": variant, "flops": counter.get_total_flops(),
+        info: dict[str, Any] = {"preset": preset, "variant": variant, "kind": kind, "flops": counter.get_total_flops(),
                                 "parameters": sum(p.numel() for p in model.parameters())}
-        if config.preset is not None:
+        if config.lifted:
             report = lift3d.report(model)
             _, layer = next(lift3d.volumetric_layers(model))
             info.update(layers=report.num_layers, volumetric_parameters=report.volumetric_parameters,
-                        param_overhead=report.overhead, groups=layer.groups)
-            if variant == "fast":
+                        param_overhead=report.overhead, groups=getattr(layer, "groups", None))
+            ranks = {str(layer.channels): layer.rank for _, layer in lift3d.volumetric_layers(model)
+                     if hasattr(layer, "rank")}
+            if ranks:  # low-rank: the rank per host width
+                info["ranks"] = dict(sorted(ranks.items(), key=lambda item: int(item[0])))
+            if variant == "fast" and kind is None:
                 # groups=channels in every layer: not expressible through inflate(groups=int) when
                 # the hosts have different widths, so counted here and not timed.
                 k = layer.kernel_size
@@ -343,7 +387,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="interleaved rounds, one value or one per --slices entry; ratios are medians over them")
     parser.add_argument("--train-repeats", type=int, default=None,
                         help="rounds that also run the train steps (default: all of them)")
-    parser.add_argument("--presets", nargs="+", default=list(lift3d.PRESETS), choices=list(lift3d.PRESETS))
+    parser.add_argument("--presets", nargs="*", default=list(lift3d.PRESETS), choices=list(lift3d.PRESETS),
+                        help="placement presets of the default kind (none: only --kinds)")
+    parser.add_argument("--kinds", nargs="*", default=[], metavar="KIND[:KEY=VALUE,...]",
+                        help="lifted models by kind and inflate keywords, e.g. full, low-rank:rank_min=16, "
+                             "low-rank:recompute=true (recompute: train steps only)")
+    parser.add_argument("--size", choices=tuple(UNET_CONFIGS), default=None,
+                        help="U-Net widths and latent size (default full; --small is --size small)")
     parser.add_argument("--variant", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                         help="fast runs on every preset; naive and grouped on --variant-presets, forward only")
     parser.add_argument("--variant-presets", nargs="+", default=None, choices=list(lift3d.PRESETS),
@@ -372,7 +422,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (3 if args.device == "cuda" else 0)
     args.iters = args.iters if args.iters is not None else (10 if args.device == "cuda" else 1)
     args.variant_presets = args.variant_presets or (["resnet"] if "resnet" in args.presets else args.presets[:1])
-    args.train_presets = args.train_presets or args.presets
+    args.train_presets = args.train_presets if args.train_presets is not None else args.presets
+    if not args.presets and not args.kinds:
+        parser.error("nothing to measure: give --presets or --kinds")
+    for spec in args.kinds:
+        try:
+            settings = parse_kind(spec)
+            lift3d.layers.registry.check_options(settings["kind"], {k: v for k, v in settings.items() if k not in
+                                                                ("kind", "where", "recompute", "kernel_size",
+                                                                 "padding_mode")})
+        except ValueError as exc:
+            parser.error(f"--kinds {spec!r}: {exc}")
+    args.size = args.size or ("small" if args.small else "full")
     return args
 
 
@@ -381,7 +442,7 @@ def configurations(args: argparse.Namespace) -> list[Configuration]:
     if "fast" in args.variant:
         configs += [Configuration(p) for p in args.presets]
     configs += [Configuration(p, v) for v in args.variant if v != "fast" for p in args.variant_presets]
-    return configs
+    return configs + [Configuration(None, kind=spec) for spec in args.kinds]
 
 
 def plan(args: argparse.Namespace, configs: list[Configuration]) -> list[tuple[int, int, str, Configuration]]:
@@ -397,7 +458,7 @@ def plan(args: argparse.Namespace, configs: list[Configuration]) -> list[tuple[i
                                           (args.train_repeats is not None and repeat >= args.train_repeats)):
                     continue
                 chosen = [c for c in configs if c.runs(mode, args.train_presets)]
-                if not any(c.preset is not None for c in chosen):
+                if not any(c.lifted for c in chosen):
                     continue
                 shift = repeat % len(chosen)
                 jobs += [(repeat, n, mode, c) for c in chosen[shift:] + chosen[:shift]]
@@ -420,8 +481,9 @@ def summarise(samples: list[dict], configs: list[Configuration], args: argparse.
                     "cpu_s": statistics.median(s["cpu_s"] for s in mine),
                     "peak_bytes_all": [s["peak_bytes"] for s in mine],
                     "peak_bytes": statistics.median(s["peak_bytes"] for s in mine),
+                    "peak_with_model_bytes": statistics.median(s["peak_with_model_bytes"] for s in mine),
                     "peak_method": mine[0]["peak_method"]}
-                if config.preset is not None:
+                if config.lifted:
                     pairs = [(s, by_key.get((s["repeat"], n, baseline_mode[mode], BASELINE))) for s in mine]
                     pairs = [(s, b) for s, b in pairs if b is not None]
                     if pairs:
@@ -433,6 +495,10 @@ def summarise(samples: list[dict], configs: list[Configuration], args: argparse.
                                                 if b["peak_bytes"] > 0]
                         if entry["peak_ratios"]:
                             entry["peak_ratio"] = statistics.median(entry["peak_ratios"])
+                        entry["peak_with_model_ratios"] = [s["peak_with_model_bytes"] / b["peak_with_model_bytes"]
+                                                           for s, b in pairs if b["peak_with_model_bytes"] > 0]
+                        if entry["peak_with_model_ratios"]:
+                            entry["peak_with_model_ratio"] = statistics.median(entry["peak_with_model_ratios"])
                 results.setdefault(str(n), {}).setdefault(mode, {})[config.name] = entry
     return results
 
@@ -445,13 +511,15 @@ def markdown(report: dict) -> str:
     configs, results = report["configs"], report["results"]
     base = configs[BASELINE]
     lines = ["Parameters and FLOPs (FLOPs of one forward; lifted/2D does not depend on N)", "",
-             "| configuration | layers | groups | volumetric params | params overhead | FLOPs lifted/2D |",
+             "| configuration | layers | groups (ranks) | volumetric params | params overhead | FLOPs lifted/2D |",
              "| --- | ---: | ---: | ---: | ---: | ---: |",
              f"| {BASELINE} | - | - | - ({base['parameters']:,} base) | - | 1.00x |"]
     for name, info in configs.items():
         if name == BASELINE:
             continue
-        lines.append(f"| {name} | {info['layers']} | {info['groups']} | {info['volumetric_parameters']:,} | "
+        groups = (", ".join(f"C={c}: r={r}" for c, r in info["ranks"].items()) if "ranks" in info
+                  else "-" if info["groups"] is None else info["groups"])
+        lines.append(f"| {name} | {info['layers']} | {groups} | {info['volumetric_parameters']:,} | "
                      f"+{100 * info['param_overhead']:.1f}% | {info['flops'] / base['flops']:.3f}x |")
     for name, info in configs.items():
         if "depthwise_parameters" in info:
@@ -464,31 +532,38 @@ def markdown(report: dict) -> str:
 
     header = " | ".join(f"{mode} N={n} ({samples(n, mode)}x)" for n, mode in columns)
     rule = " | ".join("---:" for _ in columns)
-    time_rows, memory_rows = [], []
+    time_rows, memory_rows, total_rows = [], [], []
     show_cpu = report["settings"]["device"] == "cpu"
     for name in configs:
-        cells_t, cells_m = [], []
+        cells_t, cells_m, cells_w = [], [], []
         for n, mode in columns:
             entry = results[n][mode].get(name)
             if entry is None:
                 cells_t.append("-")
                 cells_m.append("-")
+                cells_w.append("-")
             elif name == BASELINE:
                 cells_t.append(f"{entry['time_s']:.3g} s")
                 cells_m.append(f"{_mib(entry['peak_bytes'])} MiB")
+                cells_w.append(f"{_mib(entry['peak_with_model_bytes'])} MiB")
             else:
+                ratio = entry.get("peak_with_model_ratio")
+                cells_w.append(f"{_mib(entry['peak_with_model_bytes'])} MiB" + (f" ({ratio:.2f}x)" if ratio else ""))
                 cpu = f" ({entry['cpu_ratio']:.2f}x)" if "cpu_ratio" in entry and show_cpu else ""
                 cells_t.append(f"{entry['ratio']:.2f}x{cpu}" if "ratio" in entry else "-")
                 ratio = f" ({entry['peak_ratio']:.2f}x)" if "peak_ratio" in entry else ""
                 cells_m.append(f"{_mib(entry['peak_bytes'])} MiB{ratio}")
         time_rows.append(f"| {name} | " + " | ".join(cells_t) + " |")
         memory_rows.append(f"| {name} | " + " | ".join(cells_m) + " |")
+        total_rows.append(f"| {name} | " + " | ".join(cells_w) + " |")
     cpu_note = "; in brackets the same ratio of process CPU seconds" if show_cpu else ""
     lines += ["", "Time: lifted/2D wall clock, median over interleaved repeats (their count in the header; 2D "
               f"row: median seconds per step; train-volumetric is compared with the 2D train-all step{cpu_note})", "",
               f"| configuration | {header} |", f"| --- | {rule} |", *time_rows,
               "", f"Peak memory above the model's resident baseline ({report['peak_method']}), median; "
-              "(lifted/2D)", "", f"| configuration | {header} |", f"| --- | {rule} |", *memory_rows]
+              "(lifted/2D)", "", f"| configuration | {header} |", f"| --- | {rule} |", *memory_rows,
+              "", "Peak memory with the model's weights (the probe starts before the model is built), median; "
+              "(lifted/2D)", "", f"| configuration | {header} |", f"| --- | {rule} |", *total_rows]
     return "\n".join(lines)
 
 
@@ -496,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     machine = machine_info()  # now: the children run the lift3d imported at start
-    size = "small" if args.small else "full"
+    size = args.size
     configs = configurations(args)
     common = {"size": size, "device": args.device, "dtype": args.dtype, "threads": args.threads,
               "warmup": args.warmup, "iters": args.iters}
@@ -504,11 +579,12 @@ def main(argv: list[str] | None = None) -> int:
     # a CUDA context must not be forked.
     run = run_forked if args.device == "cpu" else run_inline
     described = run(describe, {"size": size, "n": 2, "threads": args.threads,
-                                      "configurations": [(c.preset, c.variant) for c in configs]})
+                                      "configurations": [(c.preset, c.variant, c.kind) for c in configs]})
     jobs = plan(args, configs)
-    samples = []
+    samples, loads = [], []
     for i, (repeat, n, mode, config) in enumerate(jobs, 1):
-        job = {**common, "n": n, "mode": mode, "preset": config.preset, "variant": config.variant}
+        loads.append(os.getloadavg()[0])
+        job = {**common, "n": n, "mode": mode, "preset": config.preset, "variant": config.variant, "kind": config.kind}
         try:
             result = run(measure, job)
         except RuntimeError as error:
@@ -528,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
         "peak_method": samples[0]["peak_method"] if samples else None,
         "configs": described["configs"],
         "results": summarise(samples, configs, args),
+        "load_average_1min": {"min": min(loads, default=0.0), "max": max(loads, default=0.0),
+                              "median": statistics.median(loads) if loads else 0.0},
         "runtime_s": time.perf_counter() - started,
     }
     print(markdown(report))

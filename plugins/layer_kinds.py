@@ -1,7 +1,7 @@
 """Built-in kinds of volumetric layer, registered as any plugin's would be (``lift3d.layers.registry``).
 
 ``full`` is Make-A-Volume's layer (Zhu et al., MICCAI 2023, eqs. 5-7), a full-channel 1D conv along
-the slices; ``depthwise`` the same with one group per channel; ``low-rank`` the conv inside a C/8
+the slices; ``depthwise`` the same with one group per channel; ``low-rank`` the conv inside a max(16, C/8)
 bottleneck (:mod:`lift3d.layers.low_rank`); ``slice-attention`` attention over all slices
 (:mod:`lift3d.layers.slice_attention`).
 """

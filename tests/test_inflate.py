@@ -244,7 +244,7 @@ def test_report_counts_layers_and_overhead(unet2d):
 @pytest.mark.parametrize("train_down", [True, False])
 def test_low_rank_report_counts_its_fixed_projection_too(train_down):
     unet = tiny_unet2d()
-    lift3d.inflate(unet, "low-rank", train_down=train_down)
+    lift3d.inflate(unet, "low-rank", train_down=train_down, rank_min=1)  # r = C/8, below the default floor
     rep = lift3d.report(unet)
     r = {16: 2, 32: 4}
     assert rep.volumetric_parameters == sum(2 * r[c] * c + r[c] + r[c] * r[c] * 3 + c for _, c in rep.hosts)

@@ -3,12 +3,15 @@
     f' = f + up(conv1d_n(down(f)))     down: 1x1 C -> r, conv1d along n in r channels, up: 1x1 r -> C
 
 ``up`` starts at zero, so ``f' == f`` bit for bit at initialisation, as LoRA's B (Hu et al., 2021);
-``down`` and the conv start random so that ``up`` has something to learn from. At r = C/8 the layer
-costs about 2rC + 3r^2 = 0.3 C^2 multiply-adds per voxel against the full layer's 3 C^2.
+``down`` and the conv start random so that ``up`` has something to learn from. The rank is
+``r = max(rank_min, C/8)`` (at most C): at r = C/8 the layer costs about 2rC + 3r^2 = 0.3 C^2
+multiply-adds per voxel against the full layer's 3 C^2, and the floor keeps narrow layers from a
+bottleneck of a few channels (``benchmarks/results/inflate-overhead.md`` gives the cost of the floor).
 
 ``train_down=False`` keeps ``down`` fixed at its random draw (a buffer, saved with the weights), as
 LoRA-FA does (Zhang et al., 2023): its weight gradient is then not needed, so the full-width input
-of the layer need not be kept for backward, only the r-channel tensors inside the bottleneck.
+of the layer is not kept for backward (:class:`_FixedProjection`), only the r-channel tensors inside
+the bottleneck.
 """
 
 from __future__ import annotations
@@ -22,20 +25,48 @@ from torch import Tensor, nn
 from lift3d.layers.functional import check_slice_conv, conv_along_slices
 
 
-def rank_for(channels: int, rank: int | None = None, rank_ratio: float = 0.125) -> int:
-    """``rank`` when given, else ``channels * rank_ratio`` rounded, at least 1 and at most ``channels``."""
+RANK_MIN = 16
+"""The default floor of the low-rank layer's rank (``rank_min``)."""
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def rank_for(channels: int, rank: int | None = None, rank_ratio: float = 0.125, rank_min: int = 1) -> int:
+    """``rank`` when given, else ``channels * rank_ratio`` rounded but at least ``rank_min``; never more
+    than ``channels``."""
+    _positive_int(rank_min, "rank_min")
     if rank is not None:
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive integer, got {rank!r}")
-        return min(rank, channels)
-    if not 0 < rank_ratio <= 1:
+        return min(_positive_int(rank, "rank"), channels)
+    if isinstance(rank_ratio, bool) or not isinstance(rank_ratio, (int, float)) or not 0 < rank_ratio <= 1:
         raise ValueError(f"rank_ratio must be in (0, 1], got {rank_ratio!r}")
-    return max(1, min(channels, round(channels * rank_ratio)))
+    return max(1, min(channels, max(rank_min, round(channels * rank_ratio))))
+
+
+class _FixedProjection(torch.autograd.Function):
+    """``down(x)``, a 1x1 conv with fixed weights: its backward needs the weight alone, so ``x`` is not
+    kept (``F.conv2d`` would keep it, for a weight gradient nobody asks for)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        ctx.save_for_backward(weight)
+        ctx.input_dtype = x.dtype
+        return F.conv2d(x, weight[:, :, None, None], bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (weight,) = ctx.saved_tensors
+        grad_x = F.conv2d(grad, weight.t().to(grad.dtype)[:, :, None, None]).to(ctx.input_dtype)
+        return grad_x, None, None
 
 
 class LowRankVolumetricConv(nn.Module):
     """Residual low-rank 1D conv over slices, acting on a ``(b n) c h w`` batch of slices.
 
+    The rank: ``rank`` when given (at most C), else ``max(rank_min, round(C * rank_ratio))``, at most C.
     Parameters: ``down_weight`` ``(r, C)`` and ``down_bias`` ``(r,)`` (buffers when ``train_down`` is
     off), ``weight`` ``(r, r, kernel_size)`` (the conv along n), ``up_weight`` ``(C, r)`` and ``bias``
     ``(C,)``, the last two at zero.
@@ -48,6 +79,7 @@ class LowRankVolumetricConv(nn.Module):
         *,
         rank: int | None = None,
         rank_ratio: float = 0.125,
+        rank_min: int = RANK_MIN,
         train_down: bool = True,
         padding_mode: str = "zeros",
         device=None,
@@ -55,7 +87,7 @@ class LowRankVolumetricConv(nn.Module):
     ) -> None:
         super().__init__()
         check_slice_conv(kernel_size, padding_mode)
-        r = rank_for(channels, rank, rank_ratio)
+        r = rank_for(channels, rank, rank_ratio, rank_min)
         self.channels, self.rank, self.kernel_size, self.padding_mode = channels, r, kernel_size, padding_mode
         self.train_down = bool(train_down)
         self.fused = False  # set by fuse_into: the centre tap then lives in the host conv
@@ -100,7 +132,10 @@ class LowRankVolumetricConv(nn.Module):
         if x.shape[1] != self.channels:
             raise ValueError(f"LowRankVolumetricConv expects {self.channels} channels, got {x.shape[1]} "
                              f"(input {tuple(x.shape)})")
-        z = F.conv2d(x, self.down_weight[:, :, None, None], self.down_bias)
+        if not self.train_down and not self.fused and torch.is_grad_enabled() and x.requires_grad:
+            z = _FixedProjection.apply(x, self.down_weight, self.down_bias)
+        else:
+            z = F.conv2d(x, self.down_weight[:, :, None, None], self.down_bias)
         z = conv_along_slices(z, self.weight, num_slices, padding_mode=self.padding_mode, skip_centre=self.fused)
         delta = F.conv2d(z, self.up_weight[:, :, None, None], None if self.fused else self.bias)
         if self.fused and not (torch.is_grad_enabled() and x.requires_grad):

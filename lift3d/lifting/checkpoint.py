@@ -124,8 +124,11 @@ def save_volumetric(model: nn.Module, path: str | os.PathLike, *, state_dict: di
 
 def inflate_arguments(lift: dict[str, Any]) -> dict[str, Any]:
     """:func:`lift3d.lifting.inflate` keywords from saved lift settings; settings written before layer kinds
-    existed (no ``kind``, a top-level ``groups``) are the full layer."""
+    existed (no ``kind``, a top-level ``groups``) are the full layer, and ``low-rank`` settings written before
+    the rank floor (neither ``rank`` nor ``rank_min``) have the plain C/8 rank."""
     options = lift.get("options", {"groups": lift.get("groups", 1)})
+    if lift.get("kind") == "low-rank" and not {"rank", "rank_min"} & set(options or {}):
+        options = {**(options or {}), "rank_min": 1}  # written before the rank floor: plain C/8
     return {"kind": lift.get("kind", "full"), "kernel_size": lift["kernel_size"], "where": lift["where"],
             "padding_mode": lift["padding_mode"], **options}
 

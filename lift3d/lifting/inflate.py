@@ -25,6 +25,7 @@ from lift3d.lifting.hooks import (LAYER_NAME, lift_state, LiftState, accept_2d_s
 from lift3d.io.budget import check_bytes
 from lift3d.lifting.placement import PRESETS, Where, choose_hosts, out_channels
 from lift3d.layers.functional import PADDING_MODES
+from lift3d.layers.low_rank import RANK_MIN as LOW_RANK_MIN
 
 __all__ = ["LAYER_NAME", "PRESETS", "InflationReport", "inflate", "is_lifted", "is_volumetric_parameter", "lift_settings", "report",
            "set_recompute", "set_trainable", "volume_batch", "volumetric_disabled", "volumetric_layers",
@@ -164,7 +165,10 @@ def inflate(
         layers[name] = layer_kinds.create(kind, channels[name], kernel_size=kernel_size, padding_mode=padding_mode,
                                           device=reference.device if reference is not None else None,
                                           dtype=reference.dtype if reference is not None else None, **options)
-    state = LiftState(kernel_size, list(hosts), padding_mode, kind, dict(options), channels, placement,
+    recorded = dict(options)
+    if kind == "low-rank" and not {"rank", "rank_min"} & set(options):
+        recorded["rank_min"] = LOW_RANK_MIN  # saved, so a later change of the default floor cannot change the shapes
+    state = LiftState(kernel_size, list(hosts), padding_mode, kind, recorded, channels, placement,
                       recompute=bool(recompute))
     for name in hosts:  # nothing is touched before every layer could be built
         modules[name].add_module(LAYER_NAME, layers[name])
