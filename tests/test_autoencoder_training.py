@@ -141,7 +141,6 @@ def test_bad_autoencoder_inputs_are_one_line(tmp_path, capsys, trained_ae):
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.slow
 def test_the_latent_pipeline_runs_end_to_end(tmp_path, trained_ae):
     """Autoencoder -> stage 1 in latents -> lift -> stage 2 -> synthesis decoded back to NIfTI."""
     from lift3d.cli.synthesize import OUTPUT_SUFFIX, main as synthesize
@@ -164,7 +163,6 @@ def test_the_latent_pipeline_runs_end_to_end(tmp_path, trained_ae):
     assert np.isfinite(written.get_fdata()).all()
 
 
-@pytest.mark.slow
 def test_the_example_autoencoder_config_trains(tmp_path):
     out = tmp_path / "example"
     assert finetune(["--config", str(ROOT / "examples" / "configs" / "phantom-autoencoder.toml"),

@@ -201,7 +201,6 @@ def test_loads_train_and_test_subjects_from_another_working_directory(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow
 def test_the_wheel_carries_the_data_and_the_plugin_runs_from_it(tmp_path):
     # Build from a copy of the sources, so the shared checkout gets no build/ folder.
     source = tmp_path / "src"
