@@ -45,7 +45,24 @@ def _snap(t: Tensor, grid: Tensor) -> Tensor:
     return grid[nearest].round().to(t.dtype)
 
 
-class DDPMObjective:
+class StepMatched:
+    """What both built-ins share: ``train_steps = N`` (Fast-DDPM) snaps every training timestep to the grid an
+    N-step sampler visits (:meth:`step_grid`), and is what an export records of the objective's options."""
+
+    train_steps: int | None = None
+
+    def step_grid(self, steps: int) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {} if self.train_steps is None else {"train_steps": self.train_steps}
+
+    def training_timesteps(self, t: Tensor) -> Tensor:
+        return t if self.train_steps is None else _snap(t, self.step_grid(self.train_steps))
+
+
+class DDPMObjective(StepMatched):
     """``ddpm``: the DDPM forward process, the U-Net predicting ``epsilon`` or ``v_prediction``.
 
     :param num_train_timesteps, beta_schedule, beta_start, beta_end: the noise schedule (diffusers' names and
@@ -74,18 +91,13 @@ class DDPMObjective:
                                        clip_sample=False)
         self.num_train_timesteps = num_train_timesteps
 
-    @property
-    def options(self) -> dict[str, Any]:
-        return {} if self.train_steps is None else {"train_steps": self.train_steps}
-
-    def training_timesteps(self, t: Tensor) -> Tensor:
-        if self.train_steps is None:
-            return t
+    def step_grid(self, steps: int) -> Tensor:
+        """The training timesteps a DDIM sampler of ``steps`` steps visits."""
         from diffusers import DDIMScheduler
 
         grid = DDIMScheduler.from_config(self.scheduler.config)
-        grid.set_timesteps(self.train_steps)
-        return _snap(t, grid.timesteps)
+        grid.set_timesteps(steps)
+        return grid.timesteps
 
     def noisy(self, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(x_t, the timesteps the U-Net sees)`` for integer ``t`` (one per row of ``x0``)."""
@@ -105,7 +117,7 @@ class DDPMObjective:
         return self.samplers[name][0], scheduler_config
 
 
-class FlowMatchingObjective:
+class FlowMatchingObjective(StepMatched):
     """``flow``: rectified flow, ``x_s = (1 - s) x_0 + s eps`` with ``s = (t + 1) / T``; the U-Net sees
     ``s T`` and predicts the velocity ``eps - x_0``.
 
@@ -133,18 +145,13 @@ class FlowMatchingObjective:
         self.num_train_timesteps = num_train_timesteps
         self.shift = float(shift)
 
-    @property
-    def options(self) -> dict[str, Any]:
-        return {} if self.train_steps is None else {"train_steps": self.train_steps}
-
-    def training_timesteps(self, t: Tensor) -> Tensor:
-        if self.train_steps is None:
-            return t
+    def step_grid(self, steps: int) -> Tensor:
+        """The training timesteps an Euler sampler of ``steps`` steps visits (its model timestep ``s T`` is ``t + 1``)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         grid = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
-        grid.set_timesteps(self.train_steps)
-        return _snap(t, grid.timesteps - 1)  # model timestep s T = t + 1
+        grid.set_timesteps(steps)
+        return grid.timesteps - 1
 
     def _sigma(self, t: Tensor, like: Tensor) -> Tensor:
         s = (t.to(torch.float64) + 1) / self.num_train_timesteps

@@ -18,7 +18,7 @@ import io
 import os
 import uuid
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -90,23 +90,14 @@ def _display_range(volume: np.ndarray) -> tuple[float, float]:
     return (lo, hi) if hi > lo else (lo, lo + 1.0)
 
 
-def save_orthogonal_views(
-    path: str | os.PathLike,
-    volumes: Mapping[str, np.ndarray],
-    *,
-    title: str | None = None,
-    error_of: tuple[str, str] | Sequence[tuple[str, str]] | None = ("prediction", "target"),
-    uncertainty: Mapping[str, np.ndarray] | None = None,
-    spacing: Sequence[float] | None = None,
-    plane_names: Sequence[str] = PLANE_NAMES,
-    dpi: int = 100,
-) -> Figure:
-    """Write :func:`orthogonal_views` as a PNG at ``path`` and return the figure.
+def save_orthogonal_views(path: str | os.PathLike, volumes: Mapping[str, np.ndarray], *, dpi: int = 100,
+                          **options: Any) -> Figure:
+    """Write :func:`orthogonal_views` (``options``: its ``title``, ``error_of``, ``uncertainty``, ``spacing``,
+    ``plane_names``) as a PNG at ``path`` and return the figure.
 
     The file is written to a temporary name in the same folder, then renamed over ``path``.
     """
-    fig = orthogonal_views(volumes, title=title, error_of=error_of, uncertainty=uncertainty, spacing=spacing,
-                           plane_names=plane_names, dpi=dpi)
+    fig = orthogonal_views(volumes, dpi=dpi, **options)
     save_png(fig, path, dpi=dpi)
     return fig
 
