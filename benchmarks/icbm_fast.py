@@ -3,8 +3,8 @@
 Data, grid, subjects and seeds are those of ``benchmarks/icbm_t1t2.py`` (13 training, 3 validation and 6
 test subjects made from the ICBM 152 2009c template). Models:
 
-- ``ddpm``: the protocol's own v-prediction stage 1, its lifted stage 2, and the MONAI 3D U-Net (L1), from
-  ``runs/icbm_t1t2-<scale>`` (trained there first if missing);
+- ``ddpm``: the protocol's own v-prediction stage 1, its lifted stage 2 (the variant its published run chose
+  on validation), and the MONAI 3D U-Net (L1), from ``runs/icbm_t1t2-<scale>`` (trained there first if missing);
 - ``flow``: the same recipe with the flow-matching objective (``--diffusion.objective flow``) in both stages,
   and a second stage 2 from the same stage 1 trained only on the timesteps a ``--matched-steps``-step Euler
   sampler visits (step-count-matched training, as in Fast-DDPM), from ``runs/icbm_t1t2-<scale>-flow``.
@@ -197,8 +197,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     machine, start = machine_info(), time.perf_counter()
 
     # Models: reused when an earlier run trained them with the same key (icbm_t1t2's --reuse rule).
+    # The protocol's published run chose its lifted stage 2 among variants on validation: the same one here.
+    published = protocol.RESULTS / f"icbm_{args.scale}{direction.replace('-', '_')}.json"
+    protocol_run = json.loads(published.read_text()) if published.is_file() else None
+    chosen_variant = protocol_run["selection"]["chosen"]["variant"] if protocol_run else "default"
+    overrides = {} if chosen_variant == "default" else protocol.parse_variant(chosen_variant)
     stage1 = protocol.train_stage1(out, scale, data, args.seed, True)
-    stage2 = protocol.train_stage2(out, scale, data, args.seed, stage1, {}, True)
+    stage2 = protocol.train_stage2(out, scale, data, args.seed, stage1, overrides, True)
     baseline, baseline_record = protocol.train_baseline(out, scale, data, pairs["train"], pairs["val"], args.seed,
                                                         device, True)
     flow1 = protocol.train_stage1(flow_out, scale, data, args.seed, True, objective="flow")
@@ -227,8 +232,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"  lifted-fast = {fast}")
 
     # The protocol's reference points on the test subjects (cached samples of the protocol run are reused).
-    published = protocol.RESULTS / f"icbm_{args.scale}{direction.replace('-', '_')}.json"
-    rho = json.loads(published.read_text())["methods"]["lifted-k8"]["noise_correlation"] if published.is_file() else 0.0
+    k8 = f"lifted-k{scale.samples}"
+    rho = protocol_run["methods"][k8]["noise_correlation"] if protocol_run else 0.0
     reference = {
         f"lifted-ddim{scale.ddim_steps}": replace(lifted, name=f"lifted-ddim{scale.ddim_steps}", scheduler="ddim",
                                                   steps=scale.ddim_steps),
@@ -259,7 +264,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"[timing] {name}: {results[name]['seconds_per_volume_timed']:.3f} s per volume")
     timing_s = time.perf_counter() - tic
 
-    k8 = f"lifted-k{scale.samples}"
     paired = {f"{name} vs {base}": {target: paired_differences(
         *(results[m]["subjects"] if target == "target" else results[m]["clean_target"]["subjects"] for m in (base, name)))
         for target in ("target", "clean_target")}
@@ -289,7 +293,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "icbm_fast", "scale": args.scale, "direction": f"{args.source} -> {args.target}",
         "command": " ".join(["python benchmarks/icbm_fast.py", *map(shlex.quote, args.argv)]),
         "machine": machine | {"load_average_at_end": os.getloadavg()},
-        "models": {"ddpm": str(stage2[0]), "flow": str(flow2[0]), "flow_matched": str(matched[0]),
+        "models": {"ddpm": str(stage2[0]), "ddpm_variant": chosen_variant, "flow": str(flow2[0]), "flow_matched": str(matched[0]),
                    "flow_matched_steps": args.matched_steps, "baseline": str(out / "baseline")},
         "selection": {"rule": f"best validation PSNR within each budget of U-Net evaluations per volume; lifted-fast = "
                               f"the best within {FAST_BUDGET}", "validation_subjects": datasets["val"].subjects(),
