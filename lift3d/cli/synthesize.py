@@ -108,11 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed of the initial noise (and of ddpm's added noise); the same seed and "
                         "options give the same volume. With --samples K, sample 0 uses the seed itself and "
                         "sample k a seed hashed from (seed, k) (lift3d.sampling.synthesis.sample_seed). Default: 0")
-    parser.add_argument("--samples", type=arguments.positive, default=1, metavar="K",
+    parser.add_argument("--samples", type=arguments.positive, metavar="K",
                         help=f"draw K samples per source and write their mean as <name>{OUTPUT_SUFFIX} and "
                         f"their per-voxel standard deviation as {STD_DIR}/<name>{STD_SUFFIX} (an uncertainty "
                         "map). K times the work of one sample, less per sample when batched. Default: 1 (one "
-                        "sample, no std map)")
+                        "sample, no std map), or the --fast preset's")
     parser.add_argument("--sample-batch", type=arguments.positive, metavar="N",
                         help="denoise N of the K samples together (default: all K on a GPU, 1 on the CPU, "
                         "where batching measured slower). Lower it if GPU memory is short; a batch that runs "
@@ -362,13 +362,15 @@ def write_result(dest: Path, std_dest: Path, result: Any, meta: Any) -> None:
 
 
 def choose_sampler(model: SynthesisModel, args: argparse.Namespace) -> None:
-    """Fill --scheduler, --steps, --start and --strength from --fast (the objective's few-step preset) or
+    """Fill --scheduler, --steps, --samples, --start and --strength from --fast (the objective's few-step preset) or
     the objective's default sampler; what the user gave explicitly wins."""
     preset = dict(model.objective.fast) if args.fast else {}
     if args.scheduler is None:
         args.scheduler = preset.get("scheduler", model.objective.default_sampler)
     if args.steps is None and preset.get("scheduler", args.scheduler) == args.scheduler:
         args.steps = preset.get("steps")
+    if args.samples is None:
+        args.samples = preset.get("samples", 1)
     if args.start is None:
         args.start = preset.get("start", "noise")
         if args.strength is None and args.start != "noise":
@@ -399,11 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     if model.image_channels != 1:
         raise UserError(f"{args.model}: its autoencoder takes {model.image_channels}-channel images, but a "
                         "NIfTI source is a single-channel 3D volume")
+    choose_sampler(model, args)
     # Read and check every source before the first (slow) synthesis, keeping only its grid.
     grids = [source_grid(model, load_image(p), p, size=args.size, num_slices=args.num_slices, samples=args.samples)
              for p in sources]
     check_windows(model, grids, args)
-    choose_sampler(model, args)
     try:  # checks --scheduler against the model's objective, and --steps
         make_scheduler(args.scheduler, model.scheduler_config, args.steps, objective=model.objective)
         check_start(args.start, args.strength, model.conditioning)

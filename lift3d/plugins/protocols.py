@@ -64,7 +64,7 @@ class Objective(Protocol):
     sampler name to ``(diffusers class name, default steps)``; :meth:`sampler_config` gives the
     class and config of one on the exported schedule; ``default_sampler`` names the one used when none is
     asked for, ``fast`` the few-step preset (``scheduler``, ``steps``, optionally ``start`` and
-    ``strength``) of ``lift3d-synthesize --fast``. ``scheduler`` is the diffusers scheduler of the
+    ``strength``, ``samples``) of ``lift3d-synthesize --fast``. ``scheduler`` is the diffusers scheduler of the
     forward process, saved with the model; ``options`` are what an export records of the objective's own.
     """
 
