@@ -241,7 +241,9 @@ def diffusion_config(stage: str, folder: Path, scale: Scale, data: dict[str, Any
                     layers_per_block=scale.layers_per_block, prediction_type=scale.stage1_prediction,
                     autoencoder=coder, source_context=source_context, stage1_batch=scale.stage1_batch,
                     stage1_lr=scale.stage1_lr, stage2_lr=scale.stage2_lr,
-                    stage2_lift={k: v for k, v in overrides.items() if k not in OPTIM_KEYS + OBJECTIVE_KEYS},
+                    # The protocol's layer is the paper's, pinned: inflate's default changed after it was published.
+                    stage2_lift={"kind": "full",
+                                 **{k: v for k, v in overrides.items() if k not in OPTIM_KEYS + OBJECTIVE_KEYS}},
                     stage2_optim={k: v for k, v in overrides.items() if k in OPTIM_KEYS},
                     stage2_objective_options={k: v for k, v in overrides.items() if k in OBJECTIVE_KEYS},
                     objective=objective,

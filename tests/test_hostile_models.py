@@ -269,7 +269,7 @@ def test_inflate_refuses_bad_arguments(unet2d):
 
 def test_inflate_sizes_its_layers_before_allocating(unet2d, monkeypatch):
     monkeypatch.setenv("LIFT3D_MEMORY_BUDGET", "1MiB")
-    with pytest.raises(BudgetError, match="volumetric layers of kind 'full' with kernel_size 2000001 need"):
+    with pytest.raises(BudgetError, match="volumetric layers of kind 'low-rank' with kernel_size 2000001 need"):
         lift3d.inflate(unet2d, kernel_size=2000001)
     assert not lift3d.is_lifted(unet2d)
 

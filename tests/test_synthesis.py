@@ -61,7 +61,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     unet = tiny_unet()
     out = {"2d": export_tiny(root / "2d", unet, "slices")}
-    lift3d.inflate(unet)
+    lift3d.inflate(unet, "full")  # the paper's layer: random weights in it mix the slices strongly
     out["identity"] = export_tiny(root / "identity", unet, "volumes")
     g = torch.Generator().manual_seed(1)
     for _, layer in lift3d.volumetric_layers(unet):

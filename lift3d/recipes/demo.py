@@ -52,6 +52,7 @@ class DemoScale:
     noise_correlation: float = 0.0  # rho across slices (synthesize's noise_correlation)
     source_context: int = 0  # 2.5D: stage 1 sees this many source slices on each side; stage 2 inherits it
     objective: str = "ddpm"  # or "flow" (flow matching: a few U-Net passes per volume)
+    lift_kind: str = "low-rank"  # inflate's default (benchmarks/results/layer-kinds.md); "full" is the paper's layer
 
 
 SCALES = {
@@ -101,8 +102,7 @@ def demo_recipe(scale: DemoScale, seed: int, dataset: str = "icbm152") -> Recipe
                   source_context=scale.source_context, stage2_lr=scale.stage2_lr,
                   stage2_lr_scheduler=scale.stage2_lr_scheduler, stage2_trainable=scale.stage2_trainable,
                   objective=scale.objective,
-                  # Pinned, not inflate's default: the recipe was chosen, and the demo measured, with full layers.
-                  stage2_lift={"kind": "full"}, validate_every=scale.validate_every if scale.num_val else 0,
+                  stage2_lift={"kind": scale.lift_kind}, validate_every=scale.validate_every if scale.num_val else 0,
                   val_volumes=max(scale.num_val, 1), log_every=20, overwrite=True, name="demo")
 
 
