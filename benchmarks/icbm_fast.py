@@ -321,7 +321,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                             "evaluations)"}
             whole["methods"]["3d-unet"]["seconds_per_volume_same_run_as_lifted_fast"] = seconds["3d-unet"]
             whole.setdefault("paired_differences", {}).update(
-                {k: v for k, v in paired.items() if k.startswith(f"{fast} vs")})
+                {k.replace(fast, "lifted-fast", 1): v for k, v in paired.items() if k.startswith(f"{fast} vs")})
             write_json(published, whole)
     print(f"\nlifted-fast = {fast} ({fast_row['unet_evaluations']} evaluations, {seconds[fast]:.2f} s per volume; "
           f"3D U-Net {seconds['3d-unet']:.3f} s)")
