@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import shutil
@@ -76,11 +75,11 @@ def candidates(ddpm: Method, flow: Method, matched: Method, matched_steps: int) 
 
 
 def evaluations(method: Method) -> int:
-    if method.folder is None:
-        return 1
-    informed = method.start == "estimate"  # as lift3d.sampling.synthesis.unet_evaluations counts them
-    runs = method.steps if method.start == "noise" else max(1, math.ceil(method.strength * method.steps - 1e-9))
-    return method.samples * (runs + informed)
+    """U-Net passes per volume, counted as lift3d's sampler counts them (every built-in sampler here runs
+    exactly ``steps`` steps)."""
+    from lift3d.sampling.synthesis import evaluations_of
+
+    return 1 if method.folder is None else evaluations_of(method.steps, method.samples, method.start, method.strength)
 
 
 def family(method: Method) -> str:

@@ -443,13 +443,10 @@ def evaluate(pred: torch.Tensor, pairs, reference: str = "target", segmenter=Non
     return rows
 
 
-SEGMENTER: Any = None  # the protocol's tissue segmenter, trained in run() on the training subjects' real target
-
-
-def scored(method: Method, prediction: Prediction, pairs) -> dict[str, Any]:
+def scored(method: Method, prediction: Prediction, pairs, segmenter=None) -> dict[str, Any]:
     from lift3d.evaluation.metrics import summarize
 
-    rows = evaluate(prediction.mean, pairs, segmenter=SEGMENTER)
+    rows = evaluate(prediction.mean, pairs, segmenter=segmenter)
     clean = evaluate(prediction.mean, pairs, "clean_target")
     return {"label": method.label, "sampler": method.sampler, "samples": method.samples, "noise_correlation": method.rho,
             "model": str(method.folder) if method.folder else "baseline",
@@ -783,8 +780,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.train_only:
         print(f"[train only] every phase is in {out}; evaluate with the same command, --reuse and without --train-only")
         return {}
-    global SEGMENTER
-    SEGMENTER, segmenter_record = train_segmenter(out, scale, data, args.seed, args.reuse)
+    segmenter, segmenter_record = train_segmenter(out, scale, data, args.seed, args.reuse)
     predict = Predictor(args.seed, device, out / "predictions", args.reuse, baseline)
 
     print(f"[selection] stage-2 export by PSNR on the validation subjects (DPM-Solver++ {scale.selection_steps})")
@@ -819,7 +815,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for method in sorted(methods, key=lambda m: m.steps * m.samples * (2 if m.folder == lifted.folder else 1)):
         print(f"[test] {method.name}: {method.sampler}")
         predictions[method.name] = predict(method, pairs["test"])
-        done[method.name] = scored(method, predictions[method.name], pairs["test"])
+        done[method.name] = scored(method, predictions[method.name], pairs["test"], segmenter)
         print(_line(method.name, done[method.name]["summary"]))
         (out / "partial_results.json").write_text(json.dumps({"validation": validation, "chosen": chosen,
                                                                "methods": done}, indent=2, default=str))

@@ -287,8 +287,12 @@ def unet_evaluations(model: SynthesisModel, scheduler: str, steps: int | None = 
     windows, every window of one step counts as one pass): the steps that run, plus one for an
     ``estimate`` start, times ``samples``."""
     sampler = make_scheduler(scheduler, model.scheduler_config, steps, objective=model.objective)
-    n = len(sampler.timesteps)
-    return samples * (n - first_step(n, start, strength) + (start == "estimate"))
+    return evaluations_of(len(sampler.timesteps), samples, start, strength)
+
+
+def evaluations_of(num_steps: int, samples: int = 1, start: str = "noise", strength: float | None = None) -> int:
+    """:func:`unet_evaluations` for a sampler of ``num_steps`` steps."""
+    return samples * (num_steps - first_step(num_steps, start, strength) + (start == "estimate"))
 
 
 @torch.no_grad()
@@ -374,7 +378,7 @@ def synthesize_posterior(
     windows = None if windowing is None else window_weights(n, *windowing)
     seeds = [sample_seed(seed, k) for k in range(samples)]
     batch = resolve_sample_batch(sample_batch, samples, device)
-    evaluations = unet_evaluations(model, scheduler, steps, samples=samples, start=start, strength=strength)
+    evaluations = evaluations_of(len(sampler.timesteps), samples, start, strength)
     desc = f"{scheduler} sampling" + (f", {samples} samples" if samples > 1 else "")
     drawn: list[Tensor] = []
     with tqdm(total=evaluations, desc=desc, disable=None if progress is None else not progress,
