@@ -652,7 +652,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="2.5D: stage 1 (and so stage 2) sees the N source slices on each side of a slice as "
                              "channels (lift3d's model.source_context); default 0, one source slice")
     parser.add_argument("--out", type=Path, default=None,
-                        help="work folder: models, predictions, results.json, views.png (default: runs/icbm_t1t2-<scale>)")
+                        help="work folder: models, predictions, results.json, views.png (default: runs/icbm_t1t2-<scale>[-t2t1]"
+                             "[-flow], the folders benchmarks/icbm_fast.py reads)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds weights, training noise and sampling (the subjects' seeds are fixed by the protocol)")
@@ -755,7 +756,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     autoencoder = args.autoencoder.resolve() if args.autoencoder else None
     variants = [{}] + [parse_variant(v) for v in args.variant]
     direction = f"{args.source} -> {args.target}"
-    suffix = "" if args.objective == "ddpm" else f"-{args.objective}"
+    suffix = "" if (args.source, args.target) == ("T1", "T2") else f"-{args.source.lower()}{args.target.lower()}"
+    suffix += "" if args.objective == "ddpm" else f"-{args.objective}"
     out = (args.out or REPO / "runs" / f"icbm_t1t2-{args.scale}{suffix}").resolve()
     data = dataset_options(args.data, scale, args.source, args.target)
     tic = time.perf_counter()
