@@ -55,23 +55,26 @@ BUDGETS = (1, 2, 4, 8)
 FAST_BUDGET = 8  # the issue's bar: today's best quality at 8 U-Net evaluations or fewer
 
 
-def candidates(ddpm: Method, flow: Method, matched: Method, matched_steps: int) -> list[Method]:
-    """Every few-step setting tried on validation (at most 8 U-Net evaluations per volume)."""
+def candidates(ddpm: Method, flows: dict[str, Method]) -> dict[str, tuple[str, Method]]:
+    """Every few-step setting tried on validation (at most 8 U-Net evaluations per volume), by name, with
+    its family: ``ddpm`` or one of the flow models in ``flows`` (family -> model)."""
     out = []
     for k, steps in ((1, 1), (1, 2), (1, 4), (1, 8), (2, 4), (4, 2), (8, 1)):
-        out.append(replace(ddpm, name=f"ddpm-dpm{steps}-k{k}", scheduler="dpm", steps=steps, samples=k))
+        out.append(("ddpm", replace(ddpm, name=f"ddpm-dpm{steps}-k{k}", scheduler="dpm", steps=steps, samples=k)))
     for k, steps, strength in ((1, 8, 0.25), (1, 8, 0.5), (1, 16, 0.25), (2, 8, 0.25)):
-        out.append(replace(ddpm, name=f"ddpm-dpm{steps}-estimate{strength:g}-k{k}", scheduler="dpm", steps=steps,
-                           samples=k, start="estimate", strength=strength))
-    for base, family in ((flow, "flow"), (matched, f"flow-matched{matched_steps}")):
-        for k, steps in ((1, 1), (1, 2), (1, 4), (1, 8), (2, 1), (2, 2), (2, 4), (4, 1), (4, 2), (8, 1)):
-            out.append(replace(base, name=f"{family}-euler{steps}-k{k}", scheduler="flow", steps=steps, samples=k))
+        out.append(("ddpm", replace(ddpm, name=f"ddpm-dpm{steps}-estimate{strength:g}-k{k}", scheduler="dpm",
+                                    steps=steps, samples=k, start="estimate", strength=strength)))
+    for family, base in flows.items():
+        for k, steps in ((1, 1), (1, 2), (1, 4), (1, 8), (2, 1), (2, 2), (2, 3), (3, 2), (2, 4), (4, 1), (4, 2),
+                         (8, 1)):
+            out.append((family, replace(base, name=f"{family}-euler{steps}-k{k}", scheduler="flow", steps=steps,
+                                        samples=k)))
         for steps in (2, 4, 8):
-            out.append(replace(base, name=f"{family}-dpm{steps}-k1", scheduler="dpm", steps=steps))
+            out.append((family, replace(base, name=f"{family}-dpm{steps}-k1", scheduler="dpm", steps=steps)))
         for start, steps, strength in (("estimate", 8, 0.25), ("estimate", 8, 0.5), ("source", 8, 0.5)):
-            out.append(replace(base, name=f"{family}-euler{steps}-{start}{strength:g}-k1", scheduler="flow",
-                               steps=steps, start=start, strength=strength))
-    return out
+            out.append((family, replace(base, name=f"{family}-euler{steps}-{start}{strength:g}-k1", scheduler="flow",
+                                        steps=steps, start=start, strength=strength)))
+    return {method.name: (family, method) for family, method in out}
 
 
 def evaluations(method: Method) -> int:
@@ -82,15 +85,11 @@ def evaluations(method: Method) -> int:
     return 1 if method.folder is None else evaluations_of(method.steps, method.samples, method.start, method.strength)
 
 
-def family(method: Method) -> str:
-    return method.name.split("-")[0] if not method.name.startswith("flow-matched") else "flow-matched"
-
-
-def validate(methods: list[Method], val_pairs, predict: Predictor) -> list[dict[str, Any]]:
+def validate(methods: dict[str, tuple[str, Method]], val_pairs, predict: Predictor) -> list[dict[str, Any]]:
     rows = []
-    for method in methods:
+    for family, method in methods.values():
         metrics = summarize(protocol.evaluate(predict(method, val_pairs).mean, val_pairs))
-        rows.append({"method": method.name, "family": family(method), "sampler": method.sampler,
+        rows.append({"method": method.name, "family": family, "sampler": method.sampler,
                      "unet_evaluations": evaluations(method), "metrics": metrics})
         print(protocol._line(f"{method.name} ({evaluations(method)} evaluations)", metrics))
     return rows
@@ -129,7 +128,8 @@ def time_method(method: Method, pairs, predict: Predictor, repeats: int) -> floa
     return statistics.median(once(pairs[i % len(pairs)]) for i in range(repeats))
 
 
-def plot(path: Path, frontier: list[dict[str, Any]], reference: dict[str, dict[str, Any]], title: str) -> None:
+def plot(path: Path, frontier: list[dict[str, Any]], reference: dict[str, dict[str, Any]], title: str,
+         families: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,7 +137,7 @@ def plot(path: Path, frontier: list[dict[str, Any]], reference: dict[str, dict[s
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, metric, label in ((axes[0], "psnr", "PSNR (dB), test"), (axes[1], "ssim", "SSIM, test")):
-        for fam, marker in (("ddpm", "o"), ("flow", "s"), ("flow-matched", "^")):
+        for fam, marker in zip(families, "os^vDP*"):
             pts = sorted((r["unet_evaluations"], r["summary"][metric]["mean"]) for r in frontier if r["family"] == fam)
             if pts:
                 ax.plot(*zip(*pts), marker=marker, label=f"lifted, {fam} (best per budget on validation)")
@@ -170,6 +170,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "to the same name with -flow")
     parser.add_argument("--matched-steps", type=int, default=4,
                         help="the Euler steps the step-count-matched flow stage 2 trains for (default 4)")
+    parser.add_argument("--flow-variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="another flow stage 2 to choose from on validation, trained from the same flow stage 1 "
+                             "with icbm_t1t2's --variant keys, e.g. lr_scheduler=cosine,learning_rate=0.004 "
+                             "(repeatable)")
     parser.add_argument("--timing-repeats", type=int, default=3, help="timed volumes per test method (default 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--publish", action="store_true", help="write the figures under benchmarks/results/")
@@ -178,6 +182,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--source and --target must differ")
     if not 1 <= args.matched_steps <= 50:
         parser.error(f"--matched-steps must be from 1 to 50, got {args.matched_steps}")
+    for variant in args.flow_variant:
+        try:
+            protocol.parse_variant(variant)
+        except ValueError as exc:
+            parser.error(f"--flow-variant {variant!r}: {exc}")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 
@@ -208,21 +217,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     flow1 = protocol.train_stage1(flow_out, scale, data, args.seed, True, objective="flow")
     flow2 = protocol.train_stage2(flow_out, scale, data, args.seed, flow1, {}, True)
     matched = protocol.train_stage2(flow_out, scale, data, args.seed, flow1, {"train_steps": args.matched_steps}, True)
+    flows = {"flow": Method("flow", "lifted (flow)", flow2[0], flow2[1])}
+    flow_stage2s = {"flow": {"folder": str(flow2[0]), "variant": "default"}}
+    for i, variant in enumerate(args.flow_variant, 1):  # more flow stage 2s to choose from (e.g. a learning rate)
+        tuned = protocol.train_stage2(flow_out, scale, data, args.seed, flow1, protocol.parse_variant(variant), True)
+        tag = "flow-tuned" if len(args.flow_variant) == 1 else f"flow-tuned{i}"
+        flows[tag] = Method(tag, f"lifted (flow, {variant})", tuned[0], tuned[1])
+        flow_stage2s[tag] = {"folder": str(tuned[0]), "variant": variant}
+    flows["flow-matched"] = Method("flow-matched", f"lifted (flow, trained for {args.matched_steps} steps)",
+                                   matched[0], matched[1])
     trained_s = time.perf_counter() - start
 
     predict = Predictor(args.seed, device, out / "predictions", True, baseline)
     lifted = Method("lifted", "lifted (ddpm, v)", stage2[0], stage2[1])
-    flow = Method("flow", "lifted (flow)", flow2[0], flow2[1])
-    flow_matched = Method("flow-matched", f"lifted (flow, trained for {args.matched_steps} steps)", matched[0],
-                          matched[1])
 
     print(f"[validation] {len(pairs['val'])} subjects, every candidate at <= {FAST_BUDGET} U-Net evaluations")
     tic = time.perf_counter()
-    tried = candidates(lifted, flow, flow_matched, args.matched_steps)
+    tried = candidates(lifted, flows)
     val_rows = validate(tried, pairs["val"], predict)
     chosen = {}
     for budget in BUDGETS:
-        for fams, tag in ((("ddpm",), "ddpm"), (("flow",), "flow"), (("flow-matched",), "flow-matched"), (None, "any")):
+        for fams, tag in [(("ddpm",), "ddpm"), *(((fam,), fam) for fam in flows), (None, "any")]:
             name = best_within(val_rows, budget, fams)
             if name is not None:
                 chosen[f"{tag}@{budget}"] = name
@@ -242,14 +257,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                             steps=scale.dpm_steps, samples=scale.samples, rho=rho),
         "3d-unet": Method("3d-unet", "3D U-Net, L1", None, baseline_record),
     }
-    by_name = {m.name: m for m in tried}
-    tests = {name: by_name[name] for name in dict.fromkeys(chosen.values())}
+    tests = {name: tried[name][1] for name in dict.fromkeys(chosen.values())}
     tic = time.perf_counter()
     results: dict[str, Any] = {}
     for name, method in {**tests, **reference}.items():
         print(f"[test] {name}: {method.sampler}")
         row = scored(method, predict(method, pairs["test"]), pairs["test"])
-        row |= {"family": family(method) if name in tests else "reference", "unet_evaluations": evaluations(method)}
+        row |= {"family": tried[name][0] if name in tests else "reference", "unet_evaluations": evaluations(method)}
         results[name] = row
         print(protocol._line(name, row["summary"]))
     test_s = time.perf_counter() - tic
@@ -292,7 +306,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "icbm_fast", "scale": args.scale, "direction": f"{args.source} -> {args.target}",
         "command": " ".join(["python benchmarks/icbm_fast.py", *map(shlex.quote, args.argv)]),
         "machine": machine | {"load_average_at_end": os.getloadavg()},
-        "models": {"ddpm": str(stage2[0]), "ddpm_variant": chosen_variant, "flow": str(flow2[0]), "flow_matched": str(matched[0]),
+        "models": {"ddpm": str(stage2[0]), "ddpm_variant": chosen_variant, "flow": flow_stage2s, "flow_matched": str(matched[0]),
                    "flow_matched_steps": args.matched_steps, "baseline": str(out / "baseline")},
         "selection": {"rule": f"best validation PSNR within each budget of U-Net evaluations per volume; lifted-fast = "
                               f"the best within {FAST_BUDGET}", "validation_subjects": datasets["val"].subjects(),
@@ -306,7 +320,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     write_json(out / "fast_results.json", report)
     title = (f"ICBM {args.source} -> {args.target}, {len(pairs['test'])} test subjects, {args.scale} scale: the few-step "
              f"frontier (settings chosen on validation)")
-    plot(out / "fast_frontier.png", frontier, {n: results[n] for n in reference}, title)
+    plot(out / "fast_frontier.png", frontier, {n: results[n] for n in reference}, title, ["ddpm", *flows])
     if args.publish:
         name = f"icbm_fast_{args.scale}{direction.replace('-', '_')}"
         write_json(protocol.RESULTS / f"{name}.json", report)

@@ -29,7 +29,10 @@ def test_evaluations_count_as_the_sampler_does(fast):
     assert fast.evaluations(replace(base, samples=4, steps=2)) == 8
     assert fast.evaluations(replace(base, start="estimate", strength=0.25)) == 3  # 1 estimate + 2 of 8 steps
     assert fast.evaluations(replace(base, start="source", strength=0.5)) == 4
-    assert all(fast.evaluations(m) <= fast.FAST_BUDGET for m in fast.candidates(base, base, base, 4))
+    tried = fast.candidates(base, {"flow": base, "flow-tuned": base, "flow-matched": base})
+    assert all(fast.evaluations(m) <= fast.FAST_BUDGET for _, m in tried.values())
+    assert {family for family, _ in tried.values()} == {"ddpm", "flow", "flow-tuned", "flow-matched"}
+    assert all(name.startswith(family + "-") for name, (family, _) in tried.items())
 
 
 @pytest.mark.slow
@@ -41,7 +44,7 @@ def test_smoke_frontier_end_to_end(fast, tmp_path):
         pytest.skip(f"ICBM 152 files not found in {data}; set LIFT3D_ICBM_DIR")
     out = tmp_path / "icbm"
     completed = subprocess.run([sys.executable, str(SCRIPT), "--scale", "smoke", "--data", str(data), "--out", str(out),
-                                "--timing-repeats", "1"], capture_output=True, text=True, timeout=900,
+                                "--timing-repeats", "1", "--flow-variant", "learning_rate=0.004"], capture_output=True, text=True, timeout=900,
                                env={**os.environ, "LIFT3D_DISABLE_PLUGIN_AUTOLOAD": "1"})
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads((out / "fast_results.json").read_text())
@@ -50,6 +53,8 @@ def test_smoke_frontier_end_to_end(fast, tmp_path):
     assert row["unet_evaluations"] <= 8 and len(row["subjects"]) == 6
     assert report["seconds_per_volume"][fast_name] > 0 and report["seconds_per_volume"]["3d-unet"] > 0
     assert {f"{fast_name} vs lifted-k4", f"{fast_name} vs 3d-unet"} <= set(report["paired_differences"])
-    assert {r["family"] for r in report["selection"]["candidates"]} == {"ddpm", "flow", "flow-matched"}
+    assert {r["family"] for r in report["selection"]["candidates"]} == {"ddpm", "flow", "flow-tuned", "flow-matched"}
     assert (tmp_path / "icbm-flow" / "stage2_train_steps-4" / "model").is_dir()
+    assert (tmp_path / "icbm-flow" / "stage2_learning_rate-0.004" / "model").is_dir()
+    assert report["models"]["flow"]["flow-tuned"]["variant"] == "learning_rate=0.004"
     assert (out / "fast_frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
