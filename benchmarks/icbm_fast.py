@@ -158,6 +158,53 @@ def plot(path: Path, frontier: list[dict[str, Any]], reference: dict[str, dict[s
     plt.close(fig)
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The frontier table and lifted-fast's paired differences, as ``benchmarks/results/few-steps.md`` shows them."""
+    methods, chosen, fast = report["methods"], report["selection"]["chosen"], report["selection"]["lifted_fast"]
+    seconds = report["seconds_per_volume"]
+    k8 = next(name for name in methods if name.startswith("lifted-k"))
+
+    def cells(name: str) -> str:
+        s, c = methods[name]["summary"], methods[name]["clean_target"]["summary"]
+        sec = seconds.get(name)
+        return (f"{s['psnr']['mean']:.2f} | {s['ssim']['mean']:.4f} | {s['mae']['mean']:.2f} | "
+                f"{s['z_inconsistency']['mean']:.3f} | {c['psnr']['mean']:.2f} / {c['ssim']['mean']:.4f} | "
+                + ("" if sec is None else f"{sec:.3g}"))
+
+    lines = ["| evaluations | best on validation | sampler | PSNR ↑ | SSIM ↑ | MAE ↓ | z-inc. ↓ | clean PSNR / SSIM "
+             "| s / volume |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for budget in BUDGETS:
+        names = [chosen[f"any@{budget}"]]
+        if budget == FAST_BUDGET:
+            names += [chosen[key] for key in chosen if key.endswith(f"@{budget}") and not key.startswith("any")]
+        for name in dict.fromkeys(names):
+            row, label = methods[name], methods[name]["family"]
+            label += " (`lifted-fast`)" if name == fast else ""
+            line = f"| {row['unet_evaluations']} | {label} | {row['sampler']} | {cells(name)} |"
+            if name == fast:
+                line = "| " + " | ".join(f"**{c.strip()}**" if c.strip() else "" for c in line.strip("|").split("|")) + " |"
+            lines.append(line)
+    for name, row in methods.items():
+        if row["family"] == "reference":
+            label = "3D U-Net (MONAI BasicUNet, L1)" if name == "3d-unet" else f"ddpm (`{name}`)"
+            lines.append(f"| {row['unet_evaluations']} | {label} | {row['sampler']} | {cells(name)} |")
+
+    def interval(d: dict[str, Any], digits: int) -> str:
+        lo, hi = d["ci"]
+        text = f"{d['mean']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}] ({d['b_better']}/{d['n']})"
+        return f"**{text}**" if lo > 0 or hi < 0 else text  # bold: the interval excludes zero
+
+    lines += ["", f"`lifted-fast` ({fast}) paired with the references over the test subjects, mean [95 % t-interval] "
+              "(subjects where `lifted-fast` is better):", "",
+              "| against | target | PSNR (dB) | SSIM | MAE | z-inconsistency |", "| --- | --- | --- | --- | --- | --- |"]
+    for base in (k8, "3d-unet"):
+        for target, label in (("target", "noisy"), ("clean_target", "clean")):
+            d = report["paired_differences"][f"{fast} vs {base}"][target]
+            lines.append(f"| {base} | {label} | {interval(d['psnr'], 2)} | {interval(d['ssim'], 4)} | "
+                         f"{interval(d['mae'], 2)} | {interval(d['z_inconsistency'], 3)} |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -318,6 +365,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "fast_results.json", report)
+    (out / "fast_results.md").write_text(markdown(report) + "\n")
     title = (f"ICBM {args.source} -> {args.target}, {len(pairs['test'])} test subjects, {args.scale} scale: the few-step "
              f"frontier (settings chosen on validation)")
     plot(out / "fast_frontier.png", frontier, {n: results[n] for n in reference}, title, ["ddpm", *flows])

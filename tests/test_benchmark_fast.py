@@ -58,3 +58,16 @@ def test_smoke_frontier_end_to_end(fast, tmp_path):
     assert (tmp_path / "icbm-flow" / "stage2_learning_rate-0.004" / "model").is_dir()
     assert report["models"]["flow"]["flow-tuned"]["variant"] == "learning_rate=0.004"
     assert (out / "fast_frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_markdown_tables_the_published_frontier(fast):
+    published = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "icbm_fast_cpu.json"
+    report = json.loads(published.read_text())
+    text = fast.markdown(report)
+    fast_name = report["selection"]["lifted_fast"]
+    assert f"`lifted-fast` ({fast_name})" in text
+    assert text.count("| lifted-k8 |") == 2 and text.count("| 3d-unet |") == 2
+    assert "3D U-Net (MONAI BasicUNet, L1)" in text
+    frontier = text.split("\n\n")[0].splitlines()
+    assert len(frontier) >= 2 + len(fast.BUDGETS) + 4  # header, rule, a row per budget, the 4 references
+    assert {line.count("|") for line in frontier} == {10}  # 9 columns in every row
