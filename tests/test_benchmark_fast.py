@@ -71,3 +71,23 @@ def test_markdown_tables_the_published_frontier(fast):
     frontier = text.split("\n\n")[0].splitlines()
     assert len(frontier) >= 2 + len(fast.BUDGETS) + 4  # header, rule, a row per budget, the 4 references
     assert {line.count("|") for line in frontier} == {10}  # 9 columns in every row
+
+
+def test_merged_pairs_lifted_fast_with_the_protocol_files_own_rows(fast):
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    report = json.loads((results / "icbm_fast_cpu.json").read_text())
+    protocol_run = json.loads((results / "icbm_cpu.json").read_text())
+    fast_name = report["selection"]["lifted_fast"]
+
+    whole = fast.merged(protocol_run, report)  # the same models: the in-run pairs are the published pairs
+    assert whole["methods"]["lifted-fast"]["frontier_run"]["same_references"] == {"lifted-k8": True, "3d-unet": True}
+    in_run = report["paired_differences"][f"{fast_name} vs lifted-k8"]["target"]["psnr"]["mean"]
+    assert whole["paired_differences"]["lifted-fast vs lifted-k8"]["target"]["psnr"]["mean"] == pytest.approx(in_run)
+    assert "lifted-fast" not in json.dumps(protocol_run["methods"].get("lifted-k8", {}))  # input left alone
+
+    # References trained again elsewhere: the file pairs lifted-fast with its own lifted-k8, and says so.
+    for row in protocol_run["methods"]["lifted-k8"]["subjects"]:
+        row["psnr"] += 1.0
+    whole = fast.merged(protocol_run, report)
+    assert whole["methods"]["lifted-fast"]["frontier_run"]["same_references"]["lifted-k8"] is False
+    assert whole["paired_differences"]["lifted-fast vs lifted-k8"]["target"]["psnr"]["mean"] == pytest.approx(in_run - 1.0)
