@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_synthesis_model(models[objective], device="cpu")
         tic = time.perf_counter()
         with torch.no_grad():
-            out = synthesize_posterior(model, source, samples=k, scheduler=scheduler, steps=steps, seed=args.seed,
+            out = synthesize_posterior(model, source, samples=k, solver=scheduler, steps=steps, seed=args.seed,
                                        start=start_from, strength=strength, progress=False)
         seconds = (time.perf_counter() - tic) / len(pairs)
         metrics = summarize([score_pair(out.mean[i, 0].numpy(), p) for i, p in enumerate(pairs)])

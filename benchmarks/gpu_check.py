@@ -58,7 +58,7 @@ class SynthesisSetting:
 
     name: str
     objective: str  # an ``objectives`` plugin: ddpm, flow
-    scheduler: str  # lift3d.diffusion.schedules.SCHEDULERS
+    scheduler: str  # a solver name, lift3d.sampling.solvers.SOLVERS
     steps: int
 
 
@@ -218,12 +218,12 @@ def train_steps(m: Measurement, ctx: Context, checkpointing: bool) -> dict[str, 
             return (net(source).float() - target).abs().mean()
     else:
         from lift3d.data.dataset import stack_items
-        from lift3d.training.stages import STAGES
+        from lift3d.training.stages import get_stage
 
         stage = "volumes" if m.model == "stage2" else "slices"
         cfg = ctx.config(stage, m.n, model={"gradient_checkpointing": checkpointing},
                          optim={"mixed_precision": m.precision})
-        make_task = STAGES[stage](cfg, dataset, ctx.workdir / stage)
+        make_task = get_stage(stage).prepare(cfg, dataset, ctx.workdir / stage)
         probe.start()
         task = make_task(accelerator)
         task.model.to(device)
@@ -275,6 +275,7 @@ def synthesis(m: Measurement, ctx: Context) -> dict[str, Any]:
     import lift3d
     from lift3d.plugins import create
     from lift3d.sampling.synthesis import SynthesisModel, synthesize, unet_evaluations
+    from lift3d.training.stages import get_stage
     from lift3d.training.unets import build_objective, build_unet
 
     setting = next(s for s in SYNTHESIS if s.name == m.setting)
@@ -283,7 +284,9 @@ def synthesis(m: Measurement, ctx: Context) -> dict[str, Any]:
     autoencoder = create("autoencoders", cfg.autoencoder.name, **cfg.autoencoder.options).eval()
     probe.start()
     torch.manual_seed(0)
-    unet = build_unet(cfg, autoencoder, ctx.scale.size).requires_grad_(False).eval().to(device)
+    stage = get_stage(cfg.run.stage)  # stage 2 lifts the U-Net it builds
+    unet = build_unet(cfg, autoencoder, ctx.scale.size, lift=stage.lift(stage.own(cfg)))
+    unet = unet.requires_grad_(False).eval().to(device)
     if dtype != torch.float32:  # (diffusers warns on any .to(dtype))
         unet.to(dtype=dtype)
     if lift3d.is_lifted(unet):
@@ -292,7 +295,7 @@ def synthesis(m: Measurement, ctx: Context) -> dict[str, Any]:
     settings = {"format": 2, "conditioning": "concat", "autoencoder": {"name": cfg.autoencoder.name},
                 "prediction_type": cfg.model.prediction_type, "objective": setting.objective}
     model = SynthesisModel(unet, autoencoder.to(device), settings, dict(objective.scheduler.config))
-    options = {"scheduler": setting.scheduler, "seed": 0, "progress": False, "window": 0}
+    options = {"solver": setting.scheduler, "seed": 0, "progress": False, "window": 0}
     side = model.size_multiple
     warmup_s = timed(device, lambda: synthesize(model, source[:, :, :2, :side, :side], steps=1, **options))
     seconds = timed(device, lambda: synthesize(model, source, steps=steps, **options))

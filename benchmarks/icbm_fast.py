@@ -119,7 +119,7 @@ def time_method(method: Method, pairs, predict: Predictor, repeats: int) -> floa
 
                     model = predict.models[method.folder] = load_synthesis_model(method.folder, device=predict.device)
                 for k in range(method.samples):
-                    synthesize(model, source, scheduler=method.scheduler, steps=method.steps,
+                    synthesize(model, source, solver=method.scheduler, steps=method.steps,
                                seed=sample_seed(predict.seed, k), noise_correlation=method.rho, start=method.start,
                                strength=method.strength, progress=False)
         return time.perf_counter() - tic

@@ -408,7 +408,7 @@ class Predictor:
                 self.models[method.folder] = load_synthesis_model(method.folder, device=self.device)
             tic = time.perf_counter()
             # All subjects in one batch: every method sees the same initial noise for the same subject.
-            pred = synthesize(self.models[method.folder], sources, scheduler=method.scheduler, steps=method.steps,
+            pred = synthesize(self.models[method.folder], sources, solver=method.scheduler, steps=method.steps,
                               seed=sample_seed(self.seed, k), clip_x0=method.x0_clip, noise_correlation=method.rho,
                               start=method.start, strength=method.strength, progress=False).cpu()
         seconds = (time.perf_counter() - tic) / len(pairs)

@@ -86,7 +86,7 @@ def score(model_folder: Path, pairs: list, steps: int, seed: int) -> tuple[list[
     model = load_synthesis_model(model_folder, device="cpu")
     sources = torch.stack([p.source for p in pairs])
     tic = time.perf_counter()
-    pred = synthesize(model, sources, scheduler="dpm", steps=steps, seed=seed, progress=False)
+    pred = synthesize(model, sources, solver="dpm", steps=steps, seed=seed, progress=False)
     seconds = (time.perf_counter() - tic) / len(pairs)
     rows = [score_pair(pred[i, 0].numpy(), p) for i, p in enumerate(pairs)]
     return rows, seconds

@@ -91,7 +91,7 @@ def time_one(model, source, args, k: int, batch: int) -> float:
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    synthesize_posterior(model, source, samples=k, sample_batch=batch, scheduler=args.scheduler, steps=args.steps,
+    synthesize_posterior(model, source, samples=k, sample_batch=batch, solver=args.scheduler, steps=args.steps,
                          seed=0, progress=False)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             model = build_model(Path(tmp) / "model", args, size, num_slices)
         source = torch.rand(1, 1, num_slices, size, size, generator=torch.Generator().manual_seed(2)) * 2 - 1
-        synthesize_posterior(model, source[:, :, :2], samples=2, sample_batch=2, scheduler=args.scheduler, steps=1,
+        synthesize_posterior(model, source[:, :, :2], samples=2, sample_batch=2, solver=args.scheduler, steps=1,
                              progress=False)  # warm-up
         grids[f"{size}x{size}x{num_slices}"] = (model, source)
     configs = configurations(args.samples)

@@ -298,7 +298,8 @@ def sample(job: dict) -> dict:
     DDIM-200 figure (measured when steps == 200, else encode + decode + 200 x the mean step)."""
     from diffusers import DDPMScheduler
 
-    from lift3d.sampling.synthesis import SynthesisModel, check_channels, synthesize
+    from lift3d.diffusion.conditioning import check_channels
+    from lift3d.sampling.synthesis import SynthesisModel, synthesize
 
     device, dtype = torch.device(job["device"]), getattr(torch, job["dtype"])
     if job["threads"]:
@@ -317,7 +318,7 @@ def sample(job: dict) -> dict:
     scheduler_config = dict(DDPMScheduler(num_train_timesteps=1000).config)
     model = SynthesisModel(unet, autoencoder, {"conditioning": "concat", "autoencoder": {"name": "kl"}},
                            scheduler_config)
-    check_channels(unet, autoencoder, "concat", where="speed.py")
+    check_channels(unet, autoencoder.latent_channels, "concat", where="speed.py")
     encode_s: list[float] = []
     decode_s: list[float] = []
     autoencoder.encode = _timed(autoencoder.encode, encode_s, device)
@@ -327,12 +328,12 @@ def sample(job: dict) -> dict:
     source = torch.rand(1, autoencoder.image_channels, job["n"], size, size, generator=generator) * 2 - 1
     # Lazy initialisation: one untimed step on a small crop of two slices.
     side = model.size_multiple
-    synthesize(model, source[:, :, :2, :side, :side], scheduler="ddim", steps=1, progress=False)
+    synthesize(model, source[:, :, :2, :side, :side], solver="ddim", steps=1, progress=False)
     encode_s.clear()
     decode_s.clear()
     _sync(device)
     start = time.perf_counter()
-    synthesize(model, source, scheduler="ddim", steps=job["steps"], progress=False)
+    synthesize(model, source, solver="ddim", steps=job["steps"], progress=False)
     _sync(device)
     total = time.perf_counter() - start
     encode, decode = sum(encode_s), sum(decode_s)

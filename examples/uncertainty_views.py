@@ -4,7 +4,7 @@ samples), target, |error| and std.
 Run ``lift3d-synthesize --samples K`` first; it writes the mean of K samples as
 ``<out>/<name>_synth.nii.gz`` and their per-voxel std as ``<out>/std/<name>_std.nii.gz``:
 
-    lift3d-synthesize --model runs/stage2/model --source sub-01/T1.nii.gz --out synth --scheduler dpm --samples 8
+    lift3d-synthesize --model runs/stage2/model --source sub-01/T1.nii.gz --out synth --solver dpm --samples 8
     python examples/uncertainty_views.py --pred synth/T1_synth.nii.gz --std synth/std/T1_std.nii.gz \
         --target sub-01/T2.nii.gz --source sub-01/T1.nii.gz --out T1_views.png
 

@@ -14,8 +14,6 @@ except PackageNotFoundError:  # running from a source tree without installation
 
 from lift3d.layers.low_rank import LowRankVolumetricConv
 from lift3d.layers.volumetric import VolumetricConv
-from lift3d.lifting import checkpoint
-from lift3d.lifting.checkpoint import load_lifted, load_volumetric, save_lifted, save_volumetric
 from lift3d.lifting.fuse import fuse, fused_layers
 from lift3d.lifting.inflate import (
     PRESETS,
@@ -33,6 +31,19 @@ from lift3d.lifting.inflate import (
     volumetric_state_dict,
 )
 from lift3d.plugins import hookimpl
+
+# The checkpoint functions need lift3d.io (schemas, pydantic, the safe writer): imported on first use, so that
+# ``import lift3d; lift3d.inflate(model)`` loads no I/O module.
+_CHECKPOINT_NAMES = ("load_lifted", "load_volumetric", "save_lifted", "save_volumetric")
+
+
+def __getattr__(name: str):
+    if name == "checkpoint" or name in _CHECKPOINT_NAMES:
+        from lift3d.lifting import checkpoint
+
+        return checkpoint if name == "checkpoint" else getattr(checkpoint, name)
+    raise AttributeError(f"module 'lift3d' has no attribute {name!r}")
+
 
 __all__ = [
     "PRESETS", "InflationReport", "LowRankVolumetricConv", "VolumetricConv", "__version__", "checkpoint", "fuse",

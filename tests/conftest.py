@@ -10,9 +10,38 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 os.environ.setdefault("LIFT3D_DISABLE_PLUGIN_AUTOLOAD", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# Fuzzing: every run draws a small sample of each fuzz test's examples, so the default suite stays fast;
+# LIFT3D_HYPOTHESIS_PROFILE=thorough draws the full count each test names (thousands in all).
+HYPOTHESIS_PROFILE_ENV = "LIFT3D_HYPOTHESIS_PROFILE"
+FUZZ_FRACTION = {"default": 0.05, "thorough": 1.0}
+FUZZ_MINIMUM = 10
+
+
+def hypothesis_profile(environ: dict[str, str]) -> str:
+    """The profile ``environ`` asks for (``default`` when unset); an unknown one stops pytest in one line."""
+    name = environ.get(HYPOTHESIS_PROFILE_ENV, "default")
+    if name not in FUZZ_FRACTION:
+        raise pytest.UsageError(f"{HYPOTHESIS_PROFILE_ENV}={name!r} is not a hypothesis profile; "
+                                f"valid: {', '.join(FUZZ_FRACTION)}")
+    return name
+
+
+HYPOTHESIS_PROFILE = hypothesis_profile(os.environ)
+settings.register_profile("default", max_examples=FUZZ_MINIMUM * 2, deadline=None)
+settings.register_profile("thorough", max_examples=500, deadline=None)
+settings.load_profile(HYPOTHESIS_PROFILE)
+
+
+def fuzz_examples(thorough: int) -> int:
+    """A fuzz test's example count: ``thorough`` under the thorough profile, a twentieth of it (at least
+    10) under the default one."""
+    return max(FUZZ_MINIMUM, round(thorough * FUZZ_FRACTION[HYPOTHESIS_PROFILE]))
+
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

@@ -92,6 +92,7 @@ lr_scheduler = "linear"
 """
 
 
+@pytest.mark.slow  # three processes; test_resume_reproduces_an_uninterrupted_autoencoder_run covers resume in one
 def test_the_autoencoder_resumes_after_sigkill_like_an_uninterrupted_run(tmp_path):
     """Killed while writing the step-4 checkpoint, with the discriminator on since step 2: resuming from
     step 2 (autoencoder, discriminator, both optimizers, RNG) ends where a run never killed ends."""
@@ -163,10 +164,23 @@ def test_the_latent_pipeline_runs_end_to_end(tmp_path, trained_ae):
     assert np.isfinite(written.get_fdata()).all()
 
 
+EXAMPLE_AE = ROOT / "examples" / "configs" / "phantom-autoencoder.toml"
+
+
+def test_the_example_autoencoder_config_runs_and_exports_an_f4_autoencoder(tmp_path):
+    """The example as shipped, for two steps on fewer subjects (the full run, which must learn, is slow)."""
+    out = tmp_path / "example"
+    assert finetune(["--config", str(EXAMPLE_AE), "--run.output_dir", str(out), "--run.checkpoint_every", "0",
+                     "--run.max_steps", "2", "--run.log_every", "1", "--data.batch_size", "4",
+                     "--data.options", "{size = 32, num_slices = 4, num_subjects = 4}"]) == 0
+    assert [int(r["step"]) for r in losses(out) if r["l1"]] == [1, 2]
+    assert create("autoencoders", "kl", path=str(out / "model")).downsampling_factor == 4
+
+
+@pytest.mark.slow  # minutes on 2 CPU cores: the example's whole run
 def test_the_example_autoencoder_config_trains(tmp_path):
     out = tmp_path / "example"
-    assert finetune(["--config", str(ROOT / "examples" / "configs" / "phantom-autoencoder.toml"),
-                     "--run.output_dir", str(out), "--run.checkpoint_every", "0"]) == 0
+    assert finetune(["--config", str(EXAMPLE_AE), "--run.output_dir", str(out), "--run.checkpoint_every", "0"]) == 0
     rows = losses(out)
     psnr = [float(r["val_psnr"]) for r in rows if r["val_psnr"]]
     assert psnr[-1] > psnr[0] + 10

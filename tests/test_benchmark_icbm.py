@@ -77,6 +77,7 @@ def test_missing_data_is_one_clear_error(bench, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # the whole protocol at the smoke scale, twice
 def test_smoke_run_end_to_end(bench, tmp_path):
     data = icbm_dir(bench)
     out = tmp_path / "icbm"
@@ -182,6 +183,7 @@ def test_stage2_variants_parse_to_config_overrides(bench):
             bench.parse_variant(bad)
 
 
+@pytest.mark.slow  # the whole protocol at the smoke scale
 def test_smoke_run_in_latent_space(bench, tmp_path):
     """--autoencoder: both diffusion stages on KL latents (f = 4), decoded back to the pixel grid for scoring."""
     data = icbm_dir(bench)

@@ -43,6 +43,7 @@ def small_run(tmp_path_factory):
     return json.loads(out.read_text()), completed.stdout
 
 
+@pytest.mark.slow  # a benchmark run end to end (the module fixture)
 def test_small_run_reports_every_figure(small_run):
     report, stdout = small_run
     assert {"command", "machine", "settings", "models", "results", "targets", "sampling", "fit_check", "skipped",
@@ -73,6 +74,7 @@ def test_small_run_reports_every_figure(small_run):
     assert report["load"]["samples"] and "| lifted-volumetric |" in stdout
 
 
+@pytest.mark.slow
 @needs_monai
 def test_small_run_measures_the_native_3d_peer(small_run):
     report, stdout = small_run

@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import lift3d
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "inflate_overhead.py"
 
 
+@pytest.mark.slow  # a benchmark run end to end
 def test_inflate_overhead_small_reports_every_configuration(tmp_path):
     out = tmp_path / "overhead.json"
     env = {**os.environ, "LIFT3D_DISABLE_PLUGIN_AUTOLOAD": "1"}

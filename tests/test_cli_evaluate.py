@@ -227,7 +227,8 @@ def bad_case(tmp_path, case):
         save(tmp_path / "pred" / "s1.nii.gz", phantom(1))
         save(tmp_path / "target" / "s1.nii.gz", phantom(0))
         argv = ["--pred", str(tmp_path / "pred"), "--target", str(tmp_path / "target"), "--source", str(tmp_path / "src")]
-        return argv, r"source directory .*src has no file named s1\.nii\.gz"
+        return argv, (r"source directory .*src has no file for prediction s1\.nii\.gz "
+                      r"\(looked for s1\.nii\.gz, s1\.nii\)")
     raise AssertionError(case)
 
 
@@ -328,3 +329,61 @@ def test_a_failing_subject_leaves_no_report(tmp_path, capsys):
     assert main(["--pred", save(tmp_path / "a.nii.gz", phantom(1)), good_t, "--target", good_t, constant,
                  "--report", "--out", str(out)]) == 2
     assert "constant" in capsys.readouterr().err and not out.exists()
+
+
+# -- outputs appear whole or not at all (issue 33, item 8) ----------------------------------------------------
+
+
+def test_outputs_of_an_earlier_run_do_not_stay_beside_new_results(tmp_path, pair_files):
+    """The figures folder is replaced whole, and a report goes unless this run wrote one."""
+    out = tmp_path / "out"
+    assert main(["--pred", *pair_files["pred"], "--target", *pair_files["target"], "--report", "--out", str(out)]) == 0
+    assert main(["--pred", pair_files["pred"][0], "--target", pair_files["target"][0], "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["figures", "metrics.csv", "summary.json"]
+    assert [p.name for p in (out / "figures").iterdir()] == ["sub-01_pred.png"]
+    assert [row["subject"] for row in read_outputs(out)[0]] == ["sub-01_pred"]
+
+
+def test_a_failed_publication_keeps_every_earlier_result(tmp_path, pair_files, capsys, monkeypatch):
+    import os
+
+    out = tmp_path / "out"
+    assert main(["--pred", *pair_files["pred"], "--target", *pair_files["target"], "--out", str(out)]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real, failed = os.replace, []
+
+    def full_disk(src, dst):  # the new summary cannot be put in place (once: putting the old one back works)
+        if str(dst) == str(out / "summary.json") and not failed:
+            failed.append(dst)
+            raise OSError(28, "No space left on device", str(src))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    assert main(["--pred", pair_files["pred"][0], "--target", pair_files["target"][1], "--out", str(out)]) == 2
+    monkeypatch.setattr(os, "replace", real)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lift3d-tmp" not in err and "earlier results" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # no new figure, no staging left
+
+
+def test_labels_must_be_whole_numbers_in_the_segmenters_range(tmp_path, capsys):
+    import torch
+
+    from lift3d.evaluation.tissue_unet import TissueSegmenter
+
+    torch.manual_seed(0)
+    segmenter = TissueSegmenter.new(("csf", "gm", "wm"), context=1, block_out_channels=(8, 16)).save(tmp_path / "seg")
+    target, pred = save(tmp_path / "t.nii.gz", phantom(0)), save(tmp_path / "p.nii.gz", phantom(1))
+    labels = np.zeros(RAS_SHAPE, dtype=np.float32)
+    labels[2:4] = 1
+    for value, message in ((0.5, r"1 voxel\(s\) are not whole numbers \(e\.g\. 0\.5\)"),
+                           (1.5, r"1 voxel\(s\) are not whole numbers \(e\.g\. 1\.5\)"),
+                           (7.0, r"1 voxel\(s\) lie outside 0\.\.3 \(e\.g\. 7\)")):
+        labels[5, 5, 5] = value
+        path = save(tmp_path / "labels.nii.gz", labels)
+        out = tmp_path / "out"
+        assert main(["--pred", pred, "--target", target, "--segmenter", str(segmenter), "--labels", path,
+                     "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"labels {path}: " in err and re.search(message, err), err
+        assert "valid: whole numbers 0 (background) to 3 (csf, gm, wm)" in err and not out.exists()

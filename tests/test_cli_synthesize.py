@@ -84,7 +84,9 @@ def test_seed_and_sampler_change_the_result_and_repeat_exactly(model_folder, tmp
     first = synth("seed0")
     assert np.array_equal(first, synth("seed0-again"))
     assert not np.allclose(first, synth("seed1", "--seed", 1))
-    assert not np.allclose(first, synth("dpm", "--scheduler", "dpm"))
+    dpm = synth("dpm", "--solver", "dpm")
+    assert not np.allclose(first, dpm)
+    assert np.array_equal(dpm, synth("dpm-old-name", "--scheduler", "dpm"))  # the option's old name still works
 
 
 def test_folder_of_sources_with_native_slices_is_windowed(model_folder, tmp_path, capsys):
@@ -95,7 +97,7 @@ def test_folder_of_sources_with_native_slices_is_windowed(model_folder, tmp_path
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
     code, stdout, _ = run(["--model", model_folder, "--source", folder, "--out", out, "--steps", 2,
-                           "--num-slices", "native", "--size", "native", "--scheduler", "dpm"], capsys)
+                           "--num-slices", "native", "--size", "native", "--solver", "dpm"], capsys)
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == [f"a{OUTPUT_SUFFIX}", f"b{OUTPUT_SUFFIX}"]
     assert nib.load(out / f"a{OUTPUT_SUFFIX}").shape == SHAPE
@@ -110,7 +112,7 @@ def test_help_explains_every_option(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for option in ("--model", "--source", "--out", "--scheduler", "--steps", "--seed", "--window", "--overlap",
+    for option in ("--model", "--source", "--out", "--solver", "--steps", "--seed", "--window", "--overlap",
                    "--slice-wise", "--device", "--dtype", "--num-slices", "--size", "--samples", "--sample-batch",
                    "--noise-correlation"):
         assert option in text
@@ -208,7 +210,7 @@ def test_samples_write_the_mean_and_a_std_map_on_the_source_grid(model_folder, t
     _synth(model_folder, source, one, capsys, "--samples", 1)
     assert sorted(p.name for p in one.iterdir()) == [f"sub-01_T1{OUTPUT_SUFFIX}"]  # no std map for one sample
     out = tmp_path / "three"
-    stdout = _synth(model_folder, source, out, capsys, "--samples", 3, "--scheduler", "ddpm", "--sample-batch", 3)
+    stdout = _synth(model_folder, source, out, capsys, "--samples", 3, "--solver", "ddpm", "--sample-batch", 3)
     assert sorted(p.name for p in out.iterdir()) == sorted([f"sub-01_T1{OUTPUT_SUFFIX}", STD_DIR])
     assert [p.name for p in (out / STD_DIR).iterdir()] == [f"sub-01_T1{STD_SUFFIX}"]
     assert "3 samples (3 at a time)" in stdout and "(mean of 3)" in stdout and "s per sample" in stdout
@@ -221,7 +223,7 @@ def test_samples_write_the_mean_and_a_std_map_on_the_source_grid(model_folder, t
     assert not np.allclose(mean.get_fdata(), nib.load(one / f"sub-01_T1{OUTPUT_SUFFIX}").get_fdata())
     # Batching is a matter of speed only (on the CPU the default is one sample at a time).
     capped = tmp_path / "capped"
-    assert "3 samples (1 at a time)" in _synth(model_folder, source, capped, capsys, "--samples", 3, "--scheduler",
+    assert "3 samples (1 at a time)" in _synth(model_folder, source, capped, capsys, "--samples", 3, "--solver",
                                                "ddpm")
     np.testing.assert_allclose(nib.load(capped / f"sub-01_T1{OUTPUT_SUFFIX}").get_fdata(), mean.get_fdata(),
                                atol=1e-3)

@@ -41,22 +41,43 @@ def test_quick_demo_end_to_end(tmp_path, capsys, dataset):
     for stats in summary["methods"].values():  # per-plane and through-plane scores are in the metrics too
         assert {"psnr_coronal", "ssim_sagittal", "through_plane_mae"} <= set(stats)
     assert set(summary["seconds_per_volume"]) == {"slice-wise", "lifted"} and "s / volume" in printed
-    synth = sorted((out / "synthesis").glob("*_lifted.nii.gz"))
+    synth = sorted((out / "synthesis" / "lifted").glob("*_synth.nii.gz"))
     assert synth
     if dataset == "icbm152":  # the mean of K samples, with the per-voxel std beside it on the same grid
         assert summary["settings"]["samples"] == 2 and summary["settings"]["num_val"] == 1
         # the validated stage-2 schedule reaches the trained model's recorded config
         stage2 = json.loads((out / "stage2" / "model" / "lift3d_training.json").read_text())
         assert stage2["config"]["optim"]["lr_scheduler"] == summary["settings"]["stage2_lr_scheduler"] == "cosine"
-        std = nib.load(out / "synthesis" / "std" / synth[0].name.replace("_lifted", "_lifted_std"))
+        std = nib.load(out / "synthesis" / "lifted" / "std" / synth[0].name.replace("_synth", "_std"))
         assert std.shape == nib.load(synth[0]).shape and (np.asarray(std.dataobj) >= 0).all()
         assert "validation" in printed
-    source = load_image(str(synth[0]).replace("_lifted", "_source"))
+    # every subject of every split as a paired-nifti folder on the training grid, with the masks it was scored in
+    subject = synth[0].name.replace("_synth.nii.gz", "")
+    source = load_image(out / "data" / subject / "T1.nii.gz")
     lifted = nib.load(synth[0])
     assert lifted.shape == source.shape and np.allclose(lifted.affine, source.affine)
-    if dataset == "icbm152":  # written back on the generation grid: 8 mm voxels in RAS
-        assert nib.aff2axcodes(lifted.affine) == ("R", "A", "S")
-        np.testing.assert_allclose(np.linalg.norm(lifted.affine[:3, :3], axis=0), [8.0, 8.0, 8.0])
+    assert nib.aff2axcodes(lifted.affine) == ("R", "A", "S")
+    assert (out / "data" / subject / "brainmask.nii.gz").is_file() == (dataset == "icbm152")
+    assert len(list((out / "data").iterdir())) == sum(summary["settings"][k] for k in ("num_train", "num_val",
+                                                                                        "num_test"))
+    rescored = rescore(out, dataset, tmp_path / "eval")
+    for method, stats in summary["methods"].items():  # the demo's table, from its files alone
+        for metric in ("mae", "ssim", "psnr", "z_inconsistency"):
+            assert rescored[method][metric] == pytest.approx(stats[metric]["mean"], rel=1e-4, abs=1e-4), (method, metric)
+
+
+def rescore(out, dataset, where):
+    """The README's command after the demo: lift3d-evaluate on the demo's own outputs, per method."""
+    from lift3d.cli.evaluate import main as evaluate
+
+    means = {}
+    for method in ("slice-wise", "lifted"):
+        masks = ["--mask", str(out / "data" / "{name}" / "brainmask.nii.gz")] if dataset == "icbm152" else []
+        assert evaluate(["--pred", str(out / "synthesis" / method), "--target", str(out / "data" / "{name}" / "T2.nii.gz"),
+                         *masks, "--out", str(where / method)]) == 0
+        summary = json.loads((where / method / "summary.json").read_text())
+        means[method] = {k: v["mean"] for k, v in summary["metrics"].items() if isinstance(v, dict) and "mean" in v}
+    return means
 
 
 def test_demo_help_says_which_data(capsys):
@@ -93,3 +114,36 @@ def test_threads_auto_drops_to_one_on_a_busy_machine(monkeypatch, capsys):
             demo.set_threads(0)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 10**30])
+def test_a_refused_demo_seed_leaves_no_out_folder(tmp_path, capsys, seed):
+    from lift3d.recipes.demo import run_demo
+
+    out = tmp_path / "demo"
+    try:
+        code = main(["demo", "--scale", "quick", "--out", str(out), f"--seed={seed}", "--threads", "1"])
+    except SystemExit as exc:  # refused by the argument parser
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "seed" in err[-1] and "4294967295" in err[-1]
+    with pytest.raises(ValueError, match=f"seed must be a whole number from 0 to 4294967295, got {seed}"):
+        run_demo(out, scale="quick", seed=seed, threads=None)  # the Python API checks it too
+    assert not out.exists()
+
+
+def test_a_demo_that_fails_after_its_checks_removes_the_empty_out_folder(tmp_path, monkeypatch):
+    from lift3d.io.errors import Lift3dError
+    from lift3d.recipes import demo
+
+    def refused(cfg):
+        raise Lift3dError(f"refused {cfg.run.stage}")
+
+    monkeypatch.setattr(demo, "train", refused)
+    with pytest.raises(Lift3dError, match="refused slices"):
+        demo.run_demo(tmp_path / "demo", dataset="phantom", scale="quick", threads=None)
+    assert not (tmp_path / "demo").exists()
+    (tmp_path / "kept").mkdir()  # a folder the user made is theirs: it stays
+    with pytest.raises(Lift3dError, match="refused slices"):
+        demo.run_demo(tmp_path / "kept", dataset="phantom", scale="quick", threads=None)
+    assert (tmp_path / "kept").is_dir()

@@ -4,11 +4,14 @@ internal label. (Every Python block of the README and docs runs through pytest-m
 
 from __future__ import annotations
 
+import html
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -17,13 +20,40 @@ TEXTS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), RESULTS,
 README_MAX_LINES, RESULTS_MAX_LINES = 150, 300
 
 
-def test_the_docs_site_builds_strictly(tmp_path):
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """The docs site, built once in MkDocs' strict mode."""
+    out = tmp_path_factory.mktemp("site")
     mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent))
     assert mkdocs, "mkdocs is not installed: pip install -e '.[test]'"
-    run = subprocess.run([mkdocs, "build", "--strict", "-f", str(ROOT / "docs" / "mkdocs.yml"), "-d", str(tmp_path)],
+    run = subprocess.run([mkdocs, "build", "--strict", "-f", str(ROOT / "docs" / "mkdocs.yml"), "-d", str(out)],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert (tmp_path / "architecture" / "index.html").is_file()
+    return out
+
+
+def test_the_docs_site_builds_strictly(site):
+    assert (site / "architecture" / "index.html").is_file()
+
+
+def test_the_api_reference_shows_no_raw_sphinx_markup(site):
+    """The docstrings' Sphinx fields are parsed, not printed: no ``:param``, ``:returns:`` or
+    cross-reference role (``:func:`x```) reaches the page as text."""
+    text = html.unescape(re.sub(r"<[^>]+>", "", (site / "api" / "index.html").read_text()))
+    raw = re.compile(r":(param|type|returns?|rtype|raises?|func|class|meth|mod|data|attr|obj|exc)\b[^:\n]*:")
+    found = sorted({match.group(0) for match in raw.finditer(text)})
+    assert found == []
+
+
+def test_the_api_reference_renders_parameters_as_a_table_with_types(site):
+    page = (site / "api" / "index.html").read_text()
+    start = page.index('id="lift3d.lifting.inflate.inflate"')
+    section = page[start:page.index('class="doc doc-object doc-function"', start)]
+    rows = re.findall(r'<tr class="doc-section-item">(.*?)</tr>', section, re.DOTALL)
+    cells = {re.sub(r"<[^>]+>|\s", "", row.split("</td>")[0]): re.sub(r"<[^>]+>|\s", "", row.split("</td>")[1])
+             for row in rows}
+    assert "<table>" in section and "<th>Type</th>" in section
+    assert cells.get("kernel_size") == "int" and cells.get("padding_mode") == "str"
 
 
 def test_the_readme_is_a_short_users_guide():

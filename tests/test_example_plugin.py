@@ -19,13 +19,16 @@ PACKAGE = "lift3d-example-plugin"
 
 PROBE = textwrap.dedent(
     """
-    import contextlib, io, json
+    import contextlib, io, json, sys
     import torch
+    import lift3d
     from lift3d.cli.main import main
     from lift3d.plugins import PluginManager, create
 
+    lift3d.inflate(torch.nn.Conv2d(2, 2, 3))  # a built-in layer kind: found without loading any plugin
+    result = {"loaded_before_asked": "lift3d_example_plugin" in sys.modules}
     manager = PluginManager()
-    result = {kind: manager.registry(kind).names() for kind in ("datasets", "autoencoders", "timestep_samplers")}
+    result.update({kind: manager.registry(kind).names() for kind in ("datasets", "autoencoders", "timestep_samplers")})
     if "spheres" in manager.datasets:
         entry = manager.datasets.entry("spheres")
         result["spheres_provider"] = [entry.package, entry.plugin]
@@ -82,6 +85,7 @@ def _cli_rows(text):
 
 def test_installed_plugin_is_found_and_used(site):
     result = _probe(site)
+    assert result["loaded_before_asked"] is False
     assert "spheres" in result["datasets"]
     assert "low-noise-volume" in result["timestep_samplers"]
     assert result["spheres_provider"] == [PACKAGE, "lift3d_example_plugin.datasets"]

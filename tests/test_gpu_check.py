@@ -20,6 +20,7 @@ SYNTHESIS_FIELDS = {"seconds", "steps", "s_per_step", "warmup_s", "peak_bytes", 
                     "unet_evaluations", "dtype", "wall_s"}
 
 
+@pytest.mark.slow  # every planned measurement, for real; the tests below check the plan and the report fast
 def test_tiny_cpu_run_reports_every_measurement(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "LIFT3D_DISABLE_PLUGIN_AUTOLOAD": "1", "OMP_NUM_THREADS": "1"}

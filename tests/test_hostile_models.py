@@ -26,6 +26,7 @@ from lift3d.io.errors import BudgetError, Lift3dError, UnsafePathError
 from lift3d.sampling.synthesis import load_synthesis_model, synthesize
 from lift3d.training.export import export_model
 from lift3d.training.unets import build_autoencoder, build_objective, build_unet, new_unet2d
+from tests.conftest import fuzz_examples
 
 SIZE, SLICES = 16, 4
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -291,7 +292,7 @@ JSON = st.recursive(
     max_leaves=12,
 )
 FILES = ["config.json", "lift3d.json", "lift3d_training.json", SCHEDULER]
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=fuzz_examples(60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _load_or_user_error(folder) -> None:

@@ -21,6 +21,7 @@ from lift3d.training.memory import check_memory, model_memory
 from lift3d.io.budget import ENV as BUDGET_ENV
 from lift3d.io.budget import memory_budget
 from lift3d.io.errors import BudgetError, Lift3dError
+from tests.conftest import fuzz_examples
 
 SMALL = ["--data.options", "{size = 16, num_slices = 4, num_subjects = 5}", "--model.block_out_channels", "[16, 32]",
          "--run.stage", "slices", "--run.max_steps", "1"]
@@ -423,7 +424,7 @@ TABLES = st.lists(OPTIONS.flatmap(lambda option: st.tuples(st.just(option), st.o
                                                            st.booleans())), max_size=6)
 
 _kinds = {"bool": bool, "int": int, "float": float, "str": str}
-FUZZ_EXAMPLES = 300
+FUZZ_EXAMPLES = fuzz_examples(300)
 
 
 def _check_types(cfg: TrainConfig) -> None:
@@ -481,7 +482,7 @@ PHANTOM_OPTIONS = st.fixed_dictionaries({}, optional={
     "slice_axis": st.sampled_from(["axial", "coronal", "sagittal", "oblique", ["axial"], None]),
     "source": st.sampled_from(["T1", "T2", "PD", 1]),
 })
-PHANTOM_EXAMPLES = 400
+PHANTOM_EXAMPLES = fuzz_examples(400)
 
 
 @settings(max_examples=PHANTOM_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -26,6 +26,7 @@ from lift3d.data.volume import TrainingGrid
 from lift3d.io.budget import ENV
 from lift3d.io.errors import BudgetError, Lift3dError
 from lift3d_plugins.datasets._files import check_root, subject_folders, visible_entries
+from tests.conftest import fuzz_examples
 
 HEADER = nib.nifti1.header_dtype  # NIfTI-1 field layout: name -> (dtype, byte offset)
 BUDGET = 64 * 2**20
@@ -280,7 +281,7 @@ def implied_bytes(header_bytes: bytes) -> int | None:
     return int(np.prod(dim[1:dim[0] + 1], dtype=object)) * (itemsize + 12)
 
 
-@settings(FUZZ, max_examples=800)
+@settings(FUZZ, max_examples=fuzz_examples(800))
 @given(fields=mutations, base=st.sampled_from([VALID, VALID_SCALED]), suffix=st.sampled_from([".nii", ".nii.gz"]))
 def test_fuzz_mutated_header_fields_load_or_raise_a_lift3d_error_within_the_budget(tmp_path, fields, base, suffix):
     data = with_fields(base, **fields)
@@ -294,7 +295,7 @@ def test_fuzz_mutated_header_fields_load_or_raise_a_lift3d_error_within_the_budg
     path.unlink()
 
 
-@settings(FUZZ, max_examples=600)
+@settings(FUZZ, max_examples=fuzz_examples(600))
 @given(base=st.sampled_from([VALID, VALID_SCALED, VALID_NIFTI2]), suffix=st.sampled_from([".nii", ".nii.gz"]),
        flips=st.lists(st.tuples(st.integers(0, 543), st.integers(0, 255)), min_size=1, max_size=8))
 def test_fuzz_random_header_bytes_load_or_raise_a_lift3d_error(tmp_path, base, suffix, flips):
@@ -309,7 +310,7 @@ def test_fuzz_random_header_bytes_load_or_raise_a_lift3d_error(tmp_path, base, s
     path.unlink()
 
 
-@settings(FUZZ, max_examples=400)
+@settings(FUZZ, max_examples=fuzz_examples(400))
 @given(base=st.sampled_from([VALID, VALID_SCALED, VALID_NIFTI2]), compressed=st.booleans(), keep=st.floats(0.0, 1.0))
 def test_fuzz_truncated_files_are_refused_as_truncated(tmp_path, base, compressed, keep):
     whole = gzip.compress(base) if compressed else base
@@ -322,7 +323,7 @@ def test_fuzz_truncated_files_are_refused_as_truncated(tmp_path, base, compresse
     path.unlink()
 
 
-@settings(FUZZ, max_examples=500)
+@settings(FUZZ, max_examples=fuzz_examples(500))
 @given(body=st.binary(min_size=0, max_size=700), magic=st.sampled_from([b"", b"n+1\0", b"n+2\0"]),
        suffix=st.sampled_from([".nii", ".nii.gz"]))
 def test_fuzz_random_files_with_or_without_a_magic_raise_a_lift3d_error(tmp_path, body, magic, suffix):

@@ -8,9 +8,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import BENCHMARKS
 
 
+@pytest.mark.slow  # a benchmark run end to end
 def test_kinds_are_measured_with_their_settings(tmp_path):
     out = tmp_path / "kinds.json"
     kinds = ["full", "low-rank:rank_min=1", "low-rank", "low-rank:recompute=true", "low-rank:train_down=false"]

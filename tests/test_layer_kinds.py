@@ -1,5 +1,7 @@
 """The registry of layer kinds, a plugin's own kind, and every kind through the checkpoints."""
 
+import types
+
 import pytest
 import torch
 from einops import rearrange
@@ -8,7 +10,7 @@ from torch import nn
 import lift3d
 from lift3d.layers import registry as layer_kinds
 from lift3d.lifting.checkpoint import CheckpointError, load_lifted, load_volumetric, save_lifted, save_volumetric
-from lift3d.plugins import PluginError, PluginManager, hookimpl
+from lift3d.plugins import PluginError, PluginManager, hookimpl, using_plugins
 from tests.conftest import tiny_unet2d
 
 KINDS = [(kind, {}) for kind in layer_kinds.names()] + [("low-rank", {"train_down": False, "rank": 3})]
@@ -42,31 +44,32 @@ class ThirdParty:
         registry.add("scaled-neighbour", ScaledNeighbour)
 
 
-def test_builtin_kinds_register_like_a_plugin():
-    registry = layer_kinds.build_registry(PluginManager(autoload=False).pm)
+def test_builtin_kinds_register_from_their_own_modules():
+    registry = layer_kinds.LAYER_KINDS
     assert registry.names() == ["depthwise", "full", "low-rank", "slice-attention"]
-    assert registry.entry("low-rank").plugin == "lift3d.layers.low_rank"
+    assert {name: registry.entry(name).plugin for name in registry.names()} == {
+        "depthwise": "lift3d.layers.volumetric", "full": "lift3d.layers.volumetric",
+        "low-rank": "lift3d.layers.low_rank", "slice-attention": "lift3d.layers.slice_attention"}
     with pytest.raises(PluginError, match="layer kind 'full' is registered twice"):
-        registry.add("full", ScaledNeighbour)
+        PluginManager(autoload=False).registry("layer_kinds").add("full", ScaledNeighbour)
 
 
-def test_a_plugin_adds_a_kind_that_inflate_uses(monkeypatch):
-    registry = layer_kinds.build_registry(PluginManager(autoload=False, extra_plugins=(ThirdParty(),)).pm)
-    monkeypatch.setattr(layer_kinds, "registry", lambda: registry)
+def test_a_plugin_adds_a_kind_that_inflate_uses():
     unet = tiny_unet2d()
     x, t = torch.randn(2, 2, 4, 16, 16), torch.tensor([1, 2])
-    with torch.no_grad():
+    with using_plugins(ThirdParty()), torch.no_grad():
+        assert layer_kinds.LAYER_KINDS.entry("scaled-neighbour").plugin == __name__
         expected = unet(rearrange(x, "b c n h w -> (b n) c h w"), t.repeat_interleave(4)).sample
         lift3d.inflate(unet, "scaled-neighbour")
         assert torch.equal(rearrange(unet(x, t).sample, "b c n h w -> (b n) c h w"), expected)
     assert lift3d.lift_settings(unet)["kind"] == "scaled-neighbour"
+    assert "scaled-neighbour" not in layer_kinds.names()  # gone with the block
 
 
-def test_a_kind_must_build_a_layer(monkeypatch):
-    registry = layer_kinds.build_registry(PluginManager(autoload=False).pm)
-    registry.add("broken", lambda channels, **kw: object())
-    monkeypatch.setattr(layer_kinds, "registry", lambda: registry)
-    with pytest.raises(PluginError, match="layer kind 'broken' built a object, not an nn.Module"):
+def test_a_kind_must_build_a_layer():
+    broken = types.SimpleNamespace(lift3d_register_layer_kinds=hookimpl(
+        lambda registry: registry.add("broken", lambda channels, **kw: object())))
+    with using_plugins(broken), pytest.raises(PluginError, match="layer kind 'broken' built a object, not an nn.Module"):
         lift3d.inflate(tiny_unet2d(), "broken")
 
 

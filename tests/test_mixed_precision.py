@@ -104,9 +104,10 @@ def test_scaler_state_round_trips_through_a_checkpoint_folder(tmp_path):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad()
+        schedule.step()
     saved = scaler.state_dict()
     assert saved["scale"] == 2.0 ** 9 and saved["_growth_tracker"] == 1  # not a fresh scaler's state
-    save_training_state(tmp_path, model=model, optimizer=optimizer, lr_scheduler=schedule, scaler=scaler, step=0,
+    save_training_state(tmp_path, model=model, optimizer=optimizer, lr_scheduler=schedule, scaler=scaler, step=3,
                         loss=None)
     assert json.loads((tmp_path / SCALER).read_text())["scale"] == 2.0 ** 9
     fresh = cpu_scaler()

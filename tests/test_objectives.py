@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from lift3d.diffusion.objectives import DDPMObjective, FlowMatchingObjective, build_objective
+from lift3d.diffusion.objectives import DDPMObjective, FlowMatchingObjective, create_objective
 from lift3d.io.errors import Lift3dError
 from lift3d.plugins import PluginManager, create, hookimpl
-from lift3d.sampling.synthesis import (load_synthesis_model, make_scheduler, synthesize, synthesize_posterior,
-                                       unet_evaluations)
+from lift3d.sampling.solvers import build_solver
+from lift3d.sampling.synthesis import load_synthesis_model, synthesize, synthesize_posterior, unet_evaluations
 from lift3d.training.loop import train
 from tests.test_training import losses, tiny_cfg
 
@@ -54,7 +54,7 @@ def test_ddpm_clean_estimate_inverts_its_forward_process():
 
 def test_step_matched_training_snaps_to_the_sampler_grid():
     objective = FlowMatchingObjective(train_steps=4)
-    grid = (make_scheduler("flow", dict(objective.scheduler.config), 4, objective=objective).timesteps - 1).round()
+    grid = (build_solver("flow", objective, dict(objective.scheduler.config), 4).timesteps - 1).round()
     snapped = objective.training_timesteps(torch.arange(1000))
     assert set(snapped.unique().tolist()) == set(grid.long().tolist())
     with pytest.raises(Lift3dError, match="train_steps must be an integer from 1 to the 1000"):
@@ -63,7 +63,7 @@ def test_step_matched_training_snaps_to_the_sampler_grid():
 
 def test_unknown_objective_is_one_line():
     with pytest.raises(Lift3dError, match="Unknown objective 'rectified'; available: ddpm, flow"):
-        build_objective("rectified", {})
+        create_objective("rectified", {})
 
 
 @pytest.fixture(scope="module")
@@ -100,18 +100,18 @@ def test_flow_model_samples_in_few_steps_and_counts_them(flow_models):
     source = torch.rand(1, 1, 4, 16, 16) * 2 - 1
     calls = []
     hook = model.unet.register_forward_hook(lambda *a: calls.append(1))
-    for scheduler, steps in (("flow", 1), ("flow", 2), ("dpm", 3)):
+    for solver, steps in (("flow", 1), ("flow", 2), ("dpm", 3)):
         calls.clear()
-        out = synthesize_posterior(model, source, scheduler=scheduler, steps=steps, samples=2, progress=False)
+        out = synthesize_posterior(model, source, solver=solver, steps=steps, samples=2, progress=False)
         assert len(calls) == out.unet_evaluations == 2 * steps
         assert out.std is not None and float(out.std.mean()) > 0  # distinct samples, an uncertainty map
         assert out.mean.shape == source.shape and out.mean.abs().max() <= 1
     hook.remove()
-    with pytest.raises(ValueError, match="scheduler 'ddim' does not sample a model trained with the 'flow' objective; "
-                                         "valid: flow, dpm"):
-        synthesize(model, source, scheduler="ddim", progress=False)
+    with pytest.raises(ValueError, match="solver 'ddim' does not sample a model trained with the 'flow' objective; "
+                                         "valid: dpm, flow"):
+        synthesize(model, source, solver="ddim", progress=False)
     with pytest.raises(ValueError, match="clip_x0 .* no x0 clipping"):
-        synthesize(model, source, scheduler="flow", clip_x0=True, progress=False)
+        synthesize(model, source, solver="flow", clip_x0=True, progress=False)
 
 
 @pytest.mark.parametrize("start", ["estimate", "source"])
@@ -121,13 +121,13 @@ def test_informed_start_runs_the_last_part_of_the_schedule(flow_models, start):
     source = torch.rand(1, 1, 4, 16, 16) * 2 - 1
     calls = []
     hook = model.unet.register_forward_hook(lambda *a: calls.append(1))
-    out = synthesize_posterior(model, source, scheduler="flow", steps=8, start=start, strength=0.25, samples=1,
+    out = synthesize_posterior(model, source, solver="flow", steps=8, start=start, strength=0.25, samples=1,
                                progress=False)
     hook.remove()
     expected = 2 + (start == "estimate")
     assert len(calls) == out.unet_evaluations == expected
     assert unet_evaluations(model, "flow", 8, start=start, strength=0.25) == expected
-    again = synthesize(model, source, scheduler="flow", steps=8, start=start, strength=0.25, samples=1,
+    again = synthesize(model, source, solver="flow", steps=8, start=start, strength=0.25, samples=1,
                                progress=False)
     assert torch.equal(out.mean, again)  # seeded
 
@@ -136,7 +136,7 @@ def test_informed_start_on_a_ddpm_model(tmp_path):
     stage1 = train(tiny_cfg(tmp_path / "s1", run={"max_steps": 2}, model={"prediction_type": "v_prediction"}))
     model = load_synthesis_model(stage1, device="cpu")
     source = torch.rand(1, 1, 4, 16, 16) * 2 - 1
-    out = synthesize_posterior(model, source, scheduler="dpm", steps=10, start="estimate", strength=0.3, samples=1,
+    out = synthesize_posterior(model, source, solver="dpm", steps=10, start="estimate", strength=0.3, samples=1,
                                progress=False)
     assert out.unet_evaluations == 4 and torch.isfinite(out.mean).all()
 
@@ -151,7 +151,7 @@ def test_informed_start_on_a_ddpm_model(tmp_path):
 def test_bad_start_options_are_one_line(flow_models, options, message):
     model = load_synthesis_model(flow_models[2], device="cpu")
     with pytest.raises(ValueError, match=message):
-        synthesize(model, torch.zeros(1, 1, 4, 16, 16), scheduler="flow", progress=False, **options)
+        synthesize(model, torch.zeros(1, 1, 4, 16, 16), solver="flow", progress=False, **options)
 
 
 def test_cli_fast_preset_prints_evaluations_and_writes_mean_and_std(flow_models, tmp_path, capsys):
@@ -171,9 +171,9 @@ def test_cli_fast_preset_prints_evaluations_and_writes_mean_and_std(flow_models,
     assert "s per volume" in printed
     assert (tmp_path / "out" / "a_synth.nii.gz").is_file() and (tmp_path / "out" / "std" / "a_std.nii.gz").is_file()
     assert main(["--model", str(stage2), "--source", str(source), "--out", str(tmp_path / "o2"),
-                 "--scheduler", "ddim"]) == 2
+                 "--solver", "ddim"]) == 2
     assert not (tmp_path / "o2").exists()
-    assert "scheduler 'ddim' does not sample a model trained with the 'flow' objective" in capsys.readouterr().err
+    assert "solver 'ddim' does not sample a model trained with the 'flow' objective" in capsys.readouterr().err
 
 
 def test_step_matched_stage2_is_validated_with_its_own_sampler(flow_models, tmp_path, monkeypatch):
@@ -184,7 +184,7 @@ def test_step_matched_stage2_is_validated_with_its_own_sampler(flow_models, tmp_
     original = S.synthesize
 
     def recording(model, source, **options):
-        seen.append((options["scheduler"], options["steps"]))
+        seen.append((options["solver"], options["steps"]))
         return original(model, source, **options)
 
     monkeypatch.setattr(S, "synthesize", recording)

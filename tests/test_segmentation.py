@@ -86,7 +86,7 @@ def test_a_segmenter_folder_round_trips_and_is_safetensors_and_json_only(tmp_pat
     (lambda f: (f / SETTINGS_NAME).unlink(), "has no segmenter.json"),
     (lambda f: (f / SETTINGS_NAME).write_text("{"), "segmenter config is not valid JSON"),
     (lambda f: (f / SETTINGS_NAME).write_text(json.dumps({**json.loads((f / SETTINGS_NAME).read_text()), "code": "x"})),
-     "code: Extra inputs are not permitted"),
+     "code is not a key lift3d reads; valid keys: classes, format"),
     (lambda f: (f / SETTINGS_NAME).write_text((f / SETTINGS_NAME).read_text().replace('"tissue-unet"', '"nnunet"')),
      "Unknown segmenter 'nnunet'; available: tissue-unet"),
     (lambda f: (f / WEIGHTS_NAME).rename(f / "model.pt"), "has no model.safetensors; it holds model.pt, but lift3d never"),

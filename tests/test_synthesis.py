@@ -13,10 +13,10 @@ from lift3d.sampling import synthesis
 from lift3d.lifting.checkpoint import CheckpointError
 from lift3d.training.config import TrainConfig
 from lift3d.sampling.synthesis import (
-    SCHEDULERS,
+    SOLVERS,
+    build_solver,
     correlate_slices,
     load_synthesis_model,
-    make_scheduler,
     predict_noise,
     resolve_sample_batch,
     sample_seed,
@@ -29,6 +29,8 @@ from lift3d.training.export import export_model
 from lift3d.training.unets import build_autoencoder, build_objective, new_unet2d
 
 SIZE, SLICES = 16, 8
+# The diffusers scheduler behind each built-in solver: the references below are built from it directly.
+DIFFUSERS_CLASSES = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,28 +111,30 @@ def test_output_shape_and_seed_reproducibility(folders, source):
 def test_step_counts_are_honoured(folders, source, name, steps):
     model = load_synthesis_model(folders["identity"], device="cpu")
     calls = count_calls(model)
-    synthesize(model, source, scheduler=name, steps=steps, progress=False)
+    synthesize(model, source, solver=name, steps=steps, progress=False)
     assert len(calls) == steps
-    assert len(make_scheduler(name, model.scheduler_config, steps).timesteps) == steps
+    assert len(build_solver(name, model.objective, model.scheduler_config, steps).timesteps) == steps
 
 
 def test_default_step_counts_and_classes(folders):
-    config = load_synthesis_model(folders["2d"], device="cpu").scheduler_config
-    expected = {"ddpm": ("DDPMScheduler", 1000), "ddim": ("DDIMScheduler", 200), "dpm": ("DPMSolverMultistepScheduler", 25)}
-    assert SCHEDULERS == {**expected, "flow": ("FlowMatchEulerDiscreteScheduler", 4)}
-    for name, (class_name, steps) in expected.items():
-        scheduler = make_scheduler(name, config)
-        assert type(scheduler).__name__ == class_name and len(scheduler.timesteps) == steps
+    model = load_synthesis_model(folders["2d"], device="cpu")
+    config = model.scheduler_config
+    expected = {"ddpm": 1000, "ddim": 200, "dpm": 25}
+    assert {name: SOLVERS.get(name).inverts for name in ("ddpm", "ddim", "dpm", "flow")} == {
+        "ddpm": {"ddpm": 1000}, "ddim": {"ddpm": 200}, "dpm": {"ddpm": 25, "flow": 8}, "flow": {"flow": 4}}
+    for name, steps in expected.items():
+        scheduler = build_solver(name, model.objective, config).scheduler
+        assert type(scheduler).__name__ == DIFFUSERS_CLASSES[name] and len(scheduler.timesteps) == steps
         assert scheduler.config.beta_schedule == config["beta_schedule"] and scheduler.config.beta_end == config["beta_end"]
 
 
-def test_unknown_scheduler_and_bad_steps(folders, source):
+def test_unknown_solver_and_bad_steps(folders, source):
     model = load_synthesis_model(folders["2d"], device="cpu")
-    with pytest.raises(ValueError, match="scheduler 'euler' does not sample a model trained with the 'ddpm' objective; "
-                                         "valid: ddpm, ddim, dpm"):
-        synthesize(model, source, scheduler="euler", progress=False)
-    with pytest.raises(ValueError, match="scheduler 'flow' does not sample .* 'ddpm' objective"):
-        synthesize(model, source, scheduler="flow", progress=False)
+    with pytest.raises(ValueError, match="solver 'euler' does not sample a model trained with the 'ddpm' objective; "
+                                         "valid: ddim, ddpm, dpm"):
+        synthesize(model, source, solver="euler", progress=False)
+    with pytest.raises(ValueError, match="solver 'flow' does not sample .* 'ddpm' objective"):
+        synthesize(model, source, solver="flow", progress=False)
     with pytest.raises(ValueError, match="steps must be an integer from 1 to the 1000 training timesteps, got 0"):
         synthesize(model, source, steps=0, progress=False)
 
@@ -141,7 +145,8 @@ def test_clip_x0_bounds_every_x0_estimate(folders, source, monkeypatch, name):
     x0_seen = []
 
     def recording(*args, **kwargs):
-        scheduler = make_scheduler(*args, **kwargs)
+        solver = build_solver(*args, **kwargs)
+        scheduler = solver.scheduler
         step = scheduler.step
 
         def step_and_record(*a, **k):
@@ -153,14 +158,14 @@ def test_clip_x0_bounds_every_x0_estimate(folders, source, monkeypatch, name):
             return out
 
         scheduler.step = step_and_record
-        return scheduler
+        return solver
 
-    monkeypatch.setattr(synthesis, "make_scheduler", recording)
+    monkeypatch.setattr(synthesis, "build_solver", recording)
     model = load_synthesis_model(folders["random"], device="cpu")
-    synthesize(model, source, scheduler=name, steps=3, progress=False)
+    synthesize(model, source, solver=name, steps=3, progress=False)
     assert max(x0_seen) > 1.5
     x0_seen.clear()
-    synthesize(model, source, scheduler=name, steps=3, clip_x0=True, progress=False)
+    synthesize(model, source, solver=name, steps=3, clip_x0=True, progress=False)
     assert len(x0_seen) == 3 and max(x0_seen) <= 1.0 + 1e-6
 
 
@@ -266,7 +271,7 @@ def test_slice_wise_equals_2d_model_slice_by_slice(folders, source):
     reference = torch.empty_like(source)
     with torch.no_grad():
         for k in range(SLICES):
-            scheduler = make_scheduler("ddim", plain.scheduler_config, 3)
+            scheduler = diffusers_scheduler("ddim", plain.scheduler_config, 3)
             z, cond = noise[:, :, k], source[:, :, k]
             for t in scheduler.timesteps:
                 eps = plain.unet(torch.cat([z, cond], dim=1), t.reshape(1)).sample
@@ -347,10 +352,19 @@ def test_reduced_precision_runs_and_returns_float32(folders, source):
 # -- several samples, correlated noise ---------------------------------------------------------
 
 
-def reference_single_sample(model, source, scheduler, steps, seed):
+def diffusers_scheduler(name, config, steps):
+    """The diffusers scheduler of the built-in solver ``name``, made here without lift3d's solver code."""
+    import diffusers
+
+    scheduler = getattr(diffusers, DIFFUSERS_CLASSES[name]).from_config(config)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def reference_single_sample(model, source, name, steps, seed):
     """synthesize() as it was before samples and noise_correlation existed: one generator seeds
-    the initial noise and then every noise the sampler adds."""
-    sampler = make_scheduler(scheduler, model.scheduler_config, steps)
+    the initial noise and then every noise the solver adds."""
+    sampler = diffusers_scheduler(name, model.scheduler_config, steps)
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(source.shape, generator=generator) * sampler.init_noise_sigma
     with torch.no_grad():
@@ -365,10 +379,10 @@ def test_one_sample_without_correlation_is_the_single_sample_output(folders, sou
     model = load_synthesis_model(folders["random"], device="cpu")
     two = torch.cat([source, source.flip(2)])  # two volumes: sample 0 keeps one generator for the batch
     expected = reference_single_sample(model, two, name, 3, 7)
-    assert torch.equal(synthesize(model, two, scheduler=name, steps=3, seed=7, progress=False), expected)
-    assert torch.equal(synthesize(model, two, scheduler=name, steps=3, seed=7, samples=1, noise_correlation=0.0,
+    assert torch.equal(synthesize(model, two, solver=name, steps=3, seed=7, progress=False), expected)
+    assert torch.equal(synthesize(model, two, solver=name, steps=3, seed=7, samples=1, noise_correlation=0.0,
                                   progress=False), expected)
-    posterior = synthesize_posterior(model, two, samples=1, scheduler=name, steps=3, seed=7, progress=False)
+    posterior = synthesize_posterior(model, two, samples=1, solver=name, steps=3, seed=7, progress=False)
     assert torch.equal(posterior.mean, expected) and posterior.std is None and posterior.samples == 1
 
 
@@ -382,17 +396,17 @@ def test_sample_seeds():
 @pytest.mark.parametrize("name", ["ddim", "ddpm"])
 def test_posterior_is_mean_and_std_of_single_samples_with_derived_seeds(folders, source, name):
     model = load_synthesis_model(folders["random"], device="cpu")
-    singles = torch.stack([synthesize(model, source, scheduler=name, steps=2, seed=sample_seed(3, k), progress=False)
+    singles = torch.stack([synthesize(model, source, solver=name, steps=2, seed=sample_seed(3, k), progress=False)
                            for k in range(3)])
     calls = count_calls(model)
-    posterior = synthesize_posterior(model, source, samples=3, sample_batch=3, scheduler=name, steps=2, seed=3,
+    posterior = synthesize_posterior(model, source, samples=3, sample_batch=3, solver=name, steps=2, seed=3,
                                      progress=False)
     assert len(calls) == 2  # the three samples share each U-Net call
     assert posterior.samples == 3 and posterior.mean.shape == posterior.std.shape == source.shape
     torch.testing.assert_close(posterior.mean, singles.mean(0), atol=1e-5, rtol=0)
     torch.testing.assert_close(posterior.std, singles.std(0), atol=1e-5, rtol=0)
     assert posterior.std.min() >= 0 and posterior.std.mean() > 1e-2
-    mean = synthesize(model, source, scheduler=name, steps=2, seed=3, samples=3, sample_batch=3, progress=False)
+    mean = synthesize(model, source, solver=name, steps=2, seed=3, samples=3, sample_batch=3, progress=False)
     assert torch.equal(mean, posterior.mean)
 
 
@@ -400,15 +414,15 @@ def test_sample_batch_caps_the_u_net_batch_and_keeps_the_result(folders, source)
     model = load_synthesis_model(folders["random"], device="cpu")
     batches = []
     model.unet.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
-    together = synthesize_posterior(model, source, samples=4, sample_batch=8, scheduler="ddpm", steps=2, progress=False)
+    together = synthesize_posterior(model, source, samples=4, sample_batch=8, solver="ddpm", steps=2, progress=False)
     assert batches == [4 * SLICES] * 2
     batches.clear()
-    capped = synthesize_posterior(model, source, samples=4, sample_batch=3, scheduler="ddpm", steps=2, progress=False)
+    capped = synthesize_posterior(model, source, samples=4, sample_batch=3, solver="ddpm", steps=2, progress=False)
     assert batches == [3 * SLICES] * 2 + [SLICES] * 2
     torch.testing.assert_close(capped.mean, together.mean, atol=1e-5, rtol=0)
     torch.testing.assert_close(capped.std, together.std, atol=1e-5, rtol=0)
     batches.clear()
-    synthesize_posterior(model, source, samples=2, scheduler="ddpm", steps=2, progress=False)
+    synthesize_posterior(model, source, samples=2, solver="ddpm", steps=2, progress=False)
     assert batches == [SLICES] * 4  # on the CPU, one sample at a time unless told otherwise
     assert resolve_sample_batch(None, 8, torch.device("cuda")) == 8 and resolve_sample_batch(16, 8, torch.device("cpu")) == 8
 
@@ -457,9 +471,9 @@ def test_full_correlation_gives_a_slice_invariant_model_identical_slices(folders
     def spread(result):  # largest difference of any slice from the first
         return (result - result[:, :, :1]).abs().max().item()
 
-    assert spread(synthesize(model, source, scheduler=name, steps=3, progress=False)) > 0.1
-    assert spread(synthesize(model, source, scheduler=name, steps=3, noise_correlation=1.0, progress=False)) < 1e-4
-    partial = synthesize(model, source, scheduler=name, steps=3, noise_correlation=0.5, progress=False)
+    assert spread(synthesize(model, source, solver=name, steps=3, progress=False)) > 0.1
+    assert spread(synthesize(model, source, solver=name, steps=3, noise_correlation=1.0, progress=False)) < 1e-4
+    partial = synthesize(model, source, solver=name, steps=3, noise_correlation=0.5, progress=False)
     assert 1e-2 < spread(partial)
 
 

@@ -19,6 +19,7 @@ from lift3d.training.config import ConfigError, TrainConfig, apply
 from lift3d.training.checkpoints import list_checkpoints
 from lift3d.training.data_order import BatchPlan
 from lift3d.training.loop import NonFiniteLossError, train
+from lift3d.training.stages import get_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -30,9 +31,10 @@ def tiny_cfg(out: Path, stage: str = "slices", **sections) -> TrainConfig:
         "run": {"stage": stage, "output_dir": str(out), "max_steps": 4, "checkpoint_every": 0, "log_every": 1,
                 "seed": 0},
         "data": {"dataset": "phantom", "options": {"size": 16, "num_slices": 4, "num_subjects": 5}, "batch_size": 4},
-        "model": {"block_out_channels": [16, 32]},
         "optim": {"learning_rate": 1e-3},
     }, "test")
+    if "model" in get_stage(stage).reads:  # a stage refuses the options it ignores
+        apply(cfg, {"model": {"block_out_channels": [16, 32]}}, "test")
     return apply(cfg, sections, "test")
 
 
@@ -141,6 +143,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # three processes; tests/test_training_state.py covers resume in one
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     config = write_config(tmp_path / "c.toml", tmp_path / "killed")
     killed = run_cli(sys.executable, "-c", KILLER, "--config", str(config), cwd=tmp_path)
@@ -160,6 +163,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     assert steps(tmp_path / "killed") == steps(tmp_path / "clean")
 
 
+@pytest.mark.slow  # two accelerate launches (three processes); test_each_rank_sees_different_data is the fast check
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     """README: ``accelerate launch --multi_gpu --num_processes 2 -m lift3d.finetune --config ...``
     (on a machine without GPUs Accelerate then runs 2 CPU processes over gloo)."""
@@ -176,6 +180,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert max_diff(weights(tmp_path / "two" / "model"), weights(tmp_path / "one" / "model")) <= 1e-4
 
 
+@pytest.mark.slow  # two accelerate launches
 def test_accelerate_launch_runs_the_console_script_with_no_python(tmp_path):
     """README and docs: ``accelerate launch --no_python lift3d-finetune ...`` (Accelerate's own flag for a
     console script) is the same program as ``accelerate launch -m lift3d.finetune ...``."""
@@ -279,7 +284,7 @@ def test_config_errors_are_one_clear_line(tmp_path, capsys):
 
     assert main(["--run.stage", "volume"]) == 2
     err = capsys.readouterr().err
-    assert "run.stage = 'volume' is not allowed; choose one of: autoencoder, slices, volumes" in err
+    assert "run.stage = 'volume' is not allowed; choose one of: autoencoder, segmenter, slices, volumes" in err
     bad = tmp_path / "bad.toml"
     bad.write_text("[optim]\nlearning_rat = 1\n")
     assert main(["--config", str(bad)]) == 2

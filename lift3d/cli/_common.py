@@ -24,8 +24,10 @@ class UserError(Lift3dError):
 
 
 # OSError covers what the file system refuses: a missing path, no permission, a read-only or full disk.
+# OverflowError is a number the user gave past what a C type holds; it must not end in a traceback.
 # KeyError is not here: a missing key is an internal bug, and must not print as a bare key.
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, Lift3dError, ValueError, TypeError, OSError)
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, Lift3dError, ValueError, TypeError, OSError,
+                                                OverflowError)
 
 
 def _message(exc: BaseException) -> object:

@@ -3,24 +3,24 @@ Make-A-Volume's Tables 1-2, plus a z-consistency score; per-plane, through-plane
 of :mod:`lift3d.evaluation.planes`; with ``--segmenter``, tissue Dice of :mod:`lift3d.evaluation.segmentation`)
 and draw Fig. 3-style orthogonal views.
 
-Writes ``metrics.csv`` (one row per subject), ``summary.json`` (mean and std per metric, and the
-intensity-scale rule), ``figures/<subject>.png`` and, with ``--report``, ``report.html`` (one
-self-contained page, :func:`lift3d.evaluation.report.write_report`) into ``--out``. Everything is written into a
-hidden staging folder first and moved into place only when every subject succeeded. Every file is
-read through :func:`lift3d.data.nifti.open_nifti`, which checks its header (and the memory its voxels
-need) before any voxel is read; folders are listed without hidden files, so a temporary left by a
-killed writer is never taken for a prediction.
+Writes ``metrics.csv`` (one row per subject, text cells safe to open in a spreadsheet),
+``summary.json`` (mean and std per metric, and the intensity-scale rule), ``figures/<subject>.png`` and,
+with ``--report``, ``report.html`` (one self-contained page, :func:`lift3d.evaluation.report.write_report`)
+into ``--out``. Everything is written into a hidden staging folder first and published together only
+when every subject succeeded: the figures folder is replaced whole (no figure of an earlier run stays
+beside new results), and a failed publication puts the earlier results back. No output path may be a
+link. Predictions are matched to their targets by :mod:`lift3d.cli._matching`. Every file is read
+through :func:`lift3d.data.nifti.open_nifti`, which checks its header (and the memory its voxels need)
+before any voxel is read; folders are listed without hidden files, so a temporary left by a killed
+writer is never taken for a prediction.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
-import os
 import shutil
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -28,11 +28,14 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from lift3d.cli._common import OUTPUT_SUFFIX, STD_SUFFIX, UserError, run_cli
+from lift3d.cli._common import UserError, run_cli
+from lift3d.cli._matching import NAME_FIELD, NIFTI_SUFFIXES, Subject, collect_subjects
+from lift3d.cli._matching import std_candidates as _std_candidates  # noqa: F401 (its old home)
 from lift3d.data.align import field_of_view_overlap, world_bounds
-from lift3d.data.nifti import list_image_files, load_image, open_nifti
+from lift3d.data.nifti import load_image, open_nifti
 from lift3d.io.errors import Lift3dError
-from lift3d.io.writing import clean_stale_temporaries, temporary_path
+from lift3d.io.tables import spreadsheet_safe, write_rows
+from lift3d.io.writing import clean_stale_temporaries, commit_together, open_new, refuse_links, temporary_path
 from lift3d.data.orientation import SLICE_AXES, to_slices
 from lift3d.evaluation.figures import save_orthogonal_views
 from lift3d.evaluation.metrics import (DATA_RANGE, INTENSITY_RULE, METRICS, PLANE_METRICS, SSIM_WIN_SIZE, UNCERTAINTY_METRICS,
@@ -41,7 +44,6 @@ from lift3d.evaluation.planes import evaluate_all, ms_ssim_minimum_size, ms_ssim
 from lift3d.evaluation.report import REPORT_NAME, write_report
 from lift3d.evaluation.segmentation import PREFIXES as DICE_PREFIXES, file_tissue_dice, load_segmenter
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CSV_NAME = "metrics.csv"
 SUMMARY_NAME = "summary.json"
 FIGURES_DIR = "figures"
@@ -54,17 +56,6 @@ PLANE_NAMES = {
 }
 
 NON_FINITE_RULE = "non-finite numbers (a perfect PSNR is inf) are written as the strings \"inf\", \"-inf\", \"nan\""
-
-
-@dataclass(frozen=True)
-class Subject:
-    name: str
-    prediction: Path
-    target: Path
-    mask: Path | None = None
-    source: Path | None = None
-    std: Path | None = None
-    labels: Path | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,14 +79,53 @@ def build_parser() -> argparse.ArgumentParser:
             "Nothing is written unless every subject is evaluated."
         ),
     )
+    _add_volume_options(parser)
+    parser.add_argument(
+        "--slice-axis", choices=tuple(PLANE_NAMES), default="axial",
+        help="the axis the 2D model sliced along. Every volume is reoriented to the closest canonical (RAS) "
+        "orientation and this axis is put first; z_inconsistency differences along it (default: axial)",
+    )
+    parser.add_argument(
+        "--report", action="store_true",
+        help=f"also write {REPORT_NAME}: one self-contained HTML page (images embedded, no network) with the "
+        "scores in tables sortable by a click on a header, their distributions and every subject's figure",
+    )
+    parser.add_argument(
+        "--segmenter", metavar="DIR",
+        help="a segmenter folder (lift3d-finetune --run.stage segmenter writes one; a plugin's own folder names its "
+        "plugin in segmenter.json): segment prediction and target and score, per tissue, the Dice of the two "
+        "segmentations (dice_csf, dice_gm, dice_wm, dice_mean; within --mask where given)",
+    )
+    parser.add_argument(
+        "--labels", nargs="+", metavar="PATH",
+        help="with --segmenter, tissue label maps (whole numbers: 0 = background, then 1, 2, ... in the segmenter's "
+        "class order): one per subject in --pred order, or a directory matched by file name; adds dice_label_* (the "
+        "prediction's segmentation against them) and dice_target_label_* (the target's: the segmenter's own ceiling)",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="DIR",
+        help="output directory; created if missing. The outputs of an earlier run there are replaced together "
+        f"(the whole {FIGURES_DIR}/ folder included); none of them may be a link",
+    )
+    return parser
+
+
+def _add_volume_options(parser: argparse.ArgumentParser) -> None:
+    """--pred, and the volumes matched to each prediction (:mod:`lift3d.cli._matching`)."""
     parser.add_argument(
         "--pred", nargs="+", required=True, metavar="PATH",
-        help="predicted NIfTI files (.nii or .nii.gz), or one directory of them; the subject name is the file name",
+        help="predicted NIfTI files (.nii or .nii.gz), or one directory of them (lift3d-synthesize's --out: "
+        "<name>_synth.nii.gz; std maps beside them, <name>_synth_std.nii.gz, are not predictions); the subject "
+        "name is the file name",
     )
     parser.add_argument(
         "--target", nargs="+", required=True, metavar="PATH",
-        help="target NIfTI files, one per --pred file in the same order, or one directory holding a file "
-        "with the same name as each predicted file",
+        help="target NIfTI files: one per --pred file in the same order; the one target of a --pred directory "
+        "holding one prediction; files matched by name to a --pred directory's predictions (<name>.nii.gz, or "
+        "<name>/T2.nii.gz as in a paired-nifti folder: --target data/*/T2.nii.gz); one directory holding, per "
+        "prediction, a file of the same name or <name>.nii.gz (<name>_synth.nii.gz -> <name>.nii.gz); or a "
+        f"pattern where {NAME_FIELD} stands for <name> ('data/{NAME_FIELD}/T2.nii.gz'). --mask, --source, --std "
+        "and --labels are matched the same way",
     )
     parser.add_argument(
         "--mask", nargs="+", metavar="PATH",
@@ -117,117 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
         "std_error_spearman (rank correlation of std with |error|: 1 = the map points at the errors, 0 = it "
         "says nothing about them)",
     )
-    parser.add_argument(
-        "--slice-axis", choices=tuple(PLANE_NAMES), default="axial",
-        help="the axis the 2D model sliced along. Every volume is reoriented to the closest canonical (RAS) "
-        "orientation and this axis is put first; z_inconsistency differences along it (default: axial)",
-    )
-    parser.add_argument(
-        "--report", action="store_true",
-        help=f"also write {REPORT_NAME}: one self-contained HTML page (images embedded, no network) with the "
-        "scores in tables sortable by a click on a header, their distributions and every subject's figure",
-    )
-    parser.add_argument(
-        "--segmenter", metavar="DIR",
-        help="a segmenter folder (lift3d-finetune --run.stage segmenter writes one; a plugin's own folder names its "
-        "plugin in segmenter.json): segment prediction and target and score, per tissue, the Dice of the two "
-        "segmentations (dice_csf, dice_gm, dice_wm, dice_mean; within --mask where given)",
-    )
-    parser.add_argument(
-        "--labels", nargs="+", metavar="PATH",
-        help="with --segmenter, tissue label maps (0 = background, then 1, 2, ... in the segmenter's class order): "
-        "one per subject in --pred order, or a directory matched by file name; adds dice_label_* (the prediction's "
-        "segmentation against them) and dice_target_label_* (the target's: the segmenter's own ceiling)",
-    )
-    parser.add_argument(
-        "--out", required=True, metavar="DIR",
-        help="output directory; created if missing, existing files of the same names are replaced",
-    )
-    return parser
-
-
-def _subject_name(path: Path) -> str:
-    for suffix in NIFTI_SUFFIXES:
-        if path.name.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.name
-
-
-def _nifti_files(directory: Path) -> list[Path]:
-    return list_image_files(directory, NIFTI_SUFFIXES)
-
-
-def _check_exists(path: Path, role: str) -> Path:
-    if not path.exists():
-        raise UserError(f"{role} file not found: {path}")
-    if path.is_dir():
-        raise UserError(f"{role} {path} is a directory; give a directory only as the single {role} path")
-    return path
-
-
-def _std_candidates(prediction: Path) -> list[str]:
-    """File names a std map of ``prediction`` may have, in order: the same name;
-    lift3d-synthesize's (``<name>_synth.nii.gz`` -> ``<name>_std.nii.gz``); ``<stem>_std.nii.gz``."""
-    name, stem = prediction.name, _subject_name(prediction)
-    synth = [name[: -len(OUTPUT_SUFFIX)] + STD_SUFFIX] if name.endswith(OUTPUT_SUFFIX) else []
-    return [name, *synth, stem + STD_SUFFIX]
-
-
-def _per_subject(paths: Sequence[str] | None, predictions: list[Path], role: str, *, allow_one: bool) -> list[Path | None]:
-    """Resolve --mask/--source/--std to one path (or None) per predicted file."""
-    if not paths:
-        return [None] * len(predictions)
-    if len(paths) == 1 and Path(paths[0]).is_dir():
-        directory = Path(paths[0])
-        matched = [directory / p.name for p in predictions]
-        if role == "std":
-            matched = [next((directory / c for c in _std_candidates(p) if (directory / c).exists()), m)
-                       for m, p in zip(matched, predictions)]
-        missing = [p.name for p in matched if not p.exists()]
-        if missing:
-            raise UserError(f"{role} directory {directory} has no file named {', '.join(missing)}")
-        return matched  # type: ignore[return-value]
-    resolved = [_check_exists(Path(p), role) for p in paths]
-    if len(resolved) == len(predictions):
-        return resolved  # type: ignore[return-value]
-    if allow_one and len(resolved) == 1:
-        return resolved * len(predictions)  # type: ignore[return-value]
-    valid = f"1 or {len(predictions)}" if allow_one and len(predictions) > 1 else f"{len(predictions)}"
-    raise UserError(f"got {len(resolved)} --{role} paths for {len(predictions)} predictions; give {valid}, or a directory")
-
-
-def collect_subjects(args: argparse.Namespace) -> list[Subject]:
-    """Pair predictions with targets (and masks, sources), checking every path exists."""
-    if len(args.pred) == 1 and Path(args.pred[0]).is_dir():
-        pred_dir = Path(args.pred[0])
-        predictions = _nifti_files(pred_dir)
-        if not predictions:
-            raise UserError(f"prediction directory {pred_dir} holds no {' or '.join(NIFTI_SUFFIXES)} file")
-        if len(args.target) != 1 or not Path(args.target[0]).is_dir():
-            raise UserError(f"--pred is a directory ({pred_dir}), so --target must be one directory; got {' '.join(args.target)}")
-        targets = _per_subject(args.target, predictions, "target", allow_one=False)
-    else:
-        predictions = [_check_exists(Path(p), "prediction") for p in args.pred]
-        if len(args.target) != len(predictions):
-            raise UserError(f"got {len(predictions)} --pred files but {len(args.target)} --target files; give one target per prediction")
-        targets = [_check_exists(Path(p), "target") for p in args.target]
-    masks = _per_subject(args.mask, predictions, "mask", allow_one=True)
-    sources = _per_subject(args.source, predictions, "source", allow_one=False)
-    stds = _per_subject(args.std, predictions, "std", allow_one=False)
-    subjects = [
-        Subject(_subject_name(p), p, t, m, s, d)  # type: ignore[arg-type]
-        for p, t, m, s, d in zip(predictions, targets, masks, sources, stds)
-    ]
-    if getattr(args, "labels", None):
-        if not getattr(args, "segmenter", None):
-            raise UserError("--labels are scored against a segmentation: give --segmenter DIR too")
-        labels = _per_subject(args.labels, predictions, "labels", allow_one=False)
-        subjects = [replace(subject, labels=path) for subject, path in zip(subjects, labels)]
-    names = [s.name for s in subjects]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise UserError(f"several predictions share the subject name {', '.join(duplicates)}; file names must differ")
-    return subjects
 
 
 def _load_header(path: Path, role: str) -> nib.Nifti1Image:
@@ -294,6 +213,24 @@ def check_shapes(subjects: list[Subject]) -> None:
                     f"{role}: {world_bounds(image)}; target: {world_bounds(target)}). Scores compare voxel with "
                     "voxel: resample it onto the target's grid first"
                 )
+
+
+def check_labels(subjects: list[Subject], classes: tuple[str, ...]) -> None:
+    """Refuse --labels files whose voxels are not whole numbers in 0..len(classes), before any work
+    (a label of 0.5 or 1.5 would otherwise be rounded and scored)."""
+    for subject in subjects:
+        if subject.labels is None:
+            continue
+        data = np.asarray(load_image(subject.labels).dataobj)
+        fractional = data[data != np.round(data)]
+        outside = data[(data < 0) | (data > len(classes))]
+        valid = f"valid: whole numbers 0 (background) to {len(classes)} ({', '.join(classes)})"
+        if fractional.size:
+            raise UserError(f"labels {subject.labels}: {fractional.size} voxel(s) are not whole numbers (e.g. "
+                            f"{float(fractional.flat[0]):g}); {valid}")
+        if outside.size:
+            raise UserError(f"labels {subject.labels}: {outside.size} voxel(s) lie outside 0..{len(classes)} "
+                            f"(e.g. {float(outside.flat[0]):g}); {valid}")
 
 
 def evaluate_subject(subject: Subject, slice_axis: str, figure_path: Path, segmenter=None) -> dict[str, object]:
@@ -381,10 +318,17 @@ def build_summary(rows: list[dict[str, object]], slice_axis: str, notes: Sequenc
     }
 
 
+OUTPUTS = (FIGURES_DIR, REPORT_NAME, CSV_NAME, SUMMARY_NAME)
+
+
 def _prepare_out(out: Path) -> tuple[Path, bool]:
-    """Create ``out`` if needed and a staging folder inside it; return (staging, created_out)."""
+    """Create ``out`` if needed and a staging folder inside it; return (staging, created_out).
+    ``out`` may be a link (the user chose it); none of the outputs in it may be."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
+    refuse_links(out, *OUTPUTS)
+    if (out / FIGURES_DIR).exists() and not (out / FIGURES_DIR).is_dir():
+        raise UserError(f"--out {out}: {out / FIGURES_DIR} exists and is not a folder; the figures go there")
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -396,15 +340,13 @@ def _prepare_out(out: Path) -> tuple[Path, bool]:
     return staging, created
 
 
-def _publish(staging: Path, out: Path, figure_names: list[str]) -> None:
-    (out / FIGURES_DIR).mkdir(exist_ok=True)
-    for name in figure_names:
-        os.replace(staging / FIGURES_DIR / name, out / FIGURES_DIR / name)
-    if (staging / REPORT_NAME).exists():
-        os.replace(staging / REPORT_NAME, out / REPORT_NAME)
-    # The CSV and summary go last, so their presence means the figures (and the report) are all there.
-    os.replace(staging / CSV_NAME, out / CSV_NAME)
-    os.replace(staging / SUMMARY_NAME, out / SUMMARY_NAME)
+def _publish(staging: Path, out: Path) -> None:
+    """Move the staged outputs into ``out`` together (:func:`lift3d.io.writing.commit_together`): the
+    figures folder whole, replacing the earlier one, and the CSV and summary last, so their presence means
+    the figures (and the report) are there. A report of an earlier run goes unless this run wrote one."""
+    names = [name for name in OUTPUTS if (staging / name).exists()]
+    stale = [out / REPORT_NAME] if REPORT_NAME not in names and (out / REPORT_NAME).exists() else []
+    commit_together([(staging / name, out / name) for name in names], remove=stale)
 
 
 def _write_csv(path: Path, rows: list[dict[str, object]]) -> None:
@@ -412,11 +354,12 @@ def _write_csv(path: Path, rows: list[dict[str, object]]) -> None:
     planes = [name for name in PLANE_METRICS if name in rows[0]]
     columns = ["subject", *METRICS, *planes, *scored, *_dice_columns(rows), "prediction", "target", "mask",
                *(["std"] if scored else [])]
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:  # a score not taken (None) is an empty cell
-            writer.writerow({key: (repr(row[key]) if isinstance(row[key], float) else row[key]) for key in columns})
+    # A score not taken (None) is an empty cell; a number is written in full; text (a subject name from a
+    # file name) that a spreadsheet would run as a formula is neutralised.
+    cells = [{key: (repr(row[key]) if isinstance(row[key], float) else spreadsheet_safe(row[key])) for key in columns}
+             for row in rows]
+    with open_new(path, newline="") as handle:
+        write_rows(handle, columns, cells, neutralise=False)
 
 
 def _format(value: float | str | None) -> str:
@@ -437,9 +380,15 @@ def score_notes(subjects: list[Subject], rows: list[dict[str, object]], slice_ax
 @run_cli
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    subjects = collect_subjects(args)
+    subjects, skipped = collect_subjects(args)
     check_shapes(subjects)
     segmenter = load_segmenter(args.segmenter) if args.segmenter else None  # a bad folder stops here, in one line
+    if segmenter is not None:
+        check_labels(subjects, tuple(segmenter.classes))
+    if skipped:
+        print(f"lift3d-evaluate: {len(skipped)} std map(s) beside the predictions are not scored as predictions "
+              f"({', '.join(p.name for p in skipped[:3])}{', ...' if len(skipped) > 3 else ''}); give --std "
+              f"{skipped[0].parent} to score them as std maps")
     out = Path(args.out)
     staging, created_out = _prepare_out(out)
     try:
@@ -455,9 +404,12 @@ def main(argv: list[str] | None = None) -> int:
             write_report(staging / REPORT_NAME, rows, title=f"lift3d-evaluate: {len(rows)} subjects", notes=notes,
                          views={s.name: staging / FIGURES_DIR / f"{s.name}.png" for s in subjects})
         (staging / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        _publish(staging, out, [f"{s.name}.png" for s in subjects])
-    except OSError as exc:
-        raise UserError(f"cannot write {exc.filename or out}: {exc.strerror or exc}") from None
+        _publish(staging, out)
+    except OSError as exc:  # named by its final path, not the staging folder's
+        where = Path(exc.filename) if exc.filename else out
+        if staging in where.parents:
+            where = out / where.relative_to(staging)
+        raise UserError(f"cannot write {where}: {exc.strerror or exc}; the earlier results in {out} are kept") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if created_out and not any(out.iterdir()):

@@ -1,4 +1,5 @@
-"""``lift3d-finetune``: train stage 1 (``--run.stage slices``) or stage 2 (default) from a TOML config.
+"""``lift3d-finetune``: train one stage (``--run.stage``: stage 1 ``slices``, stage 2 ``volumes`` by default, or
+any registered stage, :mod:`lift3d.training.stages`) from a TOML config.
 
 Multi-process and mixed precision come from Accelerate:
 ``accelerate launch -m lift3d.finetune --config stage2.toml`` (or the console script alone).
@@ -20,7 +21,9 @@ concatenated to the noisy target latent, with a timestep per slice. Stage 2 (--r
 the default) takes a stage-1 output or any local diffusers 2D U-Net folder (--model.pretrained),
 inserts identity-initialised volumetric layers with lift3d.lifting.inflate, and fine-tunes on whole volumes
 with one timestep per volume (make-a-volume: weight 2T - t). --run.stage segmenter trains the tissue
-segmenter that lift3d-evaluate --segmenter scores synthesis with, on the real targets and their tissue maps.
+segmenter that lift3d-evaluate --segmenter scores synthesis with, on the real targets and their tissue maps;
+--run.stage autoencoder the KL autoencoder of the latent stages. Each stage reads its own section and the
+shared ones it needs, and refuses an option it ignores (`lift3d plugins --kind stages` lists the stages).
 
 Options come from defaults, then the --config TOML file, then --section.field flags. The result
 is written to <run.output_dir>/model (safetensors), with training-state checkpoints beside it

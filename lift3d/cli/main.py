@@ -7,30 +7,45 @@ A subcommand is a ``add_<name>_parser(subparsers)`` function that sets ``func`` 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
 
 import lift3d
-from lift3d.cli._common import run_cli
-from lift3d.plugins import AUTOLOAD_ENV, KINDS, get_plugin_manager
+from lift3d.cli import arguments
+from lift3d.cli._common import UserError, run_cli
+from lift3d.cli.fit import add_fit_parser, add_predict_parser
+from lift3d.plugins import AUTOLOAD_ENV, PluginError, get_plugin_manager
 
-# Layer kinds have their own registry (lift3d.layers.registry), filled through the same plugin manager.
-LISTED_KINDS = (*KINDS, "layer_kinds")
+# The modules that define a registry; each registers its built-ins when imported. Solvers and stages are
+# imported only if present, so a tree without one of them still lists the rest.
+REGISTRY_MODULES = (
+    "lift3d.plugins.registries",
+    "lift3d.layers.registry",
+    "lift3d.diffusion.objectives",
+    "lift3d.evaluation.segmentation",
+    "lift3d.sampling.solvers",
+    "lift3d.training.stages",
+)
 
 
-def _registry(kind: str):
-    manager = get_plugin_manager()
-    if kind == "layer_kinds":
-        from lift3d.layers.registry import build_registry
-
-        return build_registry(manager.pm)
-    return manager.registry(kind)
+def import_registries() -> None:
+    """Import every module that defines a registry, so the catalogue holds every kind."""
+    for name in REGISTRY_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not (name == exc.name or name.startswith(exc.name + ".")):
+                raise  # a dependency is missing, not the registry's module
 
 
 def _plugins(args: argparse.Namespace) -> int:
-    kinds = [args.kind] if args.kind else list(LISTED_KINDS)
-    for i, kind in enumerate(kinds):
-        entries = list(_registry(kind).entries())
+    import_registries()
+    manager = get_plugin_manager()
+    kinds = manager.kinds()
+    if args.kind and args.kind not in kinds:
+        raise PluginError(f"Unknown plugin kind {args.kind!r}; available: {', '.join(kinds)}")
+    for i, kind in enumerate([args.kind] if args.kind else kinds):
+        entries = list(manager.registry(kind).entries())
         if i:
             print()
         print(f"{kind}:")
@@ -47,13 +62,14 @@ def _plugins(args: argparse.Namespace) -> int:
 def add_plugins_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "plugins",
-        help="list registered datasets, autoencoders, timestep samplers, objectives, segmenters and layer kinds",
+        help="list every registered name of every kind: datasets, solvers, stages, layer kinds...",
         description=(
-            "List every registered plugin by kind: its name, the package that provides it and the "
-            f"module that defines it. Set {AUTOLOAD_ENV}=1 to hide installed third-party plugins."
+            "List every registered name by kind (built-in and from installed plugins): the name, the package "
+            f"that provides it and the module that defines it. Set {AUTOLOAD_ENV}=1 to hide installed "
+            "third-party plugins."
         ),
     )
-    parser.add_argument("--kind", choices=LISTED_KINDS, help="list only this kind of plugin")
+    parser.add_argument("--kind", help="list only this kind (e.g. datasets, solvers, stages, layer_kinds)")
     parser.set_defaults(func=_plugins)
 
 
@@ -62,18 +78,6 @@ def _demo(args: argparse.Namespace) -> int:
 
     run_demo(args.out, dataset=args.dataset, scale=args.scale, seed=args.seed, threads=args.threads)
     return 0
-
-
-def _threads(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}; valid: 'auto' or a positive integer")
-    return value
 
 
 def add_demo_parser(subparsers) -> None:
@@ -97,28 +101,31 @@ def add_demo_parser(subparsers) -> None:
     parser.add_argument("--scale", default="default", choices=("default", "quick"),
                         help="'default' (about 5 minutes on 2 idle CPU cores, up to 10 on a busy machine) or "
                              "'quick' (seconds, too short to learn anything; for a first look and for tests)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=arguments.training_seed, default=0,
                         help="seed for training and sampling, and for the icbm152 subjects (default: 0)")
-    parser.add_argument("--threads", type=_threads, default="auto",
+    parser.add_argument("--threads", type=arguments.threads, default="auto",
                         help="torch CPU threads, or 'auto' (default): torch's own choice, but 1 when the load average "
                              "is at or above the CPU count, since on a CPU shared with other jobs extra threads make "
                              "every step many times slower")
     parser.set_defaults(func=_demo)
 
 
-def _option(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"invalid option {text!r}; give KEY=VALUE, e.g. rank=16")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+def _check_kernel_size(kernel_size: int) -> None:
+    """The range a lifted model's ``lift3d.json`` may hold, read from its schema: checked before anything is
+    built or written, so no folder is left that its own reader refuses."""
+    from lift3d.io.schemas import LiftSettings
+
+    bounds = {name: getattr(m, name) for m in LiftSettings.model_fields["kernel_size"].metadata
+              for name in ("ge", "le") if hasattr(m, name)}
+    if not bounds["ge"] <= kernel_size <= bounds["le"] or kernel_size % 2 == 0:
+        raise UserError(f"--kernel-size {kernel_size} is not usable; valid: an odd integer from {bounds['ge']} "
+                        f"to {bounds['le']}")
 
 
 def _inflate(args: argparse.Namespace) -> int:
     from lift3d.lifting.checkpoint import lift_export
 
+    _check_kernel_size(args.kernel_size)
     settings = {"kernel_size": args.kernel_size, "where": args.where, **dict(args.option)}
     if args.kind:
         settings["kind"] = args.kind
@@ -142,13 +149,13 @@ def add_inflate_parser(subparsers) -> None:
     )
     parser.add_argument("stage1", metavar="STAGE1", help="the 2D model folder to lift")
     parser.add_argument("out", metavar="OUT", help="the new lifted model folder (must not exist)")
-    parser.add_argument("--kind", default="", help="layer kind (see `lift3d plugins --kind layer_kinds`); "
+    parser.add_argument("--kind", default="", help="layer kind (`lift3d plugins --kind layer_kinds` lists them); "
                         "default: lift3d.inflate's default")
     parser.add_argument("--kernel-size", type=int, default=3, help="odd kernel size along the slices (default: 3)")
     parser.add_argument("--where", default="auto", help="placement preset (default: auto)")
-    parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--option", type=arguments.key_value, action="append", default=[], metavar="KEY=VALUE",
                         help="an option of the layer kind, e.g. --option rank=16 (repeatable)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of a kind's random parts (default: 0)")
+    parser.add_argument("--seed", type=arguments.seed, default=0, help="seed of a kind's random parts (default: 0)")
     parser.set_defaults(func=_inflate)
 
 
@@ -161,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="<command>")
     add_plugins_parser(subparsers)
     add_demo_parser(subparsers)
+    add_fit_parser(subparsers)
+    add_predict_parser(subparsers)
     add_inflate_parser(subparsers)
     return parser
 

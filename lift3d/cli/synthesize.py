@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,15 @@ from lift3d.data.orientation import orientation_codes, slice_shape
 from lift3d.data.volume import TrainingGrid, prepare_volume
 from lift3d.io.budget import check_count
 from lift3d.io.errors import BudgetError
-from lift3d.io.writing import clean_stale_temporaries, commit_together, temporary_path
+from lift3d.io.writing import clean_stale_temporaries, commit_together, refuse_links, temporary_path
 from lift3d.cli import arguments
-from lift3d.sampling.synthesis import (DTYPES, SCHEDULERS, STARTS, SynthesisModel, check_clip_x0, check_start,
-                                      load_synthesis_model, make_scheduler, resolve_sample_batch, resolve_window,
-                                      save_std_volume, synthesize_posterior, unet_evaluations)
+from lift3d.diffusion.objectives import OBJECTIVES
+from lift3d.recipes.predict import finer_than_grid, model_grid
+from lift3d.sampling.solvers import SOLVERS, build_solver
+from lift3d.sampling.synthesis import (DTYPES, STARTS, SynthesisModel, check_clip_x0, check_start, load_synthesis_model,
+                                      resolve_sample_batch, resolve_window, save_std_volume, synthesize_posterior,
+                                      unet_evaluations)
 
-DEFAULT_PERCENTILES = (0.5, 99.5)
 # Float32 volumes of the synthesis grid held at once besides the K samples and their stack: the
 # source, its encoding, the noisy sample, the noise prediction, the mean and the std. A lower bound
 # (the U-Net's activations come on top), so no run that fits is refused.
@@ -56,7 +59,7 @@ standard deviation (an uncertainty map, in the same intensity units; a scale, so
 offset is not added). The mean of several samples usually scores better than one sample.
 
 A model trained with the flow objective (--diffusion.objective flow) samples well in a few steps
-(--scheduler flow --steps 2). --fast takes the few-step setting chosen for the model's objective on
+(--solver flow --steps 2). --fast takes the few-step setting chosen for the model's objective on
 validation subjects (benchmarks/RESULTS.md); --start estimate --strength S starts from the model's own
 one-pass estimate, noised to where the last fraction S of the steps begins (SDEdit). Every run prints
 its U-Net evaluations and seconds per volume.
@@ -65,17 +68,35 @@ its U-Net evaluations and seconds per volume.
 EPILOG = """\
 examples:
   lift3d-synthesize --model runs/stage2/model --source sub-01_T1.nii.gz --out synth/
-  lift3d-synthesize --model runs/stage2/model --source test-t1/ --out synth/ --scheduler dpm
+  lift3d-synthesize --model runs/stage2/model --source test-t1/ --out synth/ --solver dpm
   lift3d-synthesize --model runs/stage2/model --source a.nii.gz --out synth/ --num-slices native --window 16
   lift3d-synthesize --model runs/stage2/model --source a.nii.gz --out ablation/ --slice-wise
-  lift3d-synthesize --model runs/stage2/model --source a.nii.gz --out mean8/ --scheduler dpm --samples 8
+  lift3d-synthesize --model runs/stage2/model --source a.nii.gz --out mean8/ --solver dpm --samples 8
   lift3d-synthesize --model runs/flow-stage2/model --source a.nii.gz --out fast/ --fast --samples 4
-  lift3d-synthesize --model runs/flow-stage2/model --source a.nii.gz --out few/ --scheduler flow --steps 2
+  lift3d-synthesize --model runs/flow-stage2/model --source a.nii.gz --out few/ --solver flow --steps 2
 """
 
 
+def solver_help() -> tuple[str, str]:
+    """The help of --solver and of --steps, read from the solver and objective registries (plugins included)."""
+    solvers, steps = [], []
+    for name in SOLVERS.names():
+        cls = SOLVERS.get(name)
+        kind = "stochastic" if cls.stochastic else "deterministic"
+        solvers.append(f"{name}: {cls.summary or cls.__name__}, {kind} ({' and '.join(cls.inverts)} models)")
+        defaults = [f"{n} on {objective} models" for objective, n in cls.inverts.items()]
+        if len(defaults) == 1:
+            steps.append(f"{defaults[0].split(' on ')[0]} for {name}")
+        elif defaults:
+            steps.append(f"{defaults[0].replace(' on ', f' for {name} on ', 1)}, {', '.join(defaults[1:])}")
+    chosen = [f"{getattr(OBJECTIVES.get(o), 'default_solver', '?')} for {o} models" for o in OBJECTIVES.names()]
+    return (f"the solver that steps the model from noise back to a volume, built from its training noise schedule; "
+            f"one that inverts the model's objective. {'; '.join(solvers)}. Default: {', '.join(chosen)}",
+            f"solver steps (default: {', '.join(steps)}); more is slower and usually better")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    steps = ", ".join(f"{steps} for {name}" for name, (_, steps) in SCHEDULERS.items())
+    solvers, steps = solver_help()
     parser = argparse.ArgumentParser(prog="lift3d-synthesize", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, metavar="FOLDER",
@@ -88,15 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"output folder, created if missing; one <name>{OUTPUT_SUFFIX} per source (an "
                         "existing file of that name is replaced). It may not be a source's folder, and no output "
                         "may replace a source")
-    parser.add_argument("--scheduler", choices=tuple(SCHEDULERS),
-                        help="sampler, built from the training noise schedule. For a ddpm model (the default "
-                        "objective): ddpm (ancestral), ddim (the paper's, deterministic) or dpm (DPM-Solver++ "
-                        "multistep). For a flow model: flow (Euler on the straight path) or dpm. Default: ddim for "
-                        "ddpm models, flow for flow models")
-    parser.add_argument("--steps", type=arguments.positive, metavar="N",
-                        help=f"denoising steps (default: {steps}); more is slower and usually better")
+    parser.add_argument("--name-by-folder", action="store_true",
+                        help="name each output by its source's folder, as in a paired-nifti folder "
+                             f"(data/sub-01/T1.nii.gz -> sub-01{OUTPUT_SUFFIX}); without it, by the file name, and "
+                             "by the folder only where file names repeat")
+    parser.add_argument("--solver", choices=SOLVERS.names(), help=solvers)
+    # the option's name before solvers were a registered kind; kept so old commands still run
+    parser.add_argument("--scheduler", dest="solver", choices=SOLVERS.names(), help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=arguments.positive, metavar="N", help=steps)
     parser.add_argument("--fast", action="store_true",
-                        help="the few-step preset of the model's objective, chosen on validation subjects (sampler, "
+                        help="the few-step preset of the model's objective, chosen on validation subjects (solver, "
                         "steps and start; any of them given explicitly wins): a flow model in a few U-Net passes")
     parser.add_argument("--start", choices=STARTS, default=None,
                         help="noise (default): the whole schedule from Gaussian noise. estimate: one U-Net pass on "
@@ -104,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the steps begins (SDEdit). source: the same from the source volume itself")
     parser.add_argument("--strength", type=arguments.strength, metavar="S",
                         help="with --start estimate or source: the fraction of the steps that run, in (0, 1)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the initial noise (and of ddpm's added noise); the same seed and "
+    parser.add_argument("--seed", type=arguments.seed, default=0,
+                        help="seed of the initial noise (and of a stochastic solver's added noise); the same seed and "
                         "options give the same volume. With --samples K, sample 0 uses the seed itself and "
                         "sample k a seed hashed from (seed, k) (lift3d.sampling.synthesis.sample_seed). Default: 0")
     parser.add_argument("--samples", type=arguments.positive, metavar="K",
@@ -121,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--noise-correlation", type=arguments.correlation, default=0.0, metavar="RHO",
                         help="correlate the noise of all slices of a volume by RHO in [0, 1] (each voxel's "
                         "noise stays N(0, 1), as sqrt(RHO) x shared + sqrt(1 - RHO) x own-per-slice would "
-                        "give): the initial noise, and ddpm's noise at every step. 0 = independent slices, "
+                        "give): the initial noise, and a stochastic solver's (ddpm's) noise at every step. 0 = "
+                        "independent slices, "
                         "as in training; 1 = the same noise in every slice. Default: 0")
     parser.add_argument("--window", type=arguments.window, metavar="N",
                         help="denoise in overlapping windows of N slices, blending their noise predictions "
@@ -135,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the paper's 'w/o volumetric layers' ablation: switch the volumetric layers off "
                         "so each slice is denoised by the 2D model on its own; everything else is unchanged")
     parser.add_argument("--clip-x0", action="store_true",
-                        help="clamp the sampler's estimate of the clean volume to [-1, 1] at every step. Pixel-"
+                        help="clamp the solver's estimate of the clean volume to [-1, 1] at every step. Pixel-"
                         "space models only (identity autoencoder); helps an epsilon model that drifts to "
                         "black or white slices")
     parser.add_argument("--num-slices", type=arguments.slice_count, metavar="N|native",
@@ -148,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", type=arguments.device, metavar="DEVICE",
                         help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
-                        help="dtype of the U-Net and autoencoder; the sampler stays float32. Default: float32")
+                        help="dtype of the U-Net and autoencoder; the solver stays float32. Default: float32")
     return parser
 
 
@@ -162,11 +185,8 @@ def subject_name(path: Path) -> str:
 
 
 def collect_sources(paths: list[str]) -> tuple[list[Path], list[Path]]:
-    """The source files, and those skipped in a source folder as earlier outputs of this tool.
-
-    Every source must give a different output name: ``a.nii`` and ``a.nii.gz`` would both be
-    written as ``a_synth.nii.gz``, so they are refused, naming both.
-    """
+    """The source files, and those skipped in a source folder as earlier outputs of this tool (their output
+    names: :func:`output_names`)."""
     skipped: list[Path] = []
     if len(paths) == 1 and Path(paths[0]).is_dir():
         folder = Path(paths[0])
@@ -186,22 +206,35 @@ def collect_sources(paths: list[str]) -> tuple[list[Path], list[Path]]:
             if path.is_dir():
                 raise UserError(f"source {path} is a folder; give a folder only as the single --source path")
             sources.append(path)
-    by_name: dict[str, list[Path]] = {}
-    for path in sources:
-        by_name.setdefault(subject_name(path), []).append(path)
-    clashes = [(name, group) for name, group in by_name.items() if len(group) > 1]
-    if clashes:
-        name, group = clashes[0]
-        more = f" (and {len(clashes) - 1} more such name(s))" if len(clashes) > 1 else ""
-        both = " and ".join(str(p) for p in group)
-        raise UserError(f"sources {both} would both be written as {name}{OUTPUT_SUFFIX}, one over the other{more}; "
-                        "rename one, or synthesise them into different --out folders")
     return sources, skipped
 
 
-def output_paths(out: Path, source: Path) -> tuple[Path, Path]:
-    """Where ``source``'s mean and std map go."""
-    name = subject_name(source)
+def output_names(sources: list[Path], by_folder: bool = False) -> dict[Path, str]:
+    """The name each source's outputs take: its file name without the suffix, or, when file names repeat in
+    different subject folders (``data/sub-01/T1.nii.gz``, ``data/sub-02/T1.nii.gz``), its folder's name, as
+    ``lift3d-evaluate`` matches a prediction to its subject folder. Two sources that would still share a name
+    are refused, naming both."""
+    stems = {path: subject_name(path) for path in sources}
+    if not by_folder and len(set(stems.values())) == len(sources):
+        return stems
+    folders = {path: path.resolve().parent.name for path in sources}
+    if len(set(folders.values())) == len(sources):
+        return folders
+    if by_folder:
+        raise UserError("--name-by-folder: sources in one folder would share a name; give one source per folder")
+    by_name: dict[str, list[Path]] = {}
+    for path in sources:
+        by_name.setdefault(stems[path], []).append(path)
+    clashes = [(name, group) for name, group in by_name.items() if len(group) > 1]
+    name, group = clashes[0]
+    more = f" (and {len(clashes) - 1} more such name(s))" if len(clashes) > 1 else ""
+    both = " and ".join(str(p) for p in group)
+    raise UserError(f"sources {both} would both be written as {name}{OUTPUT_SUFFIX}, one over the other{more}; "
+                    "rename one, or synthesise them into different --out folders")
+
+
+def output_paths(out: Path, name: str) -> tuple[Path, Path]:
+    """Where the mean and std map of the source named ``name`` (:func:`output_names`) go."""
     return out / f"{name}{OUTPUT_SUFFIX}", out / STD_DIR / f"{name}{STD_SUFFIX}"
 
 
@@ -212,14 +245,14 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_out(out: Path, sources: list[Path], folder: Path | None) -> None:
+def check_out(out: Path, sources: list[Path], folder: Path | None, names: dict[Path, str]) -> None:
     """Refuse an ``--out`` that is a source's folder, or where an output would replace a source."""
     for where in ([folder] if folder is not None else []) + [p.parent for p in sources]:
         if _same_file(out, where):
             raise UserError(f"--out {out} is the folder of the sources ({where}); the outputs would mix with them, "
                             "and a later run would read them back as sources: choose another --out folder")
     for source in sources:
-        for dest in output_paths(out, source):
+        for dest in output_paths(out, names[source]):
             clash = next((p for p in sources if _same_file(dest, p)), None)
             if clash is not None:
                 raise UserError(f"--out {out}: writing {dest} would replace the source {clash}; choose another "
@@ -245,21 +278,6 @@ def prepare_out(out: Path) -> bool:
 # The training grid
 
 
-def grid_settings(model: SynthesisModel) -> dict[str, Any]:
-    """Size, slice count, slice axis and percentiles of the training grid, from the training settings."""
-    data = model.settings.data
-    options = (data.options if data is not None else None) or {}
-    size = options.get("size")
-    if size is None:  # the dataset's default size; the U-Net was built for it
-        size = int(model.unet.config.sample_size) * int(model.autoencoder.downsampling_factor)
-    return {
-        "size": tuple(size) if isinstance(size, (list, tuple)) else int(size),
-        "num_slices": (data.num_slices if data is not None else None) or options.get("num_slices"),
-        "slice_axis": options.get("slice_axis", "axial"),
-        "percentiles": tuple(options.get("percentiles", DEFAULT_PERCENTILES)),
-    }
-
-
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
@@ -275,7 +293,7 @@ def source_grid(model: SynthesisModel, image: nib.Nifti1Image, path: Path, *, si
 
     It is refused unless ``samples`` syntheses on it fit the memory budget (:mod:`lift3d.io.budget`).
     """
-    settings = grid_settings(model)
+    settings = model_grid(model)
     axis = settings["slice_axis"]
     native = slice_shape(image.shape[:3], orientation_codes(image.affine), axis)
     n = native[0] if num_slices == arguments.NATIVE or settings["num_slices"] is None else (num_slices or settings["num_slices"])
@@ -307,6 +325,8 @@ def source_grid(model: SynthesisModel, image: nib.Nifti1Image, path: Path, *, si
                             f"is resampled in-plane to --size and back, so any valid size works; omit --size to use "
                             f"the training size {trained}") from None
         raise UserError(f"{path}: cannot build its synthesis grid: {exc}") from None
+    if (line := finer_than_grid(image, grid, str(path))) is not None:
+        print(f"lift3d-synthesize: {line}", file=sys.stderr)
     n, h, w = grid.shape
     copies = SYNTHESIS_COPIES + 2 * samples
     check_count(n * h * w, 4, f"{origin}: synthesis on a grid of {n} x {h} x {w} float32 voxels ({samples} sample(s), "
@@ -317,17 +337,18 @@ def source_grid(model: SynthesisModel, image: nib.Nifti1Image, path: Path, *, si
 # --------------------------------------------------------------------------------------------
 
 
-def _synthesise_one(model: SynthesisModel, path: Path, grid: TrainingGrid, out: Path, args: argparse.Namespace) -> str:
+def _synthesise_one(model: SynthesisModel, path: Path, grid: TrainingGrid, out: Path, name: str,
+                    args: argparse.Namespace) -> str:
     array, meta = prepare_volume(load_image(path), grid, path=path)
     source = torch.from_numpy(array)[None, None]
     tic = time.perf_counter()
     result = synthesize_posterior(model, source, samples=args.samples, sample_batch=args.sample_batch,
-                                  scheduler=args.scheduler, steps=args.steps, seed=args.seed, window=args.window,
+                                  solver=args.solver, steps=args.steps, seed=args.seed, window=args.window,
                                   overlap=args.overlap, slice_wise=args.slice_wise, clip_x0=args.clip_x0,
                                   noise_correlation=args.noise_correlation, start=args.start,
                                   strength=args.strength, progress=None)
     elapsed = time.perf_counter() - tic
-    dest, std_dest = output_paths(out, path)
+    dest, std_dest = output_paths(out, name)
     write_result(dest, std_dest, result, meta)
     n, h, w = grid.shape
     windows = resolve_window(model, n, args.window, args.overlap, args.slice_wise)
@@ -361,13 +382,13 @@ def write_result(dest: Path, std_dest: Path, result: Any, meta: Any) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def choose_sampler(model: SynthesisModel, args: argparse.Namespace) -> None:
-    """Fill --scheduler, --steps, --samples, --start and --strength from --fast (the objective's few-step preset) or
-    the objective's default sampler; what the user gave explicitly wins."""
+def choose_solver(model: SynthesisModel, args: argparse.Namespace) -> None:
+    """Fill --solver, --steps, --samples, --start and --strength from --fast (the objective's few-step preset) or
+    the objective's default solver; what the user gave explicitly wins."""
     preset = dict(model.objective.fast) if args.fast else {}
-    if args.scheduler is None:
-        args.scheduler = preset.get("scheduler", model.objective.default_sampler)
-    if args.steps is None and preset.get("scheduler", args.scheduler) == args.scheduler:
+    if args.solver is None:
+        args.solver = preset.get("solver", model.objective.default_solver)
+    if args.steps is None and preset.get("solver", args.solver) == args.solver:
         args.steps = preset.get("steps")
     if args.samples is None:
         args.samples = preset.get("samples", 1)
@@ -396,19 +417,21 @@ def main(argv: list[str] | None = None) -> int:
     sources, skipped = collect_sources(args.source)
     out = Path(args.out)
     folder = Path(args.source[0]) if len(args.source) == 1 and Path(args.source[0]).is_dir() else None
-    check_out(out, sources, folder)
+    names = output_names(sources, args.name_by_folder)
+    check_out(out, sources, folder, names)
+    refuse_links(out, STD_DIR)  # a link there would take the std maps, and the clean-up, to another folder
     model = load_synthesis_model(args.model, device=args.device, dtype=args.dtype)
     if model.image_channels != 1:
         raise UserError(f"{args.model}: its autoencoder takes {model.image_channels}-channel images, but a "
                         "NIfTI source is a single-channel 3D volume")
-    choose_sampler(model, args)
+    choose_solver(model, args)
     # Read and check every source before the first (slow) synthesis, keeping only its grid.
     grids = [source_grid(model, load_image(p), p, size=args.size, num_slices=args.num_slices, samples=args.samples)
              for p in sources]
     check_windows(model, grids, args)
-    try:  # checks --scheduler against the model's objective, and --steps
-        make_scheduler(args.scheduler, model.scheduler_config, args.steps, objective=model.objective)
-        check_start(args.start, args.strength, model.conditioning)
+    try:  # checks --solver against the model's objective, --steps, and the start
+        steps = len(build_solver(args.solver, model.objective, model.scheduler_config, args.steps).timesteps)
+        check_start(args.start, args.strength, model.conditioning, args.solver)
     except ValueError as exc:
         raise UserError(f"{args.model}: {exc}") from None
     if args.clip_x0:
@@ -416,7 +439,6 @@ def main(argv: list[str] | None = None) -> int:
     created = prepare_out(out)
     for where in (out, out / STD_DIR):
         clean_stale_temporaries(where)  # what a killed run left
-    steps = args.steps or model.objective.samplers[args.scheduler][1]
     mode = ("slice-wise (2D model)" if not model.lifted else
             "slice-wise (volumetric layers off)" if args.slice_wise else "volume-wise")
     sampling = ""
@@ -429,14 +451,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lift3d-synthesize: skipping {len(skipped)} earlier output(s) in {folder} "
               f"({', '.join(p.name for p in skipped)}); give them as --source files to synthesise them")
     start = f", from its {args.start} noised at strength {args.strength:g}" if args.start != "noise" else ""
-    evaluations = unet_evaluations(model, args.scheduler, args.steps, samples=args.samples, start=args.start,
+    evaluations = unet_evaluations(model, args.solver, args.steps, samples=args.samples, start=args.start,
                                    strength=args.strength)
-    print(f"lift3d-synthesize: {len(sources)} volume(s), {model.objective.name} model, {args.scheduler} {steps} steps"
+    print(f"lift3d-synthesize: {len(sources)} volume(s), {model.objective.name} model, {args.solver} {steps} steps"
           f"{start}, {mode}, seed {args.seed}{sampling} ({evaluations} U-Net evaluations per volume), on {model.device}")
     written = 0
     try:
         for path, grid in zip(sources, grids):
-            print(_synthesise_one(model, path, grid, out, args), flush=True)
+            print(_synthesise_one(model, path, grid, out, names[path], args), flush=True)
             written += 1
     finally:
         if created and not written:

@@ -43,6 +43,11 @@ COMPLEX_TYPES = {32: "complex64", 1792: "complex128", 2048: "complex256"}
 COLOUR_TYPES = {128: "RGB24", 2304: "RGBA32"}
 # Single-file NIfTI: (magic, where it lies, header size, the class that parses it)
 _FORMATS = ((b"n+1\0", 344, 348, nib.Nifti1Header), (b"n+2\0", 4, 540, nib.Nifti2Header))
+# Formats whose header names a second file (nibabel would open it beside the header): not read, so no
+# side file can lead a read out of the folder. A pair converts to one .nii.gz in one nibabel call.
+PAIR_SUFFIXES = (".hdr", ".img", ".hdr.gz", ".img.gz")
+_PAIR_MAGIC = ((b"ni1\0", 344), (b"ni2\0", 4))
+READABLE = "single-file NIfTI (.nii.gz, .nii) and MetaImage (.mhd + its data file, or .mha)"
 
 
 def image_suffix(path: Path | str) -> str | None:
@@ -75,8 +80,19 @@ def check_image_file(path: Path | str) -> Path:
                 else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
         raise VolumeError(f"{path}: is {kind}, not an image file; give a regular file")
     if image_suffix(path) is None:
-        raise VolumeError(f"{path}: unknown image type; valid suffixes: {', '.join(IMAGE_SUFFIXES)}")
+        if path.name.lower().endswith(PAIR_SUFFIXES):
+            raise VolumeError(pair_message(path))
+        raise VolumeError(f"{path}: unknown image type; valid suffixes: {', '.join(IMAGE_SUFFIXES)} (lift3d reads "
+                          f"{READABLE})")
     return path
+
+
+def pair_message(path: Path) -> str:
+    """One line refusing a NIfTI or Analyze pair (``.hdr`` + ``.img``): how to convert it, and what lift3d reads."""
+    header = path.name[: -len(next(s for s in PAIR_SUFFIXES if path.name.lower().endswith(s)))] + ".hdr"
+    return (f"{path}: is half of a NIfTI/Analyze pair (.hdr + .img), whose header sends the reader to a second file; "
+            f"lift3d reads {READABLE}: convert the pair first, e.g. nib.save(nib.load('{header}'), "
+            f"'{header[:-4]}.nii.gz')")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -124,6 +140,9 @@ def _parse_header(path: Path, block: bytes) -> nib.Nifti1Header:
             endianness = next((order for order in "<>"
                                if 1 <= struct.unpack_from(order + dim_format, block, dim_at)[0] <= 7), "<")
         return header_class(binaryblock=block[:size], endianness=endianness, check=False)
+    if any(block[offset:offset + 4] == magic for magic, offset in _PAIR_MAGIC):
+        raise VolumeError(f"{path}: its header is a NIfTI pair's (magic 'ni1' or 'ni2': the voxels are in a separate "
+                          f".img file), not a single-file NIfTI; lift3d reads {READABLE}: convert the pair first")
     if len(block) < 348:
         raise VolumeError(f"{path}: has {len(block)} bytes, fewer than a NIfTI header (348); it is truncated or "
                           "corrupt")

@@ -158,3 +158,22 @@ def restore_volume(volume: Any, meta: VolumeMeta) -> np.ndarray:
     if data.shape != tuple(meta.shape):  # a meta whose fields disagree with each other
         raise ValueError(f"restored shape {data.shape} does not match the source shape {meta.shape}; the meta is inconsistent")
     return data
+
+
+def restore_std(std: Any, meta: VolumeMeta) -> np.ndarray:
+    """A std map ``(n, h, w)`` on the [-1, 1] scale of a synthesis -> float32 on the source's grid, in its units.
+
+    A standard deviation is a scale, not an intensity: it is multiplied by the slope of the source's intensity
+    map, ``(high - low) / 2``, and the offset is not added. It is resampled back linearly, as the mean is,
+    which keeps it non-negative.
+    """
+    import dataclasses
+
+    half_range = (meta.intensity.high - meta.intensity.low) / 2.0
+    # restore_volume maps v -> (v + 1) * (high' - low') / 2 + low'; with low' = -2 half_range and
+    # high' = 2 half_range that is v * 2 half_range, so std / 2 comes out as std * half_range.
+    # Halving keeps a Bessel-corrected std (up to sqrt(2) for values in [-1, 1]) clear of the
+    # [-1, 1] clip restore_volume applies.
+    scale_only = IntensityScaling(-2.0 * half_range, 2.0 * half_range, meta.intensity.percentiles)
+    array = std.detach().cpu().float().numpy() if hasattr(std, "detach") else np.asarray(std, dtype=np.float32)
+    return restore_volume(array / 2.0, dataclasses.replace(meta, intensity=scale_only))

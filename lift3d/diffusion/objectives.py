@@ -1,18 +1,23 @@
-"""Training objectives: how a clean latent is noised, what the U-Net is trained to predict, and which
-diffusers samplers turn its predictions back into volumes.
+"""Training objectives: how a clean latent is noised, what the U-Net is trained to predict, and which solver
+turns its predictions back into volumes by default and in few steps.
 
 ``ddpm`` is the objective of Make-A-Volume (Zhu et al., MICCAI 2023, eq. 4) and of LDM: the DDPM forward
 process ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps``, with the U-Net predicting ``eps`` or ``v``.
 ``flow`` is flow matching / rectified flow (Lipman et al., ICLR 2023; Liu et al., ICLR 2023), as MAISI-v2
 and WFM use it: ``x_s = (1 - s) x_0 + s eps`` on a straight path, ``s = t / T``, the U-Net predicting the
-velocity ``eps - x_0``; its samplers are diffusers' ``FlowMatchEulerDiscreteScheduler`` and DPM-Solver++
-on flow sigmas, which stay accurate in a few steps.
+velocity ``eps - x_0``; its solvers (Euler on the straight path, DPM-Solver++ on flow sigmas) stay accurate
+in a few steps.
 
 Both take integer training timesteps ``t`` in ``[0, T)`` from a timestep sampler plugin (stage 1 one per
 slice, stage 2 one per volume with weight ``2T - t``), so the stage-2 weighting means the same thing
 under either objective: small ``t`` is little noise. ``train_steps = N`` (Fast-DDPM, Jiang et al.,
-2024) snaps every training ``t`` to the grid an N-step sampler visits, so training and sampling
-match. An objective is a plugin kind (``objectives``); the built-ins register as any plugin's would.
+2024) snaps every training ``t`` to the grid an N-step solver visits, so training and sampling
+match.
+
+An objective is a registered kind (:data:`OBJECTIVES`): the built-ins register here, by decorator; a third
+party's come through the hook ``lift3d_register_objectives``. Which solvers sample an objective is said once,
+by each solver (its ``inverts``, :mod:`lift3d.sampling.solvers`); an objective names only its
+``default_solver`` and its few-step preset ``fast``.
 """
 
 from __future__ import annotations
@@ -24,9 +29,13 @@ import torch
 from torch import Tensor
 
 from lift3d.io.errors import Lift3dError
+from lift3d.io.schemas import MIN_SHIFT
+from lift3d.plugins.registry import PluginError, Registry
 
-OBJECTIVES = ("ddpm", "flow")
-"""The built-in objectives; an export without one (written before objectives existed) is ``ddpm``."""
+OBJECTIVES: Registry[Any] = Registry(
+    "objectives", noun="objective",
+    doc="Training objectives: how latents are noised, what the U-Net predicts, the loss target; an export "
+        "without one (written before objectives existed) is ``ddpm``.")
 
 
 def _check_train_steps(train_steps: int | None, num_train_timesteps: int) -> int | None:
@@ -47,7 +56,7 @@ def _snap(t: Tensor, grid: Tensor) -> Tensor:
 
 class StepMatched:
     """What both built-ins share: ``train_steps = N`` (Fast-DDPM) snaps every training timestep to the grid an
-    N-step sampler visits (:meth:`step_grid`), and is what an export records of the objective's options."""
+    N-step solver visits (:meth:`step_grid`), and is what an export records of the objective's options."""
 
     train_steps: int | None = None
 
@@ -62,22 +71,26 @@ class StepMatched:
         return t if self.train_steps is None else _snap(t, self.step_grid(self.train_steps))
 
 
+@OBJECTIVES.register("ddpm")
 class DDPMObjective(StepMatched):
     """``ddpm``: the DDPM forward process, the U-Net predicting ``epsilon`` or ``v_prediction``.
 
-    :param num_train_timesteps, beta_schedule, beta_start, beta_end: the noise schedule (diffusers' names and
-        defaults, so a scheduler config file missing a key reads as diffusers reads it; training passes all).
+    The noise schedule takes diffusers' names and defaults, so a scheduler config file missing a key reads
+    as diffusers reads it; training passes all four.
+
+    :param num_train_timesteps: the number of training timesteps.
+    :param beta_schedule: the noise schedule's name (diffusers' ``beta_schedule``).
+    :param beta_start: the first beta of the schedule.
+    :param beta_end: the last beta of the schedule.
     :param prediction_type: ``epsilon`` (the paper's eq. 4) or ``v_prediction``.
-    :param train_steps: Fast-DDPM: train only on the timesteps a DDIM sampler of this many steps visits.
+    :param train_steps: Fast-DDPM: train only on the timesteps a DDIM solver of this many steps visits.
     """
 
     name = "ddpm"
-    samplers = {"ddpm": ("DDPMScheduler", 1000), "ddim": ("DDIMScheduler", 200),
-                "dpm": ("DPMSolverMultistepScheduler", 25)}
-    default_sampler = "ddim"  # the paper's DDIM-200
+    default_solver = "ddim"  # the paper's DDIM-200
     # The few-step preset (lift3d-synthesize --fast): the best within 8 U-Net evaluations on the ICBM protocol's
     # validation subjects (benchmarks/icbm_fast.py): the mean of 4 DPM-Solver++ 2 samples.
-    fast = {"scheduler": "dpm", "steps": 2, "samples": 4}
+    fast = {"solver": "dpm", "steps": 2, "samples": 4}
 
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear",
                  beta_start: float = 0.0001, beta_end: float = 0.02, prediction_type: str = "epsilon",
@@ -94,7 +107,7 @@ class DDPMObjective(StepMatched):
         self.num_train_timesteps = num_train_timesteps
 
     def step_grid(self, steps: int) -> Tensor:
-        """The training timesteps a DDIM sampler of ``steps`` steps visits."""
+        """The training timesteps a DDIM solver of ``steps`` steps visits."""
         from diffusers import DDIMScheduler
 
         grid = DDIMScheduler.from_config(self.scheduler.config)
@@ -115,10 +128,8 @@ class DDPMObjective(StepMatched):
             return (x_t - (1 - a).sqrt() * prediction) / a.sqrt()
         return a.sqrt() * x_t - (1 - a).sqrt() * prediction
 
-    def sampler_config(self, name: str, scheduler_config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        return self.samplers[name][0], scheduler_config
 
-
+@OBJECTIVES.register("flow")
 class FlowMatchingObjective(StepMatched):
     """``flow``: rectified flow, ``x_s = (1 - s) x_0 + s eps`` with ``s = (t + 1) / T``; the U-Net sees
     ``s T`` and predicts the velocity ``eps - x_0``.
@@ -126,31 +137,31 @@ class FlowMatchingObjective(StepMatched):
     :param num_train_timesteps: T, the resolution of ``s``.
     :param shift: diffusers' timestep shift of the sampling schedule (1 = uniform in ``s``; > 1 spends
         more steps at high noise, as SD3 does).
-    :param train_steps: train only on the ``s`` an Euler sampler of this many steps visits (step-count
+    :param train_steps: train only on the ``s`` an Euler solver of this many steps visits (step-count
         matched training, as Fast-DDPM does for DDPM).
     """
 
     name = "flow"
     prediction_type = "flow_prediction"
-    samplers = {"flow": ("FlowMatchEulerDiscreteScheduler", 4), "dpm": ("DPMSolverMultistepScheduler", 8)}
-    default_sampler = "flow"
+    default_solver = "flow"
     # The few-step preset (lift3d-synthesize --fast): the best within 8 U-Net evaluations on the ICBM protocol's
     # validation subjects (benchmarks/icbm_fast.py): the mean of 2 Euler 4-step samples.
-    fast = {"scheduler": "flow", "steps": 4, "samples": 2}
+    fast = {"solver": "flow", "steps": 4, "samples": 2}
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, train_steps: int | None = None,
                  **_diffusers_keys: Any) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift <= 100 or not math.isfinite(shift):
-            raise Lift3dError(f"objective option shift must be a number in (0, 100], got {shift!r}")
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) \
+                or not MIN_SHIFT <= shift <= 100:
+            raise Lift3dError(f"objective option shift must be a number from {MIN_SHIFT} to 100, got {shift!r}")
         self.train_steps = _check_train_steps(train_steps, num_train_timesteps)
         self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=float(shift))
         self.num_train_timesteps = num_train_timesteps
         self.shift = float(shift)
 
     def step_grid(self, steps: int) -> Tensor:
-        """The training timesteps an Euler sampler of ``steps`` steps visits (its model timestep ``s T`` is ``t + 1``)."""
+        """The training timesteps an Euler solver of ``steps`` steps visits (its model timestep ``s T`` is ``t + 1``)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         grid = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
@@ -172,27 +183,18 @@ class FlowMatchingObjective(StepMatched):
         s = float(t) / self.num_train_timesteps
         return x_t - s * prediction
 
-    def sampler_config(self, name: str, scheduler_config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        if name == "flow":
-            return self.samplers[name][0], scheduler_config
-        # DPM-Solver++ (2nd order) on the same straight path: diffusers' flow sigmas and flow_prediction.
-        return self.samplers[name][0], {"num_train_timesteps": self.num_train_timesteps, "use_flow_sigmas": True,
-                                        "flow_shift": self.shift, "prediction_type": "flow_prediction",
-                                        "algorithm_type": "dpmsolver++", "solver_order": 2}
-
 
 def objective_name(settings_objective: str | None) -> str:
     """The objective an export names; exports written before objectives existed are ``ddpm``."""
     return settings_objective or "ddpm"
 
 
-def build_objective(name: str, scheduler_config: dict[str, Any], options: dict[str, Any] | None = None):
-    """The objective plugin ``name`` on the noise schedule ``scheduler_config`` (a diffusers config dict,
-    as training's ``[diffusion]`` section or an export's ``scheduler/scheduler_config.json`` gives it)."""
-    from lift3d.plugins import PluginError, create
-
+def create_objective(name: str, scheduler_config: dict[str, Any], options: dict[str, Any] | None = None):
+    """The objective ``name`` (registered in :data:`OBJECTIVES`) on the noise schedule ``scheduler_config`` (a
+    diffusers config dict, as training's ``[diffusion]`` section or an export's
+    ``scheduler/scheduler_config.json`` gives it), with its own ``options``."""
     config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
     try:
-        return create("objectives", name, **config, **(options or {}))
+        return OBJECTIVES.create(name, **config, **(options or {}))
     except PluginError as exc:
         raise Lift3dError(str(exc)) from None

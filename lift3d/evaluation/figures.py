@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -25,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lift3d.evaluation.metrics import DATA_RANGE, scale_to_target_range
+from lift3d.io.writing import atomic_path, open_new
 
 PLANE_NAMES = ("axial", "coronal", "sagittal")
 # Grey levels clip the rarest 0.5 % at each end so a few bright voxels do not darken the panel.
@@ -105,14 +105,10 @@ def save_orthogonal_views(path: str | os.PathLike, volumes: Mapping[str, np.ndar
 def save_png(fig: Figure, path: str | os.PathLike, *, dpi: int = 100) -> Path:
     """Write ``fig`` as a PNG: to a temporary name in the same folder, then renamed over ``path``."""
     path = Path(path)
-    # A unique sibling name (not mkstemp, whose 0600 mode would survive the rename).
-    temp_name = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        fig.savefig(temp_name, format="png", dpi=dpi)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    # lift3d's temporary (short, recognisable, cleaned if a run dies), opened without following a link;
+    # a link at ``path`` itself is refused.
+    with atomic_path(path) as tmp, open_new(tmp, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=dpi)
     return path
 
 
@@ -150,6 +146,16 @@ def orthogonal_views(
     :param plane_names: column titles for the in-plane view and the two through-plane views.
     :returns: the figure (three image axes per row, plus one colourbar axes per error or std row).
     """
+    arrays, spacing = _checked_volumes(volumes, spacing, plane_names)
+    pairs = _error_pairs(error_of, list(arrays))
+    rows = _figure_rows(arrays, pairs, uncertainty)
+    return _draw_rows(rows, next(iter(arrays.values())).shape, spacing, plane_names, title, dpi)
+
+
+def _checked_volumes(
+    volumes: Mapping[str, np.ndarray], spacing: Sequence[float] | None, plane_names: Sequence[str]
+) -> tuple[dict[str, np.ndarray], tuple[float, ...]]:
+    """The volumes as float arrays of one 3D shape, and the voxel spacing (1 mm when not given)."""
     names = list(volumes)
     if not names:
         raise ValueError("volumes is empty; give at least one name -> (n, h, w) array")
@@ -167,8 +173,14 @@ def orthogonal_views(
         raise ValueError(f"spacing must be three positive voxel sizes (slice, row, column); got {spacing}")
     if len(plane_names) != 3:
         raise ValueError(f"plane_names must name 3 columns; got {list(plane_names)}")
-    pairs = _error_pairs(error_of, names)
+    return arrays, spacing
 
+
+def _figure_rows(
+    arrays: Mapping[str, np.ndarray], pairs: list[tuple[str, str]], uncertainty: Mapping[str, np.ndarray] | None
+) -> list[tuple[str, np.ndarray, str, tuple[float, float], str | None]]:
+    """``(label, volume, colormap, (vmin, vmax), colourbar label or None)`` per figure row: the volumes,
+    then the error rows, then the std rows."""
     grey_range = {name: _display_range(array) for name, array in arrays.items()}
     for prediction, target in reversed(pairs):  # the first pair naming a prediction wins
         grey_range[target] = _display_range(arrays[target])
@@ -183,13 +195,23 @@ def orthogonal_views(
     std_max = max((float(np.percentile(std, 99.5)) for std in stds.values()), default=0.0)
     std_max = std_max if std_max > 0 else max((float(std.max()) for std in stds.values()), default=0.0) or 1.0
 
+    rows = [(name, arrays[name], "gray", grey_range[name], None) for name in arrays]
+    rows += [(name, error, ERROR_CMAP, (0.0, error_max), "0-255 scale") for name, error in errors.items()]
+    rows += [(name, std, STD_CMAP, (0.0, std_max), std_label) for name, std in stds.items()]
+    return rows
+
+
+def _draw_rows(
+    rows: list[tuple[str, np.ndarray, str, tuple[float, float], str | None]],
+    shape: tuple[int, ...],
+    spacing: tuple[float, ...],
+    plane_names: Sequence[str],
+    title: str | None,
+    dpi: int,
+) -> Figure:
     s_slice, s_row, s_col = spacing
     # imshow aspect = height / width of one pixel.
     aspects = (s_row / s_col, s_slice / s_col, s_slice / s_row)
-
-    rows = [(name, arrays[name], "gray", grey_range[name], None) for name in names]
-    rows += [(name, error, ERROR_CMAP, (0.0, error_max), "0-255 scale") for name, error in errors.items()]
-    rows += [(name, std, STD_CMAP, (0.0, std_max), std_label) for name, std in stds.items()]
     # Size columns by the panels' physical widths so a thin through-plane view wastes no space.
     n, h, w = shape
     row_height = max(h * s_row, n * s_slice)

@@ -20,7 +20,7 @@ from lift3d.evaluation.figures import PLANE_NAMES, metric_distributions, orthogo
 from lift3d.evaluation.metrics import INTENSITY_RULE, METRICS, PLANE_METRICS, UNCERTAINTY_METRICS, summarize
 from lift3d.evaluation.planes import ms_ssim_minimum_size
 from lift3d.io.errors import Lift3dError
-from lift3d.io.writing import atomic_path
+from lift3d.io.writing import write_text_atomic
 
 REPORT_NAME = "report.html"
 IDENTITY = ("subject", "method")
@@ -237,10 +237,7 @@ def write_report(path: str | os.PathLike, rows: Sequence[Mapping[str, object]], 
     :param higher_is_better: directions of columns lift3d does not know (``{"dice_wm": True}``).
     """
     text = render_report(rows, views=views, title=title, notes=notes, higher_is_better=higher_is_better)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return path
+    return write_text_atomic(path, text)  # no link followed, nothing half-written left
 
 
 _PAGE = """<!DOCTYPE html>

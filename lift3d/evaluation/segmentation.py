@@ -5,7 +5,8 @@ per tissue, the Dice of the two segmentations (``dice_csf``...) and, where label
 them (``dice_label_*`` for the synthesis, ``dice_target_label_*`` for the real target: the segmenter's own
 ceiling). Dice is torchmetrics' (``dice_score``); a tissue absent from both segmentations scores NaN.
 A segmenter is any :class:`lift3d.plugins.protocols.Segmenter`; :func:`load_segmenter` loads a folder through
-the plugin its ``segmenter.json`` names (the built-in is ``tissue-unet``, :mod:`lift3d.evaluation.tissue_unet`).
+the entry of :data:`SEGMENTERS` its ``segmenter.json`` names (the built-in is ``tissue-unet``,
+:mod:`lift3d.evaluation.tissue_unet`; plugins add theirs through ``lift3d_register_segmenters``).
 """
 
 from __future__ import annotations
@@ -23,9 +24,15 @@ from lift3d.data.nifti import load_image
 from lift3d.data.orientation import to_slices
 from lift3d.data.tissue import tissue_labels
 from lift3d.data.volume import TrainingGrid, prepare_volume
-from lift3d.evaluation.tissue_unet import SegmenterError, read_settings
-from lift3d.plugins import get_plugin_manager
+from lift3d.evaluation.tissue_unet import SegmenterError, load_tissue_segmenter, read_settings
 from lift3d.plugins.protocols import Segmenter
+from lift3d.plugins.registry import Registry
+
+SEGMENTERS: Registry[Any] = Registry(
+    "segmenters", doc="labels tissue in a volume, to score synthesis downstream (lift3d.plugins.protocols.Segmenter)")
+# Registered here rather than by a decorator in tissue_unet.py: this module imports tissue_unet (the folder's
+# settings reader), so the built-in is registered whenever the registry is imported, without an import cycle.
+SEGMENTERS.add("tissue-unet", load_tissue_segmenter)
 
 PREFIXES = {"segmentation": "dice_", "labels": "dice_label_", "target_labels": "dice_target_label_"}
 
@@ -33,11 +40,11 @@ PREFIXES = {"segmentation": "dice_", "labels": "dice_label_", "target_labels": "
 def load_segmenter(path: str | Path, *, manager: Any = None) -> Segmenter:
     """The segmenter saved in the folder ``path``, built by the plugin its ``segmenter.json`` names.
 
-    ``manager`` is a :class:`lift3d.plugins.PluginManager` (default: the process-wide one). Every way the
-    folder can be bad is one :class:`~lift3d.io.errors.Lift3dError` line naming it.
+    ``manager`` is a :class:`lift3d.plugins.PluginManager` whose segmenters to use (default: :data:`SEGMENTERS`).
+    Every way the folder can be bad is one :class:`~lift3d.io.errors.Lift3dError` line naming it.
     """
     settings = read_settings(path)
-    registry = (manager or get_plugin_manager()).registry("segmenters")
+    registry = manager.registry("segmenters") if manager is not None else SEGMENTERS
     if settings.plugin not in registry:
         raise SegmenterError(f"{Path(path) / 'segmenter.json'} names the plugin {settings.plugin!r}: Unknown segmenter "
                              f"{settings.plugin!r}; available: {', '.join(registry.names()) or 'none'} (install the "

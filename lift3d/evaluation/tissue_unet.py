@@ -23,6 +23,7 @@ from lift3d.io.budget import check_bytes
 from lift3d.io.errors import Lift3dError
 from lift3d.io.paths import check_contained
 from lift3d.io.schemas import SEGMENTER_FORMAT, SegmenterSettings, read_json, validate
+from lift3d.io.writing import write_bytes_atomic, write_text_atomic
 
 PLUGIN = "tissue-unet"
 SETTINGS_NAME = "segmenter.json"
@@ -121,15 +122,16 @@ class TissueSegmenter:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``segmenter.json`` and ``model.safetensors`` into ``folder`` (created if missing)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         settings = validate(json.loads(json.dumps(self.settings())), SegmenterSettings, folder / SETTINGS_NAME,
                             "segmenter config")  # what is written must read back
         state = {k: v.detach().cpu().float().contiguous() for k, v in self.network.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": SEGMENTER_FORMAT})
-        (folder / SETTINGS_NAME).write_text(settings.model_dump_json(indent=2, exclude_none=True) + "\n")
+        # Atomic, and never through a link at either name (lift3d.io.writing).
+        write_bytes_atomic(folder / WEIGHTS_NAME, save(state, metadata={"format": SEGMENTER_FORMAT}))
+        write_text_atomic(folder / SETTINGS_NAME, settings.model_dump_json(indent=2, exclude_none=True) + "\n")
         return folder
 
 

@@ -5,5 +5,6 @@
 - :mod:`lift3d.io.paths`: paths named inside files stay inside their folder.
 - :mod:`lift3d.io.schemas`: typed schemas of every JSON file lift3d reads (pydantic), and the one reader.
 - :mod:`lift3d.io.offline`: nothing lift3d does reaches a model hub.
-- :mod:`lift3d.io.writing`: run-folder locks, atomic files and the clean-up of temporary ones.
+- :mod:`lift3d.io.writing`: run-folder locks, atomic files and the clean-up of temporary ones; no write follows a link.
+- :mod:`lift3d.io.tables`: CSV cells safe to open in a spreadsheet.
 """

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from decimal import Decimal
 
 from lift3d.io.errors import BudgetError, Lift3dError
 
@@ -19,14 +20,25 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
+MAX_BUDGET = 2**63 - 1  # 8 EiB: more than any machine has, and what the sizes compared with it stay within
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
+
+
 def parse_size(text: str) -> int:
-    """``"512MiB"`` -> 536870912; plain digits are bytes."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    """``"512MiB"`` -> 536870912; plain digits are bytes. The number is read exactly (no float), and a
+    size past :data:`MAX_BUDGET` is refused, so no string of digits overflows."""
+    text = str(text)
+    shown = repr(text) if len(text) <= 40 else repr(text[:37] + "...")
+    match = _SIZE.fullmatch(text) if len(text) <= 64 else None
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
-        raise Lift3dError(f"{ENV}={text!r} is not a size; use bytes or a unit: "
-                          f"{', '.join(u for u in _UNITS if u)} (e.g. 8GiB)")
-    return int(float(match.group(1)) * _UNITS[unit])
+        raise Lift3dError(f"{ENV}={shown} is not a size; use bytes or a unit: "
+                          f"{', '.join(u for u in _UNITS if u)} (e.g. 8GiB), at most 64 characters")
+    size = Decimal(match.group(1)) * _UNITS[unit]
+    if size > MAX_BUDGET:
+        raise Lift3dError(f"{ENV}={shown} is more than lift3d can count; use a size of at most {MAX_BUDGET} "
+                          "bytes (8 EiB)")
+    return int(size)
 
 
 def _available() -> int:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lift3d.layers.functional import check_slice_conv, conv_along_slices
+from lift3d.layers.registry import LAYER_KINDS
 
 
 RANK_MIN = 16
@@ -63,6 +64,7 @@ class _FixedProjection(torch.autograd.Function):
         return grad_x, None, None
 
 
+@LAYER_KINDS.register("low-rank")
 class LowRankVolumetricConv(nn.Module):
     """Residual low-rank 1D conv over slices, acting on a ``(b n) c h w`` batch of slices.
 

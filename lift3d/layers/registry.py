@@ -1,11 +1,14 @@
 """Kinds of volumetric layer: the registry behind ``lift3d.inflate(model, kind=...)``.
 
-A kind is a name and a factory, registered by a plugin through the ``lift3d_register_layer_kinds``
-hook exactly as datasets are (the built-ins in ``lift3d_plugins.layer_kinds`` do it the same way)::
+Each built-in kind registers from its own module (``full`` and ``depthwise`` in :mod:`lift3d.layers.volumetric`,
+``low-rank`` in :mod:`lift3d.layers.low_rank`, ``slice-attention`` in :mod:`lift3d.layers.slice_attention`),
+which ``lift3d.layers`` imports; a new built-in is one new file there::
 
-    @lift3d.hookimpl
-    def lift3d_register_layer_kinds(registry):
-        registry.add("my-kind", MyVolumetricLayer)
+    @LAYER_KINDS.register("my-kind")
+    class MyVolumetricLayer(nn.Module): ...
+
+A plugin adds its own through the ``lift3d_register_layer_kinds`` hook (``registry.add("my-kind", factory)``),
+loaded only when a kind is not found among the built-ins, so inflating with a built-in kind imports no plugin.
 
 ``factory(channels, *, kernel_size, padding_mode, device, dtype, **options)`` returns an
 ``nn.Module`` that every kind must make a :class:`VolumetricLayer`:
@@ -22,15 +25,15 @@ turns the fused host's output back into the 2D host's. A kind without it is left
 
 from __future__ import annotations
 
-import functools
-import importlib
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from lift3d.plugins.manager import PluginError, Registry, check_factory_options
+from lift3d.plugins.registry import PluginError, Registry, check_factory_options
 
-BUILTIN = "lift3d_plugins.layer_kinds"
+LAYER_KINDS: Registry[Any] = Registry(
+    "layer_kinds", doc="a volumetric layer inflate inserts (lift3d.layers.registry.VolumetricLayer)")
+
 DEFAULT_KIND = "low-rank"
 """What :func:`lift3d.lifting.inflate` inserts by default: the low-rank layer with its rank floor (r = max(16, C/8)).
 From the same stage-1 weights of the ICBM protocol, each kind at its best learning rate, it matched the paper's
@@ -49,36 +52,15 @@ class VolumetricLayer(Protocol):
     def init_random_(self, std: float | None = None, generator=None) -> None: ...
 
 
-def build_registry(pm) -> Registry:
-    """A layer-kind registry filled by every plugin of the pluggy manager ``pm``.
-
-    The built-in kinds are registered on ``pm`` first when the manager has not loaded them (through
-    the ``lift3d`` entry point group), as the manager does for its other built-ins.
-    """
-    module = importlib.import_module(BUILTIN)
-    if not pm.is_registered(module):
-        pm.register(module, name=BUILTIN)
-    registry: Registry = Registry("layer_kinds")
-    pm.hook.lift3d_register_layer_kinds(registry=registry)
-    return registry
-
-
-@functools.cache
-def registry() -> Registry:
-    """The process-wide registry of layer kinds (built once, from the process-wide plugin manager)."""
-    from lift3d.plugins.manager import get_plugin_manager
-
-    return build_registry(get_plugin_manager().pm)
-
-
 def names() -> list[str]:
-    return registry().names()
+    """Every layer kind, built-in and from plugins."""
+    return LAYER_KINDS.names()
 
 
 def create(kind: str, channels: int, *, kernel_size: int, padding_mode: str, device=None, dtype=None,
            **options: Any) -> nn.Module:
     """Build one layer of ``kind``; an unknown kind or option names itself and the valid ones."""
-    factory = registry().get(kind)
+    factory = LAYER_KINDS.get(kind)
     check_factory_options(f"layer kind {kind!r}", factory, {**options, "kernel_size": kernel_size,
                                                      "padding_mode": padding_mode, "device": device, "dtype": dtype})
     layer = factory(channels, kernel_size=kernel_size, padding_mode=padding_mode, device=device, dtype=dtype, **options)
@@ -91,7 +73,7 @@ def create(kind: str, channels: int, *, kernel_size: int, padding_mode: str, dev
 
 def check_options(kind: str, options: dict[str, Any]) -> None:
     """Fail before anything is inserted when ``kind`` is unknown or does not take ``options``."""
-    check_factory_options(f"layer kind {kind!r}", registry().get(kind), options)
+    check_factory_options(f"layer kind {kind!r}", LAYER_KINDS.get(kind), options)
 
 
 def parse_kind(spec: str) -> dict[str, Any]:

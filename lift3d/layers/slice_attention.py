@@ -20,8 +20,10 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from lift3d.layers.low_rank import rank_for
+from lift3d.layers.registry import LAYER_KINDS
 
 
+@LAYER_KINDS.register("slice-attention")
 class SliceAttention(nn.Module):
     """Residual multi-head attention over the slices of each volume, on a ``(b n) c h w`` batch."""
 

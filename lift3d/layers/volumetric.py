@@ -4,7 +4,8 @@ A 1D convolution along the slice axis, applied as a residual so it starts as the
 
     f' = f + conv1d(rearrange(f, '(b n) c h w -> (b h w) c n'))   rearranged back to '(b n) c h w'
 
-The conv's weight and bias start at zero, so ``f' == f`` bit for bit until training moves them.
+The conv's weight and bias start at zero, so ``f' == f`` bit for bit until training moves them. Registered
+as two layer kinds: ``full`` (the paper's layer) and ``depthwise`` (one 1D conv per channel).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from lift3d.layers.functional import check_slice_conv, conv_along_slices
+from lift3d.layers.registry import LAYER_KINDS
 
 
 class VolumetricConv(nn.Module):
@@ -103,3 +105,21 @@ class VolumetricConv(nn.Module):
         mode = "constant" if self.padding_mode == "zeros" else "replicate"
         f = F.conv1d(F.pad(f, (pad, pad), mode=mode), self.weight, self.bias, groups=self.groups)
         return x + rearrange(f, "(b h w) c n -> (b n) c h w", h=h, w=w)
+
+
+@LAYER_KINDS.register("full")
+def full(channels: int, *, kernel_size: int = 3, padding_mode: str = "zeros", groups: int | str = 1,
+         device=None, dtype=None) -> VolumetricConv:
+    """The paper's layer; ``groups`` an int dividing ``channels`` or ``"depthwise"`` (one per channel)."""
+    if isinstance(groups, str) and groups != "depthwise":
+        raise ValueError(f"Unknown groups={groups!r}; use an int or 'depthwise'")
+    return VolumetricConv(channels, kernel_size, groups=channels if groups == "depthwise" else groups,
+                          padding_mode=padding_mode, device=device, dtype=dtype)
+
+
+@LAYER_KINDS.register("depthwise")
+def depthwise(channels: int, *, kernel_size: int = 3, padding_mode: str = "zeros", device=None,
+              dtype=None) -> VolumetricConv:
+    """One 1D conv per channel: C k weights instead of C^2 k."""
+    return VolumetricConv(channels, kernel_size, groups=channels, padding_mode=padding_mode, device=device,
+                          dtype=dtype)

@@ -24,7 +24,7 @@ from lift3d.lifting.inflate import inflate, is_lifted, lift_settings, volumetric
 from lift3d.io.budget import check_bytes
 from lift3d.io.errors import Lift3dError
 from lift3d.io.paths import check_contained, inside  # noqa: F401 (inside: re-exported)
-from lift3d.io.schemas import MODEL_CLASSES, LiftedModelSettings, ModelConfig, read_json
+from lift3d.io.schemas import MODEL_CLASSES, LiftedModelSettings, LiftSettings, ModelConfig, read_json, validate
 from lift3d.io.writing import atomic_path, clean_stale_temporaries, temporary_path
 
 SETTINGS_FILE = "lift3d.json"
@@ -133,12 +133,28 @@ def inflate_arguments(lift: dict[str, Any]) -> dict[str, Any]:
             "padding_mode": lift["padding_mode"], **options}
 
 
+def _volumetric_metadata(metadata: dict[str, str], path: str | os.PathLike) -> dict[str, Any]:
+    """The lift settings :func:`save_volumetric` wrote as JSON strings, each read back, or one line naming the key."""
+    settings: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if key in ("format", "lift3d_version"):
+            settings[key] = value
+            continue
+        try:
+            settings[key] = json.loads(value)
+        except (ValueError, RecursionError):
+            raise CheckpointError(f"{path}: its metadata key {key!r} is not JSON ({value[:40]!r}); lift3d writes each "
+                                  "lift setting as JSON (save_volumetric)") from None
+    return settings
+
+
 def load_volumetric(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     """Load volumetric layers saved by :func:`save_volumetric` into a lifted model. Returns the metadata."""
     weights, metadata = read_safetensors(Path(path))
     if metadata.get("format") != "lift3d":
         raise CheckpointError(f"{path} has no lift3d metadata; it was not written by lift3d.save_volumetric")
-    saved_kind, own_kind = json.loads(metadata.get("kind", '"full"')), lift_settings(model)["kind"]
+    settings = _volumetric_metadata(metadata, path)
+    saved_kind, own_kind = settings.get("kind", "full"), lift_settings(model)["kind"]
     if saved_kind != own_kind:
         raise CheckpointError(f"volumetric checkpoint {path} holds layers of kind {saved_kind!r}, but the model's "
                               f"are {own_kind!r}; lift it with lift3d.inflate(model, kind={saved_kind!r})")
@@ -146,7 +162,7 @@ def load_volumetric(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]
     _check_keys(set(own), set(weights), f"volumetric checkpoint {path}")
     full = {**model.state_dict(), **weights}
     load_state_dict_checked(model, full, f"volumetric checkpoint {path}")
-    return {k: json.loads(v) if k not in ("format", "lift3d_version") else v for k, v in metadata.items()}
+    return settings
 
 
 def _is_diffusers(model: nn.Module) -> bool:
@@ -177,6 +193,8 @@ def save_lifted(model: nn.Module, folder: str | os.PathLike, *, state_dict: dict
     if not is_lifted(model):
         raise ValueError(f"{type(model).__name__} is not lifted; save a 2D model with its own tools")
     folder = Path(folder)
+    # Refuse what the reader would refuse (a kernel_size of 1025...) before a byte is written.
+    validate(lift_settings(model), LiftSettings, folder / SETTINGS_FILE, "lift settings")
     folder.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(folder.parent)
     tmp = temporary_path(folder)
@@ -245,8 +263,19 @@ def build_diffusers_model(config_path: Path, folder: Path, allowed: tuple[str, .
     except Lift3dError:
         raise
     except Exception as exc:  # diffusers' own check of a bad block type, group count or shape
-        raise CheckpointError(f"{config_path}: diffusers cannot build a {name} from it "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+        raise _unbuildable(exc, values, config_path, name) from None
+
+
+def _unbuildable(exc: Exception, values: dict[str, Any], config_path: Path, name: str) -> CheckpointError:
+    """diffusers' refusal of a config, told as lift3d tells it: the key whose value diffusers named (a block
+    type, an activation), else what kind of value to look at, with diffusers' words quoted at the end."""
+    said = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    named = [key for key, value in values.items() if not key.startswith("_") and any(
+        isinstance(item, str) and len(item) >= 3 and item in said for item in (value if isinstance(value, list) else [value]))]
+    what = (f"{named[0]} holds a value diffusers does not build a {name} from" if named else
+            f"diffusers cannot build a {name} from it; a block type, activation or embedding name in it is not one "
+            "diffusers knows")
+    return CheckpointError(f"{config_path}: {what} (diffusers: {said})")
 
 
 def load_unet2d(folder: str | os.PathLike) -> nn.Module:
@@ -258,7 +287,8 @@ def load_unet2d(folder: str | os.PathLike) -> nn.Module:
     if not weights.exists():
         raise CheckpointError(f"{folder} has no {DIFFUSERS_WEIGHTS} (lift3d reads safetensors only)")
     model = build_diffusers_model(folder / MODEL_CONFIG, folder)
-    load_state_dict_checked(model, read_safetensors(weights, folder=folder)[0], f"weights in {folder}")
+    load_state_dict_checked(model, read_safetensors(weights, folder=folder)[0],
+                            f"{weights} (for the model {MODEL_CONFIG} describes)")
     return model
 
 
@@ -284,7 +314,7 @@ def load_lifted(folder: str | os.PathLike, model: nn.Module | None = None) -> nn
         raise error(f"{folder / SETTINGS_FILE}: its lift settings do not apply to this model: {exc}") from None
     weights_path = inside(folder, settings.get("weights", GENERIC_WEIGHTS), f"{folder / SETTINGS_FILE}'s weights")
     weights, _ = read_safetensors(weights_path, "model weights", folder=folder)
-    load_state_dict_checked(model, weights, f"model weights in {folder}")
+    load_state_dict_checked(model, weights, f"{weights_path} (for the model {SETTINGS_FILE} describes)")
     return model.eval()  # as diffusers' from_pretrained does
 
 
@@ -305,6 +335,7 @@ def lift_export(stage1: str | os.PathLike, out: str | os.PathLike, *, seed: int 
     unet = load_unet2d(stage1)
     torch.manual_seed(seed)
     inflate(unet, **settings)
+    validate(lift_settings(unet), LiftSettings, out / SETTINGS_FILE, "lift settings")  # named by out, not its temporary
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(out.parent)
     tmp = temporary_path(out)

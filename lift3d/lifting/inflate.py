@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from lift3d.layers import registry as layer_kinds
 from lift3d.lifting.hooks import (LAYER_NAME, lift_state, LiftState, accept_2d_state_dict, is_volumetric_parameter, make_flatten_hook,
                            make_host_hook, make_unflatten_hook)
-from lift3d.io.budget import check_bytes
 from lift3d.lifting.placement import PRESETS, Where, choose_hosts, out_channels
 from lift3d.layers.functional import PADDING_MODES
 from lift3d.layers.low_rank import RANK_MIN as LOW_RANK_MIN
@@ -96,6 +95,11 @@ def report(model: nn.Module) -> InflationReport:
     return InflationReport(tuple(state.channels.items()), base, volumetric, state.kind, state.placement)
 
 
+_ALWAYS_AFFORDABLE = 2**20
+"""Layers smaller than this (1 MiB) skip the memory budget: no budget is that small, and skipping it keeps
+``inflate`` of a small model from loading :mod:`lift3d.io`."""
+
+
 def check_layer_memory(kind: str, channels: dict[str, int], kernel_size: int, padding_mode: str,
                        options: dict) -> None:
     """Build the layers on the meta device first: a ``kernel_size`` of 2000001 is refused with its size
@@ -105,7 +109,10 @@ def check_layer_memory(kind: str, channels: dict[str, int], kernel_size: int, pa
         kind, c, kernel_size=kernel_size, padding_mode=padding_mode, device="meta", **options).parameters())
         for c in widths}
     nbytes = sum(per_width[c] * count for c, count in widths.items())
-    check_bytes(nbytes, f"the {len(channels)} volumetric layers of kind {kind!r} with kernel_size {kernel_size}")
+    if nbytes > _ALWAYS_AFFORDABLE:
+        from lift3d.io.budget import check_bytes
+
+        check_bytes(nbytes, f"the {len(channels)} volumetric layers of kind {kind!r} with kernel_size {kernel_size}")
 
 
 def inflate(

@@ -1,6 +1,8 @@
-"""lift3d's plugin system (pluggy): datasets, autoencoders, timestep samplers, objectives and segmenters.
+"""lift3d's registries and its plugin system (pluggy).
 
-``hookimpl`` is the one symbol a plugin needs; see the README, "Writing a dataset plugin".
+Every kind of extension is a :class:`Registry` (:mod:`lift3d.plugins.registry`); installed plugins fill
+them through :mod:`lift3d.plugins.manager`. ``hookimpl`` is the one symbol a plugin needs; see
+``docs/pages/plugins.md``.
 """
 
 import pluggy
@@ -9,17 +11,17 @@ from lift3d.plugins.spec import NAME
 
 hookimpl = pluggy.HookimplMarker(NAME)
 
-from lift3d.plugins.manager import (  # noqa: E402
+from lift3d.plugins.registry import Entry, PluginError, Registry, all_registries  # noqa: E402
+from lift3d.plugins.manager import (  # noqa: E402 (it installs the registries' plugin loader)
     AUTOLOAD_ENV,
     KINDS,
-    PluginError,
     PluginManager,
-    Registry,
     create,
     get_plugin_manager,
+    using_plugins,
 )
 
 __all__ = [
-    "AUTOLOAD_ENV", "KINDS", "NAME", "PluginError", "PluginManager", "Registry", "create",
-    "get_plugin_manager", "hookimpl",
+    "AUTOLOAD_ENV", "KINDS", "NAME", "Entry", "PluginError", "PluginManager", "Registry", "all_registries", "create",
+    "get_plugin_manager", "hookimpl", "using_plugins",
 ]

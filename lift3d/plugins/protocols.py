@@ -57,21 +57,20 @@ class TimestepSampler(Protocol):
 @runtime_checkable
 class Objective(Protocol):
     """A training objective (:mod:`lift3d.diffusion.objectives`): how a clean latent is noised, what the
-    U-Net learns to predict, and the diffusers samplers that invert it.
+    U-Net learns to predict, and which solver samples it by default.
 
-    ``t`` is the sampler's integer training timestep in ``[0, T)``; :meth:`noisy` also returns the
-    timesteps the U-Net sees (they may differ, e.g. flow matching's ``s T``). ``samplers`` maps a
-    sampler name to ``(diffusers class name, default steps)``; :meth:`sampler_config` gives the
-    class and config of one on the exported schedule; ``default_sampler`` names the one used when none is
-    asked for, ``fast`` the few-step preset (``scheduler``, ``steps``, optionally ``start`` and
-    ``strength``, ``samples``) of ``lift3d-synthesize --fast``. ``scheduler`` is the diffusers scheduler of the
-    forward process, saved with the model; ``options`` are what an export records of the objective's own.
+    ``t`` is the integer training timestep in ``[0, T)``; :meth:`noisy` also returns the timesteps the
+    U-Net sees (they may differ, e.g. flow matching's ``s T``). Which solvers invert an objective each
+    solver says itself (its ``inverts``, :mod:`lift3d.sampling.solvers`), matching the objective's
+    ``name``; ``default_solver`` names the one used when none is asked for, ``fast`` the few-step preset
+    (``solver``, ``steps``, optionally ``start`` and ``strength``, ``samples``) of ``lift3d-synthesize
+    --fast``. ``scheduler`` is the diffusers scheduler of the forward process, saved with the model;
+    ``options`` are what an export records of the objective's own.
     """
 
     name: str
     prediction_type: str
-    samplers: dict[str, tuple[str, int]]
-    default_sampler: str
+    default_solver: str
     fast: dict[str, Any]
     scheduler: Any
     options: dict[str, Any]
@@ -83,8 +82,6 @@ class Objective(Protocol):
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor: ...
 
     def clean_estimate(self, prediction: Tensor, x_t: Tensor, t: Tensor) -> Tensor: ...
-
-    def sampler_config(self, name: str, scheduler_config: dict[str, Any]) -> tuple[str, dict[str, Any]]: ...
 
 
 @runtime_checkable

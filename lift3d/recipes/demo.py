@@ -12,21 +12,21 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lift3d.recipes.make_a_volume import Recipe, stage_config
-from lift3d.training.config import TrainConfig
-from lift3d.data import save_volume
 from lift3d.evaluation.figures import save_orthogonal_views
 from lift3d.evaluation.metrics import INTENSITY_RULE, summarize
 from lift3d.evaluation.planes import score_pair_all
 from lift3d.evaluation.report import SubjectViews, write_report
 from lift3d.plugins import create
-from lift3d.sampling.synthesis import load_synthesis_model, save_std_volume, synthesize_posterior
-from lift3d.training.loop import train
+from lift3d.recipes.make_a_volume import CHAIN, Recipe, chain_configs, link_of
+from lift3d.recipes.folders import write_pairs, write_predictions, write_std
+from lift3d.sampling.synthesis import load_synthesis_model, synthesize_posterior
+from lift3d.training.config import TrainConfig
+from lift3d.training.loop import check_config, train
 
 DATASETS = ("icbm152", "phantom")
 
@@ -110,9 +110,10 @@ def demo_recipe(scale: DemoScale, seed: int, dataset: str = "icbm152") -> Recipe
 
 
 def demo_config(out: Path, scale: DemoScale, stage: str, seed: int, dataset: str = "icbm152") -> TrainConfig:
-    folder = out / ("stage1" if stage == "slices" else "stage2")
-    return stage_config(demo_recipe(scale, seed, dataset), stage, folder, seed,
-                        out / "stage1" / "model" if stage == "volumes" else None)
+    """The config of one stage of the demo's chain (:data:`~lift3d.recipes.make_a_volume.CHAIN`), run into
+    ``out/<its folder>`` from the previous stage's model."""
+    configs = chain_configs(demo_recipe(scale, seed, dataset), out, seed)
+    return configs[CHAIN.index(link_of(stage))]
 
 
 def set_threads(threads: int | str | None) -> None:
@@ -133,78 +134,144 @@ def run_demo(out: str | Path, *, dataset: str = "icbm152", scale: str = "default
              threads: int | str | None = "auto") -> dict:
     """Run the pipeline into ``out``; returns the paths written and the metrics.
 
+    Everything that can be refused (the options, the seed, the data, every stage's config) is checked before
+    ``out`` is made, and a failure that leaves ``out`` empty removes it again.
+
     ``threads``: torch's CPU threads; None keeps torch's default; ``"auto"`` (the default) is torch's
     default unless the machine is busy (1-minute load average >= its CPU count), then 1: on 2 cores
     shared with other jobs, 2 threads made a stage-1 step 17x slower than 1 thread (5.7 s against 0.34 s).
     """
     check_choice("dataset", dataset, DATASETS)
     check_choice("scale", scale, SCALES[dataset])
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be a whole number from 0 to {2**32 - 1}, got {seed!r}")
     set_threads(threads)
     s, out = SCALES[dataset][scale], Path(out)
     start = time.perf_counter()
     test = create("datasets", dataset, split="test", **dataset_options(dataset, s, seed))  # bad data fails here
-    out.mkdir(parents=True, exist_ok=True)
-    what = "ICBM 152 subjects (real anatomy)" if dataset == "icbm152" else "the phantom"
-    print(f"[1/5] stage 1: slice-wise diffusion U-Net on {what}, {s.num_train} training subjects, "
-          f"{s.num_slices} slices of {s.size} x {s.size} ({s.stage1_steps} steps"
-          + (f"; 2.5D: {2 * s.source_context + 1} source slices per target slice)" if s.source_context else ")"))
-    train(demo_config(out, s, "slices", seed, dataset))
-    print(f"[2/5] + [3/5] inflate and stage-2 volumetric fine-tuning ({s.stage2_steps} steps, "
-          f"trainable {s.stage2_trainable}, lr {s.stage2_lr:g} {s.stage2_lr_scheduler}"
-          + (f"; the step best on {s.num_val} validation subjects is exported)" if s.num_val else ")"))
-    model_dir = train(demo_config(out, s, "volumes", seed, dataset))
+    configs = chain_configs(demo_recipe(s, seed, dataset), out, seed)
+    for cfg in configs:
+        check_config(cfg)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        model_dir = train_chain(configs, announcements(s, dataset))
+        sampler = sampler_text(s)
+        print(f"[4/5] synthesis of {len(test)} held-out volumes ({sampler}), slice-wise and lifted")
+        record = synthesize_test(load_synthesis_model(model_dir), test, s, seed, out, dataset, sampler)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a refused run leaves no empty --out behind
+        raise
+    print("[5/5] evaluation")
+    write_subjects(out / "data", dataset, s, seed)
+    summary = demo_summary(dataset, scale, seed, s, sampler, record)
+    summary["wall_s"] = time.perf_counter() - start
+    files = write_results(out / "evaluation", summary, record, f"lift3d demo: {dataset} test subjects, {sampler}")
+    files = {"model": str(model_dir), "nifti": record.nifti, "figures": record.figures, "data": str(out / "data"),
+             **files}
+    print_report(files, summary)
+    return {"files": files, "summary": summary}
 
+
+def write_subjects(folder: Path, dataset: str, s: DemoScale, seed: int) -> Path:
+    """Every subject of the demo (training, validation and test) as a ``paired-nifti`` folder on the training grid:
+    ``T1.nii.gz``, ``T2.nii.gz`` and, where the dataset has one, ``brainmask.nii.gz`` per subject."""
+    for split in ("train", "val", "test") if s.num_val else ("train", "test"):
+        subjects = create("datasets", dataset, split=split, **dataset_options(dataset, s, seed))
+        write_pairs(folder, (subjects[i] for i in range(len(subjects))), source="T1", target="T2")
+    return folder
+
+
+def announcements(s: DemoScale, dataset: str) -> tuple[str, ...]:
+    """What the demo prints before each stage of its chain, in the chain's order."""
+    what = "ICBM 152 subjects (real anatomy)" if dataset == "icbm152" else "the phantom"
+    return (f"[1/5] stage 1: slice-wise diffusion U-Net on {what}, {s.num_train} training subjects, "
+            f"{s.num_slices} slices of {s.size} x {s.size} ({s.stage1_steps} steps"
+            + (f"; 2.5D: {2 * s.source_context + 1} source slices per target slice)" if s.source_context else ")"),
+            f"[2/5] + [3/5] inflate and stage-2 volumetric fine-tuning ({s.stage2_steps} steps, "
+            f"trainable {s.stage2_trainable}, lr {s.stage2_lr:g} {s.stage2_lr_scheduler}"
+            + (f"; the step best on {s.num_val} validation subjects is exported)" if s.num_val else ")"))
+
+
+def train_chain(configs: list[TrainConfig], lines: tuple[str, ...]) -> Path:
+    """Train each stage in turn (each starts from the one before); returns the last one's model folder."""
+    model_dir = Path()
+    for cfg, line in zip(configs, lines):
+        print(line)
+        model_dir = train(cfg)
+    return model_dir
+
+
+def sampler_text(s: DemoScale) -> str:
     names = {"ddim": "DDIM", "dpm": "DPM-Solver++", "flow": "flow Euler", "ddpm": "DDPM"}
-    sampler = f"{names[s.sampler]}-{s.sample_steps}" + (
-        f", mean of {s.samples}" if s.samples > 1 else "") + (f", rho {s.noise_correlation:g}" if s.noise_correlation else "")
-    print(f"[4/5] synthesis of {len(test)} held-out volumes ({sampler}), slice-wise and lifted")
-    model = load_synthesis_model(model_dir)
-    synth_dir, eval_dir = out / "synthesis", out / "evaluation"
-    rows: dict[str, list] = {"slice-wise": [], "lifted": []}
-    clean_rows: dict[str, list] = {"slice-wise": [], "lifted": []}
-    files = {"model": str(model_dir), "nifti": [], "figures": []}
-    seconds: dict[str, list[float]] = {"slice-wise": [], "lifted": []}
-    views: dict[str, SubjectViews] = {}
-    evaluations: dict[str, int] = {}
+    return (f"{names[s.sampler]}-{s.sample_steps}" + (f", mean of {s.samples}" if s.samples > 1 else "")
+            + (f", rho {s.noise_correlation:g}" if s.noise_correlation else ""))
+
+
+METHODS = (("slice-wise", True), ("lifted", False))
+
+
+@dataclass
+class Record:
+    """What the demo gathers over the test subjects, per method."""
+
+    rows: dict[str, list] = field(default_factory=lambda: {m: [] for m, _ in METHODS})
+    clean_rows: dict[str, list] = field(default_factory=lambda: {m: [] for m, _ in METHODS})
+    seconds: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m, _ in METHODS})
+    evaluations: dict[str, int] = field(default_factory=dict)
+    views: dict[str, SubjectViews] = field(default_factory=dict)
+    nifti: list[str] = field(default_factory=list)
+    figures: list[str] = field(default_factory=list)
+
+
+def synthesize_test(model, test, s: DemoScale, seed: int, out: Path, dataset: str, sampler: str) -> Record:
+    """Synthesise every test subject both ways, write the volumes and figures, and score them."""
+    record = Record()
+    synth_dir, figures = out / "synthesis", out / "evaluation" / "figures"
+    modality = "T1 -> T2" if dataset == "icbm152" else "phantom T1 -> T2"
     for pair in test:
-        source = pair.source[None]
-        outputs, stds = {}, {}
-        for method, slice_wise in (("slice-wise", True), ("lifted", False)):
-            tic = time.perf_counter()
-            with torch.no_grad():
-                estimate = synthesize_posterior(model, source, samples=s.samples, scheduler=s.sampler,
-                                                steps=s.sample_steps, seed=seed, slice_wise=slice_wise,
-                                                noise_correlation=s.noise_correlation, progress=True)
-            seconds[method].append(time.perf_counter() - tic)
-            evaluations[method] = estimate.unet_evaluations
-            volume = estimate.mean[0]
-            outputs[method] = volume[0].float().numpy()
-            path = save_volume(synth_dir / f"{pair.subject}_{method}.nii.gz", volume, pair.meta)
-            files["nifti"].append(str(path))
-            if estimate.std is not None:
-                stds[method] = estimate.std[0, 0].float().numpy()
-                path = save_std_volume(synth_dir / "std" / f"{pair.subject}_{method}_std.nii.gz", estimate.std[0, 0],
-                                       pair.meta)
-                files["nifti"].append(str(path))
-        for name, vol in (("source", pair.source), ("target", pair.target)):
-            save_volume(synth_dir / f"{pair.subject}_{name}.nii.gz", vol, pair.meta)
-        for method in rows:
-            rows[method].append(score_pair_all(outputs[method], pair))
+        outputs, stds = synthesize_pair(model, pair, s, seed, synth_dir, record)
+        for method in record.rows:
+            record.rows[method].append(score_pair_all(outputs[method], pair))
             if "clean_target" in pair.extra:
-                clean_rows[method].append(score_pair_all(outputs[method], pair, "clean_target"))
-        views[pair.subject] = SubjectViews(pair.target[0].numpy(), outputs, source=pair.source[0].numpy(), stds=stds,
-                                           spacing=pair.meta.grid_spacing)
-        figure = eval_dir / "figures" / f"{pair.subject}.png"
+                record.clean_rows[method].append(score_pair_all(outputs[method], pair, "clean_target"))
+        record.views[pair.subject] = SubjectViews(pair.target[0].numpy(), outputs, source=pair.source[0].numpy(),
+                                                  stds=stds, spacing=pair.meta.grid_spacing)
+        figure = figures / f"{pair.subject}.png"
         figure.parent.mkdir(parents=True, exist_ok=True)
-        modality = "T1 -> T2" if dataset == "icbm152" else "phantom T1 -> T2"
         save_orthogonal_views(figure, {"source": pair.source[0].numpy(), "slice-wise": outputs["slice-wise"],
                                        "lifted": outputs["lifted"], "target": pair.target[0].numpy()},
                               title=f"{pair.subject} ({dataset} test): {modality}, {sampler}",
                               error_of=[("slice-wise", "target"), ("lifted", "target")],
                               uncertainty={"lifted": stds["lifted"]} if stds else None, spacing=pair.meta.grid_spacing)
-        files["figures"].append(str(figure))
+        record.figures.append(str(figure))
+    return record
 
-    print("[5/5] evaluation")
+
+def synthesize_pair(model, pair, s: DemoScale, seed: int, synth_dir: Path, record: Record) -> tuple[dict, dict]:
+    """One subject, slice-wise and lifted with the same seed: the mean of K samples (and their std) is written
+    as ``synthesis/<method>/<subject>_synth.nii.gz`` on the training grid, the grid it is scored on (so
+    ``lift3d-evaluate`` scores the file as the demo did); returns the means and stds as arrays, per method."""
+    outputs, stds = {}, {}
+    for method, slice_wise in METHODS:
+        tic = time.perf_counter()
+        with torch.no_grad():
+            estimate = synthesize_posterior(model, pair.source[None], samples=s.samples, solver=s.sampler,
+                                            steps=s.sample_steps, seed=seed, slice_wise=slice_wise,
+                                            noise_correlation=s.noise_correlation, progress=True)
+        record.seconds[method].append(time.perf_counter() - tic)
+        record.evaluations[method] = estimate.unet_evaluations
+        outputs[method] = estimate.mean[0, 0].float().numpy()
+        record.nifti += map(str, write_predictions(synth_dir / method, [pair], {pair.subject: outputs[method]}))
+        if estimate.std is not None:
+            stds[method] = estimate.std[0, 0].float().numpy()
+            record.nifti.append(str(write_std(synth_dir / method / "std", pair, stds[method])))
+    return outputs, stds
+
+
+def demo_summary(dataset: str, scale: str, seed: int, s: DemoScale, sampler: str, record: Record) -> dict:
+    """``metrics.json``: the settings, and the scores per method and per subject."""
     summary = {"dataset": dataset, "scale": scale, "seed": seed, "intensity_scale": INTENSITY_RULE,
                "scored_inside": "the brain mask" if dataset == "icbm152" else "the whole volume",
                "sampler": sampler,
@@ -215,23 +282,24 @@ def run_demo(out: str | Path, *, dataset: str = "icbm152", scale: str = "default
                             "stage2_validate_every": s.validate_every, "samples": s.samples,
                             "noise_correlation": s.noise_correlation, "source_context": s.source_context,
                             "num_train": s.num_train, "num_val": s.num_val, "num_test": s.num_test},
-               "methods": {method: summarize(r) for method, r in rows.items()}, "subjects": rows,
-               "seconds_per_volume": {m: sum(v) / len(v) for m, v in seconds.items()},
-               "unet_evaluations": evaluations}
-    if any(clean_rows.values()):
-        summary["methods_vs_clean_target"] = {method: summarize(r) for method, r in clean_rows.items()}
-        summary["subjects_vs_clean_target"] = clean_rows
-    summary["wall_s"] = time.perf_counter() - start
+               "methods": {method: summarize(r) for method, r in record.rows.items()}, "subjects": record.rows,
+               "seconds_per_volume": {m: sum(v) / len(v) for m, v in record.seconds.items()},
+               "unet_evaluations": record.evaluations}
+    if any(record.clean_rows.values()):
+        summary["methods_vs_clean_target"] = {method: summarize(r) for method, r in record.clean_rows.items()}
+        summary["subjects_vs_clean_target"] = record.clean_rows
+    return summary
+
+
+def write_results(eval_dir: Path, summary: dict, record: Record, title: str) -> dict[str, str]:
+    """Write ``metrics.json`` (whole or not at all) and the HTML report; returns their paths."""
     metrics_path = eval_dir / "metrics.json"
     tmp = metrics_path.with_name(".metrics.json.tmp")
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     tmp.replace(metrics_path)
-    files["metrics"] = str(metrics_path)
-    report_rows = [{"method": method, **row} for method, per_subject in rows.items() for row in per_subject]
-    files["report"] = str(write_report(eval_dir / "report.html", report_rows, views=views,
-                                       title=f"lift3d demo: {dataset} test subjects, {sampler}"))
-    print_report(files, summary)
-    return {"files": files, "summary": summary}
+    report_rows = [{"method": method, **row} for method, per_subject in record.rows.items() for row in per_subject]
+    report = write_report(eval_dir / "report.html", report_rows, views=record.views, title=title)
+    return {"metrics": str(metrics_path), "report": str(report)}
 
 
 def print_report(files: dict, summary: dict) -> None:
@@ -241,6 +309,7 @@ def print_report(files: dict, summary: dict) -> None:
     print(f"  metrics JSON:         {files['metrics']}")
     print(f"  orthogonal views PNG: {', '.join(files['figures'])}")
     print(f"  report (a browser):   {files['report']}")
+    print(f"  subjects (paired-nifti, with masks): {files['data']}")
     tables = [("target", summary["methods"])]
     if "methods_vs_clean_target" in summary:
         tables.append(("clean target (before its bias field and noise)", summary["methods_vs_clean_target"]))

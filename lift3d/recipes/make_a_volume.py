@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lift3d.training.config import TrainConfig, apply
 
@@ -44,36 +44,79 @@ class Recipe:
     name: str = "recipe"  # names the source of a bad value in errors
 
 
+def _stage1_sections(recipe: Recipe, pretrained: Path | None, max_steps: int) -> dict[str, Any]:
+    """Stage 1 (``slices``): a new 2D U-Net, its objective and 2.5D context, trained with cosine decay."""
+    objective = ({"diffusion": {"objective": recipe.objective, "objective_options": recipe.objective_options}}
+                 if recipe.objective != "ddpm" or recipe.objective_options else {})
+    return {**objective, "data": {"batch_size": recipe.stage1_batch},
+            "model": {"source_context": recipe.source_context},
+            "optim": {"learning_rate": recipe.stage1_lr, "lr_scheduler": "cosine",
+                      "warmup_steps": min(20, max(max_steps // 4, 0))}}
+
+
+def _stage2_sections(recipe: Recipe, pretrained: Path | None, max_steps: int) -> dict[str, Any]:
+    """Stage 2 (``volumes``): the stage-1 model lifted, on whole volumes, the step best on validation exported."""
+    validation = ({"validate_every": recipe.validate_every, "validate_steps": recipe.validate_steps}
+                  if recipe.validate_every else {})
+    return {"run": validation,
+            "data": {"batch_size": 1, "val_volumes": recipe.val_volumes},
+            "model": {"pretrained": str(pretrained or "")},
+            "lift": {"trainable": recipe.stage2_trainable, **recipe.stage2_lift},
+            "diffusion": {"timestep_sampler": "make-a-volume",
+                          **({"objective_options": recipe.stage2_objective_options}
+                             if recipe.stage2_objective_options else {})},
+            "optim": {"learning_rate": recipe.stage2_lr, "lr_scheduler": recipe.stage2_lr_scheduler,
+                      **recipe.stage2_optim}}
+
+
+@dataclass(frozen=True)
+class Link:
+    """One stage of the chain: the registered stage it runs, its run folder (under the recipe's), its steps,
+    and its options beyond the common ones, given the previous link's model."""
+
+    stage: str
+    folder: str
+    steps: Callable[[Recipe], int]
+    sections: Callable[[Recipe, Path | None, int], dict[str, Any]]
+
+
+CHAIN = (
+    Link("slices", "stage1", lambda recipe: recipe.stage1_steps, _stage1_sections),
+    Link("volumes", "stage2", lambda recipe: recipe.stage2_steps, _stage2_sections),
+)
+"""The recipe's stages in order; each after the first starts from the model of the one before."""
+
+
+def link_of(stage: str) -> Link:
+    """The link of the chain that runs ``stage``."""
+    found = [link for link in CHAIN if link.stage == stage]
+    if not found:
+        raise ValueError(f"the Make-A-Volume recipe has no stage {stage!r}; its stages: "
+                         f"{', '.join(link.stage for link in CHAIN)}")
+    return found[0]
+
+
 def stage_config(recipe: Recipe, stage: str, output_dir: Path, seed: int, stage1_model: Path | None = None,
                  steps: int | None = None) -> TrainConfig:
-    """The checked config of stage 1 (``"slices"``) or stage 2 (``"volumes"``, from ``stage1_model``)."""
-    run = {"stage": stage, "output_dir": str(output_dir), "seed": seed, "log_every": recipe.log_every,
-           "checkpoint_every": 0, "overwrite": recipe.overwrite,
-           "max_steps": steps if steps is not None else (recipe.stage1_steps if stage == "slices" else recipe.stage2_steps)}
+    """The checked config of one stage of the chain (:data:`CHAIN`): stage 1 (``"slices"``) or stage 2
+    (``"volumes"``, from ``stage1_model``)."""
+    link = link_of(stage)
+    max_steps = steps if steps is not None else link.steps(recipe)
     common = {
-        "run": run,
+        "run": {"stage": stage, "output_dir": str(output_dir), "seed": seed, "log_every": recipe.log_every,
+                "checkpoint_every": 0, "overwrite": recipe.overwrite, "max_steps": max_steps},
         "data": {"dataset": recipe.dataset, "options": recipe.data_options},
         "model": {"block_out_channels": list(recipe.widths), "layers_per_block": recipe.layers_per_block,
                   "prediction_type": recipe.prediction_type},
         "autoencoder": recipe.autoencoder,
     }
-    if stage == "slices":
-        objective = ({"diffusion": {"objective": recipe.objective, "objective_options": recipe.objective_options}}
-                     if recipe.objective != "ddpm" or recipe.objective_options else {})
-        extra = {**objective, "data": {"batch_size": recipe.stage1_batch},
-                 "model": {"source_context": recipe.source_context},
-                 "optim": {"learning_rate": recipe.stage1_lr, "lr_scheduler": "cosine",
-                           "warmup_steps": min(20, max(run["max_steps"] // 4, 0))}}
-    else:
-        validation = ({"validate_every": recipe.validate_every, "validate_steps": recipe.validate_steps}
-                      if recipe.validate_every else {})
-        extra = {"run": validation,
-                 "data": {"batch_size": 1, "val_volumes": recipe.val_volumes},
-                 "model": {"pretrained": str(stage1_model or "")},
-                 "lift": {"trainable": recipe.stage2_trainable, **recipe.stage2_lift},
-                 "diffusion": {"timestep_sampler": "make-a-volume",
-                               **({"objective_options": recipe.stage2_objective_options}
-                                  if recipe.stage2_objective_options else {})},
-                 "optim": {"learning_rate": recipe.stage2_lr, "lr_scheduler": recipe.stage2_lr_scheduler,
-                           **recipe.stage2_optim}}
-    return apply(apply(TrainConfig(), common, recipe.name), extra, recipe.name)
+    return apply(apply(TrainConfig(), common, recipe.name), link.sections(recipe, stage1_model, max_steps), recipe.name)
+
+
+def chain_configs(recipe: Recipe, out: Path, seed: int) -> list[TrainConfig]:
+    """The config of every stage of the chain, run into ``out/<link.folder>``, each from the previous one's model."""
+    configs, previous = [], None
+    for link in CHAIN:
+        configs.append(stage_config(recipe, link.stage, out / link.folder, seed, previous))
+        previous = out / link.folder / "model"
+    return configs

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lift3d
-from lift3d.diffusion.conditioning import check_channels as check_conditioned_channels
+from lift3d.diffusion.conditioning import check_channels
 from lift3d.diffusion.export import (TRAINING_SETTINGS, ExportSettings, as_export_settings, read_scheduler_config,
                                      read_training_settings)
 from lift3d.io.paths import inside
@@ -47,12 +47,12 @@ class SynthesisModel:
 
     @property
     def objective(self):
-        """The training objective (an ``objectives`` plugin) on the exported noise schedule; ``ddpm`` for
-        exports written before objectives existed."""
+        """The training objective (:data:`lift3d.diffusion.objectives.OBJECTIVES`) on the exported noise schedule;
+        ``ddpm`` for exports written before objectives existed."""
         if getattr(self, "_objective", None) is None:
-            from lift3d.diffusion.objectives import build_objective, objective_name
+            from lift3d.diffusion.objectives import create_objective, objective_name
 
-            self._objective = build_objective(objective_name(self.settings.objective), self.scheduler_config)
+            self._objective = create_objective(objective_name(self.settings.objective), self.scheduler_config)
         return self._objective
 
     @property
@@ -86,6 +86,11 @@ class SynthesisModel:
         return int(multiple)
 
     @property
+    def autoencoder_dtype(self) -> torch.dtype:
+        """The dtype the autoencoder runs in (an autoencoder without parameters: the U-Net's)."""
+        return getattr(self.autoencoder, "dtype", None) or self.dtype
+
+    @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
@@ -106,13 +111,6 @@ def _build_autoencoder(folder: Path, settings: ExportSettings):
     if isinstance(autoencoder, nn.Module):
         autoencoder.requires_grad_(False).eval()
     return autoencoder
-
-
-def check_channels(unet: nn.Module, autoencoder, conditioning: str, where: object = "the model",
-                   source_context: int = 0) -> None:
-    """The U-Net must follow the conditioning rule (:func:`lift3d.diffusion.conditioning.unet_channels`)."""
-    check_conditioned_channels(unet, autoencoder.latent_channels, conditioning, where, source_context,
-                               f"autoencoder {type(autoencoder).__name__}")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -152,14 +150,15 @@ def load_synthesis_model(folder: str | os.PathLike, *, device: str | torch.devic
 
     The U-Net is lifted when the folder has ``lift3d.json`` (stage 2), plain 2D otherwise (stage 1).
     ``device`` defaults to CUDA when available; ``dtype`` (``float32`` by default) applies to the
-    U-Net and autoencoder, while the sampler state stays float32.
+    U-Net and autoencoder, while the solver state stays float32.
     """
     folder = Path(folder)
     settings = read_training_settings(folder)
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     autoencoder = _build_autoencoder(folder, settings)
     unet = load_lifted(folder) if (folder / SETTINGS_FILE).is_file() else load_unet2d(folder)
-    check_channels(unet, autoencoder, settings.conditioning, where=folder, source_context=settings.source_context)
+    check_channels(unet, autoencoder.latent_channels, settings.conditioning, folder, settings.source_context,
+                   f"autoencoder {type(autoencoder).__name__}")
     scheduler_config = read_scheduler_config(folder)
     _move(unet.requires_grad_(False).eval(), device, dtype)
     if lift3d.is_lifted(unet):

@@ -3,18 +3,19 @@
 :func:`load_synthesis_model` reads a folder written by :func:`lift3d.training.loop.export_model`;
 :func:`synthesize` encodes the source, starts from seeded Gaussian noise, denoises **all slices
 jointly at the same timestep** with the source latent concatenated on channels (the paper's
-``p_theta(z_{t-1} | z_t, z_c)``), and decodes. The samplers are diffusers' own classes built from
-the training scheduler config (the paper reports DDIM with 200 steps).
+``p_theta(z_{t-1} | z_t, z_c)``), and decodes. A registered solver (:mod:`lift3d.sampling.solvers`:
+DDIM, DDPM, DPM-Solver++, Euler, or a plugin's) steps it, built from the training noise schedule (the
+paper reports DDIM with 200 steps); the loop asks the solver what it is instead of probing it.
 
 Volumes longer than the model was fine-tuned on are denoised in overlapping windows: at every step
 the U-Net runs on each window and the noise predictions are blended with weights that ramp down
-towards inner window edges, then one scheduler step updates the whole volume. (Overwriting the
+towards inner window edges, then one solver step updates the whole volume. (Overwriting the
 overlap instead, as the authors' code does, leaves seams where a window's border slices meet.)
 
 :func:`synthesize_posterior` draws several samples per source and returns their mean and per-voxel
 standard deviation (an uncertainty map); samples are batched through the U-Net together, each
-with its own seed (:func:`sample_seed`). ``noise_correlation`` gives every slice's noise a shared
-component, so the slices of a volume start (and, with DDPM, are perturbed) alike.
+with its own seed (:func:`~lift3d.sampling.noise.sample_seed`). ``noise_correlation`` gives every slice's noise
+a shared component, so the slices of a volume start (and, with a stochastic solver, are perturbed) alike.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import dataclasses
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -38,16 +40,16 @@ from lift3d.data.nifti import save_volume
 from lift3d.data.resample import check_in_plane_size
 from lift3d.data.volume import VolumeMeta
 from lift3d.diffusion.autoencoding import decode_volume, encode_volume
-from lift3d.diffusion.schedules import SCHEDULERS, make_scheduler
-from lift3d.sampling.model import (DTYPES, SynthesisModel, check_channels, load_synthesis_model, resolve_device,
-                                   resolve_dtype)
+from lift3d.sampling.model import DTYPES, SynthesisModel, load_synthesis_model, resolve_device, resolve_dtype
+from lift3d.sampling.noise import StepNoise, correlate_slices, sample_seed
+from lift3d.sampling.solvers import SOLVERS, Solver, build_solver
 from lift3d.sampling.windows import predict_noise, predict_noise_windowed, resolve_window, window_weights
 
 logger = logging.getLogger("lift3d.sampling.synthesis")
 
 # The sampling API in one place: what a user imports from here lives in these modules.
-__all__ = ["DTYPES", "SCHEDULERS", "PosteriorEstimate", "SynthesisModel", "check_channels", "check_clip_x0",
-           "load_synthesis_model", "make_scheduler", "predict_noise", "predict_noise_windowed", "resolve_device",
+__all__ = ["DTYPES", "SOLVERS", "PosteriorEstimate", "SynthesisModel", "build_solver", "check_clip_x0",
+           "correlate_slices", "load_synthesis_model", "predict_noise", "predict_noise_windowed", "resolve_device",
            "resolve_dtype", "resolve_window", "sample_seed", "save_std_volume", "synthesize", "synthesize_posterior",
            "unet_evaluations", "window_weights", "STARTS"]
 
@@ -109,37 +111,6 @@ class PosteriorEstimate:
     unet_evaluations: int = 0
 
 
-def sample_seed(seed: int, k: int) -> int:
-    """The seed of sample ``k`` of a run seeded with ``seed``.
-
-    Sample 0 uses ``seed`` itself, so one sample is exactly what a single-sample run gives.
-    Sample ``k >= 1`` uses ``numpy.random.SeedSequence([seed mod 2**64, k]).generate_state(1,
-    uint64)[0]``: a hash of the pair, so runs with seeds 0 and 1 share no sample (``seed + k``
-    would make sample 1 of seed 0 equal sample 0 of seed 1).
-    """
-    if k == 0:
-        return int(seed)
-    return int(np.random.SeedSequence([int(seed) % 2**64, int(k)]).generate_state(1, np.uint64)[0])
-
-
-def correlate_slices(noise: Tensor, rho: float) -> Tensor:
-    """Independent N(0, 1) ``noise`` ``(b, c, n, h, w)`` -> noise whose slices correlate by ``rho``.
-
-    Every voxel stays N(0, 1); two slices of a volume correlate by ``rho`` at the same (c, h, w),
-    the covariance ``x_k = sqrt(rho) * shared + sqrt(1 - rho) * own_k`` gives. It is made from the
-    draw itself by that covariance's symmetric square root, ``x = sqrt(1 - rho) z +
-    (sqrt(1 - rho + rho n) - sqrt(1 - rho)) mean_k z``, so it needs no extra random numbers and is
-    linear in ``z`` (which lets it act on DDPM's step noise, see :func:`_ddpm_step`). ``rho = 1``
-    gives every slice the same noise; ``rho = 0`` returns ``noise`` unchanged.
-    """
-    if rho == 0:
-        return noise
-    n = noise.shape[2]
-    own = math.sqrt(1.0 - rho)
-    shared = math.sqrt(1.0 - rho + rho * n) - own
-    return own * noise + shared * noise.mean(dim=2, keepdim=True)
-
-
 def check_sampling_options(samples: int = 1, sample_batch: int | None = None, noise_correlation: float = 0.0) -> None:
     """The ranges :func:`synthesize_posterior` accepts, as one clear :class:`ValueError`."""
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
@@ -162,46 +133,22 @@ def resolve_sample_batch(sample_batch: int | None, samples: int, device: torch.d
     return min(sample_batch, samples)
 
 
-def _ddpm_step(sampler, eps: Tensor, t: Tensor, latents: Tensor, generators: Sequence[torch.Generator],
-               rho: float) -> Tensor:
-    """One DDPM step with sample ``k``'s added noise drawn from ``generators[k]`` (rows
-    ``k*b:(k+1)*b`` of the batch), correlated across slices by ``rho``.
-
-    diffusers' ``DDPMScheduler.step`` (0.42) draws its noise inside, from ``generator``, and takes
-    no ``variance_noise``. The step is ``mean(x_t, eps) + sigma_t z``, linear in ``z``, and a zero
-    input has a zero mean (x0 clipping leaves 0 alone), so the same step on zeros with a copy of
-    the generator returns exactly the noise it added, ``sigma_t z``, which is then swapped for
-    ``sigma_t correlate_slices(z)``. The step keeps no state, so it may run per sample.
-    """
-    b = latents.shape[0] // len(generators)
-    out = []
-    for k, generator in enumerate(generators):
-        rows = slice(k * b, (k + 1) * b)
-        probe = torch.Generator().set_state(generator.get_state()) if rho else None
-        prev = sampler.step(eps[rows], t, latents[rows], generator=generator).prev_sample
-        if probe is not None:
-            added = sampler.step(torch.zeros_like(eps[rows]), t, torch.zeros_like(latents[rows]),
-                                 generator=probe).prev_sample
-            prev = prev - added + correlate_slices(added, rho)
-        out.append(prev)
-    return out[0] if len(out) == 1 else torch.cat(out)
-
-
 STARTS = ("noise", "estimate", "source")
 """Where sampling starts: pure noise (the whole schedule), or an informed start (SDEdit, Meng et al., ICLR
 2022): the model's own one-pass estimate of the target, or the source itself, noised to an intermediate step."""
 
 
 def first_step(num_steps: int, start: str, strength: float | None) -> int:
-    """The index of the first of ``num_steps`` sampler steps that runs: 0 from noise; with an informed
+    """The index of the first of ``num_steps`` solver steps that runs: 0 from noise; with an informed
     start the last ``ceil(strength * num_steps)`` steps run (at least one)."""
     if start == "noise":
         return 0
     return num_steps - max(1, math.ceil(float(strength) * num_steps - 1e-9))
 
 
-def check_start(start: str, strength: float | None, conditioning: str = "concat") -> None:
-    """The informed-start options :func:`synthesize_posterior` accepts, as one clear :class:`ValueError`."""
+def check_start(start: str, strength: float | None, conditioning: str = "concat", solver: str | None = None) -> None:
+    """The informed-start options :func:`synthesize_posterior` accepts, with the registered ``solver`` if given,
+    as one clear :class:`ValueError`."""
     if start not in STARTS:
         raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
     if start == "noise":
@@ -215,105 +162,170 @@ def check_start(start: str, strength: float | None, conditioning: str = "concat"
                          f"the noised start; got {strength!r}")
     if start == "source" and conditioning != "concat":
         raise ValueError("start = 'source' needs a model conditioned on a source (conditioning 'concat')")
+    if solver is not None and not SOLVERS.get(solver).informed_start:
+        starting = [name for name in SOLVERS.names() if SOLVERS.get(name).informed_start]
+        raise ValueError(f"start = {start!r} needs a solver that declares an informed start; solver {solver!r} "
+                         f"does not (those that do: {', '.join(starting)})")
 
 
-def _informed_start(model: SynthesisModel, sampler, net, noise: Tensor, source: Tensor | None, generators, rho: float,
-                    begin: int, start: str, latent_shape: torch.Size) -> Tensor:
+@dataclass
+class SamplingRun:
+    """What every batch of samples of one :func:`synthesize_posterior` call shares: the model, the solver
+    asked for, the source's latent (and the condition made of it), the windows and the noise options."""
+
+    model: SynthesisModel
+    solver: str
+    steps: int | None
+    num_steps: int  # the solver's length, ``steps`` or its default
+    clip_x0: bool
+    latent_shape: torch.Size
+    condition: Tensor | None
+    source_latent: Tensor | None
+    windows: list[tuple[int, Tensor]] | None
+    slice_wise: bool
+    rho: float
+    start: str = "noise"
+    strength: float | None = None
+
+
+def _informed_start(run: SamplingRun, solver: Solver, net: Callable[[Tensor, Tensor], Tensor], noise: Tensor,
+                    generators: Sequence[torch.Generator], begin: int) -> Tensor:
     """SDEdit: the clean estimate (one U-Net pass at the first step, or the source) noised with fresh noise
-    to the sampler's step ``begin``."""
-    t0, t_begin = sampler.timesteps[0], sampler.timesteps[begin]
-    clean = model.objective.clean_estimate(net(noise, t0), noise, t0) if start == "estimate" else source
-    fresh = torch.cat([correlate_slices(torch.randn(latent_shape, generator=g), rho) for g in generators])
-    fresh = fresh.to(noise.device, noise.dtype)
-    if hasattr(sampler, "set_begin_index"):
-        sampler.set_begin_index(begin)
-    t = t_begin.reshape(1).expand(noise.shape[0])
-    if hasattr(sampler, "scale_noise"):  # flow matching: (1 - s) x0 + s eps
-        return sampler.scale_noise(clean, t, fresh)
-    return sampler.add_noise(clean, fresh, t)
+    to the solver's step ``begin``."""
+    if run.start == "estimate":
+        t0 = solver.timesteps[0]
+        clean = run.model.objective.clean_estimate(net(noise, t0), noise, t0)
+    else:
+        source = run.source_latent
+        clean = source.repeat(len(generators), *([1] * (source.ndim - 1))).to(noise)
+    fresh = StepNoise(generators, run.rho).draw(noise)
+    return solver.noised(clean, fresh, begin)
 
 
-def _denoise_samples(model: SynthesisModel, condition: Tensor | None, latent_shape: torch.Size, seeds: Sequence[int],
-                     *, scheduler: str, steps: int | None, clip_x0: bool, windows: list[tuple[int, Tensor]] | None,
-                     slice_wise: bool, rho: float, bar: tqdm, start: str = "noise", strength: float | None = None,
-                     source_latent: Tensor | None = None) -> list[Tensor]:
+def _run_steps(solver: Solver, net: Callable[[Tensor, Tensor], Tensor], latents: Tensor, begin: int,
+               noise: StepNoise) -> Tensor:
+    """The solver's steps from ``begin`` to the end; each step gets what the solver declares it needs."""
+    declared: dict[str, Any] = {"noise": noise} if solver.stochastic else {}
+    timesteps = solver.timesteps
+    for i in range(begin, len(timesteps)):
+        t = timesteps[i]
+        if solver.needs_next_t:
+            declared["t_next"] = timesteps[i + 1] if i + 1 < len(timesteps) else None
+        latents = solver.step(net(latents, t), t, latents, **declared)
+    return latents
+
+
+def _denoise_samples(run: SamplingRun, seeds: Sequence[int], bar: tqdm) -> list[Tensor]:
     """Denoise one batch of samples (one seed each) of the ``b`` sources together; returns each
     sample's decoded ``(b, c, n, h, w)`` volume in [-1, 1]."""
-    from diffusers import DDPMScheduler
-
-    device = model.device
-    sampler = make_scheduler(scheduler, model.scheduler_config, steps, device=device, clip_x0=clip_x0,
-                             objective=model.objective)
+    model, device = run.model, run.model.device
+    solver = build_solver(run.solver, model.objective, model.scheduler_config, run.steps, device=device,
+                          clip_x0=run.clip_x0)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     # Drawn on the CPU, so the same seed gives the same noise on every device.
-    noise = [correlate_slices(torch.randn(latent_shape, generator=g), rho) for g in generators]
-    latents = (noise[0] if len(noise) == 1 else torch.cat(noise)).to(device) * getattr(sampler, "init_noise_sigma", 1.0)
+    noise = [correlate_slices(torch.randn(run.latent_shape, generator=g), run.rho) for g in generators]
+    latents = (noise[0] if len(noise) == 1 else torch.cat(noise)).to(device) * solver.init_noise_sigma
+    condition = run.condition
     if condition is not None and len(seeds) > 1:
         condition = condition.repeat(len(seeds), *([1] * (condition.ndim - 1)))  # sample-major, like latents
 
     def net(x: Tensor, t: Tensor) -> Tensor:  # one U-Net evaluation of the whole batch
-        model_in = sampler.scale_model_input(x, t) if hasattr(sampler, "scale_model_input") else x
-        if windows is None:
-            out = predict_noise(model, model_in, condition, t, slice_wise)
+        model_in = solver.scale_model_input(x, t)
+        if run.windows is None:
+            out = predict_noise(model, model_in, condition, t, run.slice_wise)
         else:
-            out = predict_noise_windowed(model, model_in, condition, t, windows, slice_wise)
+            out = predict_noise_windowed(model, model_in, condition, t, run.windows, run.slice_wise)
         bar.update(1)
         return out
 
-    begin = first_step(len(sampler.timesteps), start, strength)
-    if start != "noise":
-        source = None
-        if source_latent is not None:
-            source = source_latent.repeat(len(seeds), *([1] * (source_latent.ndim - 1))).to(latents)
-        latents = _informed_start(model, sampler, net, latents, source, generators, rho, begin, start, latent_shape)
-    # DDIM (eta = 0, as called here), DPM-Solver++ and flow Euler add no noise after the start; DDPM adds
-    # some at every step, from each sample's own generator.
-    stochastic = isinstance(sampler, DDPMScheduler)
-    for t in sampler.timesteps[begin:]:
-        eps = net(latents, t)
-        if stochastic:
-            latents = _ddpm_step(sampler, eps, t, latents, generators, rho)
-        else:
-            latents = sampler.step(eps, t, latents).prev_sample
-    ae_dtype = getattr(model.autoencoder, "dtype", None) or model.dtype
-    b = latent_shape[0]
-    return [decode_volume(model.autoencoder, part.to(ae_dtype)).float().clamp_(-1.0, 1.0)
+    begin = first_step(len(solver.timesteps), run.start, run.strength)
+    if run.start != "noise":
+        latents = _informed_start(run, solver, net, latents, generators, begin)
+    # A stochastic solver (ddpm) draws the noise of every step from each sample's own generator.
+    latents = _run_steps(solver, net, latents, begin, StepNoise(generators, run.rho))
+    b = run.latent_shape[0]
+    return [decode_volume(model.autoencoder, part.to(model.autoencoder_dtype)).float().clamp_(-1.0, 1.0)
             for part in latents.split(b)]
 
 
-def unet_evaluations(model: SynthesisModel, scheduler: str, steps: int | None = None, *, samples: int = 1,
+def unet_evaluations(model: SynthesisModel, solver: str, steps: int | None = None, *, samples: int = 1,
                      start: str = "noise", strength: float | None = None) -> int:
     """U-Net passes per volume of a :func:`synthesize_posterior` call (each pass covers all slices; with
     windows, every window of one step counts as one pass): the steps that run, plus one for an
     ``estimate`` start, times ``samples``."""
-    sampler = make_scheduler(scheduler, model.scheduler_config, steps, objective=model.objective)
-    return evaluations_of(len(sampler.timesteps), samples, start, strength)
+    built = build_solver(solver, model.objective, model.scheduler_config, steps)
+    return evaluations_of(len(built.timesteps), samples, start, strength)
 
 
 def evaluations_of(num_steps: int, samples: int = 1, start: str = "noise", strength: float | None = None) -> int:
-    """:func:`unet_evaluations` for a sampler of ``num_steps`` steps."""
+    """:func:`unet_evaluations` for a solver of ``num_steps`` steps."""
     return samples * (num_steps - first_step(num_steps, start, strength) + (start == "estimate"))
 
 
+def _solver_name(model: SynthesisModel, solver: str | None, scheduler: str | None) -> str:
+    """The solver asked for (``scheduler`` is its name before solvers were registered), or the objective's default."""
+    if scheduler is not None:
+        if solver is not None and solver != scheduler:
+            raise ValueError(f"solver {solver!r} and scheduler {scheduler!r} both given; scheduler is the old name "
+                             "of solver: give solver only")
+        warnings.warn("synthesize(scheduler=...) is now synthesize(solver=...)", DeprecationWarning, stacklevel=4)
+        solver = scheduler
+    return solver or model.objective.default_solver
+
+
+def _prepare(model: SynthesisModel, source: Tensor, solver: str, steps: int | None, *, window: int | None,
+             overlap: int | None, slice_wise: bool, clip_x0: bool, noise_correlation: float, start: str,
+             strength: float | None) -> SamplingRun:
+    """Every check of a :func:`synthesize_posterior` call, then the source encoded once for all samples."""
+    _check_source(model, source)
+    b, _, n, h, w = source.shape
+    windowing = resolve_window(model, n, window, overlap, slice_wise)
+    if clip_x0:
+        check_clip_x0(model)
+    # checks the name against the model's objective, the steps, x0 clipping and the start
+    num_steps = len(build_solver(solver, model.objective, model.scheduler_config, steps, clip_x0=clip_x0).timesteps)
+    check_start(start, strength, model.conditioning, solver)
+    condition = source_latent = None
+    if model.conditioning == "concat":
+        condition = source_latent = encode_volume(
+            model.autoencoder, source.to(device=model.device, dtype=model.autoencoder_dtype)).float()
+        latent_shape = condition.shape
+        condition = with_source_context(condition, model.source_context)
+    else:
+        f = model.autoencoder.downsampling_factor
+        latent_shape = torch.Size((b, model.latent_channels, n, h // f, w // f))
+    windows = None if windowing is None else window_weights(n, *windowing)
+    return SamplingRun(model, solver, steps, num_steps, clip_x0, latent_shape, condition, source_latent, windows,
+                       slice_wise, float(noise_correlation), start, strength)
+
+
+def _draw_samples(run: SamplingRun, seeds: list[int], batch: int, bar: tqdm) -> list[Tensor]:
+    """All samples, ``batch`` at a time; a batch that runs out of memory is halved and retried (down to 1)."""
+    drawn: list[Tensor] = []
+    while len(drawn) < len(seeds):
+        chunk = seeds[len(drawn):len(drawn) + batch]
+        done = bar.n
+        try:
+            drawn += _denoise_samples(run, chunk, bar)
+        except torch.OutOfMemoryError:
+            if len(chunk) == 1:
+                raise
+            batch = len(chunk) // 2
+            logger.warning("out of memory denoising %d samples together; retrying %d at a time (set "
+                           "sample_batch / --sample-batch to start there)", len(chunk), batch)
+            if run.model.device.type == "cuda":
+                torch.cuda.empty_cache()
+            bar.update(done - bar.n)
+    return drawn
+
+
 @torch.no_grad()
-def synthesize_posterior(
-    model: SynthesisModel,
-    source: Tensor,
-    *,
-    samples: int = 8,
-    sample_batch: int | None = None,
-    scheduler: str | None = None,
-    steps: int | None = None,
-    seed: int = 0,
-    window: int | None = None,
-    overlap: int | None = None,
-    slice_wise: bool = False,
-    clip_x0: bool = False,
-    noise_correlation: float = 0.0,
-    start: str = "noise",
-    strength: float | None = None,
-    progress: bool | None = True,
-) -> PosteriorEstimate:
+def synthesize_posterior(model: SynthesisModel, source: Tensor, *, samples: int = 8, sample_batch: int | None = None,
+                         solver: str | None = None, steps: int | None = None, seed: int = 0,
+                         window: int | None = None, overlap: int | None = None, slice_wise: bool = False,
+                         clip_x0: bool = False, noise_correlation: float = 0.0, start: str = "noise",
+                         strength: float | None = None, progress: bool | None = True,
+                         scheduler: str | None = None) -> PosteriorEstimate:
     """Draw ``samples`` syntheses of ``source`` ``(b, c, n, h, w)`` in [-1, 1]; their mean and std.
 
     The mean of K samples scores better on PSNR and SSIM than one sample (the target's own noise
@@ -325,81 +337,51 @@ def synthesize_posterior(
         (or other accelerator), one at a time on the CPU, where batching measured slower
         (:func:`resolve_sample_batch`). A smaller batch needs less memory; a batch that runs out of
         memory is halved and retried (down to 1), with a warning.
-    :param scheduler: for a ``ddpm`` model ``ddpm`` (1000 steps by default), ``ddim`` (200, the paper's)
-        or ``dpm`` (DPM-Solver++, 25); for a ``flow`` model ``flow`` (Euler, 4) or ``dpm`` (8). None:
-        the objective's default sampler (``ddim``, ``flow``).
-    :param steps: inference steps; None = the scheduler's default.
+    :param solver: a registered solver that inverts the model's objective (:mod:`lift3d.sampling.solvers`):
+        for a ``ddpm`` model ``ddim`` (200 steps by default, the paper's), ``ddpm`` (1000) or ``dpm``
+        (DPM-Solver++, 25); for a ``flow`` model ``flow`` (Euler, 4) or ``dpm`` (8). None: the objective's
+        ``default_solver`` (``ddim``, ``flow``).
+    :param steps: solver steps; None = the solver's default for the model's objective.
     :param seed: seeds the initial noise (drawn on the CPU, so it is the same on every device) and
-        any noise the sampler adds; the same seed gives the same volume. Sample ``k`` is seeded
-        with :func:`sample_seed` ``(seed, k)``, sample 0 with ``seed`` itself, so the result does
-        not depend on ``sample_batch`` beyond float rounding.
+        any noise the solver adds; the same seed gives the same volume. Sample ``k`` is seeded
+        with :func:`~lift3d.sampling.noise.sample_seed` ``(seed, k)``, sample 0 with ``seed`` itself, so the
+        result does not depend on ``sample_batch`` beyond float rounding.
     :param window: denoise in windows of this many slices. None: whole volumes, unless a lifted
         model gets more slices than ``model.max_slices`` (then windows of that size); 0: never.
     :param overlap: slices shared by neighbouring windows (default ``window // 4``, at least 1).
     :param slice_wise: the paper's "w/o volumetric layers" ablation: the volumetric layers are
         switched off, so every slice is denoised by the 2D model on its own; all else is equal.
     :param clip_x0: clamp the predicted clean sample to [-1, 1] at every step. Only for pixel-space
-        models (an autoencoder with downsampling factor 1), whose data lie in [-1, 1]. An epsilon
-        model in pixel space with little training can diverge without it (whole slices end at
-        -1 or +1); a v-prediction model rarely needs it.
+        models (an autoencoder with downsampling factor 1), whose data lie in [-1, 1], and solvers that
+        declare ``clips_x0``. An epsilon model in pixel space with little training can diverge without it
+        (whole slices end at -1 or +1); a v-prediction model rarely needs it.
     :param noise_correlation: rho in [0, 1]: the noise of any two slices of a volume correlates by
-        rho, each voxel's noise staying N(0, 1) (:func:`correlate_slices`). It applies to the
-        initial noise, and with ``ddpm`` to the noise added at every step; DDIM and DPM-Solver++
-        add none after the start. 0 (the default): independent noise per slice, as in training.
+        rho, each voxel's noise staying N(0, 1) (:func:`~lift3d.sampling.noise.correlate_slices`). It applies
+        to the initial noise, and with a stochastic solver (``ddpm``) to the noise added at every step; the
+        deterministic ones add none after the start. 0 (the default): independent noise per slice, as in
+        training.
     :param start: ``noise`` (default): the whole schedule from Gaussian noise. ``estimate``: an informed
         start (SDEdit): one U-Net pass on the noise gives the model's own estimate of the target, which is
         noised afresh to the step where the last ``strength`` of the schedule begins. ``source``: the
         same from the source itself (a bridge from the input contrast; concat-conditioned models).
     :param strength: with an informed start, the fraction of the ``steps`` that run, in (0, 1).
     :param progress: show a tqdm bar over the denoising steps (None: only on a terminal).
+    :param scheduler: the old name of ``solver`` (deprecated).
 
     With ``conditioning = "none"`` (plain volume generation) the source only sets the shape.
     """
     check_sampling_options(samples, sample_batch, noise_correlation)
     check_start(start, strength, model.conditioning)
-    scheduler = scheduler or model.objective.default_sampler
-    _check_source(model, source)
-    b, _, n, h, w = source.shape
-    windowing = resolve_window(model, n, window, overlap, slice_wise)
-    if clip_x0:
-        check_clip_x0(model)
-    # checks the name against the model's objective, and the steps
-    sampler = make_scheduler(scheduler, model.scheduler_config, steps, clip_x0=clip_x0, objective=model.objective)
-    device = model.device
-    ae_dtype = getattr(model.autoencoder, "dtype", None) or model.dtype
-    condition = source_latent = None
-    if model.conditioning == "concat":
-        condition = source_latent = encode_volume(model.autoencoder, source.to(device=device, dtype=ae_dtype)).float()
-        latent_shape = condition.shape
-        condition = with_source_context(condition, model.source_context)
-    else:
-        f = model.autoencoder.downsampling_factor
-        latent_shape = torch.Size((b, model.latent_channels, n, h // f, w // f))
-    windows = None if windowing is None else window_weights(n, *windowing)
+    solver = _solver_name(model, solver, scheduler)
+    run = _prepare(model, source, solver, steps, window=window, overlap=overlap, slice_wise=slice_wise,
+                   clip_x0=clip_x0, noise_correlation=noise_correlation, start=start, strength=strength)
+    evaluations = evaluations_of(run.num_steps, samples, start, strength)
     seeds = [sample_seed(seed, k) for k in range(samples)]
-    batch = resolve_sample_batch(sample_batch, samples, device)
-    evaluations = evaluations_of(len(sampler.timesteps), samples, start, strength)
-    desc = f"{scheduler} sampling" + (f", {samples} samples" if samples > 1 else "")
-    drawn: list[Tensor] = []
+    batch = resolve_sample_batch(sample_batch, samples, model.device)
+    desc = f"{solver} sampling" + (f", {samples} samples" if samples > 1 else "")
     with tqdm(total=evaluations, desc=desc, disable=None if progress is None else not progress,
               dynamic_ncols=True) as bar:
-        while len(drawn) < samples:
-            chunk = seeds[len(drawn):len(drawn) + batch]
-            done = bar.n
-            try:
-                drawn += _denoise_samples(model, condition, latent_shape, chunk, scheduler=scheduler, steps=steps,
-                                          clip_x0=clip_x0, windows=windows, slice_wise=slice_wise,
-                                          rho=float(noise_correlation), bar=bar, start=start, strength=strength,
-                                          source_latent=source_latent)
-            except torch.OutOfMemoryError:
-                if len(chunk) == 1:
-                    raise
-                batch = len(chunk) // 2
-                logger.warning("out of memory denoising %d samples together; retrying %d at a time (set "
-                               "sample_batch / --sample-batch to start there)", len(chunk), batch)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                bar.update(done - bar.n)
+        drawn = _draw_samples(run, seeds, batch, bar)
     if samples == 1:
         return PosteriorEstimate(drawn[0], None, 1, evaluations)
     std, mean = torch.std_mean(torch.stack(drawn), dim=0, correction=1)
@@ -410,8 +392,9 @@ def synthesize(model: SynthesisModel, source: Tensor, *, samples: int = 1, **opt
     """Synthesise the target modality for ``source`` ``(b, c, n, h, w)`` in [-1, 1]; same shape out.
 
     One sample by default; with ``samples = K`` the mean of K. ``options`` are those of
-    :func:`synthesize_posterior` (``scheduler``, ``steps``, ``seed``, ``window``, ``overlap``,
-    ``slice_wise``, ``clip_x0``, ``sample_batch``, ``noise_correlation``, ``progress``), which also
+    :func:`synthesize_posterior` (``solver``, ``steps``, ``seed``, ``window``, ``overlap``,
+    ``slice_wise``, ``clip_x0``, ``sample_batch``, ``noise_correlation``, ``start``, ``strength``,
+    ``progress``), which also
     returns the samples' per-voxel std.
     """
     return synthesize_posterior(model, source, samples=samples, **options).mean

@@ -1,7 +1,7 @@
 """Volumes longer than the model was fine-tuned on, denoised in overlapping windows.
 
 At every step the U-Net runs on each window and the noise predictions are blended with weights that
-ramp down towards inner window edges, then one scheduler step updates the whole volume. (Overwriting
+ramp down towards inner window edges, then one solver step updates the whole volume. (Overwriting
 the overlap instead, as the authors' code does, leaves seams where a window's border slices meet.)
 """
 

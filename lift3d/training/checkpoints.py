@@ -17,7 +17,7 @@ from torch import nn
 from lift3d.io.errors import Lift3dError, RunFolderError
 from lift3d.io.writing import clean_stale_temporaries, disk_full_message, temporary_path
 from lift3d.lifting.checkpoint import CheckpointError
-from lift3d.training.config import TrainConfig
+from lift3d.training.sections import SharedSections
 from lift3d.training.state import TRAINER_STATE, check_training_state, save_training_state
 
 logger = logging.getLogger("lift3d.training.checkpoints")
@@ -125,7 +125,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, state: 
     return final
 
 
-def resolve_resume(cfg: TrainConfig, output_dir: Path) -> Path | None:
+def resolve_resume(cfg: SharedSections, output_dir: Path) -> Path | None:
     """The checkpoint to resume from; every file in it is checked before anything is written."""
     if not cfg.run.resume:
         return None
@@ -140,8 +140,13 @@ def resolve_resume(cfg: TrainConfig, output_dir: Path) -> Path | None:
         if not (path / TRAINER_STATE).is_file():
             raise CheckpointError(f"run.resume = {cfg.run.resume!r} is not a complete lift3d checkpoint folder "
                                   f"(no {TRAINER_STATE}); use 'latest' or a checkpoint-<step> folder")
-    check_training_state(path, ema=cfg.optim.ema, scaler=cfg.optim.mixed_precision == "fp16",
-                         max_steps=cfg.run.max_steps)
+    optim = cfg.optim
+    expect = {"optim.learning_rate": optim.learning_rate, "optim.weight_decay": optim.weight_decay,
+              **({"optim.ema_decay": optim.ema_decay} if optim.ema else {})}
+    # The options a config sets one for one are compared here, before the run folder is touched; the rest
+    # (AdamW's own, the schedule at this step, the EMA's) when the state is loaded, before a step is trained.
+    check_training_state(path, ema=optim.ema, scaler=optim.mixed_precision == "fp16", max_steps=cfg.run.max_steps,
+                         expect=expect)
     return path
 
 
@@ -167,7 +172,7 @@ def previous_work(output_dir: Path, resume_from: Path | None) -> list[Path]:
     return found + ([model] if model.exists() or model.is_symlink() else [])
 
 
-def claim_run_folder(cfg: TrainConfig, output_dir: Path, resume_from: Path | None) -> None:
+def claim_run_folder(cfg: SharedSections, output_dir: Path, resume_from: Path | None) -> None:
     """Refuse, or with ``run.overwrite`` delete, another run's work in ``output_dir`` (called with
     the folder's lock held); and remove the temporaries of writers that died."""
     others = previous_work(output_dir, resume_from)
@@ -194,7 +199,7 @@ def claim_run_folder(cfg: TrainConfig, output_dir: Path, resume_from: Path | Non
     clean_stale_temporaries(output_dir)
 
 
-def check_outside_inputs(cfg: TrainConfig, output_dir: Path) -> None:
+def check_outside_inputs(cfg: SharedSections, output_dir: Path) -> None:
     """Refuse an ``output_dir`` that holds (or lies inside) a model folder this run reads: writing
     the run there would replace the stage-1 model, its checkpoints and its logs."""
     inputs = [("model.pretrained", cfg.model.pretrained)]

@@ -11,15 +11,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from lift3d.training.config import TrainConfig
-
 logger = logging.getLogger("lift3d.training.data_order")
-
-
-def build_view(cfg: TrainConfig, dataset):
-    if cfg.run.stage == "slices":
-        return dataset.slices(context=cfg.model.source_context)
-    return dataset.volumes(window=cfg.data.window or None, context=cfg.model.source_context)
 
 
 def item_generator(seed: int, step: int, index: int) -> torch.Generator:

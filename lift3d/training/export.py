@@ -12,18 +12,22 @@ import lift3d
 from lift3d.diffusion.export import export_settings, write_export_settings
 from lift3d.lifting.checkpoint import save_diffusers_folder, save_lifted, save_volumetric
 from lift3d.training.checkpoints import write_folder
-from lift3d.training.config import TrainConfig
+from lift3d.training.sections import SharedSections
 
 logger = logging.getLogger("lift3d.training.export")
 
 
-def training_settings(cfg: TrainConfig, autoencoder, dataset, exported_autoencoder: bool,
-                      objective=None) -> dict[str, Any]:
-    """What synthesis needs to prepare inputs exactly as in training and to rebuild the sampler."""
+def training_settings(cfg: SharedSections, autoencoder, dataset, exported_autoencoder: bool,
+                      objective=None, label: str | None = None) -> dict[str, Any]:
+    """What synthesis needs to prepare inputs exactly as in training and to rebuild the sampler.
+
+    :param label: the export label of the stage that trains the model
+        (:attr:`lift3d.training.stages.Stage.export_label`); by default ``run.stage``.
+    """
     ae_options = {"path": "autoencoder"} if exported_autoencoder else dict(cfg.autoencoder.options)
     unet_multiple = 2 ** (len(cfg.model.block_out_channels) - 1)
     return export_settings(
-        stage=cfg.run.stage, conditioning=cfg.model.conditioning, source_context=cfg.model.source_context,
+        stage=label or cfg.run.stage, conditioning=cfg.model.conditioning, source_context=cfg.model.source_context,
         prediction_type=objective.prediction_type if objective is not None else cfg.model.prediction_type,
         objective=objective.name if objective is not None else (cfg.diffusion.objective or "ddpm"),
         objective_options=objective.options if objective is not None else dict(cfg.diffusion.objective_options),
@@ -35,13 +39,16 @@ def training_settings(cfg: TrainConfig, autoencoder, dataset, exported_autoencod
         config=cfg.to_dict())
 
 
-def export_model(cfg: TrainConfig, unet: nn.Module, autoencoder, objective, dataset, output_dir: Path) -> Path:
-    """Write ``output_dir/model``: the (lifted) U-Net in safetensors, its settings, the autoencoder
-    (if it has weights) and the objective's noise-scheduler config; plus ``volumetric.safetensors`` in stage 2.
-    With ``optim.ema`` the loop calls this with the EMA weights copied into ``unet``."""
+def export_model(cfg: SharedSections, unet: nn.Module, autoencoder, objective, dataset, output_dir: Path,
+                 label: str | None = None) -> Path:
+    """Write ``output_dir/model``: the (lifted) U-Net in safetensors, its settings (``label``: the stage's
+    export label), the autoencoder (if it has weights) and the objective's noise-scheduler config; plus
+    ``volumetric.safetensors`` for a lifted U-Net. With ``optim.ema`` the loop calls this with the EMA weights
+    copied into ``unet``."""
     state = unet.state_dict()
     has_weights = any(True for _ in autoencoder.parameters()) if isinstance(autoencoder, nn.Module) else False
-    settings = training_settings(cfg, autoencoder, dataset, exported_autoencoder=has_weights, objective=objective)
+    settings = training_settings(cfg, autoencoder, dataset, exported_autoencoder=has_weights, objective=objective,
+                                 label=label)
 
     def write(tmp: Path) -> None:
         if lift3d.is_lifted(unet):

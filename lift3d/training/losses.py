@@ -12,7 +12,6 @@ from torch import Tensor
 
 from lift3d.data.dataset import stack_items
 from lift3d.diffusion.conditioning import predict
-from lift3d.training.config import TrainConfig
 from lift3d.training.data_order import LatentEncoder
 
 
@@ -38,13 +37,13 @@ VAL_TIMESTEP_FRACTIONS = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 @torch.no_grad()
-def fixed_volume_loss(unet, objective, encoder: LatentEncoder, dataset, cfg: TrainConfig, device) -> float:
-    """Mean loss on the first volumes of the dataset, with fixed noise, at a fixed grid of t.
+def fixed_volume_loss(unet, objective, encoder: LatentEncoder, view, num_train_timesteps: int, conditioned: bool,
+                      device) -> float:
+    """Mean loss on the first volumes of ``view`` (the dataset's volumes), with fixed noise, at a fixed grid of t.
 
     Every slice of a volume shares t, as in stage 2. The 2D model (stage 1) and the lifted model at
     initialisation give exactly the same value, so the two stages can be compared.
     """
-    view = dataset.volumes(window=cfg.data.window or None, context=cfg.model.source_context)
     items = [view[i] for i in range(min(VAL_VOLUMES, len(view)))]
     batch = stack_items(items)
     batch["index"] = list(range(len(items)))
@@ -54,10 +53,10 @@ def fixed_volume_loss(unet, objective, encoder: LatentEncoder, dataset, cfg: Tra
     unet.eval()
     losses = []
     for fraction in VAL_TIMESTEP_FRACTIONS:
-        t = int(fraction * cfg.diffusion.num_train_timesteps)
+        t = int(fraction * num_train_timesteps)
         timesteps = torch.full(latents.shape[:1] + latents.shape[2:3], t, device=device)
         losses.append(float(diffusion_loss(unet, objective, latents,
-                                           source if cfg.model.conditioning == "concat" else None, noise,
+                                           source if conditioned else None, noise,
                                            timesteps)))
     unet.train(was_training)
     return sum(losses) / len(losses)

@@ -44,6 +44,9 @@ from lift3d.io.errors import Lift3dError, UnsafePathError
 from lift3d.io.paths import check_contained
 from lift3d.io.schemas import Checked, read_json
 from lift3d.lifting.checkpoint import CheckpointError, load_state_dict_checked, read_safetensors, save_safetensors
+from lift3d.training.resume_checks import (check_adam_state, check_config, check_consistent_steps, check_ema,
+                                           check_groups, check_scaler, check_schedule, check_tensor, check_validation,
+                                           conform, expected_rates)
 
 STATE_FORMAT = 1
 MAX_STEP = 10**9
@@ -71,7 +74,8 @@ class _Own(Checked):
 
 
 class ValidationRecord(_Own):
-    model_config = ConfigDict(allow_inf_nan=True)  # a PSNR of identical volumes is inf
+    # Read as written, so that an inf is refused by resume_checks.check_validation with the score's valid range
+    model_config = ConfigDict(allow_inf_nan=True)
     step: int = Field(ge=0, le=MAX_STEP)
     scores: dict[str, float]
     first: dict[str, float] | None = None
@@ -80,7 +84,7 @@ class ValidationRecord(_Own):
 class TrainerState(_Own):
     format: int
     step: int = Field(ge=0, le=MAX_STEP)
-    last_logged_loss: float | None = Field(default=None, allow_inf_nan=True)
+    last_logged_loss: float | None = None  # finite: a run stops at a non-finite loss before it checkpoints
     validation: ValidationRecord | None = None
 
     @field_validator("format")
@@ -195,59 +199,6 @@ def _check_header(folder: Path, name: str) -> None:
         raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc)[:160]})") from None
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _mismatch(reference: Any, value: Any, where: str) -> str | None:
-    """Where ``value`` (read from JSON) differs in kind from ``reference`` (this run's own state), or None.
-
-    Numbers stay numbers (finite; an int where an int was), flags stay flags, lists keep their
-    length and dicts their keys: nothing of another shape reaches ``load_state_dict``."""
-    if isinstance(reference, torch.Tensor) and reference.numel() == 1:
-        reference = reference.item()
-    if reference is None or isinstance(reference, (bool, str)):
-        ok = value is None if reference is None else type(value) is type(reference)
-        kind = "null" if reference is None else type(reference).__name__
-        return None if ok else f"{where} must be {kind}, got {_show(value)}"
-    if isinstance(reference, (int, float)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return f"{where} must be a finite number, got {_show(value)}"
-        if isinstance(reference, int) and not isinstance(value, int):
-            return f"{where} must be an integer, got {_show(value)}"
-        return None
-    if isinstance(reference, (list, tuple)):
-        if not isinstance(value, list) or len(value) != len(reference):
-            return f"{where} must be a list of {len(reference)}, got {_show(value)}"
-        found = (_mismatch(r, v, f"{where}[{i}]") for i, (r, v) in enumerate(zip(reference, value)))
-        return next((m for m in found if m), None)
-    if isinstance(reference, dict):
-        if not isinstance(value, dict):
-            return f"{where} must be an object, got {_show(value)}"
-        missing, unexpected = sorted(set(reference) - set(value)), sorted(set(value) - set(reference))
-        if missing or unexpected:
-            return f"{where or 'the file'} has missing keys {missing} and unexpected keys {unexpected}"
-        found = (_mismatch(reference[k], value[k], f"{where}.{k}".lstrip(".")) for k in reference)
-        return next((m for m in found if m), None)
-    return f"{where} holds a {type(reference).__name__}, which lift3d does not restore from JSON"
-
-
-def _conform(reference: Any, value: Any, path: Path, where: str = "") -> Any:
-    problem = _mismatch(reference, value, where)
-    if problem:
-        raise CheckpointError(f"{path} does not match this run's state: {problem}")
-    return value
-
-
-def _check_tensor(tensor: torch.Tensor, like: torch.Tensor, where: str) -> None:
-    if tuple(tensor.shape) != tuple(like.shape) or tensor.dtype != like.dtype:
-        raise CheckpointError(f"{where} is {tensor.dtype} {tuple(tensor.shape)}; this run's parameter is "
-                              f"{like.dtype} {tuple(like.shape)}")
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise CheckpointError(f"{where} holds NaN or inf")
-
-
 def _plain(value: Any, where: str) -> Any:
     """A JSON-ready copy of ``value``; tuples become lists (restored by :func:`_like`)."""
     if isinstance(value, (bool, int, float, str)) or value is None:
@@ -289,7 +240,10 @@ def _save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
                                             "scalars": scalars})
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+def _read_optimizer(optimizer: torch.optim.Optimizer, folder: Path, step: int,
+                    rates: list[float] | None) -> dict[str, Any]:
+    """The optimizer's state dict from ``folder``, checked against ``optimizer`` (this run's): its options,
+    its learning rates at ``step`` (``rates``), and every state tensor; nothing is loaded yet."""
     groups_path = folder / OPTIMIZER_GROUPS
     saved = _dump(_read_json(folder, OPTIMIZER_GROUPS))
     current = optimizer.state_dict()
@@ -298,7 +252,8 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
             g["params"] != c["params"] for g, c in zip(groups, current["param_groups"])):
         raise CheckpointError(f"{groups_path} is for another set of trained parameters "
                               "(did lift.trainable or the model change since the checkpoint?)")
-    _conform(current["param_groups"], groups, groups_path, "param_groups")
+    conform(current["param_groups"], groups, groups_path, "param_groups")
+    check_groups(groups, current["param_groups"], rates, step, groups_path)
     # state_dict numbers the parameters group after group; those numbers key the saved state
     params = {i: p for c, g in zip(current["param_groups"], optimizer.param_groups)
               for i, p in zip(c["params"], g["params"])}
@@ -316,7 +271,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
                 raise CheckpointError(f"{folder / OPTIMIZER}: {key} must be a whole-number step count from 0 to "
                                       f"{MAX_STEP} in a floating-point scalar, got {shown}")
         else:
-            _check_tensor(value, param.detach(), f"{folder / OPTIMIZER}: {key}")
+            check_tensor(value, param.detach(), f"{folder / OPTIMIZER}: {key}")
         state.setdefault(int(index), {})[name] = value
     for index, entries in saved.get("scalars", {}).items():
         if not (index.isdigit() and int(index) in params) or any(
@@ -332,8 +287,9 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
                 raise CheckpointError(f"{folder / OPTIMIZER}: parameter {index} has state {sorted(entries)}; "
                                       f"{type(inner).__name__} keeps the tensors {', '.join(sorted(ADAM_REQUIRED))} "
                                       "(and max_exp_avg_sq with amsgrad), and no scalars")
+        check_adam_state(state, current["param_groups"], step, folder / OPTIMIZER)
     param_groups = [{k: _like(c.get(k), v) for k, v in g.items()} for g, c in zip(groups, current["param_groups"])]
-    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+    return {"state": state, "param_groups": param_groups}
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,10 +349,12 @@ def expected_files(folder: Path, *, ema: bool, scaler: bool) -> set[str]:
     return expected if read_trainer_state(folder).validation is not None else expected - {BEST}
 
 
-def check_training_state(folder: Path, *, ema: bool, scaler: bool, max_steps: int | None = None) -> TrainerState:
+def check_training_state(folder: Path, *, ema: bool, scaler: bool, max_steps: int | None = None,
+                         expect: dict[str, float] | None = None) -> TrainerState:
     """Everything about checkpoint ``folder`` that can be checked before the model exists: the file
-    names, every JSON file against its schema, every safetensors header, and the step against
-    ``max_steps``. A resumed run calls this before it writes anything."""
+    names, every JSON file against its schema and the others (steps that agree, validation scores in
+    range), the options ``expect`` gives by config name (``optim.learning_rate``...), every safetensors
+    header, and the step against ``max_steps``. A resumed run calls this before it writes anything."""
     trainer = read_trainer_state(folder)
     expected = expected_files(folder, ema=ema, scaler=scaler)
     if trainer.validation is not None and not (folder / BEST).exists():
@@ -406,8 +364,10 @@ def check_training_state(folder: Path, *, ema: bool, scaler: bool, max_steps: in
         raise CheckpointError(f"{folder / TRAINER_STATE} is at step {trainer.step}, beyond run.max_steps = "
                               f"{max_steps}; raise run.max_steps to at least {trainer.step}, or resume from an "
                               "earlier checkpoint")
-    for name in sorted(expected & set(JSON_SCHEMAS)):
-        _read_json(folder, name)
+    files = {name: _dump(_read_json(folder, name)) for name in sorted(expected & set(JSON_SCHEMAS))}
+    check_consistent_steps(trainer.step, files, folder)
+    check_validation(files[TRAINER_STATE].get("validation"), trainer.step, folder / TRAINER_STATE)
+    check_config(files, expect or {}, folder)
     rng = [p.name for p in folder.iterdir() if RNG.fullmatch(p.name)]
     for name in sorted((expected - set(JSON_SCHEMAS)) | set(rng)):
         _check_header(folder, name)
@@ -445,39 +405,52 @@ def load_training_state(folder: Path, *, model: nn.Module, optimizer, lr_schedul
                         process_index: int = 0, max_steps: int | None = None) -> int:
     """Restore what :func:`save_training_state` wrote; returns the step to continue from.
 
-    Every file is read through the trusted readers, inside ``folder``, and checked against this
-    run's own objects (keys, shapes, dtypes, kinds of values) before anything is restored; each
-    failure is one :class:`~lift3d.io.errors.Lift3dError` line naming the file."""
+    Every file is read through the trusted readers, inside ``folder``, and checked against this run's own
+    objects (keys, shapes, dtypes, kinds of values), its options and schedule (:mod:`lift3d.training.resume_checks`)
+    and the checkpoint's step, all before anything is restored; each failure is one
+    :class:`~lift3d.io.errors.Lift3dError` line naming the file and the key."""
     folder = Path(folder)
     step = check_training_state(folder, ema=ema is not None, scaler=scaler is not None, max_steps=max_steps).step
-    schedule = _conform(lr_scheduler.state_dict(), _dump(_read_json(folder, LR_SCHEDULER)), folder / LR_SCHEDULER)
-    if schedule["last_epoch"] != step:
-        raise CheckpointError(f"{folder / LR_SCHEDULER} is at last_epoch {schedule['last_epoch']}, but "
-                              f"{TRAINER_STATE} at step {step}: the files come from different checkpoints")
-    ema_settings = None
+    rates = expected_rates(lr_scheduler, step)
+    own_schedule = lr_scheduler.state_dict()
+    schedule = conform(own_schedule, _dump(_read_json(folder, LR_SCHEDULER)), folder / LR_SCHEDULER)
+    check_schedule(schedule, own_schedule, rates, step, folder / LR_SCHEDULER)
+    ema_settings = shadow = None
     if ema is not None:
         reference = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-        ema_settings = _conform(reference, _dump(_read_json(folder, EMA_SETTINGS)), folder / EMA_SETTINGS)
+        ema_settings = conform(reference, _dump(_read_json(folder, EMA_SETTINGS)), folder / EMA_SETTINGS)
+        check_ema(ema_settings, reference, folder / EMA_SETTINGS)
+        shadow = _read_shadow(folder, ema)
     scaler_state = None
     if scaler is not None:
-        scaler_state = _conform(scaler.state_dict(), _dump(_read_json(folder, SCALER)), folder / SCALER)
+        scaler_state = conform(scaler.state_dict(), _dump(_read_json(folder, SCALER)), folder / SCALER)
+        check_scaler(scaler_state, scaler.state_dict(), folder / SCALER)
+    optimizer_state = _read_optimizer(optimizer, folder, step, rates)
+    weights = _read_tensors(folder, MODEL)
+    bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"{folder / MODEL}: {bad} holds NaN or inf; lift3d checkpoints only finite weights")
 
-    load_state_dict_checked(model, _read_tensors(folder, MODEL), f"model weights {folder / MODEL}")
-    _load_optimizer(optimizer, folder)
+    load_state_dict_checked(model, weights, f"model weights {folder / MODEL}")
+    optimizer.load_state_dict(optimizer_state)
     lr_scheduler.load_state_dict(schedule)
     if ema is not None:
-        shadow = _read_tensors(folder, EMA)
-        if set(shadow) != {str(i) for i in range(len(ema.shadow_params))}:
-            raise CheckpointError(f"{folder / EMA} holds {len(shadow)} EMA tensors, this run trains "
-                                  f"{len(ema.shadow_params)} (keys 0..{len(ema.shadow_params) - 1})")
-        for i, p in enumerate(ema.shadow_params):
-            _check_tensor(shadow[str(i)], p.detach(), f"{folder / EMA}: tensor {i}")
-        ema.load_state_dict({**ema_settings, "shadow_params": [shadow[str(i)].to(p.device)
-                                                               for i, p in enumerate(ema.shadow_params)]})
+        ema.load_state_dict({**ema_settings, "shadow_params": shadow})
     if scaler is not None:
         scaler.load_state_dict(scaler_state)
     _restore_rng(folder, process_index)
     return step
+
+
+def _read_shadow(folder: Path, ema) -> list[torch.Tensor]:
+    """The EMA's shadow weights, one per trained parameter, each of its shape and dtype, finite."""
+    shadow = _read_tensors(folder, EMA)
+    if set(shadow) != {str(i) for i in range(len(ema.shadow_params))}:
+        raise CheckpointError(f"{folder / EMA} holds {len(shadow)} EMA tensors, this run trains "
+                              f"{len(ema.shadow_params)} (keys 0..{len(ema.shadow_params) - 1})")
+    for i, p in enumerate(ema.shadow_params):
+        check_tensor(shadow[str(i)], p.detach(), f"{folder / EMA}: tensor {i}")
+    return [shadow[str(i)].to(p.device) for i, p in enumerate(ema.shadow_params)]
 
 
 def load_validation_state(folder: Path, reference: dict[str, torch.Tensor] | None = None
@@ -495,5 +468,5 @@ def load_validation_state(folder: Path, reference: dict[str, torch.Tensor] | Non
             raise CheckpointError(f"{folder / BEST} does not hold this run's trained weights: missing "
                                   f"{missing[:5]}, unexpected {unexpected[:5]}")
         for name, like in reference.items():
-            _check_tensor(weights[name], like.detach().cpu(), f"{folder / BEST}: {name}")
+            check_tensor(weights[name], like.detach().cpu(), f"{folder / BEST}: {name}")
     return weights, info.model_dump()

@@ -11,24 +11,24 @@ import torch
 from torch import Tensor, nn
 
 from lift3d.plugins import create
-from lift3d.training.config import TrainConfig
+from lift3d.training.sections import DataConfig
 
 logger = logging.getLogger("lift3d.training.task")
 
 
 @dataclass
 class Task:
-    """What one stage trains; the loop in :func:`_train` is the same for every stage.
+    """What one stage trains; the loop (:mod:`lift3d.training.loop`) is the same for every stage.
 
-    ``loss(model, batch, micro_step)`` returns the loss and extra values to log; ``validate(model)``
-    scores the unwrapped model on fixed data; ``export(model)`` writes ``output_dir/model``.
+    ``loss(model, batch, micro_step)`` returns the loss and extra values to log; ``score(model)``
+    scores the unwrapped model on fixed data (``val_*`` values); ``export(model)`` writes ``output_dir/model``.
     """
 
     model: nn.Module
     params: list[nn.Parameter]
     view: torch.utils.data.Dataset
     loss: Callable[[nn.Module, dict, int], tuple[Tensor, dict[str, Tensor]]]
-    validate: Callable[[nn.Module], dict[str, float]]
+    score: Callable[[nn.Module], dict[str, float]]
     export: Callable[[nn.Module], Path]
     sampled: Any = None  # a lift3d.training.validation.SampledValidation when run.validate_every is set
 
@@ -42,10 +42,11 @@ def check_grid(dataset, multiple: int, why: str) -> None:
                          f"valid sizes near it: {low}, {low + multiple}")
 
 
-def validation_pairs(cfg: TrainConfig) -> list:
-    """The first ``data.val_volumes`` volumes of the dataset's validation split, loaded now."""
-    val = create("datasets", cfg.data.dataset, split="val", **cfg.data.options)
+def validation_pairs(data: DataConfig, validate_every: int) -> list:
+    """The first ``data.val_volumes`` volumes of the dataset's validation split, loaded now (for sampled
+    validation every ``validate_every`` steps)."""
+    val = create("datasets", data.dataset, split="val", **data.options)
     if len(val) == 0:
-        raise ValueError(f"run.validate_every = {cfg.run.validate_every} needs validation subjects, but dataset "
-                         f"{cfg.data.dataset!r} has none in its 'val' split (set its val_size/num_val option)")
-    return [val[i] for i in range(min(cfg.data.val_volumes, len(val)))]
+        raise ValueError(f"run.validate_every = {validate_every} needs validation subjects, but dataset "
+                         f"{data.dataset!r} has none in its 'val' split (set its val_size/num_val option)")
+    return [val[i] for i in range(min(data.val_volumes, len(val)))]

@@ -6,7 +6,8 @@ loss can still sample worse), so stages 1 and 2 can score held-out *validation* 
 PSNR, SSIM, MAE and z-inconsistency (:mod:`lift3d.evaluation.metrics`, inside the subject's mask when the
 dataset gives one). The run keeps the weights of the step with the best validation PSNR and exports
 those. In stage 2 step 0 is the stage-1 model itself (lifting is the identity at initialisation), so
-a stage 2 that never beats its stage-1 model says so, and exports the stage-1 weights.
+a stage 2 that never beats its stage-1 model says so (:mod:`lift3d.training.stages.volumes`), and exports
+the stage-1 weights.
 """
 
 from __future__ import annotations
@@ -50,13 +51,13 @@ class SampledValidation:
         was_training = unet.training
         unet.eval()
         model = SynthesisModel(unet, self.autoencoder, self.settings, self.scheduler_config)
-        # A model trained for an N-step sampler (objective option train_steps) is validated with that sampler.
+        # A model trained for an N-step solver (objective option train_steps) is validated with that solver.
         matched = (model.settings.objective_options or {}).get("train_steps")
-        scheduler, steps = (model.objective.default_sampler, matched) if matched else ("dpm", self.steps)
+        solver, steps = (model.objective.default_solver, matched) if matched else ("dpm", self.steps)
         rows = []
         for pair in self.pairs:
             source = pair.source[None].to(self.device)
-            pred = synthesize(model, source, scheduler=scheduler, steps=steps, seed=VALIDATION_SEED, progress=False)
+            pred = synthesize(model, source, solver=solver, steps=steps, seed=VALIDATION_SEED, progress=False)
             rows.append(score_pair(pred[0, 0].float().cpu().numpy(), pair))
         unet.train(was_training)
         return {f"val_{k}": v["mean"] for k, v in summarize(rows).items()}
@@ -71,14 +72,8 @@ def snapshot(params: list[nn.Parameter], names: list[str]) -> dict[str, torch.Te
     return {name: p.detach().cpu().clone() for name, p in zip(names, params)}
 
 
-def summary_line(best: Best, first: dict[str, float] | None, stage: str) -> str:
-    """What the run tells the user at the end about its validation."""
-    key = f"val_{SELECTION_METRIC}"
+def summary_line(best: Best) -> str:
+    """What the run tells the user at the end about its validation (a stage may add to it:
+    :meth:`lift3d.training.stages.Stage.validation_summary`)."""
     scores = ", ".join(f"{k[4:]} {v:.4g}" for k, v in best.scores.items())
-    line = f"best validation {SELECTION_METRIC} at step {best.step} ({scores}); exporting that step's weights"
-    if stage == "volumes" and first is not None:
-        if best.step == 0:
-            return (f"no stage-2 step beat the stage-1 model on validation (stage 1: {SELECTION_METRIC} "
-                    f"{first[key]:.4g}); exporting the stage-1 weights, lifted at identity")
-        line += f" (stage 1: {SELECTION_METRIC} {first[key]:.4g})"
-    return line
+    return f"best validation {SELECTION_METRIC} at step {best.step} ({scores}); exporting that step's weights"

@@ -1,19 +1,19 @@
-"""Training stages, one file each. A stage's ``prepare(cfg, dataset, output_dir)`` builds and checks its
-networks before the run folder is touched, and returns ``make_task(accelerator)``: the
-:class:`~lift3d.training.task.Task` (model, trained parameters, data, loss, validation, export) that the
-one loop in :mod:`lift3d.training.loop` trains. A new stage is a file here and a line in :data:`STAGES`
-(and its name in ``lift3d.training.config.STAGES``, which the command line offers).
+"""Training stages, one file each: every module of this package is imported here, and each built-in stage
+registers itself in :data:`STAGES` from its own file (``@STAGES.register("slices")``), so a new stage is one
+new file. A plugin adds a stage through the hook ``lift3d_register_stages``.
+
+A stage (:class:`Stage`) carries its name, its own config section, how it prepares its models, its data
+view, its memory estimate and its export label; the one loop in :mod:`lift3d.training.loop` trains it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import importlib
+import pkgutil
 
-from lift3d.training.stages import autoencoder, diffusion, segmenter
+from lift3d.training.stages.registry import STAGES, Stage, get_stage, stages
 
-STAGES: dict[str, Callable[..., Callable[[Any], Any]]] = {
-    "autoencoder": autoencoder.prepare,
-    "slices": diffusion.prepare,   # stage 1: a 2D U-Net, a timestep per slice
-    "volumes": diffusion.prepare,  # stage 2: lifted, a timestep per volume
-    "segmenter": segmenter.prepare,  # the tissue segmenter that scores synthesis
-}
+__all__ = ["STAGES", "Stage", "get_stage", "stages"]
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -29,12 +30,36 @@ from lift3d.diffusion.autoencoding import tiny_kl_config
 from lift3d.diffusion.export import TRAINING_SETTINGS
 from lift3d.plugins import create
 from lift3d.training.checkpoints import write_folder
-from lift3d.training.config import TrainConfig
 from lift3d.training.data_order import IndexedView
+from lift3d.training.options import MAX_LAYERS_PER_BLOCK, at_least, check_groups, from_to, opt, show_value, widths
+from lift3d.training.sections import AutoencoderConfig
+from lift3d.training.sizing import check_training_bytes, on_meta, parameter_bytes, resnet_lower_bound
+from lift3d.training.stages.registry import STAGES, Stage
 from lift3d.training.task import Task, check_grid
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
+
+
+@dataclass
+class VaeConfig:
+    """``[vae]``: the options of the autoencoder stage."""
+
+    block_out_channels: list[int] = opt([64, 128, 128], "autoencoder stage: AutoencoderKL widths of a new autoencoder; "
+                                        "f = 2 ** (levels - 1), so three levels give the paper's f = 4", rule=widths())
+    latent_channels: int = opt(4, "autoencoder stage: latent channels", rule=at_least(1))
+    layers_per_block: int = opt(1, "autoencoder stage: resnets per level", rule=from_to(1, MAX_LAYERS_PER_BLOCK))
+    norm_num_groups: int = opt(32, "autoencoder stage: GroupNorm groups (must divide every width)", rule=at_least(1))
+    kl_weight: float = opt(1e-6, "autoencoder stage: weight of the KL term (per pixel)", rule=at_least(0))
+    ssim_weight: float = opt(0.2, "autoencoder stage: weight of the structural term 1 - SSIM", rule=at_least(0))
+    adversarial_weight: float = opt(0.0, "autoencoder stage: weight of the patch-discriminator term, scaled by the "
+                                    "adaptive gradient-norm ratio (0 = no discriminator)", rule=at_least(0))
+    adversarial_start: int = opt(0, "autoencoder stage: step at which the discriminator switches on",
+                                 rule=at_least(0))
+    discriminator_width: int = opt(32, "autoencoder stage: channels of the discriminator's first layer",
+                                   rule=at_least(8))
+    scale_batches: int = opt(32, "autoencoder stage: training batches whose latents set scaling_factor and "
+                             "shift_factor at export", rule=at_least(1))
 
 
 class PatchDiscriminator(nn.Module):
@@ -73,11 +98,12 @@ class AutoencoderObjective(nn.Module):
     ``forward`` lets Accelerate's DDP wrapper all-reduce every gradient.
     """
 
-    def __init__(self, vae: "AutoencoderKL", cfg: Any) -> None:
+    def __init__(self, vae: "AutoencoderKL", options: VaeConfig) -> None:
         super().__init__()
-        self.vae, self.cfg = vae, cfg
-        adversarial = cfg.adversarial_weight > 0
-        self.discriminator = PatchDiscriminator(vae.config.in_channels, cfg.discriminator_width) if adversarial else None
+        self.vae, self.options = vae, options
+        self.discriminator = None
+        if options.adversarial_weight > 0:
+            self.discriminator = PatchDiscriminator(vae.config.in_channels, options.discriminator_width)
 
     def _adaptive_weight(self, reconstruction_loss: Tensor, generator_loss: Tensor) -> Tensor:
         last = self.vae.decoder.conv_out.weight
@@ -91,31 +117,33 @@ class AutoencoderObjective(nn.Module):
         l1 = F.l1_loss(reconstruction.float(), x.float())
         ssim = _ssim(reconstruction, x)
         kl = posterior.kl().mean() / x[0].numel()  # per pixel, as l1 is
-        loss = l1 + self.cfg.ssim_weight * (1 - ssim) + self.cfg.kl_weight * kl
+        loss = l1 + self.options.ssim_weight * (1 - ssim) + self.options.kl_weight * kl
         logs = {"l1": l1.detach(), "ssim": ssim.detach(), "kl": kl.detach()}
         if self.discriminator is None:
             return loss, logs
-        if step < self.cfg.adversarial_start:
+        if step < self.options.adversarial_start:
             # Unused parameters would stall DDP's gradient all-reduce; a zero term keeps them in the graph.
             return loss + 0.0 * sum(p.sum() for p in self.discriminator.parameters()), logs
         frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
         generator_loss = -functional_call(self.discriminator, frozen, (reconstruction,)).mean()
-        weight = self._adaptive_weight(l1 + self.cfg.ssim_weight * (1 - ssim), generator_loss) if torch.is_grad_enabled() \
+        reconstruction_loss = l1 + self.options.ssim_weight * (1 - ssim)
+        weight = self._adaptive_weight(reconstruction_loss, generator_loss) if torch.is_grad_enabled() \
             else torch.ones((), device=x.device)
         real, fake = self.discriminator(x), self.discriminator(reconstruction.detach())
         discriminator_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
-        loss = loss + self.cfg.adversarial_weight * weight * generator_loss + discriminator_loss
+        loss = loss + self.options.adversarial_weight * weight * generator_loss + discriminator_loss
         logs.update(generator=generator_loss.detach(), discriminator=discriminator_loss.detach(), adaptive_weight=weight)
         return loss, logs
 
 
-def new_vae(cfg: Any, image_channels: int) -> "AutoencoderKL":
-    """A fresh ``AutoencoderKL``: f = 2 ** (len(block_out_channels) - 1), f = 4 by default."""
+def new_vae(options: VaeConfig, image_channels: int) -> "AutoencoderKL":
+    """A fresh ``AutoencoderKL`` of ``[vae]``: f = 2 ** (len(block_out_channels) - 1), f = 4 by default."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL.from_config(tiny_kl_config(
-        image_channels=image_channels, latent_channels=cfg.latent_channels, block_out_channels=cfg.block_out_channels,
-        layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_num_groups))
+        image_channels=image_channels, latent_channels=options.latent_channels,
+        block_out_channels=options.block_out_channels, layers_per_block=options.layers_per_block,
+        norm_num_groups=options.norm_num_groups))
 
 
 @torch.no_grad()
@@ -133,25 +161,22 @@ def measure_latent_scale(vae: "AutoencoderKL", batches: Iterable[Tensor]) -> tup
     return float(mean), float(1.0 / std)
 
 
-# --------------------------------------------------------------------------------------------
-# The stage
-
-
-def autoencoder_task(cfg: TrainConfig, dataset, objective, output_dir: Path, device) -> Task:
-    """The autoencoder stage: reconstruct source and target slices with one KL autoencoder."""
-    view = IndexedView(dataset.slices())
+def autoencoder_task(objective: AutoencoderObjective, view: IndexedView, batch_size: int, accumulation: int,
+                     settings: dict[str, Any], output_dir: Path, device) -> Task:
+    """Reconstruct source and target slices with one KL autoencoder; the export writes ``settings`` (what the
+    run was) beside the measured latent scale."""
 
     def slices(batch: dict) -> Tensor:
         parts = [batch["source"]] + ([batch["target"]] if "target" in batch else [])
         return torch.cat(parts).to(device)
 
     def loss(model, batch: dict, micro: int):
-        return model(slices(batch), micro // cfg.optim.gradient_accumulation_steps)
+        return model(slices(batch), micro // accumulation)
 
     val_items = stack_items([view[i] for i in range(0, len(view), max(1, len(view) // 16))][:16])
 
     @torch.no_grad()
-    def validate(model) -> dict[str, float]:
+    def score(model) -> dict[str, float]:
         x = slices(val_items)
         vae = model.vae
         reconstruction = vae.decode(vae.encode(x.to(vae.dtype)).latent_dist.mode()).sample.float().clamp(-1, 1)
@@ -160,39 +185,76 @@ def autoencoder_task(cfg: TrainConfig, dataset, objective, output_dir: Path, dev
                 "val_psnr": 10 * math.log10(4.0 / max(mse, 1e-12))}  # slices in [-1, 1]: peak-to-peak 2
 
     def export(model) -> Path:
-        loader = torch.utils.data.DataLoader(view, batch_size=cfg.data.batch_size, collate_fn=stack_items)
-        batches = (slices(b) for _, b in zip(range(cfg.vae.scale_batches), loader))
+        loader = torch.utils.data.DataLoader(view, batch_size=batch_size, collate_fn=stack_items)
+        batches = (slices(b) for _, b in zip(range(model.options.scale_batches), loader))
         shift, scale = measure_latent_scale(model.vae, batches)
         model.vae.register_to_config(scaling_factor=scale, shift_factor=shift)
 
         def write(tmp: Path) -> None:
             model.vae.save_pretrained(tmp, safe_serialization=True)
             (tmp / TRAINING_SETTINGS).write_text(json.dumps(
-                {"stage": "autoencoder", "scaling_factor": scale, "shift_factor": shift,
-                 "downsampling_factor": 2 ** (len(model.vae.config.block_out_channels) - 1),
-                 "data": {"dataset": cfg.data.dataset, "options": dict(cfg.data.options)}, "config": cfg.to_dict()},
-                indent=2))
+                {**settings, "scaling_factor": scale, "shift_factor": shift,
+                 "downsampling_factor": 2 ** (len(model.vae.config.block_out_channels) - 1)}, indent=2))
 
         return write_folder(output_dir / "model", write)
 
-    return Task(objective, [p for p in objective.parameters() if p.requires_grad], view, loss, validate, export)
+    return Task(objective, [p for p in objective.parameters() if p.requires_grad], view, loss, score, export)
 
 
-def build_autoencoder_objective(cfg: TrainConfig, dataset):
-    """A new KL autoencoder from [vae], or the ``kl`` autoencoder of [autoencoder] to fine-tune."""
-    if cfg.autoencoder.options:
-        base = create("autoencoders", cfg.autoencoder.name, **cfg.autoencoder.options)
+def autoencoder_objective(autoencoder: AutoencoderConfig, options: VaeConfig, dataset) -> AutoencoderObjective:
+    """A new KL autoencoder from ``[vae]``, or the ``kl`` autoencoder of ``[autoencoder]`` to fine-tune."""
+    if autoencoder.options:
+        base = create("autoencoders", autoencoder.name, **autoencoder.options)
         if not hasattr(base, "vae"):
-            raise ValueError(f"run.stage = 'autoencoder' trains a KL autoencoder; autoencoder.name = "
-                             f"{cfg.autoencoder.name!r} has none (use 'kl', or no autoencoder.options for a new one)")
+            raise ValueError(f"the autoencoder stage trains a KL autoencoder; autoencoder.name = "
+                             f"{autoencoder.name!r} has none (use 'kl', or no autoencoder.options for a new one)")
         vae = base.vae
     else:
-        vae = new_vae(cfg.vae, dataset[0].source.shape[0])
+        vae = new_vae(options, dataset[0].source.shape[0])
     check_grid(dataset, 2 ** (len(vae.config.block_out_channels) - 1), "the autoencoder's f")
-    return AutoencoderObjective(vae.train().requires_grad_(True), cfg.vae)
+    return AutoencoderObjective(vae.train().requires_grad_(True), options)
 
 
-def prepare(cfg: TrainConfig, dataset, output_dir: Path) -> Callable[[Any], Task]:
-    """Build and check the autoencoder stage before the run folder is touched."""
-    objective = build_autoencoder_objective(cfg, dataset)
-    return lambda accelerator: autoencoder_task(cfg, dataset, objective, output_dir, accelerator.device)
+@STAGES.register("autoencoder")
+class Autoencoder(Stage):
+    """Train the KL autoencoder the latent stages run in (a new one from ``[vae]``, or the ``kl`` autoencoder
+    of ``[autoencoder]`` fine-tuned), on source and target slices alike."""
+
+    summary = "train the KL autoencoder the latent stages run in ([vae])"
+    section, options = "vae", VaeConfig
+    export_label = "autoencoder"
+    reads = ("run", "data", "autoencoder", "optim")
+    # Validation reconstructs training slices: no sampled validation, no validation split, no windows.
+    ignores = ("run.validate_every", "run.validate_steps", "data.window", "data.val_volumes",
+               "autoencoder.cache_latents")
+
+    def check(self, cfg: Any) -> None:
+        check_groups("vae", cfg.vae.block_out_channels, cfg.vae.norm_num_groups)
+
+    def view(self, cfg: Any, dataset) -> IndexedView:
+        return IndexedView(dataset.slices())
+
+    def memory(self, cfg: Any) -> tuple[int, int, str]:
+        vae: VaeConfig = cfg.vae
+        what = (f"the autoencoder of vae.block_out_channels = {show_value(vae.block_out_channels)}, layers_per_block = "
+                f"{vae.layers_per_block}, latent_channels = {vae.latent_channels}")
+        first, last, latent = vae.block_out_channels[0], vae.block_out_channels[-1], vae.latent_channels
+        # and the four convs in and out: image -> first, last -> mean and log-variance, latent -> last, first -> image
+        bound = resnet_lower_bound(vae.block_out_channels, vae.layers_per_block) + 9 * (2 * first + 3 * latent * last)
+        if vae.adversarial_weight > 0:
+            bound += 16 * 2 * vae.discriminator_width ** 2
+            what += f", discriminator_width = {vae.discriminator_width}"
+        check_training_bytes(4 * bound, 4 * bound, what + " (at least)", False)
+        nbytes = parameter_bytes(on_meta(lambda: new_vae(vae, 1), what))
+        if vae.adversarial_weight > 0:
+            nbytes += parameter_bytes(on_meta(lambda: PatchDiscriminator(1, vae.discriminator_width), what))
+        return nbytes, nbytes, what
+
+    def prepare(self, cfg: Any, dataset, output_dir: Path) -> Callable[[Any], Task]:
+        objective = autoencoder_objective(cfg.autoencoder, cfg.vae, dataset)
+        view = self.view(cfg, dataset)
+        settings = {"stage": self.export_label, "data": {"dataset": cfg.data.dataset, "options": dict(cfg.data.options)},
+                    "config": cfg.to_dict()}
+        return lambda accelerator: autoencoder_task(objective, view, cfg.data.batch_size,
+                                                    cfg.optim.gradient_accumulation_steps, settings, output_dir,
+                                                    accelerator.device)

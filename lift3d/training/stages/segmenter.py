@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,14 +24,31 @@ from torch import Tensor
 from lift3d.data.context import context_indices
 from lift3d.data.tissue import TISSUES, with_background
 from lift3d.evaluation.segmentation import dice_scores
-from lift3d.evaluation.tissue_unet import TissueSegmenter
+from lift3d.evaluation.tissue_unet import TissueSegmenter, TissueUNet
 from lift3d.plugins import create
 from lift3d.training.checkpoints import write_folder
-from lift3d.training.config import TrainConfig
 from lift3d.training.data_order import IndexedView
+from lift3d.training.options import Rule, at_least, from_to, opt, show_value
+from lift3d.training.sections import DataConfig
+from lift3d.training.sizing import on_meta, parameter_bytes
+from lift3d.training.stages.registry import STAGES, Stage
 from lift3d.training.task import Task
 
 logger = logging.getLogger("lift3d.training.stages.segmenter")
+
+
+@dataclass
+class SegmenterConfig:
+    """``[segmenter]``: the options of the segmenter stage."""
+
+    block_out_channels: list[int] = opt([16, 32, 64], "segmenter stage: widths of the tissue U-Net, one level each "
+                                        "(the slice is halved between levels)",
+                                        rule=Rule(lambda v: 1 <= len(v) <= 6 and all(1 <= c <= 1024 for c in v),
+                                                  "a list of 1 to 6 widths from 1 to 1024"))
+    context: int = opt(1, "segmenter stage: the U-Net also sees this many neighbouring slices on each side",
+                       rule=from_to(0, 16))
+    dice_weight: float = opt(1.0, "segmenter stage: weight of the soft Dice term added to the cross-entropy with the "
+                             "tissue probabilities", rule=at_least(0))
 
 
 def tissue_of(pair, dataset_name: str) -> tuple[Tensor, Tensor]:
@@ -38,7 +56,7 @@ def tissue_of(pair, dataset_name: str) -> tuple[Tensor, Tensor]:
     tissue = pair.extra.get("tissue") if isinstance(pair.extra, dict) else None
     if pair.target is None or tissue is None:
         missing = "target" if pair.target is None else "tissue maps (extra['tissue'])"
-        raise ValueError(f"run.stage = 'segmenter' learns tissue from target volumes and their tissue maps, but subject "
+        raise ValueError(f"the segmenter stage learns tissue from target volumes and their tissue maps, but subject "
                          f"{pair.subject!r} of dataset {dataset_name!r} has no {missing}; datasets with both: "
                          "icbm152, phantom")
     target = pair.target.float()
@@ -83,18 +101,18 @@ def segmentation_loss(logits: Tensor, tissue: Tensor, dice_weight: float) -> tup
     return ce + dice_weight * (1 - soft_dice), {"ce": ce.detach(), "soft_dice": soft_dice.detach()}
 
 
-def validation_subjects(cfg: TrainConfig, dataset) -> list[tuple[Tensor, Tensor]]:
+def validation_subjects(data: DataConfig, dataset) -> list[tuple[Tensor, Tensor]]:
     """Up to ``data.val_volumes`` subjects of the dataset's 'val' split, or the first training subject where it has none."""
     try:
-        val = create("datasets", cfg.data.dataset, split="val", **cfg.data.options)
-        pairs = [val[i] for i in range(min(cfg.data.val_volumes, len(val)))]
+        val = create("datasets", data.dataset, split="val", **data.options)
+        pairs = [val[i] for i in range(min(data.val_volumes, len(val)))]
     except ValueError:  # the options gave the training split; an empty 'val' split is refused
         pairs = []
     if not pairs:
         logger.warning("dataset %r has no validation subjects: the segmenter is scored on training subject %r",
-                       cfg.data.dataset, dataset[0].subject)
+                       data.dataset, dataset[0].subject)
         pairs = [dataset[0]]
-    return [tissue_of(pair, cfg.data.dataset) for pair in pairs]
+    return [tissue_of(pair, data.dataset) for pair in pairs]
 
 
 def input_grid(dataset) -> dict[str, Any] | None:
@@ -109,35 +127,58 @@ def input_grid(dataset) -> dict[str, Any] | None:
             "spacing_mm": None if spacing is None else [float(s) for s in spacing]}
 
 
-def segmenter_task(cfg: TrainConfig, dataset, segmenter: TissueSegmenter, view: TissueSlices,
-                   val_subjects: list[tuple[Tensor, Tensor]], output_dir: Path, device) -> Task:
-    def loss(model, batch: dict, micro: int):
-        return segmentation_loss(model(batch["image"].to(device)), batch["tissue"].to(device), cfg.segmenter.dice_weight)
+def segmenter_task(segmenter: TissueSegmenter, view: TissueSlices, val_subjects: list[tuple[Tensor, Tensor]],
+                   dice_weight: float, training: dict[str, Any], output_dir: Path, device) -> Task:
+    """Learn the tissue maps of ``view``; the export records ``training`` (what the run was) and its last scores."""
 
-    def validate(model) -> dict[str, float]:
+    def loss(model, batch: dict, micro: int):
+        return segmentation_loss(model(batch["image"].to(device)), batch["tissue"].to(device), dice_weight)
+
+    def score(model) -> dict[str, float]:
         scored = TissueSegmenter(model, segmenter.classes, segmenter.context, segmenter.block_out_channels)
         rows = [dice_scores(scored.segment(target), tissue.argmax(0), segmenter.classes, prefix="val_dice_")
                 for target, tissue in val_subjects]
         return {key: math.fsum(row[key] for row in rows) / len(rows) for key in rows[0]}
 
     def export(model) -> Path:
-        segmenter.training = json.loads(json.dumps({
-            "stage": "segmenter", "steps": cfg.run.max_steps, "seed": cfg.run.seed,
-            "data": {"dataset": cfg.data.dataset, "options": cfg.data.options}, "validation": validate(model),
-        }, default=str))
+        segmenter.training = json.loads(json.dumps({**training, "validation": score(model)}, default=str))
         return write_folder(output_dir / "model", segmenter.save)
 
     return Task(segmenter.network, [p for p in segmenter.network.parameters() if p.requires_grad], IndexedView(view),
-                loss, validate, export)
+                loss, score, export)
 
 
-def prepare(cfg: TrainConfig, dataset, output_dir: Path) -> Callable[[Any], Task]:
-    """Check the dataset gives targets with tissue maps and build the segmenter, before the run folder is touched."""
-    view = TissueSlices(dataset, cfg.data.dataset, cfg.segmenter.context)
-    view.subject(0)  # refuses a dataset without tissue maps now, in one line
-    segmenter = TissueSegmenter.new(TISSUES, context=cfg.segmenter.context,
-                                    block_out_channels=tuple(cfg.segmenter.block_out_channels),
-                                    input_grid=input_grid(dataset))
-    val_subjects = validation_subjects(cfg, dataset)
-    return lambda accelerator: segmenter_task(cfg, dataset, segmenter, view, val_subjects, output_dir,
-                                              accelerator.device)
+@STAGES.register("segmenter")
+class Segmenter(Stage):
+    """The tissue segmenter that scores synthesis, trained on the real targets and their tissue maps."""
+
+    summary = "the tissue segmenter that scores synthesis ([segmenter])"
+    section, options = "segmenter", SegmenterConfig
+    export_label = "segmenter"
+    reads = ("run", "data", "optim")
+    # Validation scores Dice on whole validation subjects: no sampled validation, no windows.
+    ignores = ("run.validate_every", "run.validate_steps", "data.window")
+
+    def view(self, cfg: Any, dataset) -> TissueSlices:
+        return TissueSlices(dataset, cfg.data.dataset, cfg.segmenter.context)
+
+    def memory(self, cfg: Any) -> tuple[int, int, str]:
+        # Widths and levels are capped by their rule: building the network on the meta device is cheap.
+        seg: SegmenterConfig = cfg.segmenter
+        what = f"the tissue U-Net of segmenter.block_out_channels = {show_value(seg.block_out_channels)}"
+        nbytes = parameter_bytes(on_meta(
+            lambda: TissueUNet(2 * seg.context + 1, len(TISSUES) + 1, seg.block_out_channels), what))
+        return nbytes, nbytes, what
+
+    def prepare(self, cfg: Any, dataset, output_dir: Path) -> Callable[[Any], Task]:
+        """Check the dataset gives targets with tissue maps and build the segmenter, before the run folder is touched."""
+        view = self.view(cfg, dataset)
+        view.subject(0)  # refuses a dataset without tissue maps now, in one line
+        segmenter = TissueSegmenter.new(TISSUES, context=cfg.segmenter.context,
+                                        block_out_channels=tuple(cfg.segmenter.block_out_channels),
+                                        input_grid=input_grid(dataset))
+        val_subjects = validation_subjects(cfg.data, dataset)
+        training = {"stage": self.export_label, "steps": cfg.run.max_steps, "seed": cfg.run.seed,
+                    "data": {"dataset": cfg.data.dataset, "options": cfg.data.options}}
+        return lambda accelerator: segmenter_task(segmenter, view, val_subjects, cfg.segmenter.dice_weight, training,
+                                                  output_dir, accelerator.device)

@@ -1,0 +1,54 @@
+"""The automatic plan: its rule on fingerprints of other grids, and the editable plan.json's reader."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lift3d.data.fingerprint import Fingerprint, SubjectFingerprint
+from lift3d.io.errors import Lift3dError
+from lift3d.recipes.plan import Plan, load_plan, make_plan, save_plan
+
+
+def _fingerprint(shape, spacing, orientation="RAS", count=24) -> Fingerprint:
+    subject = SubjectFingerprint("s", tuple(shape), tuple(spacing), tuple(orientation), (0.0, 1.0, 2.0), None, None)
+    return Fingerprint("T1", "T2", tuple(subject for _ in range(count)))
+
+
+def test_anisotropic_voxels_slice_along_the_coarse_axis():
+    plan = make_plan(_fingerprint((60, 220, 200), (4.0, 1.0, 1.0), "LPS"))  # sagittal acquisition, 4 mm slices
+    assert plan.slice_axis == "sagittal"
+    assert plan.size == 48 and plan.size % plan.multiple == 0
+    assert 8 <= plan.num_slices <= 32
+    assert "coarser" in plan.why["slice_axis"]
+
+
+def test_isotropic_voxels_slice_axially_and_small_volumes_keep_their_size():
+    plan = make_plan(_fingerprint((30, 30, 20), (2.0, 2.0, 2.0)))
+    assert plan.slice_axis == "axial"
+    assert plan.size == 32  # 30 native voxels rounded up to the U-Net's multiple of 4, under the CPU cap
+    assert plan.num_slices == 21  # 40 mm at the 32-voxel grid's 1.9 mm
+
+
+def test_the_split_leaves_training_subjects_and_a_gpu_gets_the_papers_grid():
+    small = make_plan(_fingerprint((64, 64, 32), (1.0, 1.0, 1.0), count=6))
+    assert small.val_size + small.test_size <= 4
+    gpu = make_plan(_fingerprint((256, 256, 160), (1.0, 1.0, 1.0)), device="cuda")
+    assert gpu.size == 256 and gpu.widths == [64, 128, 256, 256]
+
+
+def test_plan_json_round_trips_and_refuses_typos_and_bad_values(tmp_path):
+    plan = make_plan(_fingerprint((64, 64, 32), (1.0, 1.0, 1.0)))
+    path = save_plan(plan, tmp_path)
+    assert load_plan(path) == plan
+    edited = json.loads(path.read_text())
+    edited["stage1_step"] = 10
+    path.write_text(json.dumps(edited))
+    with pytest.raises(Lift3dError, match=r"plan.json: file is not valid: stage1_step is not a key lift3d reads; valid keys: baseline"):
+        load_plan(path)
+    edited = {**json.loads(save_plan(plan, tmp_path).read_text()), "evaluation_budget": 0}
+    path.write_text(json.dumps(edited))
+    with pytest.raises(Lift3dError, match="evaluation_budget must be >= 1, got 0"):
+        load_plan(path)
+    assert Plan().multiple == 4
