@@ -1,7 +1,7 @@
 """lift3d: lift a pretrained 2D diffusion U-Net into a volume-aware 3D model.
 
 Implements Make-A-Volume (Zhu et al., MICCAI 2023): identity-initialised 1D convolutions along
-the slice axis, inserted into any 2D network by :func:`inflate`; :func:`fuse` folds them into their
+the slice axis, inserted into any 2D network by ``inflate``; ``fuse`` folds them into their
 host convs for inference.
 """
 

@@ -2,7 +2,7 @@
 
 Make-A-Volume (Zhu et al., MICCAI 2023, sec. 2.2) runs its diffusion in the latent space of a
 pretrained KL autoencoder with downsampling factor f = 4. Both classes follow
-:class:`lift3d.plugins.protocols.Autoencoder` on slice batches ``(B, C, H, W)``.
+``lift3d.plugins.protocols.Autoencoder`` on slice batches ``(B, C, H, W)``.
 """
 
 from __future__ import annotations

@@ -70,9 +70,9 @@ class PerSliceTimestepSampler:
 
 
 class PerVolumeTimestepSampler:
-    """``uniform-volume``: one t per volume, shared by all its slices, drawn from :meth:`weights`.
+    """``uniform-volume``: one t per volume, shared by all its slices, drawn from ``weights``.
 
-    Subclasses change the distribution by overriding :meth:`weights`; ``None`` means uniform.
+    Subclasses change the distribution by overriding ``weights``; ``None`` means uniform.
     """
 
     per_volume = True

@@ -48,6 +48,9 @@ def test_fit_then_predict_on_an_unseen_folder(tmp_path, capsys):
     assert (run / "report.html").stat().st_size > 1000
     card = (run / "model" / "README.md").read_text()
     assert "lift3d predict --model" in card and "T1 -> FLAIR" in card
+    stage2_card = (run / "stage2-0" / "model" / "README.md").read_text()  # every export says what it is
+    assert "not** a plain diffusers model" in stage2_card and "lift3d.load_lifted" in stage2_card
+    assert "2D diffusion U-Net trained slice by slice" in (run / "stage1" / "model" / "README.md").read_text()
     for subject in results["split"]["test"]:
         written = nib.load(str(run / "test" / "lifted" / f"{subject}_synth.nii.gz"))
         assert written.shape == SHAPE and np.allclose(written.affine, AFFINE)  # the subject's own grid

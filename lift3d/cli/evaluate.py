@@ -1,16 +1,16 @@
 """``lift3d-evaluate``: score synthesized NIfTI volumes against their targets (MAE, PSNR, SSIM of
 Make-A-Volume's Tables 1-2, plus a z-consistency score; per-plane, through-plane and multi-scale scores
-of :mod:`lift3d.evaluation.planes`; with ``--segmenter``, tissue Dice of :mod:`lift3d.evaluation.segmentation`)
+of ``lift3d.evaluation.planes``; with ``--segmenter``, tissue Dice of ``lift3d.evaluation.segmentation``)
 and draw Fig. 3-style orthogonal views.
 
 Writes ``metrics.csv`` (one row per subject, text cells safe to open in a spreadsheet),
 ``summary.json`` (mean and std per metric, and the intensity-scale rule), ``figures/<subject>.png`` and,
-with ``--report``, ``report.html`` (one self-contained page, :func:`lift3d.evaluation.report.write_report`)
+with ``--report``, ``report.html`` (one self-contained page, ``lift3d.evaluation.report.write_report``)
 into ``--out``. Everything is written into a hidden staging folder first and published together only
 when every subject succeeded: the figures folder is replaced whole (no figure of an earlier run stays
 beside new results), and a failed publication puts the earlier results back. No output path may be a
-link. Predictions are matched to their targets by :mod:`lift3d.cli._matching`. Every file is read
-through :func:`lift3d.data.nifti.open_nifti`, which checks its header (and the memory its voxels need)
+link. Predictions are matched to their targets by ``lift3d.cli._matching``. Every file is read
+through ``lift3d.data.nifti.open_nifti``, which checks its header (and the memory its voxels need)
 before any voxel is read; folders are listed without hidden files, so a temporary left by a killed
 writer is never taken for a prediction.
 """
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_volume_options(parser: argparse.ArgumentParser) -> None:
-    """--pred, and the volumes matched to each prediction (:mod:`lift3d.cli._matching`)."""
+    """--pred, and the volumes matched to each prediction (``lift3d.cli._matching``)."""
     parser.add_argument(
         "--pred", nargs="+", required=True, metavar="PATH",
         help="predicted NIfTI files (.nii or .nii.gz), or one directory of them (lift3d-synthesize's --out: "
@@ -164,7 +164,7 @@ def _load_header(path: Path, role: str) -> nib.Nifti1Image:
 
 def load_volume(path: Path, slice_axis: str) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Read a 3D image as float32 ``(n, h, w)`` for ``slice_axis`` (the project's one convention,
-    :func:`lift3d.data.orientation.to_slices`) and its voxel spacing in the same axis order."""
+    ``lift3d.data.orientation.to_slices``) and its voxel spacing in the same axis order."""
     canonical = nib.as_closest_canonical(load_image(path))
     zooms = canonical.header.get_zooms()[:3]
     spacing = tuple(float(zooms[axis]) for axis in SLICE_AXES[slice_axis])
@@ -277,7 +277,7 @@ def evaluate_subject(subject: Subject, slice_axis: str, figure_path: Path, segme
 
 
 def _dice_columns(rows: list[dict[str, object]]) -> list[str]:
-    """The --segmenter's scores (dice_*), in the order :func:`lift3d.evaluation.segmentation.tissue_dice` gives them."""
+    """The --segmenter's scores (dice_*), in the order ``lift3d.evaluation.segmentation.tissue_dice`` gives them."""
     return [name for name in rows[0] if name.startswith(DICE_PREFIXES["segmentation"])]
 
 
@@ -341,7 +341,7 @@ def _prepare_out(out: Path) -> tuple[Path, bool]:
 
 
 def _publish(staging: Path, out: Path) -> None:
-    """Move the staged outputs into ``out`` together (:func:`lift3d.io.writing.commit_together`): the
+    """Move the staged outputs into ``out`` together (``lift3d.io.writing.commit_together``): the
     figures folder whole, replacing the earlier one, and the CSV and summary last, so their presence means
     the figures (and the report) are there. A report of an earlier run goes unless this run wrote one."""
     names = [name for name in OUTPUTS if (staging / name).exists()]

@@ -1,5 +1,5 @@
 """``lift3d-finetune``: train one stage (``--run.stage``: stage 1 ``slices``, stage 2 ``volumes`` by default, or
-any registered stage, :mod:`lift3d.training.stages`) from a TOML config.
+any registered stage, ``lift3d.training.stages``) from a TOML config.
 
 Multi-process and mixed precision come from Accelerate:
 ``accelerate launch -m lift3d.finetune --config stage2.toml`` (or the console script alone).

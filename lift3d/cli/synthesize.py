@@ -2,7 +2,7 @@
 
 Each source is prepared exactly as in training (closest canonical orientation, slice axis first,
 percentile normalisation to [-1, 1], resampling to the training grid), synthesised with
-:func:`lift3d.sampling.synthesis.synthesize_posterior` (Make-A-Volume, DDIM-200 by default), and written as
+``lift3d.sampling.synthesis.synthesize_posterior`` (Make-A-Volume, DDIM-200 by default), and written as
 ``<name>_synth.nii.gz`` back on the source's own grid with the source's affine; with ``--samples K``
 that is the mean of K samples, and their per-voxel std goes to ``std/<name>_std.nii.gz``. Every
 input and the output folder are checked before the first volume is synthesised: no output may
@@ -175,7 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# --------------------------------------------------------------------------------------------
 # Inputs and outputs
 
 
@@ -186,7 +185,7 @@ def subject_name(path: Path) -> str:
 
 def collect_sources(paths: list[str]) -> tuple[list[Path], list[Path]]:
     """The source files, and those skipped in a source folder as earlier outputs of this tool (their output
-    names: :func:`output_names`)."""
+    names: ``output_names``)."""
     skipped: list[Path] = []
     if len(paths) == 1 and Path(paths[0]).is_dir():
         folder = Path(paths[0])
@@ -234,7 +233,7 @@ def output_names(sources: list[Path], by_folder: bool = False) -> dict[Path, str
 
 
 def output_paths(out: Path, name: str) -> tuple[Path, Path]:
-    """Where the mean and std map of the source named ``name`` (:func:`output_names`) go."""
+    """Where the mean and std map of the source named ``name`` (``output_names``) go."""
     return out / f"{name}{OUTPUT_SUFFIX}", out / STD_DIR / f"{name}{STD_SUFFIX}"
 
 
@@ -274,7 +273,6 @@ def prepare_out(out: Path) -> bool:
     return created
 
 
-# --------------------------------------------------------------------------------------------
 # The training grid
 
 
@@ -291,7 +289,7 @@ def source_grid(model: SynthesisModel, image: nib.Nifti1Image, path: Path, *, si
                 num_slices: Any = None, samples: int = 1) -> TrainingGrid:
     """The grid ``path`` is synthesised on: the training grid, with the --size/--num-slices overrides.
 
-    It is refused unless ``samples`` syntheses on it fit the memory budget (:mod:`lift3d.io.budget`).
+    It is refused unless ``samples`` syntheses on it fit the memory budget (``lift3d.io.budget``).
     """
     settings = model_grid(model)
     axis = settings["slice_axis"]
@@ -332,9 +330,6 @@ def source_grid(model: SynthesisModel, image: nib.Nifti1Image, path: Path, *, si
     check_count(n * h * w, 4, f"{origin}: synthesis on a grid of {n} x {h} x {w} float32 voxels ({samples} sample(s), "
                 f"at least {copies} volumes at once)", copies=copies)
     return grid
-
-
-# --------------------------------------------------------------------------------------------
 
 
 def _synthesise_one(model: SynthesisModel, path: Path, grid: TrainingGrid, out: Path, name: str,

@@ -9,9 +9,9 @@ three build it from the same index rule, so slice ``k`` of a volume sees exactly
 slice-wise training item ``k`` saw.
 
 Training items carry a *padded* source: the target's slices and ``context`` more on each side,
-taken from the whole volume (:func:`padded_indices`). A stage-1 item is the padded source of one
+taken from the whole volume (``padded_indices``). A stage-1 item is the padded source of one
 slice; a stage-2 window's edge slices see their real neighbours, not a repeated edge.
-:func:`centre_with_context` turns a padded source into the U-Net's channels.
+``centre_with_context`` turns a padded source into the U-Net's channels.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def padded_indices(start: int, length: int, num_slices: int, context: int) -> Te
 def centre_with_context(padded: Tensor, context: int) -> Tensor:
     """A source padded by ``context`` slices on each side ``(b, c, n + 2 context, h, w)`` ->
     ``(b, (2 context + 1) c, n, h, w)``: its centre slices with their neighbours on channels,
-    as :func:`with_source_context` gives them in the whole volume."""
+    as ``with_source_context`` gives them in the whole volume."""
     if context == 0:
         return padded
     return with_source_context(padded, context)[:, :, context:-context]

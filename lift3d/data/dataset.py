@@ -1,7 +1,7 @@
 """Base class for dataset plugins: lazy subjects, an optional cache, and the two training views.
 
-Stage 1 reads :meth:`VolumeDataset.slices` (every slice of every subject, for shuffling);
-stage 2 reads :meth:`VolumeDataset.volumes` (whole volumes, or windows of ``window`` consecutive
+Stage 1 reads ``VolumeDataset.slices`` (every slice of every subject, for shuffling);
+stage 2 reads ``VolumeDataset.volumes`` (whole volumes, or windows of ``window`` consecutive
 slices). Both views index the same dataset object, so they always agree on the data.
 """
 
@@ -17,9 +17,9 @@ from lift3d.plugins.protocols import VolumePair
 
 
 class VolumeDataset(abc.ABC):
-    """Subclass and implement :meth:`subjects`, :meth:`load` and set ``num_slices``.
+    """Subclass and implement ``subjects``, ``load`` and set ``num_slices``.
 
-    ``load(i)`` returns a :class:`VolumePair` whose volumes are ``(c, num_slices, h, w)``.
+    ``load(i)`` returns a ``VolumePair`` whose volumes are ``(c, num_slices, h, w)``.
     With ``cache=True`` loaded pairs are kept in memory (``cache_size`` most recent, None = all).
     """
 
@@ -61,7 +61,7 @@ def _item(pair: VolumePair, sl: slice | int) -> dict:
 class SliceView(Dataset):
     """Every slice of every subject: items ``{"source": (c, h, w), "target": (c, h, w)}``.
 
-    With ``context = C`` (2.5D, :mod:`lift3d.data.context`) the source is the window of slices
+    With ``context = C`` (2.5D, ``lift3d.data.context``) the source is the window of slices
     ``k - C .. k + C`` around the target slice, ``(c, 2 C + 1, h, w)``, the edge slice repeated
     (the target's one slice, padded by ``C`` on each side).
     """

@@ -1,7 +1,7 @@
 """The fingerprint of a paired dataset: what a plan is made from, and the checks that refuse a bad folder.
 
 As nnU-Net's dataset fingerprint: voxel spacings, shapes, orientations, intensity percentiles inside
-the mask and the subject count, read once from the files. :func:`fingerprint` refuses, before any
+the mask and the subject count, read once from the files. ``fingerprint`` refuses, before any
 training, each subject whose files cannot make a pair, in one line naming the subject and the problem.
 """
 
@@ -40,7 +40,7 @@ class SubjectFingerprint:
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """The whole dataset: every subject's fingerprint and their medians, as :func:`fingerprint` read them."""
+    """The whole dataset: every subject's fingerprint and their medians, as ``fingerprint`` read them."""
 
     source: str
     target: str | None
@@ -104,7 +104,7 @@ def subject_fingerprint(subject: str, source: Path, target: Path | None = None,
     """Read one subject's files, check they make a pair, and fingerprint them.
 
     Refused, each in one line naming the subject: an unreadable, 4D or non-finite image (through
-    :func:`lift3d.data.nifti.load_image`), and a target or mask on another grid or orientation.
+    ``lift3d.data.nifti.load_image``), and a target or mask on another grid or orientation.
     """
     source_image = load_image(source)
     inside = None

@@ -1,6 +1,6 @@
 """Intensity normalisation: percentile clipping, then a linear map of ``[low, high]`` to [-1, 1].
 
-The map is kept in :class:`IntensityScaling` so a synthesised volume can be brought back to the
+The map is kept in ``IntensityScaling`` so a synthesised volume can be brought back to the
 source's intensity range; values clipped away on the way in are not recovered.
 """
 

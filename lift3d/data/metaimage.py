@@ -5,7 +5,7 @@ of lift3d never sees the difference. As for NIfTI, the header is checked (a scal
 that fits the memory budget) before any voxel is read.
 
 A MetaImage header names the file its voxels are in (``ElementDataFile``). That name is held to the
-rule of lift3d's own JSON paths (:func:`lift3d.io.paths.inside`): one file beside the header, never an
+rule of lift3d's own JSON paths (``lift3d.io.paths.inside``): one file beside the header, never an
 absolute path, ``..`` or a link out of the header's folder; lists and numbered file patterns are refused.
 The file is then read by ITK's MetaImage reader only, whatever its content claims to be.
 """
@@ -69,7 +69,7 @@ def _data_file(path: Path, value: str) -> Path | None:
 
 
 def check_data_files(path: Path | str) -> list[Path]:
-    """The files a MetaImage header at ``path`` names for its voxels, each checked by :func:`_data_file`.
+    """The files a MetaImage header at ``path`` names for its voxels, each checked by ``_data_file``.
 
     Every line whose key is ``ElementDataFile`` in any case or spacing is checked, up to the one that
     ends the header for ITK (``ElementDataFile = LOCAL`` at the start of a line: binary voxels follow).

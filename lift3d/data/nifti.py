@@ -1,11 +1,11 @@
 """Reading validated 3D images (NIfTI, or MetaImage through SimpleITK) and writing results back.
 
-:func:`load_image` turns every way an input can be bad into one :class:`VolumeError` naming the
-file. The header is checked before any voxel is read (:func:`open_nifti`): its dimensions, its
+``load_image`` turns every way an input can be bad into one ``VolumeError`` naming the
+file. The header is checked before any voxel is read (``open_nifti``): its dimensions, its
 data type (scalar only), where its voxels start, and the memory they need against the budget of
-:mod:`lift3d.io.budget`, so a corrupt or hostile header is refused in one line, not by the kernel.
-:func:`save_volume` puts a synthesised volume back on its source's original grid and writes it
-atomically under a temporary name no reader picks up (:mod:`lift3d.io.writing`).
+``lift3d.io.budget``, so a corrupt or hostile header is refused in one line, not by the kernel.
+``save_volume`` puts a synthesised volume back on its source's original grid and writes it
+atomically under a temporary name no reader picks up (``lift3d.io.writing``).
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def check_nifti_header(path: Path, header: nib.Nifti1Header) -> tuple[tuple[int,
 
 
 def open_nifti(path: Path | str) -> nib.Nifti1Image:
-    """The NIfTI image at ``path`` with its header checked (:func:`check_nifti_header`) and no voxel read yet."""
+    """The NIfTI image at ``path`` with its header checked (``check_nifti_header``) and no voxel read yet."""
     path = check_image_file(path)
     if image_suffix(path) not in NIFTI_SUFFIXES:
         raise VolumeError(f"{path}: not a NIfTI file; valid suffixes: {', '.join(NIFTI_SUFFIXES)}")
@@ -227,10 +227,10 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
 
 
 def load_image(path: Path | str) -> nib.Nifti1Image:
-    """Read one 3D image as a float32 ``Nifti1Image``, or raise :class:`VolumeError` saying why not.
+    """Read one 3D image as a float32 ``Nifti1Image``, or raise ``VolumeError`` saying why not.
 
     Checks: the file exists and is a regular file; its header is sound and its voxels fit the memory
-    budget (:func:`open_nifti`, before any voxel is read); it reads in full (a truncated ``.nii.gz``
+    budget (``open_nifti``, before any voxel is read); it reads in full (a truncated ``.nii.gz``
     fails here, not later); it is 3D (a 4D image whose trailing dimensions are all 1 is squeezed);
     it has at least 2 voxels along every axis; every voxel is finite; its affine is finite and
     invertible.

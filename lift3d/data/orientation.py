@@ -42,7 +42,7 @@ def to_slices(image: nib.Nifti1Image, slice_axis: str = "axial") -> np.ndarray:
 
 def to_slice_order(values, orientation: tuple[str, str, str], slice_axis: str) -> tuple:
     """Per-axis ``values`` of an image's array axes (its shape, its voxel size) in the ``(n, h, w)`` order
-    of :func:`to_slices`, for an image of ``orientation``."""
+    of ``to_slices``, for an image of ``orientation``."""
     ras = [None, None, None]
     for axis, (ras_axis, _) in enumerate(axcodes2ornt(orientation)):
         ras[int(ras_axis)] = values[axis]
@@ -50,12 +50,12 @@ def to_slice_order(values, orientation: tuple[str, str, str], slice_axis: str) -
 
 
 def slice_shape(shape: tuple[int, ...], orientation: tuple[str, str, str], slice_axis: str) -> tuple[int, int, int]:
-    """The ``(n, h, w)`` shape that :func:`to_slices` gives for an image of ``shape`` and ``orientation``."""
+    """The ``(n, h, w)`` shape that ``to_slices`` gives for an image of ``shape`` and ``orientation``."""
     return to_slice_order(shape, orientation, slice_axis)  # type: ignore[return-value]
 
 
 def from_slices(slices: np.ndarray, orientation: tuple[str, str, str], slice_axis: str) -> np.ndarray:
-    """Undo :func:`to_slices`: ``(n, h, w)`` -> the array axes of an image with ``orientation``."""
+    """Undo ``to_slices``: ``(n, h, w)`` -> the array axes of an image with ``orientation``."""
     ras = slices.transpose(np.argsort(SLICE_AXES[check_slice_axis(slice_axis)]))
     back = ornt_transform(axcodes2ornt(RAS), axcodes2ornt(orientation))
     return np.ascontiguousarray(apply_orientation(ras, back))

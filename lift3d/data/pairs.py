@@ -1,7 +1,7 @@
 """Loading one subject's pair: read, align the target (and mask) onto the source, prepare both.
 
-The result is a :class:`lift3d.plugins.protocols.VolumePair` whose ``meta`` is the source's
-:class:`VolumeMeta`, so a synthesised target can be written back on the source's own grid.
+The result is a ``lift3d.plugins.protocols.VolumePair`` whose ``meta`` is the source's
+``VolumeMeta``, so a synthesised target can be written back on the source's own grid.
 """
 
 from __future__ import annotations

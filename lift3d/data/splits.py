@@ -96,7 +96,7 @@ def split_subjects(
 
 
 def select_split(subjects: Sequence[str], split: str, **options) -> list[str]:
-    """The subjects of ``split`` (see :func:`split_subjects`); an empty split is an error.
+    """The subjects of ``split`` (see ``split_subjects``); an empty split is an error.
 
     ``split="all"`` is every subject, whatever the split options say.
     """

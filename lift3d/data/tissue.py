@@ -1,6 +1,6 @@
 """Brain tissue classes (CSF, grey matter, white matter): their names, and probability maps made into labels.
 
-A dataset with tissue gives ``extra["tissue"]``, ``(3, n, h, w)`` probabilities of :data:`TISSUES` in that
+A dataset with tissue gives ``extra["tissue"]``, ``(3, n, h, w)`` probabilities of ``TISSUES`` in that
 order on the training grid; a label map is ``(n, h, w)`` int64 with 0 = background and ``i`` = ``TISSUES[i - 1]``.
 """
 

@@ -1,8 +1,8 @@
-"""From a 3D image to the training grid and back: :class:`TrainingGrid`, :class:`VolumeMeta`.
+"""From a 3D image to the training grid and back: ``TrainingGrid``, ``VolumeMeta``.
 
 ``prepare_volume`` runs canonicalise -> slice axis first -> normalise -> resample, giving an
 ``(n, h, w)`` float32 array in [-1, 1]; ``restore_volume`` runs the exact inverse chain using the
-:class:`VolumeMeta` recorded on the way in. The paper resizes every volume to one grid
+``VolumeMeta`` recorded on the way in. The paper resizes every volume to one grid
 (256 x 256 x 100 for SWI -> MRA, 256 x 256 x 35 for RIRE T1 -> T2; Make-A-Volume, Sec. 3).
 """
 
@@ -33,7 +33,7 @@ GRID_COPIES = 3
 
 def check_voxel_memory(path: Path | str, shape: tuple[int, ...], dtype: str, itemsize: int) -> None:
     """Refuse, before anything is read, an image whose header's ``shape`` of ``dtype`` voxels would
-    not fit the memory budget once read and converted to float32 (:mod:`lift3d.io.budget`)."""
+    not fit the memory budget once read and converted to float32 (``lift3d.io.budget``)."""
     check_count(math.prod(int(s) for s in shape), int(itemsize) + READ_WORKING_BYTES,
                 f"{path}: its header's {' x '.join(str(int(s)) for s in shape)} {dtype} voxels "
                 "(as stored, then as float32)")
@@ -72,7 +72,7 @@ class TrainingGrid:
 
 @dataclass
 class VolumeMeta:
-    """What :func:`lift3d.data.nifti.save_volume` needs to put a volume back where it came from.
+    """What ``lift3d.data.nifti.save_volume`` needs to put a volume back where it came from.
 
     :param path: the source file (None for generated data).
     :param affine: the original voxel -> world (RAS mm) affine, 4 x 4.
@@ -137,7 +137,7 @@ def prepare_volume(
 
 
 def restore_volume(volume: Any, meta: VolumeMeta) -> np.ndarray:
-    """Undo :func:`prepare_volume`: ``(n, h, w)`` or ``(1, n, h, w)`` in [-1, 1] -> float32 in ``meta.shape``.
+    """Undo ``prepare_volume``: ``(n, h, w)`` or ``(1, n, h, w)`` in [-1, 1] -> float32 in ``meta.shape``.
 
     Values are clipped to [-1, 1] first (what normalisation produced); the clipping done by the
     percentile normalisation itself cannot be undone.

@@ -1,6 +1,6 @@
 """Encode and decode whole volume batches through an autoencoder's slice API.
 
-Autoencoders (see :class:`lift3d.plugins.protocols.Autoencoder`) work on slices; the volume-wise model
+Autoencoders (see ``lift3d.plugins.protocols.Autoencoder``) work on slices; the volume-wise model
 (Make-A-Volume, sec. 2.3) sees ``(b, c, n, h, w)``. These two functions are the sandwich between.
 """
 

@@ -2,7 +2,7 @@
 
 With ``concat`` conditioning the U-Net sees the noisy target latent and, concatenated on channels,
 the source latent of every slice it looks at (``2 source_context + 1`` of them, 2.5D); its output is
-one latent. :func:`predict` runs it on a ``(b, c, n, h, w)`` batch: a lifted U-Net learns which
+one latent. ``predict`` runs it on a ``(b, c, n, h, w)`` batch: a lifted U-Net learns which
 slices form a volume, a 2D one denoises them one by one.
 """
 
@@ -33,7 +33,7 @@ def unet_channels(latent_channels: int, conditioning: str, source_context: int =
 
 def check_channels(unet: nn.Module, latent_channels: int, conditioning: str, where: object = "the model",
                    source_context: int = 0, autoencoder_name: str = "autoencoder") -> None:
-    """Refuse a U-Net whose channels do not follow :func:`unet_channels`, saying what they should be."""
+    """Refuse a U-Net whose channels do not follow ``unet_channels``, saying what they should be."""
     need_in, need_out = unet_channels(latent_channels, conditioning, source_context)
     got_in, got_out = int(unet.config.in_channels), int(unet.config.out_channels)
     if (got_in, got_out) != (need_in, need_out):

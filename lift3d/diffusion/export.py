@@ -128,8 +128,8 @@ def _read_scheduler(folder: Path) -> dict[str, Any]:
 
 def read_training_settings(folder: str | os.PathLike) -> ExportSettings:
     """The checked training settings of an exported model folder (``lift3d_training.json``, or the
-    ``training`` entry of ``lift3d.json``), or a :class:`CheckpointError` saying why not. Where the folder
-    holds its noise schedule, the two are checked against each other (:func:`check_agreement`)."""
+    ``training`` entry of ``lift3d.json``), or a ``CheckpointError`` saying why not. Where the folder
+    holds its noise schedule, the two are checked against each other (``check_agreement``)."""
     folder = model_folder(folder)
     settings, path = _read_settings(folder)
     if (folder / SCHEDULER_CONFIG).exists() or (folder / SCHEDULER_CONFIG).is_symlink():
@@ -139,7 +139,7 @@ def read_training_settings(folder: str | os.PathLike) -> ExportSettings:
 
 def read_scheduler_config(folder: str | os.PathLike) -> dict[str, Any]:
     """The checked training noise schedule of an exported model folder (``scheduler/scheduler_config.json``),
-    checked against the folder's training settings where it has them (:func:`check_agreement`)."""
+    checked against the folder's training settings where it has them (``check_agreement``)."""
     folder = model_folder(folder)
     config = _read_scheduler(folder)
     if any((folder / name).is_file() for name in (TRAINING_SETTINGS, SETTINGS_FILE)):

@@ -14,9 +14,9 @@ under either objective: small ``t`` is little noise. ``train_steps = N`` (Fast-D
 2024) snaps every training ``t`` to the grid an N-step solver visits, so training and sampling
 match.
 
-An objective is a registered kind (:data:`OBJECTIVES`): the built-ins register here, by decorator; a third
+An objective is a registered kind (``OBJECTIVES``): the built-ins register here, by decorator; a third
 party's come through the hook ``lift3d_register_objectives``. Which solvers sample an objective is said once,
-by each solver (its ``inverts``, :mod:`lift3d.sampling.solvers`); an objective names only its
+by each solver (its ``inverts``, ``lift3d.sampling.solvers``); an objective names only its
 ``default_solver`` and its few-step preset ``fast``.
 """
 
@@ -56,7 +56,7 @@ def _snap(t: Tensor, grid: Tensor) -> Tensor:
 
 class StepMatched:
     """What both built-ins share: ``train_steps = N`` (Fast-DDPM) snaps every training timestep to the grid an
-    N-step solver visits (:meth:`step_grid`), and is what an export records of the objective's options."""
+    N-step solver visits (``step_grid``), and is what an export records of the objective's options."""
 
     train_steps: int | None = None
 
@@ -190,7 +190,7 @@ def objective_name(settings_objective: str | None) -> str:
 
 
 def create_objective(name: str, scheduler_config: dict[str, Any], options: dict[str, Any] | None = None):
-    """The objective ``name`` (registered in :data:`OBJECTIVES`) on the noise schedule ``scheduler_config`` (a
+    """The objective ``name`` (registered in ``OBJECTIVES``) on the noise schedule ``scheduler_config`` (a
     diffusers config dict, as training's ``[diffusion]`` section or an export's
     ``scheduler/scheduler_config.json`` gives it), with its own ``options``."""
     config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}

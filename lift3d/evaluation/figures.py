@@ -1,7 +1,7 @@
 """Orthogonal mid-plane figures of synthesized volumes, like Make-A-Volume's Fig. 3 (MICCAI 2023):
 the two through-plane views are where slice-by-slice synthesis shows its striping.
 
-Volumes are ``(n, h, w)`` with the slice axis first, as :func:`lift3d.data.orientation.to_slices`
+Volumes are ``(n, h, w)`` with the slice axis first, as ``lift3d.data.orientation.to_slices``
 makes them. Panels per row: in-plane ``v[n // 2]`` (h vertical), then ``v[:, h // 2, :]`` and
 ``v[:, :, w // 2]`` with the slice axis vertical; every panel is drawn with index 0 at the bottom
 left (``origin="lower"``). For axial slices of a canonical (RAS) image that is axial (anterior up),
@@ -9,7 +9,7 @@ coronal and sagittal (superior up), with the patient's right on the right.
 
 Below the volumes come ``|error|`` rows and, for predictions that are the mean of several samples,
 rows of their per-voxel standard deviation (the uncertainty map of
-:func:`lift3d.sampling.synthesis.synthesize_posterior`).
+``lift3d.sampling.synthesis.synthesize_posterior``).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _display_range(volume: np.ndarray) -> tuple[float, float]:
 
 def save_orthogonal_views(path: str | os.PathLike, volumes: Mapping[str, np.ndarray], *, dpi: int = 100,
                           **options: Any) -> Figure:
-    """Write :func:`orthogonal_views` (``options``: its ``title``, ``error_of``, ``uncertainty``, ``spacing``,
+    """Write ``orthogonal_views`` (``options``: its ``title``, ``error_of``, ``uncertainty``, ``spacing``,
     ``plane_names``) as a PNG at ``path`` and return the figure.
 
     The file is written to a temporary name in the same folder, then renamed over ``path``.
@@ -130,13 +130,13 @@ def orthogonal_views(
     dpi: int = 100,
 ) -> Figure:
     """A figure with one row per volume, one ``|error|`` row per ``error_of`` pair, then one
-    ``std`` row per ``uncertainty`` map; :func:`save_orthogonal_views` writes it as a PNG.
+    ``std`` row per ``uncertainty`` map; ``save_orthogonal_views`` writes it as a PNG.
 
     :param volumes: name -> ``(n, h, w)`` array, all the same shape; rows follow this order.
     :param error_of: a ``(prediction, target)`` pair of names in ``volumes``, a list of such
         pairs (one per method), or None. Each prediction is drawn with its target's grey levels;
         other rows (a source modality) get their own. The error is ``|pred - target|`` on the
-        metrics' [0, 255] scale (:func:`lift3d.evaluation.metrics.scale_to_target_range`), hot colormap,
+        metrics' [0, 255] scale (``lift3d.evaluation.metrics.scale_to_target_range``), hot colormap,
         one colour scale shared by all error rows, with a colourbar.
     :param uncertainty: prediction name (in ``volumes``) -> its per-voxel standard deviation
         ``(n, h, w)`` over samples. Drawn as ``std(name)`` rows (viridis, one colour scale shared by

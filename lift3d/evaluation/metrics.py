@@ -3,7 +3,7 @@
 
 Volumes are numpy arrays ``(n, h, w)`` with the slice axis first.
 
-Intensity scale (the one rule every metric here uses, see :func:`scale_to_target_range`):
+Intensity scale (the one rule every metric here uses, see ``scale_to_target_range``):
 both volumes are mapped linearly to ``[0, DATA_RANGE] = [0, 255]`` by the target's own
 minimum and maximum over the whole volume (so the target spans exactly ``[0, 255]``), and the
 mapped prediction is clipped to ``[0, 255]``. The paper's MAE (~5-10) and PSNR (25-30 dB) are
@@ -31,7 +31,7 @@ INTENSITY_RULE = (
 METRICS: dict[str, bool] = {"mae": False, "psnr": True, "ssim": True, "z_inconsistency": False}
 # The viewing planes, named by the RAS axis their slices are perpendicular to (R, A, S).
 PLANES: tuple[str, ...] = ("axial", "coronal", "sagittal")
-# The scores of :mod:`lift3d.evaluation.planes` (``evaluate_all``): per plane, across slices, multi-scale.
+# The scores of ``lift3d.evaluation.planes`` (``evaluate_all``): per plane, across slices, multi-scale.
 # ``ms_ssim`` is None for a volume too small for it (``lift3d.evaluation.planes.ms_ssim_note`` says why).
 PLANE_METRICS: dict[str, bool] = {
     **{f"psnr_{plane}": True for plane in PLANES},
@@ -40,7 +40,7 @@ PLANE_METRICS: dict[str, bool] = {
     "through_plane_correlation": True,
     "ms_ssim": True,
 }
-# Scores of an uncertainty map (:func:`uncertainty_scores`); None: no better direction (a magnitude).
+# Scores of an uncertainty map (``uncertainty_scores``); None: no better direction (a magnitude).
 UNCERTAINTY_METRICS: dict[str, bool | None] = {"std_mean": None, "std_error_spearman": True}
 
 
@@ -125,7 +125,7 @@ def structural_similarity_3d(
     data_range: float = DATA_RANGE,
     win_size: int = SSIM_WIN_SIZE,
 ) -> float:
-    """3D SSIM by :func:`skimage.metrics.structural_similarity` (uniform ``win_size``**3 window).
+    """3D SSIM by ``skimage.metrics.structural_similarity`` (uniform ``win_size``**3 window).
 
     Without a mask this is exactly skimage's mean SSIM. With a mask, skimage's full SSIM map is
     averaged over the masked voxels, excluding (as skimage does) the border of
@@ -178,7 +178,7 @@ def z_inconsistency(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | Non
 
 
 def evaluate_volumes(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
-    """All :data:`METRICS` for one subject, after :func:`scale_to_target_range`."""
+    """All ``METRICS`` for one subject, after ``scale_to_target_range``."""
     pred, target, mask = check_inputs(pred, target, mask)
     pred, target = scale_to_target_range(pred, target)
     return {
@@ -190,9 +190,9 @@ def evaluate_volumes(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | No
 
 
 def score_pair(pred, pair, reference: str = "target") -> dict[str, float | str]:
-    """All :data:`METRICS` of a prediction ``(n, h, w)`` for one :class:`~lift3d.plugins.protocols.VolumePair`:
+    """All ``METRICS`` of a prediction ``(n, h, w)`` for one ``VolumePair``:
     against its ``target``, or ``extra[reference]`` (``"clean_target"``), inside ``extra["mask"]`` where it has
-    one. The row starts with the subject, as :func:`summarize` and the reports expect."""
+    one. The row starts with the subject, as ``summarize`` and the reports expect."""
     extra = pair.extra or {}
     truth = pair.target if reference == "target" else extra[reference]
     mask = extra.get("mask")
@@ -202,7 +202,7 @@ def score_pair(pred, pair, reference: str = "target") -> dict[str, float | str]:
 
 def uncertainty_scores(std: np.ndarray, pred: np.ndarray, target: np.ndarray,
                        mask: np.ndarray | None = None) -> dict[str, float]:
-    """How well a per-voxel std map (the spread of K samples, :func:`lift3d.sampling.synthesis.synthesize_posterior`)
+    """How well a per-voxel std map (the spread of K samples, ``lift3d.sampling.synthesis.synthesize_posterior``)
     points at the mean prediction's errors, on the metrics' [0, 255] scale (std x 255 / the target's range).
 
     ``std_mean``: the mean std over the (masked) voxels. ``std_error_spearman``: Spearman's rank
@@ -233,8 +233,8 @@ def uncertainty_scores(std: np.ndarray, pred: np.ndarray, target: np.ndarray,
 def summarize(rows: Iterable[Mapping[str, object]], names: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
     """Mean and population std (ddof=0) per metric over per-subject rows, plus the count ``n``.
 
-    Each row is a mapping like :func:`evaluate_volumes`' result, optionally with
-    :data:`PLANE_METRICS` and :data:`UNCERTAINTY_METRICS`; other keys (a subject name, file paths) are
+    Each row is a mapping like ``evaluate_volumes``' result, optionally with
+    ``PLANE_METRICS`` and ``UNCERTAINTY_METRICS``; other keys (a subject name, file paths) are
     ignored unless ``names`` lists them (``names`` replaces the known metrics, e.g. to add ``dice_*``
     columns). Every row must carry the same metrics. A None value is a score that could not be taken
     (``ms_ssim`` of a small volume): it is left out, ``n`` counts the others, and where every value is None
@@ -274,11 +274,11 @@ def paired_differences(rows_a: Iterable[Mapping[str, object]], rows_b: Iterable[
                        ) -> dict[str, dict[str, object]]:
     """Per-metric paired differences ``b - a`` over the same subjects, with a Student-t interval.
 
-    ``rows_a`` and ``rows_b`` are per-subject rows (:func:`evaluate_volumes` plus ``subject``) of
+    ``rows_a`` and ``rows_b`` are per-subject rows (``evaluate_volumes`` plus ``subject``) of
     two methods; they are paired by ``subject`` and must hold the same subjects. Per metric: the
     mean difference, its ``confidence`` interval (``scipy.stats.ttest_rel``; NaN bounds for one
     subject), how many subjects favour ``b`` (by the metric's direction) and each subject's
-    difference. ``metrics`` maps names to whether higher is better (default :data:`METRICS`); a metric
+    difference. ``metrics`` maps names to whether higher is better (default ``METRICS``); a metric
     missing, or not scored (None) for any subject, is left out.
     """
     from scipy.stats import ttest_rel

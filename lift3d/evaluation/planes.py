@@ -3,10 +3,10 @@ MAE, PSNR and SSIM: 2D PSNR and SSIM averaged over the axial, coronal and sagitt
 the slice-to-slice differences (the striping of slice-wise synthesis, Make-A-Volume Fig. 3, MICCAI 2023),
 and multi-scale SSIM (Wang, Simoncelli and Bovik, Asilomar 2003).
 
-Volumes are ``(n, h, w)`` with the model's slice axis first (:func:`lift3d.data.orientation.to_slices`);
-which array axis holds which plane follows from that slice axis (:func:`plane_axes`). The functions
-score the volumes as given; :func:`evaluate_all` first maps both to [0, 255] by the target's range
-(:func:`lift3d.evaluation.metrics.scale_to_target_range`), as every lift3d score does.
+Volumes are ``(n, h, w)`` with the model's slice axis first (``lift3d.data.orientation.to_slices``);
+which array axis holds which plane follows from that slice axis (``plane_axes``). The functions
+score the volumes as given; ``evaluate_all`` first maps both to [0, 255] by the target's range
+(``lift3d.evaluation.metrics.scale_to_target_range``), as every lift3d score does.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _check_axis(axis: int) -> int:
 def mean_slice_psnr(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None, *, axis: int = 0,
                     data_range: float = DATA_RANGE) -> float:
     """The mean over the slices along ``axis`` of each slice's PSNR,
-    ``10 log10(data_range**2 / MSE_slice)`` (:func:`skimage.metrics.peak_signal_noise_ratio`).
+    ``10 log10(data_range**2 / MSE_slice)`` (``skimage.metrics.peak_signal_noise_ratio``).
 
     With a mask, each slice's MSE is over its masked voxels and slices without one are left out. A slice
     predicted exactly has PSNR ``inf``, which makes the mean ``inf`` (as a perfect volume's PSNR is):
@@ -71,11 +71,11 @@ def mean_slice_psnr(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | Non
 def mean_slice_ssim(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None, *, axis: int = 0,
                     data_range: float = DATA_RANGE, win_size: int = SSIM_WIN_SIZE) -> float:
     """The mean over the slices along ``axis`` of each slice's 2D SSIM
-    (:func:`skimage.metrics.structural_similarity`, uniform ``win_size``**2 window).
+    (``skimage.metrics.structural_similarity``, uniform ``win_size``**2 window).
 
     A slice's SSIM is skimage's mean over the slice; with a mask, the mean of skimage's SSIM map over the
     slice's masked pixels at least ``(win_size - 1) // 2`` pixels from its border (where the window fits,
-    as :func:`lift3d.evaluation.metrics.structural_similarity_3d` does in 3D); slices without one are left
+    as ``lift3d.evaluation.metrics.structural_similarity_3d`` does in 3D); slices without one are left
     out. Both in-slice axes must be at least ``win_size`` long.
     """
     pred, target, mask = check_inputs(pred, target, mask)
@@ -128,7 +128,7 @@ def through_plane_mae(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | N
 
 def through_plane_correlation(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Pearson's correlation of ``dz(pred)`` with ``dz(target)`` over the same voxel pairs as
-    :func:`through_plane_mae` (:func:`scipy.stats.pearsonr`): 1 where the prediction changes from slice to
+    ``through_plane_mae`` (``scipy.stats.pearsonr``): 1 where the prediction changes from slice to
     slice as the target does, up to a scale. A prediction whose ``dz`` is the same everywhere (no change from
     slice to slice) shares nothing with the target's: 0. A target whose ``dz`` is constant cannot be scored."""
     dz_pred, dz_target = _slice_differences(pred, target, mask, "through_plane_correlation")
@@ -146,7 +146,7 @@ def _gaussian_window(sigma: float) -> int:
 
 
 def ms_ssim_minimum_size(sigma: float = MS_SSIM_SIGMA, betas: Sequence[float] = MS_SSIM_BETAS) -> int:
-    """The fewest voxels every axis needs for :func:`multiscale_ssim`: the window (``k`` voxels) must fit in
+    """The fewest voxels every axis needs for ``multiscale_ssim``: the window (``k`` voxels) must fit in
     the coarsest of the ``M = len(betas)`` scales, ``size // 2**(M - 1) >= k``; torchmetrics also asks for
     ``size // max(1, (M - 1)**2) > k - 1`` and ``size >= 2**M``. 176 for the default (k = 11, M = 5)."""
     window, scales = _gaussian_window(sigma), len(betas)
@@ -154,7 +154,7 @@ def ms_ssim_minimum_size(sigma: float = MS_SSIM_SIGMA, betas: Sequence[float] = 
 
 
 def ms_ssim_note(shape: Sequence[int], sigma: float = MS_SSIM_SIGMA, betas: Sequence[float] = MS_SSIM_BETAS) -> str | None:
-    """None if a volume of ``shape`` is large enough for :func:`multiscale_ssim`, else the one line saying why not."""
+    """None if a volume of ``shape`` is large enough for ``multiscale_ssim``, else the one line saying why not."""
     minimum = ms_ssim_minimum_size(sigma, betas)
     shape = tuple(int(size) for size in shape)
     if min(shape) >= minimum:
@@ -178,7 +178,7 @@ def multiscale_ssim(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | Non
     to ``betas``; float32). A scale whose mean contrast-structure term is negative counts as 0
     (``normalize="relu"``), so the score lies in [0, 1]. With a mask, both volumes are set to 0 outside it
     first: the multi-scale maps cannot be averaged over a mask. Every axis must be at least
-    :func:`ms_ssim_minimum_size` voxels long (176 for the defaults), or :class:`~lift3d.io.errors.Lift3dError`.
+    ``ms_ssim_minimum_size`` voxels long (176 for the defaults), or ``Lift3dError``.
     """
     pred, target, mask = check_inputs(pred, target, mask)
     note = ms_ssim_note(target.shape, sigma, betas)
@@ -195,8 +195,8 @@ def multiscale_ssim(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | Non
 
 def plane_scores(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None, *,
                  slice_axis: str = "axial", data_range: float = DATA_RANGE) -> dict[str, float | None]:
-    """All :data:`~lift3d.evaluation.metrics.PLANE_METRICS` of volumes as given (no rescaling); ``ms_ssim``
-    is None where the volume is too small for it (:func:`ms_ssim_note` says why)."""
+    """All ``PLANE_METRICS`` of volumes as given (no rescaling); ``ms_ssim``
+    is None where the volume is too small for it (``ms_ssim_note`` says why)."""
     axes = plane_axes(slice_axis)
     scores: dict[str, float | None] = {}
     for plane in PLANES:
@@ -213,9 +213,9 @@ def plane_scores(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None =
 def evaluate_all(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None, *,
                  slice_axis: str = "axial") -> dict[str, float | None]:
     """Every score of a prediction ``(n, h, w)`` sliced along ``slice_axis``: the
-    :data:`~lift3d.evaluation.metrics.METRICS` of :func:`~lift3d.evaluation.metrics.evaluate_volumes`, then the
-    :data:`~lift3d.evaluation.metrics.PLANE_METRICS`, all after mapping both volumes to [0, 255] by the
-    target's range. ``ms_ssim`` is None for a volume smaller than :func:`ms_ssim_minimum_size` per axis."""
+    ``METRICS`` of ``evaluate_volumes``, then the
+    ``PLANE_METRICS``, all after mapping both volumes to [0, 255] by the
+    target's range. ``ms_ssim`` is None for a volume smaller than ``ms_ssim_minimum_size`` per axis."""
     pred, target, mask = check_inputs(pred, target, mask)
     scores: dict[str, float | None] = dict(evaluate_volumes(pred, target, mask))
     pred, target = scale_to_target_range(pred, target)
@@ -223,8 +223,8 @@ def evaluate_all(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None =
 
 
 def score_pair_all(pred, pair, reference: str = "target") -> dict[str, object]:
-    """:func:`~lift3d.evaluation.metrics.score_pair` with every score of :func:`evaluate_all`: a prediction
-    ``(n, h, w)`` against a :class:`~lift3d.plugins.protocols.VolumePair`'s ``target`` (or ``extra[reference]``),
+    """``score_pair`` with every score of ``evaluate_all``: a prediction
+    ``(n, h, w)`` against a ``VolumePair``'s ``target`` (or ``extra[reference]``),
     inside ``extra["mask"]`` where it has one, the planes named by ``pair.meta.slice_axis`` (axial without one)."""
     extra = pair.extra or {}
     truth = pair.target if reference == "target" else extra[reference]

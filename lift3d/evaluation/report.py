@@ -146,7 +146,7 @@ def _image(png: bytes, alt: str) -> str:
 
 
 def _view_png(subject: str, view: SubjectViews | str | os.PathLike | bytes) -> bytes | SubjectViews:
-    """A view given as a PNG (path or bytes), read and checked; a :class:`SubjectViews` checked, drawn later."""
+    """A view given as a PNG (path or bytes), read and checked; a ``SubjectViews`` checked, drawn later."""
     if isinstance(view, SubjectViews):
         return view.check(subject)
     if isinstance(view, bytes):
@@ -177,7 +177,7 @@ def render_report(rows: Sequence[Mapping[str, object]], *,
                   views: Mapping[str, SubjectViews | str | os.PathLike | bytes] | None = None,
                   title: str = "lift3d evaluation", notes: Sequence[str] = (),
                   higher_is_better: Mapping[str, bool | None] | None = None) -> str:
-    """The HTML text of :func:`write_report` (same arguments, no path)."""
+    """The HTML text of ``write_report`` (same arguments, no path)."""
     rows = [dict(row) for row in rows]
     if not rows:
         raise Lift3dError("a report needs at least one row of scores; got none")
@@ -231,7 +231,7 @@ def write_report(path: str | os.PathLike, rows: Sequence[Mapping[str, object]], 
 
     :param rows: one mapping per subject and method, with ``subject``, optionally ``method`` (several
         methods: one row each per subject) and scores; every numeric column is shown (None: not scored).
-    :param views: subject -> :class:`SubjectViews` to draw, or a PNG already drawn (a path or bytes), e.g.
+    :param views: subject -> ``SubjectViews`` to draw, or a PNG already drawn (a path or bytes), e.g.
         the ``figures/<subject>.png`` of ``lift3d-evaluate``.
     :param notes: lines shown at the top (why a score is missing); columns with None values add their own.
     :param higher_is_better: directions of columns lift3d does not know (``{"dice_wm": True}``).

@@ -1,12 +1,12 @@
 """Downstream segmentation: a synthesised volume is as good as what a tissue segmenter finds in it.
 
-:func:`tissue_dice` segments the synthesised and the real target volume with the same segmenter and scores,
+``tissue_dice`` segments the synthesised and the real target volume with the same segmenter and scores,
 per tissue, the Dice of the two segmentations (``dice_csf``...) and, where labels are given, of each against
 them (``dice_label_*`` for the synthesis, ``dice_target_label_*`` for the real target: the segmenter's own
 ceiling). Dice is torchmetrics' (``dice_score``); a tissue absent from both segmentations scores NaN.
-A segmenter is any :class:`lift3d.plugins.protocols.Segmenter`; :func:`load_segmenter` loads a folder through
-the entry of :data:`SEGMENTERS` its ``segmenter.json`` names (the built-in is ``tissue-unet``,
-:mod:`lift3d.evaluation.tissue_unet`; plugins add theirs through ``lift3d_register_segmenters``).
+A segmenter is any ``lift3d.plugins.protocols.Segmenter``; ``load_segmenter`` loads a folder through
+the entry of ``SEGMENTERS`` its ``segmenter.json`` names (the built-in is ``tissue-unet``,
+``lift3d.evaluation.tissue_unet``; plugins add theirs through ``lift3d_register_segmenters``).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ PREFIXES = {"segmentation": "dice_", "labels": "dice_label_", "target_labels": "
 def load_segmenter(path: str | Path, *, manager: Any = None) -> Segmenter:
     """The segmenter saved in the folder ``path``, built by the plugin its ``segmenter.json`` names.
 
-    ``manager`` is a :class:`lift3d.plugins.PluginManager` whose segmenters to use (default: :data:`SEGMENTERS`).
-    Every way the folder can be bad is one :class:`~lift3d.io.errors.Lift3dError` line naming it.
+    ``manager`` is a ``lift3d.plugins.PluginManager`` whose segmenters to use (default: ``SEGMENTERS``).
+    Every way the folder can be bad is one ``Lift3dError`` line naming it.
     """
     settings = read_settings(path)
     registry = manager.registry("segmenters") if manager is not None else SEGMENTERS
@@ -126,12 +126,11 @@ def tissue_dice(segmenter: Segmenter, prediction: Any, target: Any, labels: Any 
 
 
 def dice_names(classes: tuple[str, ...], labels: bool = False) -> list[str]:
-    """The keys :func:`tissue_dice` returns for ``classes`` (with ``labels`` given or not), in order."""
+    """The keys ``tissue_dice`` returns for ``classes`` (with ``labels`` given or not), in order."""
     kinds = ["segmentation", "labels", "target_labels"] if labels else ["segmentation"]
     return [f"{PREFIXES[kind]}{name}" for kind in kinds for name in (*classes, "mean")]
 
 
-# --------------------------------------------------------------------------------------------
 # Image files (lift3d-evaluate --segmenter)
 
 
@@ -161,7 +160,7 @@ def image_volume(segmenter: Segmenter, path: str | Path, slice_axis: str = "axia
 
 def file_tissue_dice(segmenter: Segmenter, prediction: str | Path, target: str | Path, labels: str | Path | None = None,
                      mask: str | Path | None = None, slice_axis: str = "axial") -> dict[str, float]:
-    """:func:`tissue_dice` of image files (a label file holds 0 = background, then 1..K in the segmenter's order)."""
+    """``tissue_dice`` of image files (a label file holds 0 = background, then 1..K in the segmenter's order)."""
     volumes = [image_volume(segmenter, p, slice_axis) for p in (prediction, target)]
     reference = None if labels is None else image_volume(segmenter, labels, slice_axis, labels=True).round().long()
     inside = None if mask is None else image_volume(segmenter, mask, slice_axis, labels=True) > 0

@@ -2,8 +2,8 @@
 labels CSF, grey and white matter slice by slice, seeing ``context`` neighbouring slices on each side.
 
 lift3d trains it on the real target contrast (``lift3d-finetune --run.stage segmenter``) and scores synthesis
-with it (:mod:`lift3d.evaluation.segmentation`). On disk it is a folder of ``segmenter.json`` (checked by
-:class:`lift3d.io.schemas.SegmenterSettings`) and ``model.safetensors``: nothing read from it runs code.
+with it (``lift3d.evaluation.segmentation``). On disk it is a folder of ``segmenter.json`` (checked by
+``lift3d.io.schemas.SegmenterSettings``) and ``model.safetensors``: nothing read from it runs code.
 """
 
 from __future__ import annotations
@@ -70,11 +70,11 @@ class TissueUNet(nn.Module):
 
 
 class TissueSegmenter:
-    """``tissue-unet``: a :class:`TissueUNet` behind :class:`lift3d.plugins.protocols.Segmenter`.
+    """``tissue-unet``: a ``TissueUNet`` behind ``lift3d.plugins.protocols.Segmenter``.
 
     ``probabilities(volume)`` gives ``(K + 1, n, h, w)`` softmax probabilities (background first),
     ``segment(volume)`` their argmax. ``context`` slices on each side are the network's input channels,
-    the edge slice repeated at the volume's borders (:func:`lift3d.data.context.with_source_context`).
+    the edge slice repeated at the volume's borders (``lift3d.data.context.with_source_context``).
     """
 
     def __init__(self, network: TissueUNet, classes: tuple[str, ...], context: int = 1,
@@ -136,7 +136,7 @@ class TissueSegmenter:
 
 
 def read_settings(folder: str | Path) -> SegmenterSettings:
-    """A segmenter folder's ``segmenter.json``, checked; every problem is one :class:`Lift3dError` line."""
+    """A segmenter folder's ``segmenter.json``, checked; every problem is one ``Lift3dError`` line."""
     folder = Path(folder)
     if not folder.is_dir():
         problem = "not found" if not folder.exists() else "is a file, not a folder"
@@ -181,7 +181,7 @@ def _check_weights(folder: Path, own: dict[str, Tensor], weights: dict[str, Tens
 
 
 def load_tissue_segmenter(path: str | Path) -> TissueSegmenter:
-    """The ``tissue-unet`` segmenter saved in the folder ``path`` (:meth:`TissueSegmenter.save`)."""
+    """The ``tissue-unet`` segmenter saved in the folder ``path`` (``TissueSegmenter.save``)."""
     folder = Path(path)
     settings = read_settings(folder)
     if settings.plugin != PLUGIN or settings.network is None:

@@ -26,7 +26,7 @@ _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
 
 def parse_size(text: str) -> int:
     """``"512MiB"`` -> 536870912; plain digits are bytes. The number is read exactly (no float), and a
-    size past :data:`MAX_BUDGET` is refused, so no string of digits overflows."""
+    size past ``MAX_BUDGET`` is refused, so no string of digits overflows."""
     text = str(text)
     shown = repr(text) if len(text) <= 40 else repr(text[:37] + "...")
     match = _SIZE.fullmatch(text) if len(text) <= 64 else None
@@ -83,5 +83,5 @@ def check_bytes(nbytes: float, what: str, *, copies: float = 1.0) -> None:
 
 
 def check_count(count: float, bytes_per_item: int, what: str, *, copies: float = 1.0) -> None:
-    """:func:`check_bytes` for ``count`` items of ``bytes_per_item`` bytes each."""
+    """``check_bytes`` for ``count`` items of ``bytes_per_item`` bytes each."""
     check_bytes(float(count) * bytes_per_item, what, copies=copies)

@@ -1,6 +1,6 @@
 """The one base of lift3d's user errors: a bad file, path, value or option, told in one line.
 
-Every error a user can fix derives from :class:`Lift3dError` (itself a ``ValueError``), so a
+Every error a user can fix derives from ``Lift3dError`` (itself a ``ValueError``), so a
 command-line tool prints it as one line and exits 2, and the fuzz tests can tell it from a bug.
 """
 

@@ -4,9 +4,9 @@ A schema gives each field's type, range and allowed values (pydantic, strict: a 
 an int, ``1.5`` is not a step, ``NaN`` is not a learning rate), and every number a bound. Unknown keys
 of a model's ``config.json`` are kept (diffusers ignores what its classes do not take) but never trusted;
 files lift3d writes itself, and noise scheduler configs, may hold only the keys their schema names.
-:func:`read_json` turns every way a file can be bad (missing, a link out of its folder, too large, not
-JSON, the wrong shape) into one :class:`~lift3d.io.errors.Lift3dError` line naming the file and the key
-(:mod:`lift3d.io.schema_errors` words it).
+``read_json`` turns every way a file can be bad (missing, a link out of its folder, too large, not
+JSON, the wrong shape) into one ``Lift3dError`` line naming the file and the key
+(``lift3d.io.schema_errors`` words it).
 """
 
 from __future__ import annotations
@@ -69,7 +69,6 @@ class Exact(Checked):
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, populate_by_name=True)
 
 
-# --------------------------------------------------------------------------------------------
 # Model folders
 
 
@@ -209,7 +208,6 @@ class ModelConfig(Checked):
         return self.class_name
 
 
-# --------------------------------------------------------------------------------------------
 # Noise schedules: scheduler/scheduler_config.json of an exported model
 
 
@@ -286,7 +284,6 @@ def scheduler_schema(value: Any, path: str | os.PathLike) -> type[SchedulerSetti
     return SCHEDULER_SCHEMAS[name]
 
 
-# --------------------------------------------------------------------------------------------
 # Segmenter folders (lift3d.evaluation.segmentation)
 
 
@@ -295,7 +292,7 @@ PLUGIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 
 
 class SegmenterGrid(Exact):
-    """The grid a segmenter was trained on, which image files are brought onto (:class:`lift3d.data.volume.TrainingGrid`)."""
+    """The grid a segmenter was trained on, which image files are brought onto (``lift3d.data.volume.TrainingGrid``)."""
 
     size: list[int] = Field(min_length=2, max_length=2)
     num_slices: int = Field(ge=1, le=4096)
@@ -319,7 +316,7 @@ class SegmenterGrid(Exact):
 
 
 class TissueNetworkSettings(Exact):
-    """The built-in ``tissue-unet``'s network: a 2.5D U-Net (:mod:`lift3d.evaluation.tissue_unet`)."""
+    """The built-in ``tissue-unet``'s network: a 2.5D U-Net (``lift3d.evaluation.tissue_unet``)."""
 
     block_out_channels: list[int] = Field(min_length=1, max_length=6)
     context: int = Field(ge=0, le=16)
@@ -353,7 +350,6 @@ class SegmenterSettings(Exact):
         return value
 
 
-# --------------------------------------------------------------------------------------------
 # The reader
 
 
@@ -362,7 +358,7 @@ def read_json(path: str | os.PathLike, schema: type[Schema] | None = None, *, fo
     """Read ``path`` and check it against ``schema`` (a JSON object of any shape when None).
 
     ``folder``, when given, is the folder the file must stay in (symlinks resolved). Every failure
-    is one :class:`Lift3dError` naming the file.
+    is one ``Lift3dError`` naming the file.
     """
     path = Path(path)
     if folder is not None:

@@ -22,7 +22,7 @@ def spreadsheet_safe(value: object) -> object:
 
 
 def safe_row(row: Mapping[str, object]) -> dict[str, object]:
-    """``row`` with every text cell passed through :func:`spreadsheet_safe` (keys included)."""
+    """``row`` with every text cell passed through ``spreadsheet_safe`` (keys included)."""
     return {str(spreadsheet_safe(key)): spreadsheet_safe(value) for key, value in row.items()}
 
 

@@ -4,12 +4,12 @@ Every temporary file or folder lift3d writes is hidden and carries the writer's 
 ``.<final name>.lift3d-tmp-<pid>-<random>``, beside its final path, and is renamed into place only
 once complete. The final name is shortened in the temporary's so that any name the file system
 allows still has room for the mark. A writer that dies (kill -9, a full disk) leaves one; the next
-writer into that folder removes those whose PID is gone (:func:`clean_stale_temporaries`), and
+writer into that folder removes those whose PID is gone (``clean_stale_temporaries``), and
 readers of folders skip hidden names.
 
 No write follows a link: a file lift3d creates is opened with ``O_NOFOLLOW`` (and ``O_EXCL`` for a
 temporary), a file it replaces or a sub-folder it writes into is checked with ``lstat`` first, and
-a link at any of those paths is refused in one line naming it (:class:`UnsafePathError`). A link
+a link at any of those paths is refused in one line naming it (``UnsafePathError``). A link
 could point outside the folder, and writing through it would replace a file the run does not own.
 """
 
@@ -108,7 +108,7 @@ def link_message(path: Path | str, what: str = "") -> str:
 
 
 def refuse_link(path: str | os.PathLike, what: str = "") -> Path:
-    """``path``, unless it is a symbolic link (dangling or not): then :class:`UnsafePathError`."""
+    """``path``, unless it is a symbolic link (dangling or not): then ``UnsafePathError``."""
     path = Path(path)
     if path.is_symlink():
         raise UnsafePathError(link_message(path, what))

@@ -27,7 +27,7 @@ def conv_along_slices(x: Tensor, weight: Tensor, n: int, *, bias: Tensor | None 
     channels); each tap is then added at its offset along n, without the two transposing copies of
     the einops sandwich. ``residual`` adds ``x`` (c_out == c_in) riding on the centre tap;
     ``skip_centre`` leaves the centre tap out; ``tap_bias`` ``(k, c_out)`` is added with its tap
-    wherever that tap's neighbour exists (the fused layers of :mod:`lift3d.lifting.fuse`). ``in_place`` with
+    wherever that tap's neighbour exists (the fused layers of ``lift3d.lifting.fuse``). ``in_place`` with
     ``residual`` and ``skip_centre`` adds the taps into ``x`` itself (inference, no autograd).
     """
     k = weight.shape[-1]

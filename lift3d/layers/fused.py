@@ -1,8 +1,8 @@
 """A volumetric conv folded into its host conv for inference: what is left of it after the fold.
 
-:func:`lift3d.fuse` (in :mod:`lift3d.lifting.fuse`) calls each layer's ``fuse_into(host)``; the conv
-kinds fold their residual and centre tap into the host with :func:`fold_into_host` and keep only
-their off-centre taps, as a :class:`FusedSliceConv`.
+``lift3d.fuse`` (in ``lift3d.lifting.fuse``) calls each layer's ``fuse_into(host)``; the conv
+kinds fold their residual and centre tap into the host with ``fold_into_host`` and keep only
+their off-centre taps, as a ``FusedSliceConv``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def fold_into_host(host: nn.Conv2d, matrix: Tensor, offset: Tensor) -> Tensor:
 
 
 class FusedSliceConv(nn.Module):
-    """The off-centre taps of a folded :class:`~lift3d.layers.volumetric.VolumetricConv`:
+    """The off-centre taps of a folded ``VolumetricConv``:
     ``out_i = y'_i + sum_(j != centre) (W'_j y'_(i+j) + g_j)``, with ``W'_j = W_j A^-1`` and
     ``g_j = -W'_j c``, each tap added only where its neighbour exists (as the unfused layer's
     zero padding does) or from the border slice (replicate)."""

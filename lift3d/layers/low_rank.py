@@ -10,7 +10,7 @@ bottleneck of a few channels (``benchmarks/results/inflate-overhead.md`` gives t
 
 ``train_down=False`` keeps ``down`` fixed at its random draw (a buffer, saved with the weights), as
 LoRA-FA does (Zhang et al., 2023): its weight gradient is then not needed, so the full-width input
-of the layer is not kept for backward (:class:`_FixedProjection`), only the r-channel tensors inside
+of the layer is not kept for backward (``_FixedProjection``), only the r-channel tensors inside
 the bottleneck.
 """
 
@@ -166,7 +166,7 @@ class LowRankVolumetricConv(nn.Module):
         return eye + up @ centre @ self.down_weight.double(), self.bias.double() + up @ centre @ self.down_bias.double()
 
     def fuse_into(self, host: nn.Conv2d) -> nn.Module:
-        """Fold into ``host``, which then computes ``y' = A y + c`` (:meth:`centre_map`); the layer
+        """Fold into ``host``, which then computes ``y' = A y + c`` (``centre_map``); the layer
         keeps only the off-centre taps and reads ``down(y)`` as ``down A^-1 (y' - c) + down_bias``."""
         from lift3d.layers.fused import fold_into_host
 

@@ -1,8 +1,8 @@
 """Kinds of volumetric layer: the registry behind ``lift3d.inflate(model, kind=...)``.
 
-Each built-in kind registers from its own module (``full`` and ``depthwise`` in :mod:`lift3d.layers.volumetric`,
-``low-rank`` in :mod:`lift3d.layers.low_rank`, ``slice-attention`` in :mod:`lift3d.layers.slice_attention`),
-which ``lift3d.layers`` imports; a new built-in is one new file there::
+Each built-in kind registers from its own module (``full`` and ``depthwise`` in ``lift3d.layers.volumetric``,
+``low-rank`` in ``lift3d.layers.low_rank``, ``slice-attention`` in ``lift3d.layers.slice_attention``),
+which ``lift3d.layers`` imports; a new built-in is one new file there:
 
     @LAYER_KINDS.register("my-kind")
     class MyVolumetricLayer(nn.Module): ...
@@ -11,7 +11,7 @@ A plugin adds its own through the ``lift3d_register_layer_kinds`` hook (``regist
 loaded only when a kind is not found among the built-ins, so inflating with a built-in kind imports no plugin.
 
 ``factory(channels, *, kernel_size, padding_mode, device, dtype, **options)`` returns an
-``nn.Module`` that every kind must make a :class:`VolumetricLayer`:
+``nn.Module`` that every kind must make a ``VolumetricLayer``:
 
 - ``forward(x, num_slices)``: ``(b n) c h w -> (b n) c h w``, never mixing two volumes;
 - ``reset_parameters()``: the one place of the identity initialisation; right after it the layer
@@ -19,7 +19,7 @@ loaded only when a kind is not found among the built-ins, so inflating with a bu
 - ``init_random_(std=None, generator=None)``: random weights, so tests can see the layer work.
 
 Optional: ``fuse_into(host)`` folds the residual and the centre tap into a host ``nn.Conv2d`` for
-inference and returns the layer that computes what is left (:mod:`lift3d.lifting.fuse`); its ``unfuse(y)``
+inference and returns the layer that computes what is left (``lift3d.lifting.fuse``); its ``unfuse(y)``
 turns the fused host's output back into the 2D host's. A kind without it is left unfused.
 """
 
@@ -35,7 +35,7 @@ LAYER_KINDS: Registry[Any] = Registry(
     "layer_kinds", doc="a volumetric layer inflate inserts (lift3d.layers.registry.VolumetricLayer)")
 
 DEFAULT_KIND = "low-rank"
-"""What :func:`lift3d.lifting.inflate` inserts by default: the low-rank layer with its rank floor (r = max(16, C/8)).
+"""What ``lift3d.lifting.inflate`` inserts by default: the low-rank layer with its rank floor (r = max(16, C/8)).
 From the same stage-1 weights of the ICBM protocol, each kind at its best learning rate, it matched the paper's
 ``full`` layer on the validation subjects (``benchmarks/results/layer-kinds.md``) at +2 % parameters instead of
 +21 %; ``kind="full"`` is the paper's layer."""
@@ -43,7 +43,7 @@ From the same stage-1 weights of the ICBM protocol, each kind at its best learni
 
 @runtime_checkable
 class VolumetricLayer(Protocol):
-    """What :func:`lift3d.lifting.inflate` needs from a layer of any kind."""
+    """What ``lift3d.lifting.inflate`` needs from a layer of any kind."""
 
     def forward(self, x: Tensor, num_slices: int) -> Tensor: ...
 

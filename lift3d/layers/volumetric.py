@@ -85,7 +85,7 @@ class VolumetricConv(nn.Module):
                                  padding_mode=self.padding_mode, residual=True)
 
     def fuse_into(self, host: nn.Conv2d) -> nn.Module:
-        """Fold the residual and the centre tap into ``host`` for inference (:mod:`lift3d.lifting.fuse`)."""
+        """Fold the residual and the centre tap into ``host`` for inference (``lift3d.lifting.fuse``)."""
         from lift3d.layers.fused import FusedSliceConv
 
         return FusedSliceConv.fold(host, self._dense_taps(), self.bias, self.padding_mode,

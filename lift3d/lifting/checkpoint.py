@@ -60,7 +60,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
 
 def read_safetensors(path: str | os.PathLike, what: str = "checkpoint file", *,
                      folder: str | os.PathLike | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file; a missing, corrupt or oversized one is a :class:`CheckpointError`.
+    """Tensors and metadata of a safetensors file; a missing, corrupt or oversized one is a ``CheckpointError``.
 
     ``folder``, when given, is the folder the file must stay in (a symlink out of it is refused).
     """
@@ -123,7 +123,7 @@ def save_volumetric(model: nn.Module, path: str | os.PathLike, *, state_dict: di
 
 
 def inflate_arguments(lift: dict[str, Any]) -> dict[str, Any]:
-    """:func:`lift3d.lifting.inflate` keywords from saved lift settings; settings written before layer kinds
+    """``lift3d.lifting.inflate`` keywords from saved lift settings; settings written before layer kinds
     existed (no ``kind``, a top-level ``groups``) are the full layer, and ``low-rank`` settings written before
     the rank floor (neither ``rank`` nor ``rank_min``) have the plain C/8 rank."""
     options = lift.get("options", {"groups": lift.get("groups", 1)})
@@ -134,7 +134,7 @@ def inflate_arguments(lift: dict[str, Any]) -> dict[str, Any]:
 
 
 def _volumetric_metadata(metadata: dict[str, str], path: str | os.PathLike) -> dict[str, Any]:
-    """The lift settings :func:`save_volumetric` wrote as JSON strings, each read back, or one line naming the key."""
+    """The lift settings ``save_volumetric`` wrote as JSON strings, each read back, or one line naming the key."""
     settings: dict[str, Any] = {}
     for key, value in metadata.items():
         if key in ("format", "lift3d_version"):
@@ -149,7 +149,7 @@ def _volumetric_metadata(metadata: dict[str, str], path: str | os.PathLike) -> d
 
 
 def load_volumetric(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
-    """Load volumetric layers saved by :func:`save_volumetric` into a lifted model. Returns the metadata."""
+    """Load volumetric layers saved by ``save_volumetric`` into a lifted model. Returns the metadata."""
     weights, metadata = read_safetensors(Path(path))
     if metadata.get("format") != "lift3d":
         raise CheckpointError(f"{path} has no lift3d metadata; it was not written by lift3d.save_volumetric")
@@ -320,8 +320,8 @@ def load_lifted(folder: str | os.PathLike, model: nn.Module | None = None) -> nn
 
 def lift_export(stage1: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0, **settings: Any) -> Path:
     """Lift a saved 2D model folder (a stage-1 export, or any diffusers 2D U-Net folder) into ``out``:
-    :func:`lift3d.inflate` with ``settings`` (``kind``, ``kernel_size``, ``where``, the kind's options),
-    written with :func:`save_lifted`; the folder's other files (training settings, noise schedule,
+    ``lift3d.inflate`` with ``settings`` (``kind``, ``kernel_size``, ``where``, the kind's options),
+    written with ``save_lifted``; the folder's other files (training settings, noise schedule,
     autoencoder) come along, so ``out`` is what stage 2 fine-tunes (``model.pretrained``) or synthesis
     loads. ``seed`` seeds the random parts of a kind (low-rank's down projection). ``out`` must not exist
     yet, nor lie inside ``stage1``; it is written whole or not at all."""

@@ -4,13 +4,13 @@ A volumetric layer after a host conv computes ``out_i = y_i + W_c y_i + sum_j W_
 ``y = conv(x)``. The part that reads the slice itself is linear, ``A y_i + c`` with ``A = I + W_c``,
 so it can live in the host: ``W' = A W_host``, ``b' = A b_host + c``. The host then returns
 ``y' = A y + c`` at the host's own cost, and the layer computes only the off-centre taps, from
-``y = A^-1 (y' - c)`` folded into their weights. :func:`fuse` does this for every layer whose kind
+``y = A^-1 (y' - c)`` folded into their weights. ``fuse`` does this for every layer whose kind
 supports it (``fuse_into``) and whose host is a plain ``nn.Conv2d``; the others run unchanged.
 
 Exactness: the fused model equals the unfused one up to fp32 round-off (the folding runs in float64;
 ``tests/test_fuse.py`` checks ``rtol = atol = 1e-4`` on outputs of order 1 for trained-size weights).
 A fused model is for inference only: it cannot be trained or saved (save before fusing). A plain 2D
-batch and :func:`lift3d.volumetric_disabled` still give the 2D model's output, through ``A^-1``.
+batch and ``lift3d.volumetric_disabled`` still give the 2D model's output, through ``A^-1``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def fuse(model: nn.Module) -> nn.Module:
     """Fold every volumetric layer that can be folded into its host conv, in place; returns the
     model in eval mode with gradients off. Idempotent. The layers left as they were (a kind without
     ``fuse_into``, a host that is not a plain ``nn.Conv2d``, an ill-conditioned ``A``) are listed by
-    :func:`fused_layers`."""
+    ``fused_layers``."""
     state = lift_state(model)
     model.eval().requires_grad_(False)
     modules = dict(model.named_modules())

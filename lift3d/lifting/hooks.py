@@ -1,4 +1,4 @@
-"""The hooks that make a lifted model volume-aware (private to :mod:`lift3d.lifting.inflate`).
+"""The hooks that make a lifted model volume-aware (private to ``lift3d.lifting.inflate``).
 
 The root model's pre-hook flattens a volume batch ``(b, c, n, h, w)`` to slices ``(b n) c h w``
 and repeats per-volume conditioning for each slice; its post-hook folds the output back. Each host
@@ -217,7 +217,7 @@ def accept_2d_state_dict(model: nn.Module, incompatible) -> None:
 
 
 def lift_state(model: nn.Module) -> LiftState:
-    """The lift state :func:`lift3d.inflate` attached to ``model``; a clear error if it is not lifted."""
+    """The lift state ``lift3d.inflate`` attached to ``model``; a clear error if it is not lifted."""
     state = getattr(model, "_lift3d_state", None)
     if state is None:
         raise ValueError(f"{type(model).__name__} is not lifted; call lift3d.inflate(model) first")

@@ -1,9 +1,9 @@
-"""Lift a 2D network into a volume-aware one: :func:`inflate` (Make-A-Volume, sec. 2.3).
+"""Lift a 2D network into a volume-aware one: ``inflate`` (Make-A-Volume, sec. 2.3).
 
 ``inflate`` walks the module graph, attaches a volumetric layer of the chosen kind
-(:mod:`lift3d.layers.registry`) to each chosen host module (:mod:`lift3d.lifting.placement`) as a child named
+(``lift3d.layers.registry``) to each chosen host module (``lift3d.lifting.placement``) as a child named
 ``volumetric`` (so ``conv1.weight`` keeps its name and the new weights read
-``conv1.volumetric.weight``), and runs it from a forward hook on the host. Two hooks on the root model (:mod:`lift3d.lifting.hooks`) let it take a volume batch
+``conv1.volumetric.weight``), and runs it from a forward hook on the host. Two hooks on the root model (``lift3d.lifting.hooks``) let it take a volume batch
 ``(b, c, n, h, w)``: the slices are flattened to ``(b n) c h w`` for the 2D network, per-volume
 conditioning is repeated for each slice, and the output is folded back to ``(b, c', n, h, w)``.
 A plain 4D batch runs exactly as before.
@@ -34,7 +34,7 @@ logger = logging.getLogger("lift3d")
 
 @dataclass(frozen=True)
 class InflationReport:
-    """What :func:`inflate` inserted: layer count, where, and the parameter overhead."""
+    """What ``inflate`` inserted: layer count, where, and the parameter overhead."""
 
     hosts: tuple[tuple[str, int], ...]  # (host module name, channels)
     base_parameters: int
@@ -97,7 +97,7 @@ def report(model: nn.Module) -> InflationReport:
 
 _ALWAYS_AFFORDABLE = 2**20
 """Layers smaller than this (1 MiB) skip the memory budget: no budget is that small, and skipping it keeps
-``inflate`` of a small model from loading :mod:`lift3d.io`."""
+``inflate`` of a small model from loading ``lift3d.io``."""
 
 
 def check_layer_memory(kind: str, channels: dict[str, int], kernel_size: int, padding_mode: str,
@@ -128,24 +128,24 @@ def inflate(
 ) -> nn.Module:
     """Insert identity-initialised volumetric layers into a 2D network, in place; returns it.
 
+    Afterwards ``model(x)`` with ``x`` of shape ``(b, c, n, h, w)`` returns ``(b, c', n, h, w)``,
+    exactly equal to the 2D model's per-slice output until the volumetric weights are trained.
+
     :param kind: the kind of layer (``lift3d.layers.registry.names()``): ``"full"`` (the default, the
         paper's full-channel 1D conv), ``"low-rank"`` (1x1 C -> r, 1D conv along n in r channels,
         1x1 r -> C from zero: 1.02x the 2D FLOPs instead of 1.19x), ``"depthwise"``,
         ``"slice-attention"``, or one a plugin registered. The README gives the trade.
     :param kernel_size: odd kernel size along the slice axis.
     :param where: ``"auto"`` (residual blocks where the model has them, else every spatial conv;
-        the choice is logged), a preset of :data:`PRESETS`, a list of module names, or a callable
+        the choice is logged), a preset of ``PRESETS``, a list of module names, or a callable
         ``(name, module) -> bool`` choosing host modules.
     :param padding_mode: border handling along n, ``"zeros"`` or ``"replicate"``.
     :param recompute: in training, do not keep each layer's input (its host conv's output) for
         backward but recompute it from the host's input (plain ``nn.Conv2d`` hosts); see
-        :func:`set_recompute`.
-    :param verbose: print the :class:`InflationReport` (it is always logged at INFO).
+        ``set_recompute``.
+    :param verbose: print the ``InflationReport`` (it is always logged at INFO).
     :param options: options of the kind, e.g. ``rank=``/``rank_ratio=``/``train_down=`` (low-rank),
         ``groups=`` (full: an int dividing every host's channels, or ``"depthwise"``), ``heads=``.
-
-    Afterwards ``model(x)`` with ``x`` of shape ``(b, c, n, h, w)`` returns ``(b, c', n, h, w)``,
-    exactly equal to the 2D model's per-slice output until the volumetric weights are trained.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"inflate needs a torch.nn.Module (a 2D U-Net), got {type(model).__name__}")
@@ -202,7 +202,7 @@ def set_recompute(model: nn.Module, on: bool = True) -> None:
 
 @contextlib.contextmanager
 def volume_batch(model: nn.Module, num_slices: int):
-    """Run a ``(b n) c h w`` batch that is already flattened, with known ``num_slices``::
+    """Run a ``(b n) c h w`` batch that is already flattened, with known ``num_slices``:
 
         with lift3d.volume_batch(model, n):
             eps = model(x_flat, t_flat).sample

@@ -1,7 +1,7 @@
 """lift3d's registries and its plugin system (pluggy).
 
-Every kind of extension is a :class:`Registry` (:mod:`lift3d.plugins.registry`); installed plugins fill
-them through :mod:`lift3d.plugins.manager`. ``hookimpl`` is the one symbol a plugin needs; see
+Every kind of extension is a ``Registry`` (``lift3d.plugins.registry``); installed plugins fill
+them through ``lift3d.plugins.manager``. ``hookimpl`` is the one symbol a plugin needs; see
 ``docs/pages/plugins.md``.
 """
 

@@ -1,7 +1,7 @@
 """The one process-wide pluggy manager, through which installed plugins fill the registries kind by kind.
 
 Set-up order, as pytest and tox do it: ``PluginManager("lift3d")`` -> hookspecs -> entry points (group
-``lift3d``) -> ``check_pending()``. Nothing loads until a registry asks (:mod:`lift3d.plugins.registry`):
+``lift3d``) -> ``check_pending()``. Nothing loads until a registry asks (``lift3d.plugins.registry``):
 the first lookup of a name it lacks, or its first listing, loads the entry points named after its kind
 (``datasets``) and those named after no kind (a generic plugin, such as the example's ``example``), then
 calls ``lift3d_register_<kind>(registry=...)`` of those plugins only. lift3d's own entry points (the
@@ -37,7 +37,7 @@ AUTOLOAD_ENV = "LIFT3D_DISABLE_PLUGIN_AUTOLOAD"
 
 HOOK_PREFIX = "lift3d_register_"
 KINDS = tuple(name.removeprefix(HOOK_PREFIX) for name in vars(spec) if name.startswith(HOOK_PREFIX))
-"""Every kind a plugin may fill: one hook ``lift3d_register_<kind>`` each, in :mod:`lift3d.plugins.spec`."""
+"""Every kind a plugin may fill: one hook ``lift3d_register_<kind>`` each, in ``lift3d.plugins.spec``."""
 
 BUILTIN_DISTRIBUTION = "lift3d"
 

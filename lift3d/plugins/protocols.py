@@ -56,12 +56,12 @@ class TimestepSampler(Protocol):
 
 @runtime_checkable
 class Objective(Protocol):
-    """A training objective (:mod:`lift3d.diffusion.objectives`): how a clean latent is noised, what the
+    """A training objective (``lift3d.diffusion.objectives``): how a clean latent is noised, what the
     U-Net learns to predict, and which solver samples it by default.
 
-    ``t`` is the integer training timestep in ``[0, T)``; :meth:`noisy` also returns the timesteps the
+    ``t`` is the integer training timestep in ``[0, T)``; ``noisy`` also returns the timesteps the
     U-Net sees (they may differ, e.g. flow matching's ``s T``). Which solvers invert an objective each
-    solver says itself (its ``inverts``, :mod:`lift3d.sampling.solvers`), matching the objective's
+    solver says itself (its ``inverts``, ``lift3d.sampling.solvers``), matching the objective's
     ``name``; ``default_solver`` names the one used when none is asked for, ``fast`` the few-step preset
     (``solver``, ``steps``, optionally ``start`` and ``strength``, ``samples``) of ``lift3d-synthesize
     --fast``. ``scheduler`` is the diffusers scheduler of the forward process, saved with the model;
@@ -86,13 +86,13 @@ class Objective(Protocol):
 
 @runtime_checkable
 class Segmenter(Protocol):
-    """Labels tissue in one volume, to score synthesis by a downstream task (:mod:`lift3d.evaluation.segmentation`).
+    """Labels tissue in one volume, to score synthesis by a downstream task (``lift3d.evaluation.segmentation``).
 
     ``segment``: a volume ``(c, n, h, w)`` (or ``(n, h, w)``) in [-1, 1], scaled as a dataset gives it ->
     ``(n, h, w)`` int64 labels, 0 = background and ``i`` = ``classes[i - 1]``. ``input_grid``, if not None,
     is the grid ``lift3d-evaluate`` brings an image file onto before segmenting it: a dict with ``size``
     ``[h, w]``, ``num_slices``, ``slice_axis`` and ``percentiles`` (those of
-    :class:`lift3d.data.volume.TrainingGrid`); None = the file's own voxels, sliced along ``--slice-axis``.
+    ``lift3d.data.volume.TrainingGrid``); None = the file's own voxels, sliced along ``--slice-axis``.
     """
 
     classes: tuple[str, ...]
@@ -106,7 +106,7 @@ class VolumePair:
     """One subject: source and target volumes ``(c, n, h, w)`` in [-1, 1] on the training grid.
 
     ``meta`` holds whatever is needed to write a result back on the source's own grid (affine,
-    shape, orientation, intensity scaling); :func:`lift3d.data.save_volume` consumes it.
+    shape, orientation, intensity scaling); ``lift3d.data.save_volume`` consumes it.
     """
 
     subject: str
@@ -118,7 +118,7 @@ class VolumePair:
 
 @runtime_checkable
 class PairedVolumeDataset(Protocol):
-    """A dataset plugin: a sequence of :class:`VolumePair`, lazily loaded.
+    """A dataset plugin: a sequence of ``VolumePair``, lazily loaded.
 
     ``slices()`` gives a shuffled-slice view for stage 1 (items ``{"source": (c, h, w),
     "target": (c, h, w)}``); ``volumes(window=None)`` gives whole volumes, or windows of

@@ -1,7 +1,7 @@
 """One registry per kind of extension (timm's ``register_model``): names -> objects, filled where the code lives.
 
 A built-in registers from its own module with the decorator (``@SOLVERS.register("ddim")``); a third-party
-plugin adds names through its hook, which :mod:`lift3d.plugins.manager` calls the first time a registry is
+plugin adds names through its hook, which ``lift3d.plugins.manager`` calls the first time a registry is
 asked for a name it does not have, or for its list. So looking up a built-in imports no plugin at all.
 This module is plain Python (no pluggy, no torch), so the lowest layers can hold a registry.
 """
@@ -42,7 +42,7 @@ class Entry:
 
     @property
     def package(self) -> str:
-        """The installed distribution that provides :attr:`plugin` (its top-level name if none is known)."""
+        """The installed distribution that provides ``plugin`` (its top-level name if none is known)."""
         top = self.plugin.split(".")[0]
         dists = _module_distributions().get(top)
         return dists[0] if dists else top
@@ -58,7 +58,7 @@ class Registry(Generic[T]):
     :param kind: the plural snake-case name of the kind; the hook that fills it is ``lift3d_register_<kind>``.
     :param noun: how errors name one item (default: ``kind`` singular, ``"layer_kinds"`` -> ``"layer kind"``).
     :param doc: one line saying what an item is, for help texts and the docs.
-    :param catalogue: record the registry in :func:`all_registries` (one registry per kind); False for a
+    :param catalogue: record the registry in ``all_registries`` (one registry per kind); False for a
         private registry, such as a test's.
     """
 
@@ -174,7 +174,7 @@ def all_registries() -> dict[str, Registry[Any]]:
 
 
 def set_plugin_loader(loader: Callable[[Registry[Any]], None]) -> None:
-    """Install what fills a registry with its kind's plugins on first need (:mod:`lift3d.plugins.manager` does)."""
+    """Install what fills a registry with its kind's plugins on first need (``lift3d.plugins.manager`` does)."""
     global _plugin_loader
     _plugin_loader = loader
 

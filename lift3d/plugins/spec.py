@@ -4,7 +4,7 @@ timestep samplers, layer kinds, objectives, segmenters, solvers, stages).
 A plugin module implements any of these with ``@lift3d.hookimpl`` and registers names on the
 typed registry it receives, e.g. ``registry.add("phantom", PhantomDataset)``. Each hook is called once
 per process, the first time its registry is asked for a name it lacks or for its list
-(:mod:`lift3d.plugins.manager`).
+(``lift3d.plugins.manager``).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ hookspec = pluggy.HookspecMarker(NAME)
 def lift3d_register_datasets(registry):
     """Register dataset factories.
 
-    :param registry: a :class:`lift3d.plugins.Registry` of datasets; call
+    :param registry: a ``lift3d.plugins.Registry`` of datasets; call
         ``registry.add(name, factory)`` where ``factory(**options)`` returns an object that
-        follows :class:`lift3d.plugins.protocols.PairedVolumeDataset`.
+        follows ``lift3d.plugins.protocols.PairedVolumeDataset``.
     """
 
 
@@ -30,8 +30,8 @@ def lift3d_register_datasets(registry):
 def lift3d_register_autoencoders(registry):
     """Register autoencoder factories.
 
-    :param registry: a :class:`lift3d.plugins.Registry` of autoencoders; ``factory(**options)``
-        returns an object that follows :class:`lift3d.plugins.protocols.Autoencoder`.
+    :param registry: a ``lift3d.plugins.Registry`` of autoencoders; ``factory(**options)``
+        returns an object that follows ``lift3d.plugins.protocols.Autoencoder``.
     """
 
 
@@ -39,21 +39,21 @@ def lift3d_register_autoencoders(registry):
 def lift3d_register_timestep_samplers(registry):
     """Register timestep-sampler factories.
 
-    :param registry: a :class:`lift3d.plugins.Registry` of timestep samplers;
+    :param registry: a ``lift3d.plugins.Registry`` of timestep samplers;
         ``factory(**options)`` returns an object that follows
-        :class:`lift3d.plugins.protocols.TimestepSampler`.
+        ``lift3d.plugins.protocols.TimestepSampler``.
     """
 
 
 @hookspec
 def lift3d_register_layer_kinds(registry):
-    """Register kinds of volumetric layer, the layers :func:`lift3d.lifting.inflate` inserts (``kind=``).
+    """Register kinds of volumetric layer, the layers ``lift3d.lifting.inflate`` inserts (``kind=``).
 
     :param registry: ``lift3d.layers.registry.LAYER_KINDS``; ``factory(channels, *,
         kernel_size, padding_mode, device, dtype, **options)`` returns an ``nn.Module`` whose
         ``forward(x, num_slices)`` maps a ``(b n) c h w`` batch of slices to the same shape, is the
         identity exactly after its ``reset_parameters()``, and never mixes different volumes. See
-        :mod:`lift3d.layers.registry` for the optional methods (``init_random_``, ``fuse_into``).
+        ``lift3d.layers.registry`` for the optional methods (``init_random_``, ``fuse_into``).
     """
 
 
@@ -64,7 +64,7 @@ def lift3d_register_objectives(registry):
     :param registry: ``lift3d.diffusion.objectives.OBJECTIVES``; ``factory(**scheduler_config)``
         (the keys of a diffusers scheduler config, plus the objective's own options such as
         ``train_steps``; unknown keys ignored) returns an object that follows
-        :class:`lift3d.plugins.protocols.Objective`.
+        ``lift3d.plugins.protocols.Objective``.
     """
 
 
@@ -74,7 +74,7 @@ def lift3d_register_segmenters(registry):
 
     :param registry: ``lift3d.evaluation.segmentation.SEGMENTERS``; ``factory(*, path, **options)`` loads
         the segmenter saved in the folder ``path`` and returns an object that follows
-        :class:`lift3d.plugins.protocols.Segmenter`. ``lift3d.evaluation.segmentation.load_segmenter(path)``
+        ``lift3d.plugins.protocols.Segmenter``. ``lift3d.evaluation.segmentation.load_segmenter(path)``
         calls the factory its folder's ``segmenter.json`` names (``"plugin"``).
     """
 

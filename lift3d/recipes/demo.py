@@ -110,7 +110,7 @@ def demo_recipe(scale: DemoScale, seed: int, dataset: str = "icbm152") -> Recipe
 
 
 def demo_config(out: Path, scale: DemoScale, stage: str, seed: int, dataset: str = "icbm152") -> TrainConfig:
-    """The config of one stage of the demo's chain (:data:`~lift3d.recipes.make_a_volume.CHAIN`), run into
+    """The config of one stage of the demo's chain (``CHAIN``), run into
     ``out/<its folder>`` from the previous stage's model."""
     configs = chain_configs(demo_recipe(scale, seed, dataset), out, seed)
     return configs[CHAIN.index(link_of(stage))]

@@ -1,12 +1,12 @@
 """Fit: the validated recipe, from a dataset (a folder of NIfTI pairs or any dataset plugin) to a scored,
 reported model. ``lift3d fit --data FOLDER --source T1 --target T2 --out RUN`` runs it.
 
-Phases, each keyed and resumable (:mod:`lift3d.recipes.phases`): fingerprint -> plan (``plan.json``,
-editable) -> split (:mod:`lift3d.recipes.fit_setup`) -> stage 1 -> stage 2 (each variant of the plan, one
+Phases, each keyed and resumable (``lift3d.recipes.phases``): fingerprint -> plan (``plan.json``,
+editable) -> split (``lift3d.recipes.fit_setup``) -> stage 1 -> stage 2 (each variant of the plan, one
 chosen on validation) -> the solver and sample count (chosen on validation within the evaluation budget) ->
 optionally the 3D U-Net baseline -> the test subjects synthesised as NIfTI on their own grids -> scores with
 paired intervals -> ``report.html``, and the chosen model in ``RUN/model`` with its model card
-(:mod:`lift3d.recipes.fit_phases`). Nothing is chosen on the test subjects: validation picks, test reports.
+(``lift3d.recipes.fit_phases``). Nothing is chosen on the test subjects: validation picks, test reports.
 """
 
 from __future__ import annotations

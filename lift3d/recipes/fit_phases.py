@@ -1,4 +1,4 @@
-"""The training, selection and scoring phases of :func:`lift3d.recipes.fit.fit`, one function each."""
+"""The training, selection and scoring phases of ``lift3d.recipes.fit.fit``, one function each."""
 
 from __future__ import annotations
 

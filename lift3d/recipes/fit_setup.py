@@ -1,4 +1,4 @@
-"""Setting up a fit (:func:`lift3d.recipes.fit.fit`): the request, the fingerprint, the plan and the split,
+"""Setting up a fit (``lift3d.recipes.fit.fit``): the request, the fingerprint, the plan and the split,
 each checked and written before any training."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 again, from the files alone, by ``lift3d-evaluate`` (and fitted again by ``lift3d fit``).
 
 Each volume is written as the ``(n, h, w)`` array the recipe saw, in RAS order with the grid's voxel size:
-:func:`lift3d.data.orientation.to_slices` reads back exactly that array. Target and predictions share the
+``lift3d.data.orientation.to_slices`` reads back exactly that array. Target and predictions share the
 target's intensity map, which every metric is invariant to; the source keeps its own.
 """
 
@@ -25,7 +25,7 @@ MASK_NAME = "brainmask"
 def grid_image(array: Any, spacing: Iterable[float], slice_axis: str = "axial",
                intensity: Any = None) -> nib.Nifti1Image:
     """``array`` ``(n, h, w)`` (or ``(1, n, h, w)``) on a training grid of voxel size ``spacing`` (slice, row,
-    column) as a RAS NIfTI image; ``intensity`` (an :class:`~lift3d.data.intensity.IntensityScaling`) maps
+    column) as a RAS NIfTI image; ``intensity`` (an ``IntensityScaling``) maps
     [-1, 1] back to its scanner units."""
     data = np.asarray(array.detach().cpu().float() if hasattr(array, "detach") else array, dtype=np.float32)
     data = data[0] if data.ndim == 4 else data

@@ -98,7 +98,7 @@ def link_of(stage: str) -> Link:
 
 def stage_config(recipe: Recipe, stage: str, output_dir: Path, seed: int, stage1_model: Path | None = None,
                  steps: int | None = None) -> TrainConfig:
-    """The checked config of one stage of the chain (:data:`CHAIN`): stage 1 (``"slices"``) or stage 2
+    """The checked config of one stage of the chain (``CHAIN``): stage 1 (``"slices"``) or stage 2
     (``"volumes"``, from ``stage1_model``)."""
     link = link_of(stage)
     max_steps = steps if steps is not None else link.steps(recipe)

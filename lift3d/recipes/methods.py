@@ -1,9 +1,9 @@
 """Methods a recipe compares, their predictions on a list of subjects, and their scores.
 
-A :class:`Method` is a model folder and how it is sampled (solver, steps, K samples, informed start), or
-the 3D U-Net baseline (one pass). :class:`Predictor` samples a method on subjects, caching each sample in
+A ``Method`` is a model folder and how it is sampled (solver, steps, K samples, informed start), or
+the 3D U-Net baseline (one pass). ``Predictor`` samples a method on subjects, caching each sample in
 a file keyed by everything it depends on, so a re-run and a larger K reuse what was drawn.
-:func:`scored` gives every metric lift3d has, per subject, against the target (and, where the dataset
+``scored`` gives every metric lift3d has, per subject, against the target (and, where the dataset
 provides one, against its clean target), with the tissue Dice of a segmenter and, for K >= 2, how well
 the std map predicts the error.
 """

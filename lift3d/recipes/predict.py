@@ -1,7 +1,7 @@
 """Prediction on new data, NIfTI in and NIfTI out: one call for a file or a nibabel image.
 
 The source is canonicalised, put on the model's training grid, synthesised and put back on its own grid
-with its own affine (:func:`lift3d.data.volume.prepare_volume` and its inverse). A model folder made by
+with its own affine (``lift3d.data.volume.prepare_volume`` and its inverse). A model folder made by
 ``lift3d fit`` (``RUN`` or ``RUN/model``) is sampled as the fit chose on validation; any other lift3d
 model folder with its objective's few-step preset.
 """
@@ -87,7 +87,7 @@ def model_grid(model: Any) -> dict[str, Any]:
 
 
 def finer_than_grid(image: nib.Nifti1Image, grid: TrainingGrid, name: str) -> str | None:
-    """One line when ``image``'s voxels are more than :data:`FINER` times finer than ``grid``'s, else None."""
+    """One line when ``image``'s voxels are more than ``FINER`` times finer than ``grid``'s, else None."""
     codes = orientation_codes(image.affine)
     voxel = to_slice_order(tuple(np.linalg.norm(image.affine[:3, :3], axis=0)), codes, grid.slice_axis)
     native = slice_shape(image.shape[:3], codes, grid.slice_axis)
@@ -106,7 +106,7 @@ def predict_volume(model: Any, source: str | os.PathLike | nib.Nifti1Image, *, s
     """Synthesise the target contrast of ``source`` (a NIfTI path or a nibabel image) on its own grid.
 
     :param model: a model folder (a fit's ``RUN``, ``RUN/model``, or any lift3d export) or a loaded
-        :class:`lift3d.sampling.model.SynthesisModel`.
+        ``lift3d.sampling.model.SynthesisModel``.
     :param solver: ``steps`` and ``samples``: override how the model is sampled (default: the fit's choice,
         else the objective's few-step preset).
     :param warn: where the one-line warning for a source much finer than the model's grid goes (None: nowhere).

@@ -74,7 +74,7 @@ def portable(value: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, report: dict[str, Any]) -> None:
-    """Write ``report`` to ``path``, creating its folder; paths in it are made relative (:func:`portable`)."""
+    """Write ``report`` to ``path``, creating its folder; paths in it are made relative (``portable``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(portable(json.loads(json.dumps(report, default=str))), indent=1))

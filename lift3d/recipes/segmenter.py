@@ -1,6 +1,6 @@
 """The tissue segmenter recipe: one ``segmenter`` stage on the real targets of a dataset's training subjects,
 giving the folder that scores synthesis by tissue Dice (``lift3d-evaluate --segmenter``,
-:func:`lift3d.evaluation.segmentation.tissue_dice`). The defaults train in under three minutes on one CPU core at the
+``lift3d.evaluation.segmentation.tissue_dice``). The defaults train in under three minutes on one CPU core at the
 ICBM benchmark's grid (48 x 48 x 24, 13 subjects; docs/pages/training.md gives the Dice it reaches)."""
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ def segmenter_config(dataset: str, data_options: dict[str, Any], output_dir: str
 
 def train_tissue_segmenter(dataset: str = "icbm152", data_options: dict[str, Any] | None = None,
                            output_dir: str | Path = "runs/segmenter", **options: Any) -> Path:
-    """Train the built-in ``tissue-unet`` segmenter (:func:`segmenter_config` takes ``options``); returns the
-    exported folder, ``<output_dir>/model``, which :func:`lift3d.evaluation.segmentation.load_segmenter` loads."""
+    """Train the built-in ``tissue-unet`` segmenter (``segmenter_config`` takes ``options``); returns the
+    exported folder, ``<output_dir>/model``, which ``lift3d.evaluation.segmentation.load_segmenter`` loads."""
     from lift3d.training.loop import train
 
     return Path(train(segmenter_config(dataset, data_options or {}, output_dir, **options)))

@@ -25,7 +25,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass
 class SynthesisModel:
-    """Everything :func:`synthesize` needs, as loaded from an exported model folder.
+    """Everything ``synthesize`` needs, as loaded from an exported model folder.
 
     :param unet: the denoising U-Net, lifted (stage 2) or plain 2D (stage 1), in eval mode.
     :param autoencoder: the autoencoder plugin the model was trained with.
@@ -47,7 +47,7 @@ class SynthesisModel:
 
     @property
     def objective(self):
-        """The training objective (:data:`lift3d.diffusion.objectives.OBJECTIVES`) on the exported noise schedule;
+        """The training objective (``lift3d.diffusion.objectives.OBJECTIVES``) on the exported noise schedule;
         ``ddpm`` for exports written before objectives existed."""
         if getattr(self, "_objective", None) is None:
             from lift3d.diffusion.objectives import create_objective, objective_name
@@ -65,7 +65,7 @@ class SynthesisModel:
 
     @property
     def source_context(self) -> int:
-        """2.5D: source slices on each side the U-Net sees (:mod:`lift3d.data.context`); 0 for older exports."""
+        """2.5D: source slices on each side the U-Net sees (``lift3d.data.context``); 0 for older exports."""
         return self.settings.source_context
 
     @property
@@ -146,7 +146,7 @@ def _move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
 
 def load_synthesis_model(folder: str | os.PathLike, *, device: str | torch.device | None = None,
                          dtype: str | torch.dtype | None = None) -> SynthesisModel:
-    """Load ``folder`` (``<output_dir>/model`` of a training run) for :func:`synthesize`.
+    """Load ``folder`` (``<output_dir>/model`` of a training run) for ``synthesize``.
 
     The U-Net is lifted when the folder has ``lift3d.json`` (stage 2), plain 2D otherwise (stage 1).
     ``device`` defaults to CUDA when available; ``dtype`` (``float32`` by default) applies to the

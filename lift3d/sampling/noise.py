@@ -33,7 +33,7 @@ def correlate_slices(noise: Tensor, rho: float) -> Tensor:
     draw itself by that covariance's symmetric square root, ``x = sqrt(1 - rho) z +
     (sqrt(1 - rho + rho n) - sqrt(1 - rho)) mean_k z``, so it needs no extra random numbers and is
     linear in ``z`` (which lets it act on the noise a diffusers DDPM step draws inside, see
-    :mod:`lift3d.sampling.solvers.ddpm`). ``rho = 1`` gives every slice the same noise; ``rho = 0``
+    ``lift3d.sampling.solvers.ddpm``). ``rho = 1`` gives every slice the same noise; ``rho = 0``
     returns ``noise`` unchanged.
     """
     if rho == 0:
@@ -50,7 +50,7 @@ class StepNoise:
     being sample-major (sample ``k`` owns rows ``k*b:(k+1)*b``), and the slice correlation ``rho``.
 
     :param generators: sample ``k``'s CPU generator, the one that drew its initial noise.
-    :param rho: the noise correlation across slices (:func:`correlate_slices`).
+    :param rho: the noise correlation across slices (``correlate_slices``).
     """
 
     generators: Sequence[torch.Generator]

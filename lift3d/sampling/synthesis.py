@@ -1,9 +1,9 @@
 """Sampling a trained model: source volume -> synthesised target volume (Make-A-Volume, sec. 2.2-2.3).
 
-:func:`load_synthesis_model` reads a folder written by :func:`lift3d.training.loop.export_model`;
-:func:`synthesize` encodes the source, starts from seeded Gaussian noise, denoises **all slices
+``load_synthesis_model`` reads a folder written by ``lift3d.training.loop.export_model``;
+``synthesize`` encodes the source, starts from seeded Gaussian noise, denoises **all slices
 jointly at the same timestep** with the source latent concatenated on channels (the paper's
-``p_theta(z_{t-1} | z_t, z_c)``), and decodes. A registered solver (:mod:`lift3d.sampling.solvers`:
+``p_theta(z_{t-1} | z_t, z_c)``), and decodes. A registered solver (``lift3d.sampling.solvers``:
 DDIM, DDPM, DPM-Solver++, Euler, or a plugin's) steps it, built from the training noise schedule (the
 paper reports DDIM with 200 steps); the loop asks the solver what it is instead of probing it.
 
@@ -12,9 +12,9 @@ the U-Net runs on each window and the noise predictions are blended with weights
 towards inner window edges, then one solver step updates the whole volume. (Overwriting the
 overlap instead, as the authors' code does, leaves seams where a window's border slices meet.)
 
-:func:`synthesize_posterior` draws several samples per source and returns their mean and per-voxel
+``synthesize_posterior`` draws several samples per source and returns their mean and per-voxel
 standard deviation (an uncertainty map); samples are batched through the U-Net together, each
-with its own seed (:func:`~lift3d.sampling.noise.sample_seed`). ``noise_correlation`` gives every slice's noise
+with its own seed (``sample_seed``). ``noise_correlation`` gives every slice's noise
 a shared component, so the slices of a volume start (and, with a stochastic solver, are perturbed) alike.
 """
 
@@ -54,7 +54,6 @@ __all__ = ["DTYPES", "SOLVERS", "PosteriorEstimate", "SynthesisModel", "build_so
            "unet_evaluations", "window_weights", "STARTS"]
 
 
-# --------------------------------------------------------------------------------------------
 # Sampling
 
 
@@ -90,19 +89,18 @@ def check_clip_x0(model: SynthesisModel) -> None:
                          f"{factor}), whose values are not bounded by [-1, 1]")
 
 
-# --------------------------------------------------------------------------------------------
 # Several samples, correlated noise
 
 
 @dataclass
 class PosteriorEstimate:
-    """What :func:`synthesize_posterior` returns, on the same ``[-1, 1]`` scale as the source.
+    """What ``synthesize_posterior`` returns, on the same ``[-1, 1]`` scale as the source.
 
     :param mean: the mean of the samples ``(b, c, n, h, w)``; with one sample, that sample.
     :param std: the per-voxel sample standard deviation (Bessel-corrected, ``K - 1`` in the
         denominator) of the samples, same shape; None for a single sample.
     :param samples: how many samples were drawn per source volume.
-    :param unet_evaluations: U-Net passes per source volume, all samples together (:func:`unet_evaluations`).
+    :param unet_evaluations: U-Net passes per source volume, all samples together (``unet_evaluations``).
     """
 
     mean: Tensor
@@ -112,7 +110,7 @@ class PosteriorEstimate:
 
 
 def check_sampling_options(samples: int = 1, sample_batch: int | None = None, noise_correlation: float = 0.0) -> None:
-    """The ranges :func:`synthesize_posterior` accepts, as one clear :class:`ValueError`."""
+    """The ranges ``synthesize_posterior`` accepts, as one clear ``ValueError``."""
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive integer (1 = a single sample), got {samples!r}")
     if sample_batch is not None and (isinstance(sample_batch, bool) or not isinstance(sample_batch, int)
@@ -125,7 +123,7 @@ def check_sampling_options(samples: int = 1, sample_batch: int | None = None, no
 
 
 def resolve_sample_batch(sample_batch: int | None, samples: int, device: torch.device) -> int:
-    """How many samples :func:`synthesize_posterior` denoises together: ``sample_batch`` (at most
+    """How many samples ``synthesize_posterior`` denoises together: ``sample_batch`` (at most
     ``samples``), or by default all of them on an accelerator and one at a time on the CPU, where a
     batch of samples measured slower per sample than one at a time (``benchmarks/samples.py``)."""
     if sample_batch is None:
@@ -147,8 +145,8 @@ def first_step(num_steps: int, start: str, strength: float | None) -> int:
 
 
 def check_start(start: str, strength: float | None, conditioning: str = "concat", solver: str | None = None) -> None:
-    """The informed-start options :func:`synthesize_posterior` accepts, with the registered ``solver`` if given,
-    as one clear :class:`ValueError`."""
+    """The informed-start options ``synthesize_posterior`` accepts, with the registered ``solver`` if given,
+    as one clear ``ValueError``."""
     if start not in STARTS:
         raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
     if start == "noise":
@@ -170,7 +168,7 @@ def check_start(start: str, strength: float | None, conditioning: str = "concat"
 
 @dataclass
 class SamplingRun:
-    """What every batch of samples of one :func:`synthesize_posterior` call shares: the model, the solver
+    """What every batch of samples of one ``synthesize_posterior`` call shares: the model, the solver
     asked for, the source's latent (and the condition made of it), the windows and the noise options."""
 
     model: SynthesisModel
@@ -250,7 +248,7 @@ def _denoise_samples(run: SamplingRun, seeds: Sequence[int], bar: tqdm) -> list[
 
 def unet_evaluations(model: SynthesisModel, solver: str, steps: int | None = None, *, samples: int = 1,
                      start: str = "noise", strength: float | None = None) -> int:
-    """U-Net passes per volume of a :func:`synthesize_posterior` call (each pass covers all slices; with
+    """U-Net passes per volume of a ``synthesize_posterior`` call (each pass covers all slices; with
     windows, every window of one step counts as one pass): the steps that run, plus one for an
     ``estimate`` start, times ``samples``."""
     built = build_solver(solver, model.objective, model.scheduler_config, steps)
@@ -258,7 +256,7 @@ def unet_evaluations(model: SynthesisModel, solver: str, steps: int | None = Non
 
 
 def evaluations_of(num_steps: int, samples: int = 1, start: str = "noise", strength: float | None = None) -> int:
-    """:func:`unet_evaluations` for a solver of ``num_steps`` steps."""
+    """``unet_evaluations`` for a solver of ``num_steps`` steps."""
     return samples * (num_steps - first_step(num_steps, start, strength) + (start == "estimate"))
 
 
@@ -276,7 +274,7 @@ def _solver_name(model: SynthesisModel, solver: str | None, scheduler: str | Non
 def _prepare(model: SynthesisModel, source: Tensor, solver: str, steps: int | None, *, window: int | None,
              overlap: int | None, slice_wise: bool, clip_x0: bool, noise_correlation: float, start: str,
              strength: float | None) -> SamplingRun:
-    """Every check of a :func:`synthesize_posterior` call, then the source encoded once for all samples."""
+    """Every check of a ``synthesize_posterior`` call, then the source encoded once for all samples."""
     _check_source(model, source)
     b, _, n, h, w = source.shape
     windowing = resolve_window(model, n, window, overlap, slice_wise)
@@ -330,21 +328,23 @@ def synthesize_posterior(model: SynthesisModel, source: Tensor, *, samples: int 
 
     The mean of K samples scores better on PSNR and SSIM than one sample (the target's own noise
     cannot be predicted, and the mean does not invent any); the std shows where the model is
-    unsure. :func:`synthesize` is this function's mean, with one sample by default.
+    unsure. ``synthesize`` is this function's mean, with one sample by default.
+
+    With ``conditioning = "none"`` (plain volume generation) the source only sets the shape.
 
     :param samples: K, the number of samples per source volume.
     :param sample_batch: how many samples go through the U-Net together. None: all K on a GPU
         (or other accelerator), one at a time on the CPU, where batching measured slower
-        (:func:`resolve_sample_batch`). A smaller batch needs less memory; a batch that runs out of
+        (``resolve_sample_batch``). A smaller batch needs less memory; a batch that runs out of
         memory is halved and retried (down to 1), with a warning.
-    :param solver: a registered solver that inverts the model's objective (:mod:`lift3d.sampling.solvers`):
+    :param solver: a registered solver that inverts the model's objective (``lift3d.sampling.solvers``):
         for a ``ddpm`` model ``ddim`` (200 steps by default, the paper's), ``ddpm`` (1000) or ``dpm``
         (DPM-Solver++, 25); for a ``flow`` model ``flow`` (Euler, 4) or ``dpm`` (8). None: the objective's
         ``default_solver`` (``ddim``, ``flow``).
     :param steps: solver steps; None = the solver's default for the model's objective.
     :param seed: seeds the initial noise (drawn on the CPU, so it is the same on every device) and
         any noise the solver adds; the same seed gives the same volume. Sample ``k`` is seeded
-        with :func:`~lift3d.sampling.noise.sample_seed` ``(seed, k)``, sample 0 with ``seed`` itself, so the
+        with ``sample_seed`` ``(seed, k)``, sample 0 with ``seed`` itself, so the
         result does not depend on ``sample_batch`` beyond float rounding.
     :param window: denoise in windows of this many slices. None: whole volumes, unless a lifted
         model gets more slices than ``model.max_slices`` (then windows of that size); 0: never.
@@ -356,7 +356,7 @@ def synthesize_posterior(model: SynthesisModel, source: Tensor, *, samples: int 
         declare ``clips_x0``. An epsilon model in pixel space with little training can diverge without it
         (whole slices end at -1 or +1); a v-prediction model rarely needs it.
     :param noise_correlation: rho in [0, 1]: the noise of any two slices of a volume correlates by
-        rho, each voxel's noise staying N(0, 1) (:func:`~lift3d.sampling.noise.correlate_slices`). It applies
+        rho, each voxel's noise staying N(0, 1) (``correlate_slices``). It applies
         to the initial noise, and with a stochastic solver (``ddpm``) to the noise added at every step; the
         deterministic ones add none after the start. 0 (the default): independent noise per slice, as in
         training.
@@ -367,8 +367,6 @@ def synthesize_posterior(model: SynthesisModel, source: Tensor, *, samples: int 
     :param strength: with an informed start, the fraction of the ``steps`` that run, in (0, 1).
     :param progress: show a tqdm bar over the denoising steps (None: only on a terminal).
     :param scheduler: the old name of ``solver`` (deprecated).
-
-    With ``conditioning = "none"`` (plain volume generation) the source only sets the shape.
     """
     check_sampling_options(samples, sample_batch, noise_correlation)
     check_start(start, strength, model.conditioning)
@@ -392,7 +390,7 @@ def synthesize(model: SynthesisModel, source: Tensor, *, samples: int = 1, **opt
     """Synthesise the target modality for ``source`` ``(b, c, n, h, w)`` in [-1, 1]; same shape out.
 
     One sample by default; with ``samples = K`` the mean of K. ``options`` are those of
-    :func:`synthesize_posterior` (``solver``, ``steps``, ``seed``, ``window``, ``overlap``,
+    ``synthesize_posterior`` (``solver``, ``steps``, ``seed``, ``window``, ``overlap``,
     ``slice_wise``, ``clip_x0``, ``sample_batch``, ``noise_correlation``, ``start``, ``strength``,
     ``progress``), which also
     returns the samples' per-voxel std.
@@ -400,14 +398,13 @@ def synthesize(model: SynthesisModel, source: Tensor, *, samples: int = 1, **opt
     return synthesize_posterior(model, source, samples=samples, **options).mean
 
 
-# --------------------------------------------------------------------------------------------
 # Writing the uncertainty map
 
 
 def save_std_volume(path: str | os.PathLike, std: Any, meta: VolumeMeta) -> Path:
     """Write a std map ``(n, h, w)`` (on the [-1, 1] scale of the synthesis) as NIfTI on the source's grid.
 
-    Like :func:`lift3d.data.save_volume` for the mean, with one difference: a standard deviation
+    Like ``lift3d.data.save_volume`` for the mean, with one difference: a standard deviation
     is a scale, not an intensity, so it is multiplied by the slope of the source's intensity map,
     ``(high - low) / 2``, and the offset ``low`` is not added. It is resampled back linearly, as
     the mean is, which keeps it non-negative.

@@ -56,7 +56,7 @@ def _rising(length: int) -> Tensor:
 
 def resolve_window(model: SynthesisModel, num_slices: int, window: int | None = None, overlap: int | None = None,
                    slice_wise: bool = False) -> tuple[int, int] | None:
-    """The ``(window, overlap)`` :func:`synthesize` denoises ``num_slices`` slices with, or None for
+    """The ``(window, overlap)`` ``synthesize`` denoises ``num_slices`` slices with, or None for
     the whole volume at once (see its ``window`` and ``overlap``)."""
     n = num_slices
     for name, value in (("window", window), ("overlap", overlap)):

@@ -35,7 +35,7 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 @dataclass
 class TrainingState:
-    """Everything a checkpoint restores, as :mod:`lift3d.training.state` writes it (no pickle)."""
+    """Everything a checkpoint restores, as ``lift3d.training.state`` writes it (no pickle)."""
 
     model: nn.Module
     optimizer: Any
@@ -90,7 +90,7 @@ def replace_folder(tmp: Path, final: Path) -> None:
 
 def write_folder(final: Path, write: Callable[[Path], Any]) -> Path:
     """``write(tmp)`` into a hidden temporary beside ``final``, then rename it onto ``final``. A failure
-    (kill -9 aside, which the next run's :func:`clean_stale_temporaries` covers) leaves nothing behind."""
+    (kill -9 aside, which the next run's ``clean_stale_temporaries`` covers) leaves nothing behind."""
     tmp = temporary_path(final)
     with removed_on_failure(tmp, final):
         write(tmp)

@@ -1,5 +1,5 @@
-"""A run's training configuration: the sections every stage shares (:mod:`lift3d.training.sections`) plus each
-registered stage's own (:mod:`lift3d.training.stages`), read from a TOML file (``tomllib``) with CLI overrides.
+"""A run's training configuration: the sections every stage shares (``lift3d.training.sections``) plus each
+registered stage's own (``lift3d.training.stages``), read from a TOML file (``tomllib``) with CLI overrides.
 
 Every field carries its own help text, so ``lift3d-finetune --help`` explains every option.
 Precedence: defaults < ``--config file.toml`` < ``--section.field value`` on the command line.
@@ -102,7 +102,7 @@ def apply(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every option of a config built in Python (``apply`` checks what it sets) and how the options
     fit together, the stage's own checks included. The memory the configured models need is
-    :func:`lift3d.training.memory.check_memory`; options the stage ignores are :func:`refuse_ignored`."""
+    ``lift3d.training.memory.check_memory``; options the stage ignores are ``refuse_ignored``."""
     if not isinstance(cfg, TrainConfig):
         raise ConfigError(f"a training config must be a lift3d.training.config.TrainConfig, got {type(cfg).__name__}")
     for section, obj in cfg.sections().items():

@@ -94,7 +94,7 @@ class LatentEncoder:
     """Encodes source and target volumes with the frozen autoencoder, optionally caching per item.
 
     With a 2.5D ``context`` the source latents get their neighbouring slices on channels
-    (:mod:`lift3d.data.context`). Training items carry a source padded by ``context`` slices on
+    (``lift3d.data.context``). Training items carry a source padded by ``context`` slices on
     each side (a stage-1 item, a stage-2 window); an unpadded whole volume has its edge slices
     repeated. Either way slice ``k`` gets the channels it has in the whole volume.
     """

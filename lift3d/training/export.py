@@ -11,6 +11,7 @@ from torch import nn
 import lift3d
 from lift3d.diffusion.export import export_settings, write_export_settings
 from lift3d.lifting.checkpoint import save_diffusers_folder, save_lifted, save_volumetric
+from lift3d.training.card import write_model_card
 from lift3d.training.checkpoints import write_folder
 from lift3d.training.sections import SharedSections
 
@@ -22,7 +23,7 @@ def training_settings(cfg: SharedSections, autoencoder, dataset, exported_autoen
     """What synthesis needs to prepare inputs exactly as in training and to rebuild the sampler.
 
     :param label: the export label of the stage that trains the model
-        (:attr:`lift3d.training.stages.Stage.export_label`); by default ``run.stage``.
+        (``lift3d.training.stages.Stage.export_label``); by default ``run.stage``.
     """
     ae_options = {"path": "autoencoder"} if exported_autoencoder else dict(cfg.autoencoder.options)
     unet_multiple = 2 ** (len(cfg.model.block_out_channels) - 1)
@@ -60,5 +61,6 @@ def export_model(cfg: SharedSections, unet: nn.Module, autoencoder, objective, d
         if has_weights:
             autoencoder.save(tmp / "autoencoder")
         objective.scheduler.save_pretrained(tmp / "scheduler")
+        write_model_card(tmp, settings, lift3d.is_lifted(unet), shown=output_dir / "model")
 
     return write_folder(output_dir / "model", write)

@@ -1,10 +1,10 @@
-"""One training loop for every stage (:mod:`lift3d.training.stages`), wired with Accelerate.
+"""One training loop for every stage (``lift3d.training.stages``), wired with Accelerate.
 
 Make-A-Volume (Zhu et al., MICCAI 2023) trains in two stages through it: stage 1 (``run.stage = "slices"``,
 sec. 2.2) a 2D U-Net with a timestep per slice, stage 2 (``run.stage = "volumes"``, sec. 2.3) the U-Net lifted
-with :func:`lift3d.lifting.inflate` and fine-tuned on whole volumes with one timestep per volume. The stage
+with ``lift3d.lifting.inflate`` and fine-tuned on whole volumes with one timestep per volume. The stage
 gives the loop its model, trained parameters, data, loss, validation and export (a
-:class:`~lift3d.training.task.Task`); the loop gives every stage the same optimizer, schedule, EMA,
+``Task``); the loop gives every stage the same optimizer, schedule, EMA,
 mixed precision, logs, checkpoints and resume.
 
 Noise and timesteps are drawn per item from a generator seeded by (seed, step, dataset index), and
@@ -204,7 +204,7 @@ def resume(run: Run, folder: Path, max_steps: int) -> int:
 
 
 def planned_loader(run: Run, data: DataConfig, seed: int, step: int, accumulation: int, max_steps: int):
-    """The batches of the remaining steps, in the order an uninterrupted run reads them (:class:`BatchPlan`)."""
+    """The batches of the remaining steps, in the order an uninterrupted run reads them (``BatchPlan``)."""
     accelerator, view = run.accelerator, run.task.view
     plan = BatchPlan(len(view), data.batch_size, accelerator.num_processes, accelerator.process_index, seed)
     remaining = max(max_steps - step, 0) * accumulation
@@ -297,7 +297,7 @@ def log_window(run: Run, window: dict[str, list[float]], step: int, seconds: flo
 
 
 def finish(run: Run, step: int) -> Path:
-    """Score and export the weights the run chose (:func:`exported_weights`) on the main process."""
+    """Score and export the weights the run chose (``exported_weights``) on the main process."""
     accelerator, tracker = run.accelerator, run.state.validation
     accelerator.wait_for_everyone()
     final = run.output_dir / "model"

@@ -1,6 +1,6 @@
 """The memory check before training allocates anything: the stage measures the model it would build, on
-torch's meta device (:meth:`lift3d.training.stages.Stage.memory`), and its weights, gradients and AdamW
-moments (and EMA) are checked against the memory budget (:mod:`lift3d.io.budget`)."""
+torch's meta device (``lift3d.training.stages.Stage.memory``), and its weights, gradients and AdamW
+moments (and EMA) are checked against the memory budget (``lift3d.io.budget``)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def model_memory(cfg: TrainConfig) -> tuple[int, int, str] | None:
 
 def check_memory(cfg: TrainConfig) -> None:
     """Refuse a config whose noise schedule or model (weights, gradients and AdamW moments) would not fit in
-    the memory budget (:mod:`lift3d.io.budget`), with one line giving the size and the limit."""
+    the memory budget (``lift3d.io.budget``), with one line giving the size and the limit."""
     measured = model_memory(cfg)
     if measured is not None:
         weights, trained, what = measured

@@ -1,8 +1,8 @@
-"""How one training option is declared and checked: :func:`opt` gives a dataclass field its help text, its
-choices and its :class:`Rule`; :func:`coerce` turns a TOML or command-line value into a checked one.
+"""How one training option is declared and checked: ``opt`` gives a dataclass field its help text, its
+choices and its ``Rule``; ``coerce`` turns a TOML or command-line value into a checked one.
 
-The sections built from these fields are :mod:`lift3d.training.sections` (shared by every stage) and each
-stage's own (:mod:`lift3d.training.stages`); :mod:`lift3d.training.config` puts them together.
+The sections built from these fields are ``lift3d.training.sections`` (shared by every stage) and each
+stage's own (``lift3d.training.stages``); ``lift3d.training.config`` puts them together.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def check_value(where: str, value: Any, choices: tuple | None, rule: Rule | None
 
 def _convert(value: Any, kind: Any) -> Any:
     """A command-line string (or a TOML int given for a float) as ``kind``; anything else is left to
-    :func:`check_value`."""
+    ``check_value``."""
     origin = get_origin(kind) or kind
     if isinstance(value, str) and origin is not str:
         if origin is bool:
@@ -188,7 +188,7 @@ def coerce(section: str, name: str, value: Any, kind: Any, metadata) -> Any:
 
 
 def check_section(section: str, obj: Any) -> None:
-    """Check every option of one section (a dataclass of :func:`opt` fields), e.g. one built in Python."""
+    """Check every option of one section (a dataclass of ``opt`` fields), e.g. one built in Python."""
     hints = get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         check_value(f"{section}.{f.name}", getattr(obj, f.name), f.metadata.get("choices"), f.metadata.get("rule"),

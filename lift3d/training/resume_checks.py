@@ -1,11 +1,11 @@
 """A checkpoint must agree with the run that resumes it, and its files with each other.
 
-The schemas of :mod:`lift3d.training.state` check each file's shape; here its values are checked against
+The schemas of ``lift3d.training.state`` check each file's shape; here its values are checked against
 this run's own optimizer, learning-rate schedule, EMA and scaler (built from its config) and against the
 step the checkpoint records. A state that type-checks can still train something else: ``maximize = true``
 makes AdamW ascend the loss, ``lr = 0`` stops it, an EMA step of 1e8 freezes the average, a validation
 score of 1e308 makes the exporter pick the wrong step, a negative ``exp_avg_sq`` puts NaN in the weights.
-Every mismatch is one :class:`~lift3d.lifting.checkpoint.CheckpointError` line naming the file and the
+Every mismatch is one ``CheckpointError`` line naming the file and the
 key, raised before anything is trained.
 """
 
@@ -66,7 +66,7 @@ def mismatch(reference: Any, value: Any, where: str) -> str | None:
 
 
 def conform(reference: Any, value: Any, path: Path, where: str = "") -> Any:
-    """``value``, if it has the kind of ``reference`` throughout (:func:`mismatch`); else one line naming ``path``."""
+    """``value``, if it has the kind of ``reference`` throughout (``mismatch``); else one line naming ``path``."""
     problem = mismatch(reference, value, where)
     if problem:
         raise CheckpointError(f"{path} does not match this run's state: {problem}")
@@ -109,7 +109,6 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-# --------------------------------------------------------------------------------------------
 # The files against each other: what can be checked before the model exists
 
 
@@ -188,7 +187,6 @@ def check_validation(record: dict[str, Any] | None, step: int, path: Path) -> No
                               f"{first[key]:g}, but the best step is never worse than step 0")
 
 
-# --------------------------------------------------------------------------------------------
 # The files against this run: its options, its schedule
 
 

@@ -2,7 +2,7 @@
 and ``[optim]``. Each field carries its own help text, so ``lift3d-finetune --help`` explains every option.
 
 A stage's own options (the autoencoder's ``[vae]``, stage 2's ``[lift]``, the segmenter's ``[segmenter]``) are
-declared beside the stage (:mod:`lift3d.training.stages`); :class:`lift3d.training.config.TrainConfig` adds them.
+declared beside the stage (``lift3d.training.stages``); ``lift3d.training.config.TrainConfig`` adds them.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class OptimConfig:
 
 @dataclass
 class SharedSections:
-    """The sections every stage shares. :class:`lift3d.training.config.TrainConfig` adds each stage's own."""
+    """The sections every stage shares. ``lift3d.training.config.TrainConfig`` adds each stage's own."""
 
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -1,5 +1,5 @@
 """Which weights a run scores and exports: the live ones, their EMA (``optim.ema``), or those of the step best
-on sampled validation (``run.validate_every``, :mod:`lift3d.training.validation`), kept as the loop runs."""
+on sampled validation (``run.validate_every``, ``lift3d.training.validation``), kept as the loop runs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from lift3d.training.state import TRAINER_STATE, load_validation_state
 
 
 class ValidationTracker:
-    """Sampled validation during the loop (:mod:`lift3d.training.validation`): scores, and the best step kept."""
+    """Sampled validation during the loop (``lift3d.training.validation``): scores, and the best step kept."""
 
     def __init__(self, sampled, unet: nn.Module, params: list[nn.Parameter], ema, every: int) -> None:
         self.sampled, self.unet, self.params, self.ema, self.every = sampled, unet, params, ema, every

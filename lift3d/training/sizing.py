@@ -1,7 +1,7 @@
 """Measuring what a model needs before it exists: parameters counted on torch's meta device (nothing is
 allocated), a quick lower bound for sizes too large even to build there, and the check of weights, gradients
-and AdamW moments against the memory budget (:mod:`lift3d.io.budget`). Each stage's
-:meth:`~lift3d.training.stages.Stage.memory` uses these."""
+and AdamW moments against the memory budget (``lift3d.io.budget``). Each stage's
+``memory`` uses these."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ A checkpoint folder holds exactly:
 Nothing read is trusted: every file is read inside its checkpoint folder (a link out is refused),
 each JSON file against a strict schema and then against the shape of this run's own optimizer,
 scheduler, EMA and scaler state, and each tensor against its parameter's shape and dtype, before
-anything is restored. Every failure is one :class:`~lift3d.io.errors.Lift3dError` line naming the file.
+anything is restored. Every failure is one ``Lift3dError`` line naming the file.
 
 Noise, timesteps and the data order are seeded by (seed, step), so the RNG files only matter for
 code that draws from the global generator (dropout, say).
@@ -63,7 +63,6 @@ KNOWN_FILES = {TRAINER_STATE, MODEL, OPTIMIZER, OPTIMIZER_GROUPS, LR_SCHEDULER, 
 ADAM_STATE, ADAM_REQUIRED = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}, {"step", "exp_avg", "exp_avg_sq"}
 
 
-# --------------------------------------------------------------------------------------------
 # Schemas: what each JSON file may hold, checked before anything is restored from it
 
 
@@ -159,7 +158,6 @@ JSON_SCHEMAS = {TRAINER_STATE: TrainerState, OPTIMIZER_GROUPS: OptimizerState, L
                 EMA_SETTINGS: EmaState, SCALER: ScalerState}
 
 
-# --------------------------------------------------------------------------------------------
 # Reading: every file through the trusted readers, inside its checkpoint folder
 
 
@@ -168,8 +166,8 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def _read_json(folder: Path, name: str) -> Any:
-    """The checked content of checkpoint file ``name``; every failure is one :class:`CheckpointError`
-    line naming the file (a link out of the folder stays an :class:`UnsafePathError`)."""
+    """The checked content of checkpoint file ``name``; every failure is one ``CheckpointError``
+    line naming the file (a link out of the folder stays an ``UnsafePathError``)."""
     try:
         return read_json(folder / name, JSON_SCHEMAS[name], folder=folder, what="checkpoint file")
     except UnsafePathError:
@@ -200,7 +198,7 @@ def _check_header(folder: Path, name: str) -> None:
 
 
 def _plain(value: Any, where: str) -> Any:
-    """A JSON-ready copy of ``value``; tuples become lists (restored by :func:`_like`)."""
+    """A JSON-ready copy of ``value``; tuples become lists (restored by ``_like``)."""
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value
     if isinstance(value, (list, tuple)):
@@ -221,7 +219,6 @@ def _like(reference: Any, value: Any) -> Any:
     return value
 
 
-# --------------------------------------------------------------------------------------------
 # Optimizer: state tensors keyed "<param index>.<name>", param groups and scalars as JSON
 
 
@@ -292,7 +289,6 @@ def _read_optimizer(optimizer: torch.optim.Optimizer, folder: Path, step: int,
     return {"state": state, "param_groups": param_groups}
 
 
-# --------------------------------------------------------------------------------------------
 # Save and load a whole checkpoint
 
 
@@ -403,12 +399,12 @@ def _restore_rng(folder: Path, process_index: int) -> None:
 
 def load_training_state(folder: Path, *, model: nn.Module, optimizer, lr_scheduler, ema=None, scaler=None,
                         process_index: int = 0, max_steps: int | None = None) -> int:
-    """Restore what :func:`save_training_state` wrote; returns the step to continue from.
+    """Restore what ``save_training_state`` wrote; returns the step to continue from.
 
     Every file is read through the trusted readers, inside ``folder``, and checked against this run's own
-    objects (keys, shapes, dtypes, kinds of values), its options and schedule (:mod:`lift3d.training.resume_checks`)
+    objects (keys, shapes, dtypes, kinds of values), its options and schedule (``lift3d.training.resume_checks``)
     and the checkpoint's step, all before anything is restored; each failure is one
-    :class:`~lift3d.io.errors.Lift3dError` line naming the file and the key."""
+    ``Lift3dError`` line naming the file and the key."""
     folder = Path(folder)
     step = check_training_state(folder, ema=ema is not None, scaler=scaler is not None, max_steps=max_steps).step
     rates = expected_rates(lr_scheduler, step)
@@ -455,7 +451,7 @@ def _read_shadow(folder: Path, ema) -> list[torch.Tensor]:
 
 def load_validation_state(folder: Path, reference: dict[str, torch.Tensor] | None = None
                           ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """The best validation step's weights and scores, as :func:`save_training_state` wrote them.
+    """The best validation step's weights and scores, as ``save_training_state`` wrote them.
 
     ``reference`` (name -> this run's trained tensor) is what the weights must match, key for key."""
     info = read_trainer_state(folder).validation

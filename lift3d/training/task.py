@@ -18,7 +18,7 @@ logger = logging.getLogger("lift3d.training.task")
 
 @dataclass
 class Task:
-    """What one stage trains; the loop (:mod:`lift3d.training.loop`) is the same for every stage.
+    """What one stage trains; the loop (``lift3d.training.loop``) is the same for every stage.
 
     ``loss(model, batch, micro_step)`` returns the loss and extra values to log; ``score(model)``
     scores the unwrapped model on fixed data (``val_*`` values); ``export(model)`` writes ``output_dir/model``.

@@ -38,7 +38,7 @@ def check_tracker(name: str) -> str:
 class CSVTracker(GeneralTracker):
     """Appends ``step`` plus every logged value to ``<logging_dir>/<run_name>/metrics.csv``.
 
-    Text cells that a spreadsheet would run as a formula are neutralised (:mod:`lift3d.io.tables`);
+    Text cells that a spreadsheet would run as a formula are neutralised (``lift3d.io.tables``);
     numbers stay numbers. No write follows a link: the log folder and the file must not be links, the
     file is appended to with ``O_NOFOLLOW`` and rewritten atomically. A row that a resumed run logs again
     (the same step and the same columns as a row an earlier run left, e.g. the final validation of a run

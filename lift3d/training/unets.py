@@ -21,7 +21,7 @@ logger = logging.getLogger("lift3d.training.unets")
 
 
 def build_objective(cfg: SharedSections):
-    """The training objective of ``cfg`` (an ``objectives`` plugin, :mod:`lift3d.diffusion.objectives`) on its
+    """The training objective of ``cfg`` (an ``objectives`` plugin, ``lift3d.diffusion.objectives``) on its
     noise schedule; ``ddpm`` unless ``diffusion.objective`` (or, in stage 2, the pretrained export) says otherwise."""
     d = cfg.diffusion
     schedule = {"num_train_timesteps": d.num_train_timesteps, "beta_schedule": d.beta_schedule,

@@ -3,10 +3,10 @@
 The fixed-volume loss that training logs does not rank models the way sampled volumes do (a lower
 loss can still sample worse), so stages 1 and 2 can score held-out *validation* subjects every
 ``run.validate_every`` steps: DPM-Solver++ with ``run.validate_steps`` steps and a fixed seed, then
-PSNR, SSIM, MAE and z-inconsistency (:mod:`lift3d.evaluation.metrics`, inside the subject's mask when the
+PSNR, SSIM, MAE and z-inconsistency (``lift3d.evaluation.metrics``, inside the subject's mask when the
 dataset gives one). The run keeps the weights of the step with the best validation PSNR and exports
 those. In stage 2 step 0 is the stage-1 model itself (lifting is the identity at initialisation), so
-a stage 2 that never beats its stage-1 model says so (:mod:`lift3d.training.stages.volumes`), and exports
+a stage 2 that never beats its stage-1 model says so (``lift3d.training.stages.volumes``), and exports
 the stage-1 weights.
 """
 
@@ -34,7 +34,7 @@ class Best:
 
 
 class SampledValidation:
-    """Scores a U-Net by sampling ``pairs`` (held-out :class:`~lift3d.plugins.protocols.VolumePair`)."""
+    """Scores a U-Net by sampling ``pairs`` (held-out ``VolumePair``)."""
 
     def __init__(self, pairs: list, autoencoder, settings: dict[str, Any], scheduler_config: dict[str, Any],
                  steps: int, device) -> None:
@@ -74,6 +74,6 @@ def snapshot(params: list[nn.Parameter], names: list[str]) -> dict[str, torch.Te
 
 def summary_line(best: Best) -> str:
     """What the run tells the user at the end about its validation (a stage may add to it:
-    :meth:`lift3d.training.stages.Stage.validation_summary`)."""
+    ``lift3d.training.stages.Stage.validation_summary``)."""
     scores = ", ".join(f"{k[4:]} {v:.4g}" for k, v in best.scores.items())
     return f"best validation {SELECTION_METRIC} at step {best.step} ({scores}); exporting that step's weights"

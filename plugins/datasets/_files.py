@@ -76,7 +76,7 @@ CACHED_VOLUMES = 3
 
 
 class PairedFilesDataset(VolumeDataset):
-    """Pairs of image files, one subject each, served on one :class:`TrainingGrid`.
+    """Pairs of image files, one subject each, served on one ``TrainingGrid``.
 
     Common options: ``split`` (train/val/test/all), explicit ``train``/``val``/``test`` subject
     lists or seeded ``test_size``/``val_size`` (int = count, float = fraction) with ``seed``;

@@ -84,7 +84,7 @@ class Corruption:
 @dataclass(frozen=True)
 class Template:
     """T1, T2 and mask on the generation grid (RAS), that grid's affine, and the tissue probabilities
-    ``(3, ...)`` of :data:`~lift3d.data.tissue.TISSUES` on it (None without tissue maps)."""
+    ``(3, ...)`` of ``TISSUES`` on it (None without tissue maps)."""
 
     t1: np.ndarray
     t2: np.ndarray
@@ -99,7 +99,7 @@ class Template:
 
 def template_files(root: Path | str | None = None, files: dict[str, str] | None = None) -> dict[str, Path]:
     """The T1, T2 and mask paths: packaged unless ``root`` is given; ``files`` renames any of them (its
-    tissue keys are :func:`tissue_files`')."""
+    tissue keys are ``tissue_files``')."""
     names = dict(FILES)
     for key, name in (files or {}).items():
         if key not in FILES and key not in TISSUE_FILES:
@@ -227,8 +227,8 @@ def load_template(root: Path | str | None = None, *, files: dict[str, str] | Non
     :param voxel_mm: the generation voxel, a whole multiple of the template's (None = the template's).
     :param skull_strip: multiply T1 and T2 by the brain mask (the T2 of the 1 mm template is brain only).
     :param margin_mm: added around the brain's bounding box.
-    :param tissue: the tissue maps of :func:`tissue_files`, brought onto the template's grid by the affines
-        (exactly, where they share it). None: where they lie on the template's brain (:data:`TISSUE_MIN_DICE`),
+    :param tissue: the tissue maps of ``tissue_files``, brought onto the template's grid by the affines
+        (exactly, where they share it). None: where they lie on the template's brain (``TISSUE_MIN_DICE``),
         so the packaged maps are left out for a folder in another space; True: required; False: none.
     """
     if tissue not in (None, True, False):
@@ -303,7 +303,7 @@ def make_subject(template: Template, seed: int, corruption: Corruption = Corrupt
 
 
 def subject_seed(split: str, index: int, seed: int = 0) -> int:
-    """The numpy seed of subject ``index`` of ``split`` (see :data:`FIRST_SEED`)."""
+    """The numpy seed of subject ``index`` of ``split`` (see ``FIRST_SEED``)."""
     if split not in FIRST_SEED:
         raise ValueError(f"icbm152: unknown split {split!r}; valid: {', '.join(FIRST_SEED)}")
     if not 0 <= index < MAX_PER_SPLIT:
@@ -331,17 +331,17 @@ class ICBM152Dataset(VolumeDataset):
     ``{"T1": "1mm_T1.nii.gz", "T2": "1mm_T2_brain.nii.gz", "mask": "1mm_brainmask.nii.gz"}``).
     It is cropped to the brain plus ``margin_mm``, with square axial slices, and block-averaged to
     ``voxel_mm`` (a whole multiple of its voxel; None keeps it); ``skull_strip`` zeroes everything
-    outside the mask. Corruption: see :class:`Corruption` (``displacement_mm`` ... ``noise_fraction``).
+    outside the mask. Corruption: see ``Corruption`` (``displacement_mm`` ... ``noise_fraction``).
 
     Each pair is then served like a ``paired-nifti`` one: reoriented, sliced along ``slice_axis``,
     scaled to [-1, 1] by ``percentiles`` and resampled to ``size`` x ``num_slices``. ``extra`` holds
     ``mask`` ``(1, n, h, w)`` bool, ``clean_target`` (the deformed target before its own bias field
     and noise, mapped to [-1, 1] by the *target's* intensity scaling, so it is comparable with
     predictions of the target), ``target_meta``, ``seed`` and, with tissue maps, ``tissue``: ``(3, n, h, w)``
-    float32 probabilities of CSF, grey and white matter (:data:`~lift3d.data.tissue.TISSUES`), deformed
+    float32 probabilities of CSF, grey and white matter (``TISSUES``), deformed
     with the subject and zero outside its brain mask where ``skull_strip``. ``tissue`` (None: where the
     maps lie on the template's brain; True: required; False: none) and ``files`` keys ``csf``, ``gm``,
-    ``wm`` choose them, see :func:`load_template`. ``meta`` writes a volume back on the generation grid,
+    ``wm`` choose them, see ``load_template``. ``meta`` writes a volume back on the generation grid,
     with its affine. Nothing is generated until a subject is indexed.
     """
 

@@ -25,7 +25,7 @@ CSV_COLUMNS = ("subject", "source", "target")
 class PairedNiftiDataset(PairedFilesDataset):
     """Paired source/target volumes from a folder of subjects, or from a CSV of pairs.
 
-    Folder layout (``source``/``target``/``mask`` are file names, with or without ``.nii.gz``)::
+    Folder layout (``source``/``target``/``mask`` are file names, with or without ``.nii.gz``):
 
         <root>/<subject>/<source>.nii.gz     e.g. root/sub-01/T1.nii.gz
         <root>/<subject>/<target>.nii.gz          root/sub-01/T2.nii.gz
@@ -41,7 +41,7 @@ class PairedNiftiDataset(PairedFilesDataset):
 
     Targets on a different grid are resampled onto the source grid through the affines. Splits:
     explicit ``train``/``val``/``test`` lists, or seeded ``test_size``/``val_size``. All other
-    options are those of :class:`PairedFilesDataset` (``size``, ``num_slices``, ``slice_axis``...).
+    options are those of ``PairedFilesDataset`` (``size``, ``num_slices``, ``slice_axis``...).
     """
 
     def __init__(

@@ -69,7 +69,7 @@ def generate_phantom(
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """One subject on ``shape`` ``(n, h, w)``: ``({"T1": ..., "T2": ...}`` in [0, 1], tissue labels).
 
-    Labels index :data:`TISSUES`.
+    Labels index ``TISSUES``.
     """
     x, y, z = _coordinates(shape, slice_axis)
     width = 1.0 / min(shape)  # partial-volume edge: half a voxel along the coarsest axis (normalised units)
@@ -154,8 +154,8 @@ class PhantomDataset(VolumeDataset):
     come first, then ``val_size``, then ``test_size`` (int = count, float = fraction), so test
     subjects always come after the training ones and never overlap them. A subject depends only
     on ``seed`` and its index, never on the split or the load order. ``extra["labels"]`` holds
-    the ``(n, h, w)`` tissue labels (indices into :data:`TISSUES`), and ``extra["tissue"]`` the same as
-    ``(3, n, h, w)`` one-hot CSF, grey and white matter (:data:`lift3d.data.tissue.TISSUES`). Nothing is
+    the ``(n, h, w)`` tissue labels (indices into ``TISSUES``), and ``extra["tissue"]`` the same as
+    ``(3, n, h, w)`` one-hot CSF, grey and white matter (``lift3d.data.tissue.TISSUES``). Nothing is
     generated until a subject is indexed.
     """
 

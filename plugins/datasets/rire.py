@@ -30,7 +30,7 @@ def rire_candidates(patient: Path, modality: str) -> list[Path]:
 
 
 class RireDataset(PairedFilesDataset):
-    """RIRE patients in the layout the RIRE site distributes, or NIfTI conversions of it::
+    """RIRE patients in the layout the RIRE site distributes, or NIfTI conversions of it:
 
         <root>/patient_001/mr_T1/patient_001_mr_T1.mhd  (+ .raw)   read with SimpleITK
         <root>/patient_001/mr_T2/patient_001_mr_T2.mhd  (+ .raw)

@@ -18,7 +18,7 @@ from lift3d_plugins.datasets.paired_nifti import PairedNiftiDataset
 
 
 class S2MDataset(PairedNiftiDataset):
-    """SWI/MRA pairs, one folder per patient::
+    """SWI/MRA pairs, one folder per patient:
 
         <root>/<patient>/SWI.nii.gz
         <root>/<patient>/MRA.nii.gz

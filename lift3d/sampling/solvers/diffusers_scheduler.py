@@ -1,5 +1,5 @@
 """A solver implemented by a diffusers scheduler: the scheduler built from the model's exported noise schedule,
-stepped through the one :class:`~lift3d.sampling.solvers.registry.Solver` contract. Registers nothing itself."""
+stepped through the one ``Solver`` contract. Registers nothing itself."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from lift3d.sampling.solvers.registry import Solver
 
 
 class SchedulerSolver(Solver):
-    """Wraps one diffusers scheduler instance. A subclass names its class (:meth:`scheduler_type`, imported
+    """Wraps one diffusers scheduler instance. A subclass names its class (``scheduler_type``, imported
     there so that listing solvers does not import diffusers) and, if it needs to, the config it is built from
-    (:meth:`scheduler_config`)."""
+    (``scheduler_config``)."""
 
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler

@@ -3,7 +3,7 @@
 A *solver* turns a trained network's predictions back into a volume, step by step (DDIM, DPM-Solver++,
 Euler...). Each registers its class by name from its own module, ``@SOLVERS.register("ddim")``, and declares
 what it is, as diffusers schedulers declare ``_compatibles``, so the sampling loop asks instead of probing.
-A diffusers scheduler is one way to implement a solver (:mod:`lift3d.sampling.solvers.diffusers_scheduler`);
+A diffusers scheduler is one way to implement a solver (``lift3d.sampling.solvers.diffusers_scheduler``);
 a solver written by hand keeps the same contract. Third-party solvers come through the hook
 ``lift3d_register_solvers``, loaded the first time a name is not found.
 """
@@ -20,22 +20,22 @@ from lift3d.plugins.registry import Registry
 
 
 class Solver:
-    """The contract of a solver: declared properties, :meth:`build`, and one :meth:`step`.
+    """The contract of a solver: declared properties, ``build``, and one ``step``.
 
     Declared on the class (read before anything is built, by the CLI's help and the docs):
 
     - ``inverts``: the objectives it samples (their ``name``) -> its default number of steps for each.
-    - ``stochastic``: it adds noise at every step; :meth:`step` then gets ``noise``, a
-      :class:`lift3d.sampling.noise.StepNoise` drawing from each sample's own generator.
-    - ``needs_next_t``: :meth:`step` gets ``t_next``, the timestep it steps to (None on the last step: to the
+    - ``stochastic``: it adds noise at every step; ``step`` then gets ``noise``, a
+      ``lift3d.sampling.noise.StepNoise`` drawing from each sample's own generator.
+    - ``needs_next_t``: ``step`` gets ``t_next``, the timestep it steps to (None on the last step: to the
       clean sample), for a solver that does not keep its own place in the schedule.
     - ``informed_start``: it can start from a clean estimate noised to an intermediate step (SDEdit):
-      :meth:`noised` works.
+      ``noised`` works.
     - ``clips_x0``: it can clamp its estimate of the clean sample to [-1, 1] at every step (``clip_x0``).
     - ``summary``: one line saying what it is, for ``lift3d-synthesize --help`` and the docs.
 
     An instance is one sampling run's schedule: ``timesteps`` are the model timesteps the network is called
-    at, in order, in the objective's convention (what :meth:`Objective.noisy` gives the U-Net), and
+    at, in order, in the objective's convention (what ``Objective.noisy`` gives the U-Net), and
     ``init_noise_sigma`` scales the initial N(0, 1) noise.
     """
 
@@ -95,7 +95,7 @@ def build_solver(name: str, objective: Any, scheduler_config: dict[str, Any], st
                  device: torch.device | str | None = None, clip_x0: bool = False) -> Solver:
     """The solver ``name`` for a model trained with ``objective`` on ``scheduler_config``, with ``steps`` steps
     (None: the solver's default for that objective). ``clip_x0`` clamps its x0 estimate to [-1, 1] at every
-    step (solvers that declare ``clips_x0``). Every misuse is one :class:`Lift3dError` line."""
+    step (solvers that declare ``clips_x0``). Every misuse is one ``Lift3dError`` line."""
     cls = solver_class(name, objective)
     steps = cls.inverts[objective.name] if steps is None else steps
     train_steps = int(scheduler_config.get("num_train_timesteps", 1000))

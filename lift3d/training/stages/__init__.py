@@ -1,9 +1,9 @@
 """Training stages, one file each: every module of this package is imported here, and each built-in stage
-registers itself in :data:`STAGES` from its own file (``@STAGES.register("slices")``), so a new stage is one
+registers itself in ``STAGES`` from its own file (``@STAGES.register("slices")``), so a new stage is one
 new file. A plugin adds a stage through the hook ``lift3d_register_stages``.
 
-A stage (:class:`Stage`) carries its name, its own config section, how it prepares its models, its data
-view, its memory estimate and its export label; the one loop in :mod:`lift3d.training.loop` trains it.
+A stage (``Stage``) carries its name, its own config section, how it prepares its models, its data
+view, its memory estimate and its export label; the one loop in ``lift3d.training.loop`` trains it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What the two diffusion stages of Make-A-Volume (Zhu et al., MICCAI 2023) share: the loss of eq. 4 on
-target latents given the source latents, under one objective and noise schedule. :class:`DiffusionStage` is
-not registered itself; stage 1 (:mod:`~lift3d.training.stages.slices`) and stage 2
-(:mod:`~lift3d.training.stages.volumes`) are.
+target latents given the source latents, under one objective and noise schedule. ``DiffusionStage`` is
+not registered itself; stage 1 (``slices``) and stage 2
+(``volumes``) are.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Training stages, a registered kind: :data:`STAGES` maps a name (``run.stage``) to a :class:`Stage` subclass,
+"""Training stages, a registered kind: ``STAGES`` maps a name (``run.stage``) to a ``Stage`` subclass,
 which carries the whole contract of one training phase.
 
 A built-in stage registers from its own module in this package (``@STAGES.register("slices")``); a plugin
@@ -20,12 +20,12 @@ STAGES: Registry[Any] = Registry(
 
 
 class Stage:
-    """One training phase. Subclass it, set the class attributes, implement :meth:`prepare` (and usually
-    :meth:`view` and :meth:`memory`), and register the class: ``@STAGES.register("name")``.
+    """One training phase. Subclass it, set the class attributes, implement ``prepare`` (and usually
+    ``view`` and ``memory``), and register the class: ``@STAGES.register("name")``.
 
-    The one loop (:func:`lift3d.training.loop.train`) runs every stage: it checks the config
-    (:meth:`check`, and that no option the stage ignores is set), the memory (:meth:`memory`), then calls
-    :meth:`prepare` before the run folder is touched, and trains the :class:`~lift3d.training.task.Task`
+    The one loop (``lift3d.training.loop.train``) runs every stage: it checks the config
+    (``check``, and that no option the stage ignores is set), the memory (``memory``), then calls
+    ``prepare`` before the run folder is touched, and trains the ``Task``
     that ``prepare``'s ``make_task(accelerator)`` returns.
     """
 
@@ -33,11 +33,11 @@ class Stage:
     summary: ClassVar[str] = ""
     #: The name of the config section of the stage's own options (``[vae]``, ``[lift]``...), or None.
     section: ClassVar[str | None] = None
-    #: The dataclass of that section: fields made with :func:`lift3d.training.options.opt`.
+    #: The dataclass of that section: fields made with ``lift3d.training.options.opt``.
     options: ClassVar[type | None] = None
     #: What the exported model's settings call the stage that wrote it (the export's ``stage``).
     export_label: ClassVar[str] = ""
-    #: The shared sections (:data:`lift3d.training.sections.SHARED`) the stage reads. An option of any other
+    #: The shared sections (``lift3d.training.sections.SHARED``) the stage reads. An option of any other
     #: section (another stage's own included) set to a value other than its default is refused, naming the stage.
     reads: ClassVar[tuple[str, ...]] = SHARED
     #: Options of the sections it reads that it ignores all the same (``"data.window"``): refused likewise.
@@ -55,7 +55,7 @@ class Stage:
 
     def check(self, cfg: Any) -> None:
         """Refuse options that do not fit together in this stage, beyond each option's own rule (one line,
-        :class:`~lift3d.training.options.ConfigError`). :func:`lift3d.training.config.validate` calls it."""
+        ``ConfigError``). ``lift3d.training.config.validate`` calls it."""
 
     def view(self, cfg: Any, dataset: Any) -> Any:
         """The stage's data view of the training ``dataset``: slices, whole volumes, windows..."""
@@ -63,18 +63,18 @@ class Stage:
 
     def memory(self, cfg: Any) -> tuple[int, int, str] | None:
         """``(weight bytes, trained weight bytes, description)`` of the model the stage would build, measured
-        without allocating it (torch's meta device), for :func:`lift3d.training.memory.check_memory`; it may
+        without allocating it (torch's meta device), for ``lift3d.training.memory.check_memory``; it may
         also refuse what is too large to build at all. None: nothing to measure before the model is read."""
         return None
 
     def prepare(self, cfg: Any, dataset: Any, output_dir: Path) -> Callable[[Any], Any]:
         """Build and check the stage's models and data before the run folder is touched; return
-        ``make_task(accelerator)``, which gives the loop its :class:`~lift3d.training.task.Task`."""
+        ``make_task(accelerator)``, which gives the loop its ``Task``."""
         raise NotImplementedError(f"stage {self.name!r} ({type(self).__name__}) does not implement prepare")
 
     def validation_summary(self, best: Any, first: dict[str, float] | None) -> str:
         """What the run says at its end about its sampled validation (``best``: a
-        :class:`~lift3d.training.validation.Best`; ``first``: the scores at step 0)."""
+        ``Best``; ``first``: the scores at step 0)."""
         from lift3d.training.validation import summary_line
 
         return summary_line(best)

@@ -1,11 +1,11 @@
-"""The segmenter stage: the tissue segmenter that scores synthesis downstream (:mod:`lift3d.evaluation.segmentation`).
+"""The segmenter stage: the tissue segmenter that scores synthesis downstream (``lift3d.evaluation.segmentation``).
 
-A small 2.5D U-Net (:mod:`lift3d.evaluation.tissue_unet`) learns CSF, grey and white matter from the *real*
+A small 2.5D U-Net (``lift3d.evaluation.tissue_unet``) learns CSF, grey and white matter from the *real*
 target volumes of the training subjects and their tissue probability maps (a dataset's ``extra["tissue"]``):
 cross-entropy with the soft labels (background = 1 - their sum) plus a soft Dice term (V-Net, Milletari et al.,
 3DV 2016). Validation scores the Dice of its labels against the tissue maps' on the validation subjects' targets.
 The export is a segmenter folder (``segmenter.json`` and ``model.safetensors``) that ``lift3d-evaluate
---segmenter`` and :func:`lift3d.evaluation.segmentation.load_segmenter` read.
+--segmenter`` and ``lift3d.evaluation.segmentation.load_segmenter`` read.
 """
 
 from __future__ import annotations

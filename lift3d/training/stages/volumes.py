@@ -1,5 +1,5 @@
 """Stage 2 of Make-A-Volume (Zhu et al., MICCAI 2023, sec. 2.3): the stage-1 U-Net is lifted with
-:func:`lift3d.inflate` (volumetric layers, the identity at initialisation) and fine-tuned on whole volumes,
+``lift3d.inflate`` (volumetric layers, the identity at initialisation) and fine-tuned on whole volumes,
 or windows of them, with one timestep per volume drawn with weight 2T - t (``make-a-volume``)."""
 
 from __future__ import annotations
