@@ -90,3 +90,16 @@ def test_too_few_subjects_for_the_planned_split(tmp_path, capsys):
     assert main(["fit", "--data", str(data), "--source", "T1", "--target", "FLAIR", "--out", str(run)]) == 2
     assert "3 subject(s) found, but the split" in capsys.readouterr().err
     assert not (run / "stage1").exists()
+
+
+def test_the_recipe_runs_on_a_dataset_plugin_with_its_own_splits(tmp_path):
+    """The built-in icbm152 (generated subjects, no files to fingerprint) with an explicit plan, as a benchmark
+    calls the recipe: its own train/val/test subjects, scored against the target and the clean target."""
+    from lift3d.recipes.fit import FitRequest, fit
+
+    plan = TINY.model_copy(update={"stage2_variants": [StageTwoVariant()], "solver_samples": [1]})
+    results = fit(FitRequest(out=tmp_path / "run", source="T1", target="T2", dataset="icbm152", plan=plan,
+                             options={"num_train": 2, "num_val": 1, "num_test": 2, "voxel_mm": 8}, log=lambda _: None))
+    assert results["split"] == {"train": ["train-00", "train-01"], "val": ["val-00"], "test": ["test-00", "test-01"]}
+    assert "clean_target" in results["methods"]["lifted"]
+    assert (tmp_path / "run" / "model" / "lift3d_fit.json").is_file()

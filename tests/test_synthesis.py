@@ -11,6 +11,7 @@ import torch
 import lift3d
 from lift3d.sampling import synthesis
 from lift3d.lifting.checkpoint import CheckpointError
+from lift3d.io.errors import Lift3dError
 from lift3d.training.config import TrainConfig
 from lift3d.sampling.synthesis import (
     SOLVERS,
@@ -519,3 +520,11 @@ def test_std_map_is_written_as_a_scale_without_the_intensity_offset(tmp_path):
     # Axial slices of a RAS volume at its own size: no resampling, so the map is exact.
     expected = std.permute(2, 1, 0).numpy() * (high - low) / 2
     np.testing.assert_allclose(written.get_fdata(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_a_model_that_yields_nan_is_blamed_not_the_source(folders, source):
+    model = load_synthesis_model(folders["2d"], device="cpu")
+    with torch.no_grad():
+        next(model.unet.parameters()).fill_(float("nan"))  # weights gone bad after loading
+    with pytest.raises(Lift3dError, match=r"the model in .* produced NaN or inf values .*the source was finite"):
+        synthesize_posterior(model, source, samples=1, solver="ddim", steps=2, progress=False)

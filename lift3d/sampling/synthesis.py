@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lift3d.io.errors import Lift3dError
 from lift3d.data.context import with_source_context
 from lift3d.data.intensity import IntensityScaling
 from lift3d.data.nifti import save_volume
@@ -380,6 +381,12 @@ def synthesize_posterior(model: SynthesisModel, source: Tensor, *, samples: int 
     with tqdm(total=evaluations, desc=desc, disable=None if progress is None else not progress,
               dynamic_ncols=True) as bar:
         drawn = _draw_samples(run, seeds, batch, bar)
+    bad = [k for k, sample in enumerate(drawn) if not torch.isfinite(sample).all()]
+    if bad:  # the model's fault, not the source's (which was checked finite above)
+        where = f"the model in {model.folder}" if model.folder is not None else "the model"
+        raise Lift3dError(f"{where} produced NaN or inf values in sample(s) {bad[:5]} with solver {solver!r}; the "
+                          "source was finite: the weights or the solver settings are at fault (try another solver "
+                          "or fewer steps, or retrain)")
     if samples == 1:
         return PosteriorEstimate(drawn[0], None, 1, evaluations)
     std, mean = torch.std_mean(torch.stack(drawn), dim=0, correction=1)
