@@ -45,10 +45,33 @@ def test_plan_json_round_trips_and_refuses_typos_and_bad_values(tmp_path):
     edited = json.loads(path.read_text())
     edited["stage1_step"] = 10
     path.write_text(json.dumps(edited))
-    with pytest.raises(Lift3dError, match=r"plan.json: file is not valid: stage1_step is not a key lift3d reads; valid keys: baseline"):
+    with pytest.raises(Lift3dError, match=r"plan.json: plan is not valid: stage1_step is not a key lift3d reads; valid keys: baseline"):
         load_plan(path)
     edited = {**json.loads(save_plan(plan, tmp_path).read_text()), "evaluation_budget": 0}
     path.write_text(json.dumps(edited))
     with pytest.raises(Lift3dError, match="evaluation_budget must be >= 1, got 0"):
         load_plan(path)
     assert Plan().multiple == 4
+
+
+def test_a_plan_json_that_links_out_of_its_run_folder_is_refused(tmp_path):
+    outside = save_plan(Plan(), tmp_path / "elsewhere")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "plan.json").symlink_to(outside)
+    with pytest.raises(Lift3dError, match="plan"):
+        load_plan(run / "plan.json")
+
+
+def test_phases_never_clear_a_folder_through_a_link(tmp_path):
+    from lift3d.recipes.phases import Phases
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "stage1").symlink_to(victim)
+    with pytest.raises(Lift3dError, match="stage1"):
+        Phases(run, log=lambda _: None).run("stage1", {"k": 1}, lambda folder: {})
+    assert (victim / "keep.txt").read_text() == "mine"

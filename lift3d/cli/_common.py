@@ -49,6 +49,9 @@ def run_cli(main: Callable[[list[str] | None], int | None]) -> Callable[[list[st
         go_offline()  # a lift3d process never reaches a model hub
         try:
             return int(main(argv) or 0)
+        except BrokenPipeError:  # the reader went away (`lift3d plugins | head`): stop quietly, as cat does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
         except USER_ERRORS as exc:
             if os.environ.get("LIFT3D_DEBUG"):
                 raise

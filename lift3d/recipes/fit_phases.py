@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from lift3d.evaluation.metrics import METRICS, PLANE_METRICS, paired_differences, summarize
-from lift3d.io.writing import make_folder, write_text_atomic
+from lift3d.io.writing import make_folder, refuse_link, write_text_atomic
 from lift3d.recipes.fit_setup import FitContext
 from lift3d.recipes.methods import Method, Prediction, Predictor, score_subjects, scored
 from lift3d.recipes.plan import StageTwoVariant
@@ -50,7 +50,8 @@ def train_stages(ctx: FitContext) -> tuple[Method, dict[str, Method]]:
         return {"model": str(_train(ctx, "slices", folder))}
 
     record1 = ctx.phases.run("stage1", key1, stage1_work)
-    stage1 = Method("slice-wise", Path(record1["model"]), record1["run_id"])
+    # the model is where the phase writes it, whatever its record says
+    stage1 = Method("slice-wise", ctx.phases.folder("stage1") / "model", record1["run_id"])
     stage2: dict[str, Method] = {}
     for i, variant in enumerate(plan.stage2_variants):
         key2 = {"stage1": record1["run_id"], "variant": variant.overrides(), "steps": plan.stage2_steps,
@@ -62,7 +63,7 @@ def train_stages(ctx: FitContext) -> tuple[Method, dict[str, Method]]:
             return {"model": str(_train(ctx, "volumes", folder, stage1.folder, variant)), "variant": variant.name()}
 
         record2 = ctx.phases.run(f"stage2-{i}", key2, stage2_work)
-        stage2[variant.name()] = Method("lifted", Path(record2["model"]), record2["run_id"])
+        stage2[variant.name()] = Method("lifted", ctx.phases.folder(f"stage2-{i}") / "model", record2["run_id"])
     return stage1, stage2
 
 
@@ -194,10 +195,12 @@ def publish_model(ctx: FitContext, lifted: Method, results: dict[str, Any]) -> P
     """``RUN/model``: the chosen lifted export, how to sample it, and its model card."""
     from lift3d.recipes.card import write_model_card
 
-    dest = ctx.request.out / "model"
-    tmp = ctx.request.out / ".model.tmp"
+    dest = refuse_link(ctx.request.out / "model", "the fit's model folder")
+    tmp = refuse_link(ctx.request.out / ".model.tmp", "a temporary folder")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(lifted.folder, tmp, symlinks=False)
+    for path in [lifted.folder, *lifted.folder.rglob("*")]:
+        refuse_link(path, "a file of the chosen model")  # a copy must not bring in what a link points at
+    shutil.copytree(lifted.folder, tmp)
     choice = {"solver": lifted.solver, "steps": lifted.steps, "samples": lifted.samples}
     write_text_atomic(tmp / FIT_FILE, json.dumps(choice, indent=1) + "\n")
     write_model_card(tmp, ctx, lifted, results)

@@ -22,7 +22,7 @@ from torch import nn
 
 from lift3d.evaluation.metrics import summarize, uncertainty_scores
 from lift3d.evaluation.planes import score_pair_all
-from lift3d.io.writing import write_text_atomic
+from lift3d.io.writing import atomic_path, make_folder, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -94,14 +94,15 @@ class Predictor:
         key = self._key(method, k, pairs)
         name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         tensors, meta = self.cache / f"{name}.safetensors", self.cache / f"{name}.json"
-        if tensors.is_file() and meta.is_file():
+        if tensors.is_file() and meta.is_file() and not (tensors.is_symlink() or meta.is_symlink()):
             return load_file(str(tensors))["prediction"], float(json.loads(meta.read_text())["seconds_per_volume"])
         sources = torch.stack([p.source for p in pairs])
         tic = time.perf_counter()
         prediction = self._draw(method, k, sources)
         seconds = (time.perf_counter() - tic) / len(pairs)
-        self.cache.mkdir(parents=True, exist_ok=True)
-        save_file({"prediction": prediction.contiguous()}, str(tensors))
+        make_folder(self.cache)
+        with atomic_path(tensors, ".safetensors") as tmp:
+            save_file({"prediction": prediction.contiguous()}, str(tmp))
         write_text_atomic(meta, json.dumps({"key": key, "seconds_per_volume": seconds}, indent=1))
         return prediction, seconds
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from lift3d.io.writing import write_text_atomic
+from lift3d.io.writing import make_folder, refuse_link, write_text_atomic
 
 PHASE_FILE = "phase.json"
 
@@ -41,8 +41,8 @@ class Phases:
     def record(self, name: str) -> dict[str, Any] | None:
         """The finished record of phase ``name``, whatever its key; None when it never finished."""
         path = self.folder(name) / PHASE_FILE
-        if not path.is_file():
-            return None
+        if not path.is_file() or path.is_symlink() or self.folder(name).is_symlink():
+            return None  # not finished, or not this run's own record: the phase runs again
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -54,10 +54,10 @@ class Phases:
         if record is not None and record["key"] == plain(key):
             self.log(f"[{name}] done earlier ({record.get('wall_s', 0) / 60:.1f} min): kept")
             return {**record, "reused": True}
-        folder = self.folder(name)
+        folder = refuse_link(self.folder(name), "a phase folder")  # never clear another folder through a link
         if folder.exists():
             shutil.rmtree(folder)
-        folder.mkdir(parents=True)
+        make_folder(self.root, name)
         tic = time.perf_counter()
         result = work(folder) or {}
         record = {"key": plain(key), "wall_s": time.perf_counter() - tic, "run_id": str(time.time_ns()),

@@ -169,4 +169,4 @@ def save_plan(plan: Plan, folder: Path) -> Path:
 def load_plan(path: Path) -> Plan:
     """The plan in ``path``, checked: an unknown key, a wrong type or a value out of range is one line naming
     the file and the key."""
-    return read_json(path, Plan)
+    return read_json(path, Plan, folder=Path(path).parent, what="plan")
