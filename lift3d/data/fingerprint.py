@@ -150,3 +150,24 @@ def fingerprint(pairs: Sequence[Any], *, source: str, target: str | None) -> Fin
     subjects = tuple(subject_fingerprint(p.subject, Path(p.source), p.target and Path(p.target),
                                          p.mask and Path(p.mask)) for p in pairs)
     return Fingerprint(source=source, target=target, subjects=subjects)
+
+
+def fingerprint_pairs(pairs: Iterable[Any], *, source: str, target: str | None) -> Fingerprint:
+    """The fingerprint of a dataset without files (a generated one, such as ``icbm152``), from its loaded pairs:
+    each source's own grid from its :class:`~lift3d.data.volume.VolumeMeta`, intensities put back in its units."""
+    from lift3d.data.volume import restore_volume
+
+    subjects = []
+    for pair in pairs:
+        meta = pair.meta
+        values = restore_volume(pair.source, meta)
+        target_values = None if pair.target is None or "target_meta" not in pair.extra else \
+            restore_volume(pair.target, pair.extra["target_meta"])
+        subjects.append(SubjectFingerprint(
+            subject=pair.subject, shape=tuple(int(s) for s in meta.shape),
+            spacing=tuple(round(float(v), 4) for v in meta.voxel_size), orientation=tuple(meta.orientation),
+            source_percentiles=_percentiles(values, None),
+            target_percentiles=None if target_values is None else _percentiles(target_values, None),
+            mask_fraction=None if "mask" not in pair.extra else round(float(pair.extra["mask"].float().mean()), 4)))
+    check_subject_names(s.subject for s in subjects)
+    return Fingerprint(source=source, target=target, subjects=tuple(subjects))

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 
 from lift3d.data.errors import VolumeError
-from lift3d.data.fingerprint import check_subject_count, fingerprint
+from lift3d.data.fingerprint import check_subject_count, fingerprint, fingerprint_pairs
 from lift3d.data.splits import split_subjects
 from lift3d.io.errors import Lift3dError
 from lift3d.io.schemas import read_json
@@ -91,11 +91,19 @@ def _dataset_options(request: FitRequest) -> dict[str, Any]:
 
 
 def _fingerprint_phase(request: FitRequest, phases: Phases, options: dict[str, Any]) -> dict[str, Any]:
-    everyone = create("datasets", request.dataset, split="all", **options)
-    files = getattr(everyone, "files", None)
+    """The dataset's fingerprint, keyed on its files (their names and times), or, for a dataset without files
+    (a generated one, which also keeps its own splits), on its options."""
+    files = getattr(create("datasets", request.dataset, split="all", **options), "files", None)
     if files is None:
-        raise Lift3dError(f"dataset {request.dataset!r} has no files to fingerprint; give it a plan "
-                          f"(lift3d.recipes.fit.FitRequest(plan=...), or {PLAN_FILE} in the run folder)")
+        def from_pairs(folder: Path) -> dict[str, Any]:
+            pairs = [p for split in ("train", "val", "test")
+                     for ds in [create("datasets", request.dataset, split=split, **options)]
+                     for p in (ds[i] for i in range(len(ds)))]
+            request.log(f"[fingerprint] {len(pairs)} subjects of {request.dataset!r} (its own splits)")
+            print_ = fingerprint_pairs(pairs, source=request.source, target=request.target)
+            return {"fingerprint": print_.to_json(), "own_splits": True}
+
+        return phases.run("fingerprint", {"dataset": request.dataset, "options": options}, from_pairs)
     stamp = [[f.subject, *(str(p) for p in (f.source, f.target, f.mask) if p)] for f in files]
     stamp = [row + [os.stat(p).st_mtime_ns for p in row[1:]] for row in stamp]
 
@@ -157,10 +165,10 @@ def prepare(request: FitRequest) -> FitContext:
     request.out.mkdir(parents=True, exist_ok=True)
     phases = Phases(request.out, log=request.log)
     options = _dataset_options(request)
-    fp = None if request.plan is not None and request.dataset != "paired-nifti" else \
-        _fingerprint_phase(request, phases, options)["fingerprint"]
+    record = _fingerprint_phase(request, phases, options)
+    fp = record["fingerprint"]
     plan = _plan(request, fp)
-    subjects = None if fp is None else [s["subject"] for s in fp["subjects"]]
+    subjects = None if record.get("own_splits") else [s["subject"] for s in fp["subjects"]]
     splits = _split(request, plan, subjects)
     write_text_atomic(request.out / "split.json", json.dumps(splits, indent=1) + "\n")
     data = {**options, **plan.data_options(), "cache": True}
