@@ -45,6 +45,9 @@ def test_fit_then_predict_on_an_unseen_folder(tmp_path, capsys):
     assert set(results["methods"]) == {"lifted", "slice-wise"}
     assert "lifted vs slice-wise" in results["paired_differences"]
     assert results["methods"]["lifted"]["unet_evaluations"] <= 2
+    lifted = results["methods"]["lifted"]
+    if lifted["samples"] > 1:  # a std map is scored against the error, per voxel and across subjects
+        assert lifted["uncertainty"]["subjects"] == 2 and "std_error_spearman" in lifted["subjects"][0]
     assert (run / "report.html").stat().st_size > 1000
     card = (run / "model" / "README.md").read_text()
     assert "lift3d predict --model" in card and "T1 -> FLAIR" in card

@@ -26,7 +26,7 @@ from lift3d.training.stages import STAGES, Stage, get_stage
 from lift3d.training.task import Task
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILT_IN = {"autoencoder", "segmenter", "slices", "volumes"}
+BUILT_IN = {"autoencoder", "distill", "segmenter", "slices", "volumes"}
 TINY_DATA = {"dataset": "phantom", "options": {"size": 16, "num_slices": 4, "num_subjects": 5}, "batch_size": 4}
 
 
@@ -113,7 +113,7 @@ def test_a_registered_stage_is_offered_by_the_config_and_the_command_line(toy, c
     text = " ".join(build_parser().format_help().split())
     assert "--toy.scale" in text and "'toy' = a toy stage from the tests" in text
     code, _, err = finetune(["--run.stage", "toys"], capsys)
-    assert code == 2 and "run.stage = 'toys' is not allowed; choose one of: autoencoder, segmenter, slices, toy, " \
+    assert code == 2 and "run.stage = 'toys' is not allowed; choose one of: autoencoder, distill, segmenter, slices, toy, " \
                           "volumes" in err
 
 

@@ -284,7 +284,7 @@ def test_config_errors_are_one_clear_line(tmp_path, capsys):
 
     assert main(["--run.stage", "volume"]) == 2
     err = capsys.readouterr().err
-    assert "run.stage = 'volume' is not allowed; choose one of: autoencoder, segmenter, slices, volumes" in err
+    assert "run.stage = 'volume' is not allowed; choose one of: autoencoder, distill, segmenter, slices, volumes" in err
     bad = tmp_path / "bad.toml"
     bad.write_text("[optim]\nlearning_rat = 1\n")
     assert main(["--config", str(bad)]) == 2

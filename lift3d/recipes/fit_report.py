@@ -25,6 +25,13 @@ def markdown(results: dict[str, Any], paired: dict[str, Any]) -> str:
         lines.append(f"| {name} | {entry['solver']} | {entry['unet_evaluations']} | "
                      f"{entry['seconds_per_volume']:.2f} | {_cell(s.get('psnr'), 2)} | {_cell(s.get('ssim'), 4)} | "
                      f"{_cell(s.get('mae'), 2)} | {_cell(s.get('z_inconsistency'), 3)} |")
+    for name, entry in results.items():
+        u = entry.get("uncertainty")
+        if u:
+            across = "n/a" if u["subject_std_mae_spearman"] is None else f"{u['subject_std_mae_spearman']:+.2f}"
+            lines.append(f"\n{name}'s std map against |error|: voxel-wise Spearman positive on "
+                         f"{u['std_error_spearman_positive']}/{u['subjects']} subjects (lowest "
+                         f"{u['std_error_spearman_min']:+.2f}); across subjects, mean std against MAE {across}")
     lines += ["", "Paired differences, test subjects (the first method minus the second: mean [95 % interval], "
               "subjects where the first is better):", ""]
     for comparison, metrics in paired.items():

@@ -143,7 +143,25 @@ def scored(method: Method, prediction: Prediction, pairs: Sequence[Any], segment
                              "unet_evaluations": method.evaluations, "model": str(method.folder or "baseline"),
                              "seconds_per_volume": prediction.seconds_per_volume, "subjects": rows,
                              "summary": summarize(rows)}
+    if prediction.std is not None:
+        entry["uncertainty"] = uncertainty_summary(rows)
     if pairs and all("clean_target" in p.extra for p in pairs):
         clean = score_subjects(prediction, pairs, "clean_target")
         entry["clean_target"] = {"subjects": clean, "summary": summarize(clean)}
     return entry
+
+
+def uncertainty_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """How well a K-sample std map predicts the error: per subject, the voxel-wise Spearman correlation of std
+    with |error| inside the mask (its minimum, and on how many subjects it is positive), and across subjects
+    Spearman's correlation of the mean std with the MAE."""
+    from scipy.stats import spearmanr
+
+    voxel = [float(r["std_error_spearman"]) for r in rows]
+    across = None
+    if len(rows) >= 3:
+        std, mae = [float(r["std_mean"]) for r in rows], [float(r["mae"]) for r in rows]
+        across = None if len(set(std)) < 2 or len(set(mae)) < 2 else float(spearmanr(std, mae).statistic)
+    return {"std_error_spearman_min": min(voxel), "std_error_spearman_positive": sum(v > 0 for v in voxel),
+            "subjects": len(rows), "subject_std_mae_spearman": across}
+

@@ -201,7 +201,7 @@ def _informed_start(run: SamplingRun, solver: Solver, net: Callable[[Tensor, Ten
     return solver.noised(clean, fresh, begin)
 
 
-def _run_steps(solver: Solver, net: Callable[[Tensor, Tensor], Tensor], latents: Tensor, begin: int,
+def run_steps(solver: Solver, net: Callable[[Tensor, Tensor], Tensor], latents: Tensor, begin: int,
                noise: StepNoise) -> Tensor:
     """The solver's steps from ``begin`` to the end; each step gets what the solver declares it needs."""
     declared: dict[str, Any] = {"noise": noise} if solver.stochastic else {}
@@ -241,7 +241,7 @@ def _denoise_samples(run: SamplingRun, seeds: Sequence[int], bar: tqdm) -> list[
     if run.start != "noise":
         latents = _informed_start(run, solver, net, latents, generators, begin)
     # A stochastic solver (ddpm) draws the noise of every step from each sample's own generator.
-    latents = _run_steps(solver, net, latents, begin, StepNoise(generators, run.rho))
+    latents = run_steps(solver, net, latents, begin, StepNoise(generators, run.rho))
     b = run.latent_shape[0]
     return [decode_volume(model.autoencoder, part.to(model.autoencoder_dtype)).float().clamp_(-1.0, 1.0)
             for part in latents.split(b)]
