@@ -25,15 +25,7 @@ from lift3d.training.loop import train
 LR, EMA_DECAY, STEP = 1e-3, 0.9, 2
 
 
-class Tiny(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(2, 3, 3)
-        self.head = torch.nn.Linear(3, 2)
-
-    def forward(self, x):
-        return self.head(self.conv(x).mean((2, 3)))
+from tests.test_hostile_training import Tiny  # noqa: E402  (one tiny model for every state test)
 
 
 def run_state(*, amsgrad: bool = False, warmup: int = 1) -> dict:

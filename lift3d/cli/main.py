@@ -151,7 +151,8 @@ def add_inflate_parser(subparsers) -> None:
     parser.add_argument("out", metavar="OUT", help="the new lifted model folder (must not exist)")
     parser.add_argument("--kind", default="", help="layer kind (`lift3d plugins --kind layer_kinds` lists them); "
                         "default: lift3d.inflate's default")
-    parser.add_argument("--kernel-size", type=arguments.integer_in(1, 1023, "an odd kernel size from 1 to 1023"),
+    # any whole number parses (its range is checked with the lifted model's schema); anything else names the range
+    parser.add_argument("--kernel-size", type=arguments.integer_in(-2**31, 2**31, "an odd integer from 1 to 1023"),
                         default=3, help="odd kernel size along the slices (default: 3)")
     parser.add_argument("--where", default="auto", help="placement preset (default: auto)")
     parser.add_argument("--option", type=arguments.key_value, action="append", default=[], metavar="KEY=VALUE",

@@ -113,6 +113,14 @@ class DiffusionStage(Stage):
 
         return make_task
 
+    def step_loss(self, cfg: Any, objective: Any, unet: nn.Module, device) -> Callable[..., torch.Tensor]:
+        """The loss of one batch, ``(model, latents, source_latents, noise, timesteps)``: eq. 4 here; another
+        diffusion stage (distillation) gives its own."""
+        def loss(model, latents, source, noise, timesteps):
+            return diffusion_loss(model, objective, latents, source, noise, objective.training_timesteps(timesteps))
+
+        return loss
+
     def task(self, cfg: Any, dataset, autoencoder, unet: nn.Module, sampler, output_dir: Path, device,
              val_pairs: list | None = None) -> Task:
         """Eq. 4: denoise target latents given the source latents, a timestep per item from ``sampler``."""
@@ -121,12 +129,12 @@ class DiffusionStage(Stage):
         encoder = LatentEncoder(autoencoder, cache=cfg.autoencoder.cache_latents, context=model.source_context)
         conditioned = model.conditioning == "concat"
         seed, num_train_timesteps = cfg.run.seed, cfg.diffusion.num_train_timesteps
+        step_loss = self.step_loss(cfg, objective, unet, device)
 
         def loss(model, batch: dict, micro: int):
             latents, source = encoder(batch, device)
             noise, timesteps = draw_noise(latents, batch["index"], micro, seed, sampler, num_train_timesteps)
-            timesteps = objective.training_timesteps(timesteps)
-            return diffusion_loss(model, objective, latents, source if conditioned else None, noise, timesteps), {}
+            return step_loss(model, latents, source if conditioned else None, noise, timesteps), {}
 
         sampled = None
         if val_pairs:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -27,14 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lift3d
-from lift3d.training.data_order import IndexedView, LatentEncoder, draw_noise
-from lift3d.training.export import export_model, training_settings
-from lift3d.training.losses import diffusion_loss, fixed_volume_loss
+from lift3d.training.losses import diffusion_loss
 from lift3d.training.options import ConfigError, Rule, opt
 from lift3d.training.stages.diffusion import DiffusionStage
+from lift3d.training.stages.volumes import Volumes
 from lift3d.training.stages.registry import STAGES
-from lift3d.training.task import Task
-from lift3d.training.unets import build_objective
 
 STEPS = Rule(lambda v: 1 <= v <= 64, "an integer from 1 to 64")
 SOLVER = "flow"  # Euler on the straight path: the solver a flow student is sampled with
@@ -83,19 +79,20 @@ class Distill(DiffusionStage):
         if not cfg.model.pretrained:
             raise ConfigError("run.stage = 'distill' needs model.pretrained: the lifted flow model to distil")
 
-    def view(self, cfg: Any, dataset) -> Any:
-        return dataset.volumes(window=cfg.data.window or None, context=cfg.model.source_context)
-
-    def trained_parameters(self, own: DistillConfig, unet: nn.Module) -> list[nn.Parameter]:
-        lift3d.set_trainable(unet, own.trainable)
-        return [p for p in unet.parameters() if p.requires_grad]
+    view = Volumes.view  # whole volumes, or windows of them, as stage 2
+    trained_parameters = Volumes.trained_parameters  # every weight, or the volumetric layers only
 
     def trains_2d_weights(self, own: DistillConfig) -> bool:
         return own.trainable == "all"
 
-    def distill_loss(self, own: DistillConfig, objective: Any, teacher: nn.Module) -> Callable:
-        """The loss of the chosen family, given latents, source latents, noise and timesteps."""
-        config = dict(objective.scheduler.config)
+    def step_loss(self, cfg: Any, objective: Any, unet: nn.Module, device) -> Callable:
+        """The loss of the chosen family, given latents, source latents, noise and timesteps; the teacher is a
+        frozen copy of ``unet`` as loaded."""
+        if objective.name != "flow" or not lift3d.is_lifted(unet):
+            raise ConfigError(f"run.stage = 'distill' distils a lifted flow model; {cfg.model.pretrained} is "
+                              f"{'a lifted' if lift3d.is_lifted(unet) else 'a 2D'} {objective.name!r} model")
+        own, config = self.own(cfg), dict(objective.scheduler.config)
+        teacher = copy.deepcopy(unet).eval().requires_grad_(False).to(device)
 
         def loss(student: nn.Module, latents: Tensor, source: Tensor | None, noise: Tensor, t: Tensor) -> Tensor:
             with torch.no_grad():
@@ -106,35 +103,3 @@ class Distill(DiffusionStage):
                               target.float())
 
         return loss
-
-    def task(self, cfg: Any, dataset, autoencoder, unet: nn.Module, sampler, output_dir: Path, device,
-             val_pairs: list | None = None) -> Task:
-        objective = build_objective(cfg)
-        if objective.name != "flow" or not lift3d.is_lifted(unet):
-            raise ConfigError(f"run.stage = 'distill' distils a lifted flow model; {cfg.model.pretrained} is "
-                              f"{'a lifted' if lift3d.is_lifted(unet) else 'a 2D'} {objective.name!r} model")
-        own, model = self.own(cfg), cfg.model
-        teacher = copy.deepcopy(unet).eval().requires_grad_(False).to(device)
-        encoder = LatentEncoder(autoencoder, cache=cfg.autoencoder.cache_latents, context=model.source_context)
-        conditioned = model.conditioning == "concat"
-        distill = self.distill_loss(own, objective, teacher)
-
-        def loss(student, batch: dict, micro: int):
-            latents, source = encoder(batch, device)
-            noise, t = draw_noise(latents, batch["index"], micro, cfg.run.seed, sampler,
-                                  cfg.diffusion.num_train_timesteps)
-            return distill(student, latents, source if conditioned else None, noise, t), {}
-
-        sampled = None
-        if val_pairs:
-            from lift3d.training.validation import SampledValidation
-
-            settings = training_settings(cfg, autoencoder, dataset, False, objective, label=self.export_label)
-            sampled = SampledValidation(val_pairs, autoencoder, settings, dict(objective.scheduler.config),
-                                        cfg.run.validate_steps, device)
-        fixed = dataset.volumes(window=cfg.data.window or None, context=model.source_context)
-        return Task(unet, self.trained_parameters(own, unet), IndexedView(self.view(cfg, dataset)), loss,
-                    lambda net: {"val_loss": fixed_volume_loss(net, objective, encoder, fixed,
-                                                               cfg.diffusion.num_train_timesteps, conditioned, device)},
-                    lambda net: export_model(cfg, net, autoencoder, objective, dataset, output_dir,
-                                             label=self.export_label), sampled)
