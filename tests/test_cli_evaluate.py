@@ -131,9 +131,9 @@ def test_std_maps_from_synthesize_are_found_scored_and_drawn(tmp_path):
     # lift3d demo's naming: synthesis/<subject>_lifted.nii.gz, synthesis/std/<subject>_lifted_std.nii.gz
     from pathlib import Path
 
-    from lift3d.cli.evaluate import _std_candidates
-    assert _std_candidates(Path("test-00_lifted.nii.gz"))[-1] == "test-00_lifted_std.nii.gz"
-    assert _std_candidates(Path(f"a{OUTPUT_SUFFIX}"))[1] == f"a{STD_SUFFIX}"
+    from lift3d.cli._matching import std_candidates
+    assert std_candidates(Path("test-00_lifted.nii.gz"))[-1] == "test-00_lifted_std.nii.gz"
+    assert std_candidates(Path(f"a{OUTPUT_SUFFIX}"))[1] == f"a{STD_SUFFIX}"
     # without --std the columns are absent
     assert main(["--pred", str(synth), "--target", str(target_dir), "--out", str(tmp_path / "plain")]) == 0
     assert "std_mean" not in read_outputs(tmp_path / "plain")[0][0]

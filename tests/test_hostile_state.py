@@ -20,7 +20,6 @@ from safetensors.torch import load_file, save_file
 import lift3d.training.state as TS
 from lift3d.cli.finetune import main
 from lift3d.lifting.checkpoint import CheckpointError
-from lift3d.training.loop import train
 
 LR, EMA_DECAY, STEP = 1e-3, 0.9, 2
 

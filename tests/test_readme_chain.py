@@ -9,7 +9,6 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
 
 from lift3d.cli.evaluate import main as evaluate
 from lift3d.cli.main import main as lift3d

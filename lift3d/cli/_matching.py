@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Sequence
 
 from lift3d.cli._common import OUTPUT_SUFFIX, STD_SUFFIX, UserError
-from lift3d.data.nifti import list_image_files
+from lift3d.data.nifti import NIFTI_SUFFIXES, list_image_files
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 NAME_FIELD = "{name}"
 SYNTH = OUTPUT_SUFFIX[: -len(".nii.gz")]  # "_synth"
 STD = STD_SUFFIX[: -len(".nii.gz")]  # "_std"

@@ -29,8 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lift3d.cli._common import UserError, run_cli
-from lift3d.cli._matching import NAME_FIELD, NIFTI_SUFFIXES, Subject, collect_subjects
-from lift3d.cli._matching import std_candidates as _std_candidates  # noqa: F401 (its old home)
+from lift3d.cli._matching import NAME_FIELD, Subject, collect_subjects
 from lift3d.data.align import field_of_view_overlap, world_bounds
 from lift3d.data.nifti import load_image, open_nifti
 from lift3d.io.errors import Lift3dError

@@ -36,7 +36,7 @@ from lift3d.recipes.predict import finer_than_grid, model_grid
 from lift3d.sampling.solvers import SOLVERS, build_solver
 from lift3d.sampling.synthesis import (DTYPES, STARTS, SynthesisModel, check_clip_x0, check_start, load_synthesis_model,
                                       resolve_sample_batch, resolve_window, save_std_volume, synthesize_posterior,
-                                      unet_evaluations)
+                                      evaluations_of)
 
 # Float32 volumes of the synthesis grid held at once besides the K samples and their stack: the
 # source, its encoding, the noisy sample, the noise prediction, the mean and the std. A lower bound
@@ -446,8 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lift3d-synthesize: skipping {len(skipped)} earlier output(s) in {folder} "
               f"({', '.join(p.name for p in skipped)}); give them as --source files to synthesise them")
     start = f", from its {args.start} noised at strength {args.strength:g}" if args.start != "noise" else ""
-    evaluations = unet_evaluations(model, args.solver, args.steps, samples=args.samples, start=args.start,
-                                   strength=args.strength)
+    evaluations = evaluations_of(steps, args.samples, args.start, args.strength)
     print(f"lift3d-synthesize: {len(sources)} volume(s), {model.objective.name} model, {args.solver} {steps} steps"
           f"{start}, {mode}, seed {args.seed}{sampling} ({evaluations} U-Net evaluations per volume), on {model.device}")
     written = 0

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,20 +161,20 @@ def restore_volume(volume: Any, meta: VolumeMeta) -> np.ndarray:
     return data
 
 
-def restore_std(std: Any, meta: VolumeMeta) -> np.ndarray:
-    """A std map ``(n, h, w)`` on the [-1, 1] scale of a synthesis -> float32 on the source's grid, in its units.
-
-    A standard deviation is a scale, not an intensity: it is multiplied by the slope of the source's intensity
-    map, ``(high - low) / 2``, and the offset is not added. It is resampled back linearly, as the mean is,
-    which keeps it non-negative.
+def std_scale(std: Any, meta: VolumeMeta) -> tuple[np.ndarray, VolumeMeta]:
+    """A std map ``(n, h, w)`` on the [-1, 1] scale of a synthesis, and the meta that puts it back on the source's
+    grid in the source's units: a standard deviation is a scale, not an intensity, so the intensity map's slope
+    ``(high - low) / 2`` applies and its offset does not. Resampling back is linear, which keeps it non-negative.
     """
-    import dataclasses
-
     half_range = (meta.intensity.high - meta.intensity.low) / 2.0
-    # restore_volume maps v -> (v + 1) * (high' - low') / 2 + low'; with low' = -2 half_range and
-    # high' = 2 half_range that is v * 2 half_range, so std / 2 comes out as std * half_range.
-    # Halving keeps a Bessel-corrected std (up to sqrt(2) for values in [-1, 1]) clear of the
-    # [-1, 1] clip restore_volume applies.
+    # The inverse map is v -> (v + 1) * (high' - low') / 2 + low'; with low' = -2 half_range and high' =
+    # 2 half_range that is v * 2 half_range, so std / 2 comes out as std * half_range. Halving keeps a
+    # Bessel-corrected std (up to sqrt(2) for values in [-1, 1]) clear of the [-1, 1] clip of the inverse.
     scale_only = IntensityScaling(-2.0 * half_range, 2.0 * half_range, meta.intensity.percentiles)
     array = std.detach().cpu().float().numpy() if hasattr(std, "detach") else np.asarray(std, dtype=np.float32)
-    return restore_volume(array / 2.0, dataclasses.replace(meta, intensity=scale_only))
+    return array / 2.0, dataclasses.replace(meta, intensity=scale_only)
+
+
+def restore_std(std: Any, meta: VolumeMeta) -> np.ndarray:
+    """A std map on the [-1, 1] scale of a synthesis -> float32 on the source's grid, in its units (:func:`std_scale`)."""
+    return restore_volume(*std_scale(std, meta))

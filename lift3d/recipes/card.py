@@ -18,7 +18,7 @@ def _scores(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_model_card(folder: Path, ctx: Any, lifted: Any, results: dict[str, Any]) -> Path:
+def write_fit_card(folder: Path, ctx: Any, lifted: Any, results: dict[str, Any]) -> Path:
     """Write ``folder/README.md`` for the lifted model ``lifted`` of the fit ``ctx`` with its ``results``."""
     request, plan = ctx.request, ctx.plan
     data = request.options.get("root", request.dataset)

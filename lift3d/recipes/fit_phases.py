@@ -8,16 +8,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lift3d.evaluation.metrics import METRICS, PLANE_METRICS, paired_differences, summarize
 from lift3d.io.writing import make_folder, refuse_link, write_text_atomic
 from lift3d.recipes.fit_setup import FitContext
 from lift3d.recipes.methods import Method, Prediction, Predictor, score_subjects, scored
 from lift3d.recipes.plan import StageTwoVariant
+from lift3d.recipes.predict import FIT_FILE
 
-FIT_FILE = "lift3d_fit.json"
-"""In ``RUN/model``: how the fit chose to sample the model (solver, steps, samples), read by ``lift3d predict``."""
 
 
 def _train(ctx: FitContext, stage: str, folder: Path, stage1_model: Path | None = None,
@@ -69,9 +66,10 @@ def train_stages(ctx: FitContext) -> tuple[Method, dict[str, Method]]:
 
 def _selection_solver(ctx: FitContext, model: Path) -> dict[str, Any]:
     """The objective's few-step preset (one sample): how stage-2 variants are compared on validation."""
-    from lift3d.sampling.synthesis import load_synthesis_model
+    from lift3d.diffusion.export import read_training_settings
+    from lift3d.diffusion.objectives import OBJECTIVES, objective_name
 
-    preset = dict(load_synthesis_model(model, device="cpu").objective.fast)
+    preset = dict(OBJECTIVES.get(objective_name(read_training_settings(model).objective)).fast)
     return {"solver": preset["solver"], "steps": int(preset["steps"])}
 
 
@@ -96,7 +94,7 @@ def choose_stage2(ctx: FitContext, stage1: Method, stage2: dict[str, Method], pr
     return replace(stage2[best], **solver), replace(stage1, **solver)
 
 
-def solver_candidates(objective: str, plan, informed: bool = False) -> list[dict[str, Any]]:
+def solver_candidates(objective: str, plan) -> list[dict[str, Any]]:
     """Every registered solver of ``objective`` at the plan's steps and sample counts within its budget."""
     from lift3d.sampling.solvers import solvers_for
 
@@ -186,26 +184,27 @@ def train_baseline(ctx: FitContext):
                   str(folder / "model.safetensors"))
         return {"info": {k: v for k, v in info.items() if k != "history"}}
 
-    record = ctx.phases.run("baseline", key, work)
+    ctx.phases.run("baseline", key, work)
     net.load_state_dict(load_file(str(ctx.phases.folder("baseline") / "model.safetensors")))
     return net.to(ctx.device).eval()
 
 
 def publish_model(ctx: FitContext, lifted: Method, results: dict[str, Any]) -> Path:
     """``RUN/model``: the chosen lifted export, how to sample it, and its model card."""
-    from lift3d.recipes.card import write_model_card
+    from lift3d.recipes.card import write_fit_card
+
+    from lift3d.training.checkpoints import write_folder
 
     dest = refuse_link(ctx.request.out / "model", "the fit's model folder")
-    tmp = refuse_link(ctx.request.out / ".model.tmp", "a temporary folder")
-    shutil.rmtree(tmp, ignore_errors=True)
     for path in [lifted.folder, *lifted.folder.rglob("*")]:
         refuse_link(path, "a file of the chosen model")  # a copy must not bring in what a link points at
-    shutil.copytree(lifted.folder, tmp)
     choice = {"solver": lifted.solver, "steps": lifted.steps, "samples": lifted.samples}
-    write_text_atomic(tmp / FIT_FILE, json.dumps(choice, indent=1) + "\n")
-    write_model_card(tmp, ctx, lifted, results)
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
+
+    def write(tmp: Path) -> None:
+        shutil.copytree(lifted.folder, tmp)
+        write_text_atomic(tmp / FIT_FILE, json.dumps(choice, indent=1) + "\n")
+        write_fit_card(tmp, ctx, lifted, results)
+
+    write_folder(dest, write)  # the new model replaces the old one whole, or not at all
     ctx.request.log(f"[model] {dest} (sampled with {lifted.description}; {dest / 'README.md'})")
     return dest

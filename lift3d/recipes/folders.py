@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from lift3d.data.orientation import SLICE_AXES, from_slices
+from lift3d.data.volume import std_scale
 from lift3d.io.writing import atomic_path, make_folder
 
 RAS = ("R", "A", "S")
@@ -77,9 +78,10 @@ def write_predictions(folder: Path, pairs: Iterable[Any], predictions: Mapping[s
 
 def write_std(folder: Path, pair: Any, std: Any, slice_axis: str = "axial") -> Path:
     """Write a std map (on the [-1, 1] scale of the synthesis) as ``folder/<subject>_std.nii.gz`` on the
-    training grid, in the target's units: a scale, so the intensity map's slope applies and its offset does not."""
-    intensity = _target_intensity(pair)
-    slope = 1.0 if intensity is None else (intensity.high - intensity.low) / 2.0
-    array = np.asarray(std, dtype=np.float32) * slope
+    training grid, in the target's units (as a scale: ``lift3d.data.volume.std_scale``)."""
+    meta, intensity = pair.extra.get("target_meta"), None
+    if meta is not None:
+        std, scaled = std_scale(std, meta)
+        intensity = scaled.intensity
     return save_image(make_folder(folder) / f"{pair.subject}_std.nii.gz",
-                      grid_image(array, pair.meta.grid_spacing, slice_axis))
+                      grid_image(std, pair.meta.grid_spacing, slice_axis, intensity))

@@ -41,10 +41,9 @@ class Method:
     @property
     def evaluations(self) -> int:
         """Network passes per volume: the solver's steps (plus one for an informed start) times K."""
-        if self.folder is None:
-            return 1
-        steps = self.steps if self.start == "noise" else 1 + round(self.steps * (self.strength or 1.0))
-        return steps * self.samples
+        from lift3d.sampling.synthesis import evaluations_of
+
+        return 1 if self.folder is None else evaluations_of(self.steps, self.samples, self.start, self.strength)
 
     @property
     def description(self) -> str:

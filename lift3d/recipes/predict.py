@@ -24,6 +24,7 @@ from lift3d.data.volume import TrainingGrid, prepare_volume, restore_std, restor
 from lift3d.io.schemas import read_json
 
 FIT_FILE = "lift3d_fit.json"
+"""In a fit's ``RUN/model``: how the fit chose to sample the model (solver, steps, samples)."""
 DEFAULT_PERCENTILES = (0.5, 99.5)
 FINER = 2.0
 """A source whose voxels are this much finer than the grid it is synthesised on gets a one-line warning."""

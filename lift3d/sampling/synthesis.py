@@ -20,7 +20,6 @@ a shared component, so the slices of a volume start (and, with a stochastic solv
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -29,17 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from lift3d.io.errors import Lift3dError
 from lift3d.data.context import with_source_context
-from lift3d.data.intensity import IntensityScaling
 from lift3d.data.nifti import save_volume
 from lift3d.data.resample import check_in_plane_size
-from lift3d.data.volume import VolumeMeta
+from lift3d.data.volume import VolumeMeta, std_scale
 from lift3d.diffusion.autoencoding import decode_volume, encode_volume
 from lift3d.sampling.model import DTYPES, SynthesisModel, load_synthesis_model, resolve_device, resolve_dtype
 from lift3d.sampling.noise import StepNoise, correlate_slices, sample_seed
@@ -370,7 +367,6 @@ def synthesize_posterior(model: SynthesisModel, source: Tensor, *, samples: int 
     :param scheduler: the old name of ``solver`` (deprecated).
     """
     check_sampling_options(samples, sample_batch, noise_correlation)
-    check_start(start, strength, model.conditioning)
     solver = _solver_name(model, solver, scheduler)
     run = _prepare(model, source, solver, steps, window=window, overlap=overlap, slice_wise=slice_wise,
                    clip_x0=clip_x0, noise_correlation=noise_correlation, start=start, strength=strength)
@@ -411,16 +407,6 @@ def synthesize(model: SynthesisModel, source: Tensor, *, samples: int = 1, **opt
 def save_std_volume(path: str | os.PathLike, std: Any, meta: VolumeMeta) -> Path:
     """Write a std map ``(n, h, w)`` (on the [-1, 1] scale of the synthesis) as NIfTI on the source's grid.
 
-    Like ``lift3d.data.save_volume`` for the mean, with one difference: a standard deviation
-    is a scale, not an intensity, so it is multiplied by the slope of the source's intensity map,
-    ``(high - low) / 2``, and the offset ``low`` is not added. It is resampled back linearly, as
-    the mean is, which keeps it non-negative.
+    Like ``lift3d.data.save_volume`` for the mean, but as a scale (``lift3d.data.volume.std_scale``).
     """
-    half_range = (meta.intensity.high - meta.intensity.low) / 2.0
-    # save_volume maps v -> (v + 1) * (high' - low') / 2 + low'; with low' = -2 half_range and
-    # high' = 2 half_range that is v * 2 half_range, so std / 2 comes out as std * half_range.
-    # Halving keeps a Bessel-corrected std (up to sqrt(2) for values in [-1, 1]) clear of the
-    # [-1, 1] clip save_volume applies.
-    scale_only = IntensityScaling(-2.0 * half_range, 2.0 * half_range, meta.intensity.percentiles)
-    array = std.detach().cpu().float() / 2.0 if isinstance(std, Tensor) else np.asarray(std, dtype=np.float32) / 2.0
-    return save_volume(path, array, dataclasses.replace(meta, intensity=scale_only))
+    return save_volume(path, *std_scale(std, meta))

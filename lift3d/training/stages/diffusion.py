@@ -13,6 +13,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from lift3d.diffusion.conditioning import unet_channels
 from lift3d.plugins import create
 from lift3d.training.data_order import IndexedView, LatentEncoder, draw_noise
 from lift3d.training.export import export_model, training_settings
@@ -78,8 +79,7 @@ class DiffusionStage(Stage):
         model = cfg.model
         if model.pretrained:
             return None
-        sources = 2 * model.source_context + 1 if model.conditioning == "concat" else 0
-        in_channels = 1 + sources
+        in_channels, _ = unet_channels(1, model.conditioning, model.source_context)
         what = (f"the U-Net of model.block_out_channels = {show_value(model.block_out_channels)}, layers_per_block = "
                 f"{model.layers_per_block}" + (f", source_context = {model.source_context}" if model.source_context
                                                else ""))

@@ -82,9 +82,7 @@ class Distill(DiffusionStage):
     view = Volumes.view  # whole volumes, or windows of them, as stage 2
     trained_parameters = Volumes.trained_parameters  # every weight, or the volumetric layers only
 
-    def trains_2d_weights(self, own: DistillConfig) -> bool:
-        return own.trainable == "all"
-
+    trains_2d_weights = Volumes.trains_2d_weights
     def step_loss(self, cfg: Any, objective: Any, unet: nn.Module, device) -> Callable:
         """The loss of the chosen family, given latents, source latents, noise and timesteps; the teacher is a
         frozen copy of ``unet`` as loaded."""

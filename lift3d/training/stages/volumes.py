@@ -61,10 +61,9 @@ class Volumes(DiffusionStage):
     def lifted_memory(self, options: LiftConfig, unet: nn.Module, weights: int, what: str) -> tuple[int, int, str]:
         what += (f", lifted with lift.kind = {options.kind or 'default'!r}, lift.kernel_size = {options.kernel_size}"
                  + (f", lift.options = {show_value(options.options)}" if options.options else ""))
-        on_meta(lambda: lift3d.inflate(unet, options.kind or None, kernel_size=options.kernel_size, where=options.where,
-                                       padding_mode=options.padding_mode, **options.options), what)
+        on_meta(lambda: self.lift(options)(unet), what)
         lifted = parameter_bytes(unet) - weights
-        return weights + lifted, lifted if options.trainable == "volumetric" else weights + lifted, what
+        return weights + lifted, weights + lifted if self.trains_2d_weights(options) else lifted, what
 
     def validation_summary(self, best: Any, first: dict[str, float] | None) -> str:
         """Step 0 is the stage-1 model itself (lifting is the identity at initialisation): say whether
