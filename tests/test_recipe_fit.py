@@ -106,3 +106,17 @@ def test_the_recipe_runs_on_a_dataset_plugin_with_its_own_splits(tmp_path):
     assert results["split"] == {"train": ["train-00", "train-01"], "val": ["val-00"], "test": ["test-00", "test-01"]}
     assert "clean_target" in results["methods"]["lifted"]
     assert (tmp_path / "run" / "model" / "lift3d_fit.json").is_file()
+
+
+@pytest.mark.parametrize("problem", ["missing folder", "corrupt file"])
+def test_a_refused_fit_leaves_no_run_folder(tmp_path, capsys, problem):
+    data = tmp_path / "data"
+    if problem == "corrupt file":
+        _folder(data, subjects=3)
+        (data / "sub-01" / "T1.nii.gz").write_bytes(b"not a nifti")
+    run = tmp_path / "run"
+    assert main(["fit", "--data", str(data), "--source", "T1", "--target", "FLAIR", "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert ("dataset folder not found" in err) if problem == "missing folder" else ("sub-01/T1.nii.gz" in err)
+    assert not run.exists()

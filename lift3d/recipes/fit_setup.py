@@ -16,7 +16,7 @@ from lift3d.data.fingerprint import check_subject_count, fingerprint, fingerprin
 from lift3d.data.splits import split_subjects
 from lift3d.io.errors import Lift3dError
 from lift3d.io.schemas import read_json
-from lift3d.io.writing import write_text_atomic
+from lift3d.io.writing import make_folder, write_text_atomic
 from lift3d.plugins import create
 from lift3d.recipes.make_a_volume import Recipe
 from lift3d.recipes.phases import Phases
@@ -76,6 +76,8 @@ class FitContext:
 
 def detect_mask(root: Path) -> str | None:
     """The mask name every subject folder of ``root`` holds (``brainmask``, ``mask``...), else None."""
+    if not root.is_dir():
+        return None  # the dataset says what is wrong with the folder
     folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
     for name in MASK_NAMES:
         if folders and all(any((f / f"{name}{s}").is_file() for s in (".nii.gz", ".nii")) for f in folders):
@@ -161,10 +163,22 @@ def _split(request: FitRequest, plan: Plan, subjects: list[str] | None) -> dict[
 
 
 def prepare(request: FitRequest) -> FitContext:
-    """Fingerprint, plan and split: everything checked and written before any training."""
-    request.out.mkdir(parents=True, exist_ok=True)
-    phases = Phases(request.out, log=request.log)
+    """Fingerprint, plan and split: everything checked and written before any training. A run folder this
+    call created is removed again when the data are refused before anything was written into it."""
     options = _dataset_options(request)
+    create("datasets", request.dataset, split="all", **options)  # a missing folder or bad option fails here
+    created = not request.out.exists()
+    make_folder(request.out)
+    try:
+        return _prepare(request, options)
+    except BaseException:
+        if created and request.out.is_dir() and not any(request.out.iterdir()):
+            request.out.rmdir()
+        raise
+
+
+def _prepare(request: FitRequest, options: dict[str, Any]) -> FitContext:
+    phases = Phases(request.out, log=request.log)
     record = _fingerprint_phase(request, phases, options)
     fp = record["fingerprint"]
     plan = _plan(request, fp)

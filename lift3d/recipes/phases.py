@@ -59,7 +59,11 @@ class Phases:
             shutil.rmtree(folder)
         make_folder(self.root, name)
         tic = time.perf_counter()
-        result = work(folder) or {}
+        try:
+            result = work(folder) or {}
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)  # a phase that failed leaves nothing half-done
+            raise
         record = {"key": plain(key), "wall_s": time.perf_counter() - tic, "run_id": str(time.time_ns()),
                   **plain(result)}
         write_text_atomic(folder / PHASE_FILE, json.dumps(record, indent=1))
