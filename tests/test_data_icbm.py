@@ -98,7 +98,7 @@ ONE_MM = {"T1": "1mm_T1.nii.gz", "T2": "1mm_T2_brain.nii.gz", "mask": "1mm_brain
 
 
 def test_icbm152_from_the_1mm_folder_gives_the_published_benchmark_subjects(icbm):
-    """benchmarks/icbm_t1t2.py's subjects (smoke grid): the intensity maps its first runs got from
+    """The ICBM benchmark's subjects (smoke grid): the intensity maps its first runs got from
     subjects written as NIfTI and read back by paired-nifti (recorded at commit 1f9f303)."""
     if not all((icbm / name).is_file() for name in ONE_MM.values()):
         pytest.skip(f"1 mm ICBM files not found in {icbm}")
@@ -130,7 +130,7 @@ def test_packaged_tissue_maps_are_the_2mm_maps_cropped(icbm):
 
 
 def test_the_benchmark_options_get_tissue_maps_and_keep_their_subjects(icbm):
-    """benchmarks/icbm_t1t2.py's options (1 mm files, 2 mm voxels, cpu grid) unchanged: the packaged 2 mm tissue maps
+    """The ICBM benchmark's options (1 mm files, 2 mm voxels, cpu grid) unchanged: the packaged 2 mm tissue maps
     are resampled onto the 1 mm template's grid, and every other tensor is what it was before they were added."""
     if not all((icbm / name).is_file() for name in ONE_MM.values()):
         pytest.skip(f"1 mm ICBM files not found in {icbm}")

@@ -17,7 +17,8 @@ from lift3d.recipes.plan import Plan, StageTwoVariant, save_plan
 ROOT = Path(__file__).resolve().parents[1]
 TINY = Plan(size=16, num_slices=8, widths=[16, 32], stage1_steps=2, stage1_batch=4, stage2_steps=1,
             stage2_val_every=1, stage2_variants=[StageTwoVariant()], evaluation_budget=2, solver_steps=[1, 2],
-            solver_samples=[1], val_size=1, test_size=1)
+            solver_samples=[1], val_size=1, test_size=1, distill=["direct"], distill_steps=1,
+            distill_val_every=1)
 
 
 def readme_commands(section: str) -> list[list[str]]:

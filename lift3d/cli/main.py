@@ -85,13 +85,15 @@ def add_demo_parser(subparsers) -> None:
         "demo",
         help="run the whole pipeline on real brain MRI built into lift3d (CPU, minutes)",
         description=(
-            "Stage 1 (slice-wise diffusion) -> inflate -> stage 2 (volumetric fine-tuning) -> synthesis of "
-            "held-out volumes, slice-wise and lifted -> evaluation. Data: by default the built-in 'icbm152' "
+            "'lift3d fit' at a small scale: stage 1 (slice-wise diffusion) -> inflate -> stage 2 (volumetric "
+            "fine-tuning) -> the few-step sampler chosen on validation subjects -> a distilled one- or two-pass "
+            "student -> synthesis of held-out volumes, slice-wise, lifted and distilled -> evaluation. Data: by default the built-in 'icbm152' "
             "dataset, T1w -> T2w subjects made from the ICBM 152 2009c template that ships with lift3d (one real "
-            "brain, a random deformation, bias field and noise per subject; 13 training and 6 held-out subjects); "
-            "'--dataset phantom' uses the generated phantom instead. Nothing is downloaded. Writes the lifted "
-            "model (safetensors), the synthesised NIfTI, metrics.json and orthogonal-view PNGs with error maps "
-            "into --out, then prints where each file is and the slice-wise vs lifted metrics."
+            "brain, a random deformation, bias field and noise per subject; 13 training, 3 validation and 6 test subjects); "
+            "'--dataset phantom' uses the generated phantom instead. Nothing is downloaded. Writes the fit's run "
+            "folder (plan.json, each phase, the chosen model in safetensors), the synthesised NIfTI, the subjects "
+            "as a paired-nifti folder, metrics.json, a report and orthogonal-view PNGs with error maps into --out, "
+            "then prints where each file is and the metrics. Run again into the same --out, it keeps what is done."
         ),
     )
     parser.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")

@@ -89,7 +89,7 @@ class DDPMObjective(StepMatched):
     name = "ddpm"
     default_solver = "ddim"  # the paper's DDIM-200
     # The few-step preset (lift3d-synthesize --fast): the best within 8 U-Net evaluations on the ICBM protocol's
-    # validation subjects (benchmarks/icbm_fast.py): the mean of 4 DPM-Solver++ 2 samples.
+    # validation subjects (benchmarks/results/few-steps.md): the mean of 4 DPM-Solver++ 2 samples.
     fast = {"solver": "dpm", "steps": 2, "samples": 4}
 
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear",
@@ -145,7 +145,7 @@ class FlowMatchingObjective(StepMatched):
     prediction_type = "flow_prediction"
     default_solver = "flow"
     # The few-step preset (lift3d-synthesize --fast): the best within 8 U-Net evaluations on the ICBM protocol's
-    # validation subjects (benchmarks/icbm_fast.py): the mean of 2 Euler 4-step samples.
+    # validation subjects (benchmarks/results/few-steps.md): the mean of 2 Euler 4-step samples.
     fast = {"solver": "flow", "steps": 4, "samples": 2}
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, train_steps: int | None = None,

@@ -48,8 +48,10 @@ def write_fit_card(folder: Path, ctx: Any, lifted: Any, results: dict[str, Any])
         f"{plan.widths}; objective `{plan.objective}`",
         f"- stage 1: {plan.stage1_steps} steps x {plan.stage1_batch} slices; stage 2: {plan.stage2_steps} steps, "
         "the variant and step best on validation",
-        f"- sampling (chosen on validation within {plan.evaluation_budget} network passes): {lifted.description}, "
-        f"{lifted.evaluations} passes per volume",
+        *([f"- distilled ({lifted.folder.parent.name.removeprefix('distill-')}) from the chosen lifted model into "
+           "this one- or two-pass student, the family and sampling best on validation (`choose_student.json`)"]
+          if lifted.name == "lifted-student" else []),
+        f"- sampling (chosen on validation): {lifted.description}, {lifted.evaluations} network passes per volume",
         "",
         "## Test scores",
         "",

@@ -1,10 +1,12 @@
-"""``lift3d demo``: the whole Make-A-Volume pipeline on real brain anatomy (``icbm152``), on a CPU, in minutes.
+"""``lift3d demo``: the fit recipe (``lift3d.recipes.fit``) on real brain anatomy (``icbm152``), on a CPU, in minutes.
 
-stage 1 (slice-wise diffusion) -> inflate -> stage 2 (volumetric fine-tuning, the step best on the
-validation subjects exported) -> synthesis of held-out volumes, slice-wise and lifted, with the same
-seed: the mean of K samples and their per-voxel std (an uncertainty map) -> evaluation and figures. The data are
-subjects made from the ICBM 152 2009c template that ships with lift3d (``--dataset phantom``: the
-generated phantom instead).
+The demo is ``lift3d fit`` at its own scale: stage 1 (slice-wise diffusion) -> inflate -> stage 2 (volumetric
+fine-tuning, the step best on the validation subjects exported) -> the few-step sampler chosen on validation
+within 8 U-Net passes -> the chosen model distilled into a one- or two-pass student (published when it comes
+within 0.1 dB of the sampler on validation) -> the held-out subjects synthesised and scored, slice-wise and lifted
+with the same seed: the mean of K samples and their per-voxel std (an uncertainty map) -> figures, the report and
+the subjects as a ``paired-nifti`` folder. The data are subjects made from the ICBM 152 2009c template that ships
+with lift3d (``--dataset phantom``: the generated phantom instead).
 """
 
 from __future__ import annotations
@@ -12,73 +14,57 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lift3d.evaluation.figures import save_orthogonal_views
-from lift3d.evaluation.metrics import INTENSITY_RULE, summarize
-from lift3d.evaluation.planes import score_pair_all
+from lift3d.evaluation.metrics import INTENSITY_RULE
 from lift3d.evaluation.report import SubjectViews, write_report
+from lift3d.io.writing import write_text_atomic
 from lift3d.plugins import create
-from lift3d.recipes.make_a_volume import CHAIN, Recipe, chain_configs, link_of
 from lift3d.recipes.folders import write_pairs, write_predictions, write_std
-from lift3d.sampling.synthesis import load_synthesis_model, synthesize_posterior
-from lift3d.training.config import TrainConfig
-from lift3d.training.loop import check_config, train
+from lift3d.recipes.plan import Plan, StageTwoVariant
 
 DATASETS = ("icbm152", "phantom")
 
 
 @dataclass(frozen=True)
 class DemoScale:
-    size: int
-    num_slices: int
-    stage1_steps: int
-    stage2_steps: int
-    sample_steps: int
-    widths: tuple[int, ...]
-    stage2_lr: float = 1e-4
-    stage2_lr_scheduler: str = "constant"  # diffusers schedule over stage2_steps (OptimConfig.lr_scheduler)
-    stage2_trainable: str = "volumetric"
-    num_train: int = 8  # training subjects
-    num_test: int = 2  # held-out subjects, synthesised and scored
+    """The demo's subjects and its plan (``lift3d.recipes.plan.Plan`` fields beyond the defaults)."""
+
+    num_train: int
+    num_val: int  # validation subjects: every choice of the fit is made on them
+    num_test: int  # held-out subjects, synthesised and scored
+    plan: dict[str, Any] = field(default_factory=dict)
+    stage2: dict[str, Any] = field(default_factory=dict)  # the one stage-2 variant (StageTwoVariant fields)
     voxel_mm: int = 4  # icbm152: the generation voxel (the packaged template is 2 mm)
-    num_val: int = 0  # validation subjects: stage 2 exports its step best on them (0: the last step)
-    validate_every: int = 0  # stage-2 steps between validations (DPM-Solver++ 25, step 0 = stage 1 included)
-    sampler: str = "ddim"
-    samples: int = 1  # K: the mean of K samples is the prediction, their std the uncertainty map
-    noise_correlation: float = 0.0  # rho across slices (synthesize's noise_correlation)
-    source_context: int = 0  # 2.5D: stage 1 sees this many source slices on each side; stage 2 inherits it
-    objective: str = "ddpm"  # or "flow" (flow matching: a few U-Net passes per volume)
-    lift_kind: str = "low-rank"  # inflate's default (benchmarks/results/layer-kinds.md); "full" is the paper's layer
 
 
+QUICK = {"size": 16, "num_slices": 8, "widths": [16, 32], "stage1_steps": 4, "stage1_batch": 8, "stage2_steps": 2,
+         "stage2_val_every": 1, "solver_steps": [2, 4], "solver_samples": [1, 2], "distill": ["direct"],
+         "distill_steps": 2, "distill_val_every": 1}
 SCALES = {
     "icbm152": {
-        # Stage 2 (volumetric layers only, 600 steps, cosine decay from lr 2e-3) chosen on the validation
-        # subjects val-00..02 (seeds 1500-1502), never on the demo's test subjects (seeds 2000-2005): best
-        # validation PSNR 23.47 (step 600) against 23.45 for lr 2e-3 constant (a lone peak at step 500) and
-        # 23.12 for cosine from 4e-3, the benchmark's winner at 48 x 48 and 1200 steps; see the README.
-        # Flow matching, sampled as the mean of 2 Euler 4-step samples (8 U-Net passes per volume): on the same
-        # validation subjects 24.33 dB against 23.93 for v-prediction and the mean of 4 DPM-Solver++ 25 samples
-        # (100 passes; benchmarks/demo_fast.py, benchmarks/results/demo_fast_cpu.json).
-        "default": DemoScale(size=32, num_slices=24, stage1_steps=1000, stage2_steps=600, sample_steps=4,
-                             widths=(16, 32, 64), stage2_lr=2e-3, stage2_lr_scheduler="cosine",
-                             stage2_trainable="volumetric", num_train=13, objective="flow",
-                             num_test=6, num_val=3, validate_every=100, sampler="flow", samples=2, source_context=1),
+        # Stage 2 (volumetric layers only, 600 steps, cosine decay from lr 2e-3) as chosen on the validation
+        # subjects val-00..02 (seeds 1500-1502), never on the demo's test subjects (seeds 2000-2005); 2.5D stage 1.
+        "default": DemoScale(num_train=13, num_val=3, num_test=6, stage2={"lr_scheduler": "cosine"},
+                             plan={"size": 32, "num_slices": 24, "stage1_steps": 1000, "stage2_steps": 600,
+                                   "stage2_val_every": 100, "stage2_lr": 2e-3, "source_context": 1,
+                                   "distill_steps": 200, "distill_val_every": 50}),
         # Seconds: for tests and a first look.
-        "quick": DemoScale(size=16, num_slices=8, stage1_steps=4, stage2_steps=2, sample_steps=3, widths=(16, 32),
-                           num_train=2, num_test=1, voxel_mm=8, num_val=1, validate_every=1, sampler="flow",
-                           samples=2, source_context=1, stage2_lr_scheduler="cosine", objective="flow"),
+        "quick": DemoScale(num_train=2, num_val=1, num_test=1, voxel_mm=8, stage2={"lr_scheduler": "cosine"},
+                           plan={**QUICK, "source_context": 1}),
     },
     "phantom": {
         # 16 slices of 32 x 32: lifting does not pay off at this size (README).
-        "default": DemoScale(size=32, num_slices=16, stage1_steps=400, stage2_steps=120, sample_steps=50,
-                             widths=(32, 64), num_train=8, num_test=2),
-        "quick": DemoScale(size=16, num_slices=8, stage1_steps=4, stage2_steps=2, sample_steps=3, widths=(16, 32),
-                           num_train=3, num_test=1),
+        "default": DemoScale(num_train=8, num_val=1, num_test=2,
+                             plan={"size": 32, "num_slices": 16, "widths": [32, 64], "stage1_steps": 400,
+                                   "stage2_steps": 120, "stage2_val_every": 40, "stage2_lr": 1e-4,
+                                   "distill_steps": 60, "distill_val_every": 20}),
+        "quick": DemoScale(num_train=3, num_val=1, num_test=1, plan=QUICK),
     },
 }
 
@@ -90,30 +76,17 @@ def check_choice(what: str, value: str, valid) -> str:
 
 
 def dataset_options(dataset: str, scale: DemoScale, seed: int) -> dict:
-    """The dataset plugin's options; ``split`` is added by whoever reads it."""
-    common = {"size": scale.size, "num_slices": scale.num_slices, "seed": seed, "cache": True}
+    """The dataset plugin's options beyond the grid (the plan adds it); ``split`` is added by whoever reads it."""
     if dataset == "phantom":
-        n = scale.num_train + scale.num_test
-        return common | {"num_subjects": n, "test_size": scale.num_test}
-    return common | {"num_train": scale.num_train, "num_val": scale.num_val, "num_test": scale.num_test,
-                     "voxel_mm": scale.voxel_mm}
+        n = scale.num_train + scale.num_val + scale.num_test
+        return {"seed": seed, "num_subjects": n, "val_size": scale.num_val, "test_size": scale.num_test}
+    return {"seed": seed, "num_train": scale.num_train, "num_val": scale.num_val, "num_test": scale.num_test,
+            "voxel_mm": scale.voxel_mm}
 
 
-def demo_recipe(scale: DemoScale, seed: int, dataset: str = "icbm152") -> Recipe:
-    return Recipe(dataset=dataset, data_options=dataset_options(dataset, scale, seed), widths=scale.widths,
-                  stage1_steps=scale.stage1_steps, stage2_steps=scale.stage2_steps,
-                  source_context=scale.source_context, stage2_lr=scale.stage2_lr,
-                  stage2_lr_scheduler=scale.stage2_lr_scheduler, stage2_trainable=scale.stage2_trainable,
-                  objective=scale.objective,
-                  stage2_lift={"kind": scale.lift_kind}, validate_every=scale.validate_every if scale.num_val else 0,
-                  val_volumes=max(scale.num_val, 1), log_every=20, overwrite=True, name="demo")
-
-
-def demo_config(out: Path, scale: DemoScale, stage: str, seed: int, dataset: str = "icbm152") -> TrainConfig:
-    """The config of one stage of the demo's chain (``CHAIN``), run into
-    ``out/<its folder>`` from the previous stage's model."""
-    configs = chain_configs(demo_recipe(scale, seed, dataset), out, seed)
-    return configs[CHAIN.index(link_of(stage))]
+def demo_plan(scale: DemoScale, seed: int) -> Plan:
+    """The fit's plan at the demo's scale: one stage-2 variant (the low-rank layer, inflate's default)."""
+    return Plan(seed=seed, stage2_variants=[StageTwoVariant(**scale.stage2)], **scale.plan)
 
 
 def set_threads(threads: int | str | None) -> None:
@@ -132,180 +105,119 @@ def set_threads(threads: int | str | None) -> None:
 
 def run_demo(out: str | Path, *, dataset: str = "icbm152", scale: str = "default", seed: int = 0,
              threads: int | str | None = "auto") -> dict:
-    """Run the pipeline into ``out``; returns the paths written and the metrics.
+    """Run the fit recipe at the demo's scale into ``out``; returns the paths written and the metrics.
 
-    Everything that can be refused (the options, the seed, the data, every stage's config) is checked before
-    ``out`` is made, and a failure that leaves ``out`` empty removes it again.
+    Everything that can be refused (the options, the seed, the data) is checked before ``out`` is made. A re-run
+    into the same ``out`` keeps every phase already done (the fit's phases are keyed and resumable).
 
     ``threads``: torch's CPU threads; None keeps torch's default; ``"auto"`` (the default) is torch's
     default unless the machine is busy (1-minute load average >= its CPU count), then 1: on 2 cores
     shared with other jobs, 2 threads made a stage-1 step 17x slower than 1 thread (5.7 s against 0.34 s).
     """
+    from lift3d.recipes.fit import FitRequest, run_fit
+
     check_choice("dataset", dataset, DATASETS)
     check_choice("scale", scale, SCALES[dataset])
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be a whole number from 0 to {2**32 - 1}, got {seed!r}")
     set_threads(threads)
     s, out = SCALES[dataset][scale], Path(out)
+    plan = demo_plan(s, seed)
     start = time.perf_counter()
-    test = create("datasets", dataset, split="test", **dataset_options(dataset, s, seed))  # bad data fails here
-    configs = chain_configs(demo_recipe(s, seed, dataset), out, seed)
-    for cfg in configs:
-        check_config(cfg)
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        model_dir = train_chain(configs, announcements(s, dataset))
-        sampler = sampler_text(s)
-        print(f"[4/5] synthesis of {len(test)} held-out volumes ({sampler}), slice-wise and lifted")
-        record = synthesize_test(load_synthesis_model(model_dir), test, s, seed, out, dataset, sampler)
-    except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # a refused run leaves no empty --out behind
-        raise
-    print("[5/5] evaluation")
-    write_subjects(out / "data", dataset, s, seed)
-    summary = demo_summary(dataset, scale, seed, s, sampler, record)
+    what = "ICBM 152 subjects (real anatomy)" if dataset == "icbm152" else "the phantom"
+    print(f"[demo] lift3d fit on {what}: {s.num_train} training, {s.num_val} validation and {s.num_test} test "
+          f"subjects, {plan.num_slices} slices of {plan.size} x {plan.size}; stage 1 ({plan.stage1_steps} steps"
+          + (f", 2.5D: {2 * plan.source_context + 1} source slices per target slice" if plan.source_context else "")
+          + f"), stage-2 volumetric fine-tuning ({plan.stage2_steps} steps, the step best on validation exported), "
+          f"the sampler chosen on validation, distillation, synthesis and evaluation")
+    fitted = run_fit(FitRequest(out, "T1", "T2", dataset=dataset, options=dataset_options(dataset, s, seed),
+                                seed=seed, plan=plan))
+    print("[demo] the subjects, the synthesised volumes, figures and the report")
+    write_subjects(out / "data", fitted)
+    summary = demo_summary(dataset, scale, seed, s, fitted)
     summary["wall_s"] = time.perf_counter() - start
-    files = write_results(out / "evaluation", summary, record, f"lift3d demo: {dataset} test subjects, {sampler}")
-    files = {"model": str(model_dir), "nifti": record.nifti, "figures": record.figures, "data": str(out / "data"),
-             **files}
+    files = write_outputs(out, dataset, fitted, summary)
     print_report(files, summary)
     return {"files": files, "summary": summary}
 
 
-def write_subjects(folder: Path, dataset: str, s: DemoScale, seed: int) -> Path:
+def write_subjects(folder: Path, fitted) -> Path:
     """Every subject of the demo (training, validation and test) as a ``paired-nifti`` folder on the training grid:
     ``T1.nii.gz``, ``T2.nii.gz`` and, where the dataset has one, ``brainmask.nii.gz`` per subject."""
-    for split in ("train", "val", "test") if s.num_val else ("train", "test"):
-        subjects = create("datasets", dataset, split=split, **dataset_options(dataset, s, seed))
-        write_pairs(folder, (subjects[i] for i in range(len(subjects))), source="T1", target="T2")
+    for split in ("train", "val", "test"):
+        write_pairs(folder, fitted.ctx.pairs(split), source="T1", target="T2")
     return folder
 
 
-def announcements(s: DemoScale, dataset: str) -> tuple[str, ...]:
-    """What the demo prints before each stage of its chain, in the chain's order."""
-    what = "ICBM 152 subjects (real anatomy)" if dataset == "icbm152" else "the phantom"
-    return (f"[1/5] stage 1: slice-wise diffusion U-Net on {what}, {s.num_train} training subjects, "
-            f"{s.num_slices} slices of {s.size} x {s.size} ({s.stage1_steps} steps"
-            + (f"; 2.5D: {2 * s.source_context + 1} source slices per target slice)" if s.source_context else ")"),
-            f"[2/5] + [3/5] inflate and stage-2 volumetric fine-tuning ({s.stage2_steps} steps, "
-            f"trainable {s.stage2_trainable}, lr {s.stage2_lr:g} {s.stage2_lr_scheduler}"
-            + (f"; the step best on {s.num_val} validation subjects is exported)" if s.num_val else ")"))
+def demo_methods(fitted) -> dict[str, Any]:
+    """The methods the demo shows: slice-wise and lifted with the chosen sampler, and the distilled student."""
+    lifted = fitted.lifted
+    methods = {"slice-wise": replace(fitted.slice_wise, solver=lifted.solver, steps=lifted.steps,
+                                     samples=lifted.samples), "lifted": lifted}
+    if fitted.student is not None:
+        methods["lifted-student"] = fitted.student
+    return methods
 
 
-def train_chain(configs: list[TrainConfig], lines: tuple[str, ...]) -> Path:
-    """Train each stage in turn (each starts from the one before); returns the last one's model folder."""
-    model_dir = Path()
-    for cfg, line in zip(configs, lines):
-        print(line)
-        model_dir = train(cfg)
-    return model_dir
-
-
-def sampler_text(s: DemoScale) -> str:
-    names = {"ddim": "DDIM", "dpm": "DPM-Solver++", "flow": "flow Euler", "ddpm": "DDPM"}
-    return (f"{names[s.sampler]}-{s.sample_steps}" + (f", mean of {s.samples}" if s.samples > 1 else "")
-            + (f", rho {s.noise_correlation:g}" if s.noise_correlation else ""))
-
-
-METHODS = (("slice-wise", True), ("lifted", False))
-
-
-@dataclass
-class Record:
-    """What the demo gathers over the test subjects, per method."""
-
-    rows: dict[str, list] = field(default_factory=lambda: {m: [] for m, _ in METHODS})
-    clean_rows: dict[str, list] = field(default_factory=lambda: {m: [] for m, _ in METHODS})
-    seconds: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m, _ in METHODS})
-    evaluations: dict[str, int] = field(default_factory=dict)
-    views: dict[str, SubjectViews] = field(default_factory=dict)
-    nifti: list[str] = field(default_factory=list)
-    figures: list[str] = field(default_factory=list)
-
-
-def synthesize_test(model, test, s: DemoScale, seed: int, out: Path, dataset: str, sampler: str) -> Record:
-    """Synthesise every test subject both ways, write the volumes and figures, and score them."""
-    record = Record()
-    synth_dir, figures = out / "synthesis", out / "evaluation" / "figures"
-    modality = "T1 -> T2" if dataset == "icbm152" else "phantom T1 -> T2"
-    for pair in test:
-        outputs, stds = synthesize_pair(model, pair, s, seed, synth_dir, record)
-        for method in record.rows:
-            record.rows[method].append(score_pair_all(outputs[method], pair))
-            if "clean_target" in pair.extra:
-                record.clean_rows[method].append(score_pair_all(outputs[method], pair, "clean_target"))
-        record.views[pair.subject] = SubjectViews(pair.target[0].numpy(), outputs, source=pair.source[0].numpy(),
-                                                  stds=stds, spacing=pair.meta.grid_spacing)
-        figure = figures / f"{pair.subject}.png"
-        figure.parent.mkdir(parents=True, exist_ok=True)
-        save_orthogonal_views(figure, {"source": pair.source[0].numpy(), "slice-wise": outputs["slice-wise"],
-                                       "lifted": outputs["lifted"], "target": pair.target[0].numpy()},
-                              title=f"{pair.subject} ({dataset} test): {modality}, {sampler}",
-                              error_of=[("slice-wise", "target"), ("lifted", "target")],
-                              uncertainty={"lifted": stds["lifted"]} if stds else None, spacing=pair.meta.grid_spacing)
-        record.figures.append(str(figure))
-    return record
-
-
-def synthesize_pair(model, pair, s: DemoScale, seed: int, synth_dir: Path, record: Record) -> tuple[dict, dict]:
-    """One subject, slice-wise and lifted with the same seed: the mean of K samples (and their std) is written
-    as ``synthesis/<method>/<subject>_synth.nii.gz`` on the training grid, the grid it is scored on (so
-    ``lift3d-evaluate`` scores the file as the demo did); returns the means and stds as arrays, per method."""
-    outputs, stds = {}, {}
-    for method, slice_wise in METHODS:
-        tic = time.perf_counter()
-        with torch.no_grad():
-            estimate = synthesize_posterior(model, pair.source[None], samples=s.samples, solver=s.sampler,
-                                            steps=s.sample_steps, seed=seed, slice_wise=slice_wise,
-                                            noise_correlation=s.noise_correlation, progress=True)
-        record.seconds[method].append(time.perf_counter() - tic)
-        record.evaluations[method] = estimate.unet_evaluations
-        outputs[method] = estimate.mean[0, 0].float().numpy()
-        record.nifti += map(str, write_predictions(synth_dir / method, [pair], {pair.subject: outputs[method]}))
-        if estimate.std is not None:
-            stds[method] = estimate.std[0, 0].float().numpy()
-            record.nifti.append(str(write_std(synth_dir / method / "std", pair, stds[method])))
-    return outputs, stds
-
-
-def demo_summary(dataset: str, scale: str, seed: int, s: DemoScale, sampler: str, record: Record) -> dict:
-    """``metrics.json``: the settings, and the scores per method and per subject."""
+def demo_summary(dataset: str, scale: str, seed: int, s: DemoScale, fitted) -> dict:
+    """``metrics.json``: the settings, the choices, and the scores per method and per subject."""
+    results, plan = fitted.results["methods"], fitted.ctx.plan
     summary = {"dataset": dataset, "scale": scale, "seed": seed, "intensity_scale": INTENSITY_RULE,
                "scored_inside": "the brain mask" if dataset == "icbm152" else "the whole volume",
-               "sampler": sampler,
-               "settings": {"grid": f"{s.size} x {s.size} x {s.num_slices}", "widths": list(s.widths),
-                            "stage1_steps": s.stage1_steps, "stage2_steps": s.stage2_steps,
-                            "stage2_trainable": s.stage2_trainable, "stage2_lr": s.stage2_lr,
-                            "stage2_lr_scheduler": s.stage2_lr_scheduler,
-                            "stage2_validate_every": s.validate_every, "samples": s.samples,
-                            "noise_correlation": s.noise_correlation, "source_context": s.source_context,
-                            "num_train": s.num_train, "num_val": s.num_val, "num_test": s.num_test},
-               "methods": {method: summarize(r) for method, r in record.rows.items()}, "subjects": record.rows,
-               "seconds_per_volume": {m: sum(v) / len(v) for m, v in record.seconds.items()},
-               "unet_evaluations": record.evaluations}
-    if any(record.clean_rows.values()):
-        summary["methods_vs_clean_target"] = {method: summarize(r) for method, r in record.clean_rows.items()}
-        summary["subjects_vs_clean_target"] = record.clean_rows
+               "sampler": fitted.lifted.description, "published": fitted.published.name,
+               "settings": {**plan.model_dump(mode="json", exclude={"why"}), "num_train": s.num_train,
+                            "num_val": s.num_val, "num_test": s.num_test, "samples": fitted.lifted.samples},
+               "methods": {m: results[m]["summary"] for m in results},
+               "subjects": {m: results[m]["subjects"] for m in results},
+               "seconds_per_volume": {m: results[m]["seconds_per_volume"] for m in results},
+               "unet_evaluations": {m: results[m]["unet_evaluations"] for m in results},
+               "samplers": {m: results[m]["solver"] for m in results}}
+    if all("clean_target" in results[m] for m in results):
+        summary["methods_vs_clean_target"] = {m: results[m]["clean_target"]["summary"] for m in results}
+        summary["subjects_vs_clean_target"] = {m: results[m]["clean_target"]["subjects"] for m in results}
     return summary
 
 
-def write_results(eval_dir: Path, summary: dict, record: Record, title: str) -> dict[str, str]:
-    """Write ``metrics.json`` (whole or not at all) and the HTML report; returns their paths."""
-    metrics_path = eval_dir / "metrics.json"
-    tmp = metrics_path.with_name(".metrics.json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(metrics_path)
-    report_rows = [{"method": method, **row} for method, per_subject in record.rows.items() for row in per_subject]
-    report = write_report(eval_dir / "report.html", report_rows, views=record.views, title=title)
-    return {"metrics": str(metrics_path), "report": str(report)}
+def write_outputs(out: Path, dataset: str, fitted, summary: dict) -> dict[str, Any]:
+    """Each method's mean (and std) as ``synthesis/<method>/<subject>_synth.nii.gz`` on the training grid (what
+    ``lift3d-evaluate`` re-scores), a figure per test subject, ``metrics.json`` and the report."""
+    test, methods = fitted.ctx.pairs("test"), demo_methods(fitted)
+    predictions = {name: fitted.predictor(method, test) for name, method in methods.items()}  # the fit's samples
+    nifti, figures, views = [], [], {}
+    modality = "T1 -> T2" if dataset == "icbm152" else "phantom T1 -> T2"
+    for i, pair in enumerate(test):
+        means = {name: p.mean[i, 0].float().numpy() for name, p in predictions.items()}
+        stds = {name: p.std[i, 0].float().numpy() for name, p in predictions.items() if p.std is not None}
+        for name in methods:
+            nifti += map(str, write_predictions(out / "synthesis" / name, [pair], {pair.subject: means[name]}))
+            if name in stds:
+                nifti.append(str(write_std(out / "synthesis" / name / "std", pair, stds[name])))
+        views[pair.subject] = SubjectViews(pair.target[0].numpy(), means, source=pair.source[0].numpy(), stds=stds,
+                                           spacing=pair.meta.grid_spacing)
+        figure = out / "evaluation" / "figures" / f"{pair.subject}.png"
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        save_orthogonal_views(figure, {"source": pair.source[0].numpy(), **means, "target": pair.target[0].numpy()},
+                              title=f"{pair.subject} ({dataset} test): {modality}, {summary['sampler']}",
+                              error_of=[(name, "target") for name in methods],
+                              uncertainty={"lifted": stds["lifted"]} if "lifted" in stds else None,
+                              spacing=pair.meta.grid_spacing)
+        figures.append(str(figure))
+    metrics = out / "evaluation" / "metrics.json"
+    write_text_atomic(metrics, json.dumps(summary, indent=2, default=str))
+    rows = [{"method": m, **row} for m, per_subject in summary["subjects"].items() for row in per_subject]
+    from lift3d.recipes.fit_report import uncertainty_lines
+
+    report = write_report(out / "evaluation" / "report.html", rows, views=views,
+                          notes=uncertainty_lines(fitted.results["methods"]),
+                          title=f"lift3d demo: {dataset} test subjects, {summary['sampler']}")
+    return {"model": str(out / "model"), "nifti": nifti, "figures": figures, "metrics": str(metrics),
+            "report": str(report), "data": str(out / "data")}
 
 
 def print_report(files: dict, summary: dict) -> None:
     print("\nlift3d demo: done")
     print(f"  model (safetensors):  {files['model']}")
-    print(f"  synthesised NIfTI:    {', '.join(files['nifti'])}")
+    print(f"  synthesised NIfTI:    {', '.join(files['nifti'][:4])}{' ...' if len(files['nifti']) > 4 else ''}")
     print(f"  metrics JSON:         {files['metrics']}")
     print(f"  orthogonal views PNG: {', '.join(files['figures'])}")
     print(f"  report (a browser):   {files['report']}")
@@ -316,12 +228,15 @@ def print_report(files: dict, summary: dict) -> None:
     n = summary["methods"]["lifted"]["psnr"]["n"]
     for against, methods in tables:
         print(f"\n  against the {against}: mean over {n} held-out volumes, inside {summary['scored_inside']}, [0, 255]")
-        print("  method           MAE     SSIM     PSNR   z-inconsistency   U-Net passes   s / volume")
+        print("  method              MAE     SSIM     PSNR   z-inconsistency   U-Net passes   s / volume")
         for method, stats in methods.items():
             values = [stats[k]["mean"] for k in ("mae", "ssim", "psnr", "z_inconsistency")]
-            print(f"  {method:<11}" + "".join(f"{v:9.3f}" for v in values[:3]) + f"{values[3]:12.3f}"
+            print(f"  {method:<14}" + "".join(f"{v:9.3f}" for v in values[:3]) + f"{values[3]:12.3f}"
                   + f"{summary['unet_evaluations'][method]:15d}{summary['seconds_per_volume'][method]:13.2f}")
     print("  (z-inconsistency: lower = fewer jumps between slices; U-Net passes per volume, all samples together)")
+    print("  samplers, chosen on the validation subjects: "
+          + "; ".join(f"{m}: {text}" for m, text in summary["samplers"].items())
+          + f"; the published model: {summary['published']}")
     z = {m: summary["methods"][m]["z_inconsistency"]["mean"] for m in ("slice-wise", "lifted")}
     change = z["lifted"] / z["slice-wise"] - 1.0
     print(f"\n  lifted vs slice-wise: z-inconsistency {change:+.1%}, "

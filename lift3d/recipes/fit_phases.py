@@ -41,6 +41,7 @@ def train_stages(ctx: FitContext) -> tuple[Method, dict[str, Method]]:
     key1 = {"data": ctx.data, "train": ctx.splits["train"], "grid": grid, "widths": plan.widths,
             "layers": plan.layers_per_block, "objective": plan.objective, "seed": plan.seed,
             "steps": plan.stage1_steps, "batch": plan.stage1_batch, "lr": plan.stage1_lr}
+    key1 |= {"source_context": plan.source_context} if plan.source_context else {}
 
     def stage1_work(folder: Path) -> dict[str, Any]:
         ctx.request.log(f"[stage 1] {plan.stage1_steps} steps x {plan.stage1_batch} slices")
@@ -73,7 +74,7 @@ def _selection_solver(ctx: FitContext, model: Path) -> dict[str, Any]:
     return {"solver": preset["solver"], "steps": int(preset["steps"])}
 
 
-def _psnr(predictor: Predictor, method: Method, pairs) -> float:
+def validation_psnr(predictor: Predictor, method: Method, pairs) -> float:
     return summarize(score_subjects(Prediction(predictor(method, pairs).mean, None, 0.0), pairs))["psnr"]["mean"]
 
 
@@ -82,8 +83,8 @@ def choose_stage2(ctx: FitContext, stage1: Method, stage2: dict[str, Method], pr
     """The stage-2 variant whose export scores best on validation; it and the slice-wise model, with the
     selection solver. Says so when no variant beats slice-wise there."""
     solver = _selection_solver(ctx, stage1.folder)
-    scores = {name: _psnr(predictor, replace(m, **solver), val) for name, m in stage2.items()}
-    slice_wise_psnr = _psnr(predictor, replace(stage1, **solver), val)
+    scores = {name: validation_psnr(predictor, replace(m, **solver), val) for name, m in stage2.items()}
+    slice_wise_psnr = validation_psnr(predictor, replace(stage1, **solver), val)
     best = max(scores, key=lambda name: scores[name])
     ctx.request.log(f"[choose stage 2] validation PSNR: slice-wise {slice_wise_psnr:.2f}, "
                     + ", ".join(f"{n} {s:.2f}" for n, s in scores.items()) + f"; chosen: {best}")
@@ -112,7 +113,7 @@ def choose_solver(ctx: FitContext, lifted: Method, predictor: Predictor, val) ->
     for candidate in solver_candidates(ctx.plan.objective, ctx.plan):
         method = replace(lifted, **candidate)
         try:
-            psnr = _psnr(predictor, method, val)
+            psnr = validation_psnr(predictor, method, val)
         except Lift3dError as exc:  # e.g. a multistep solver that needs more steps than given
             ctx.request.log(f"  {method.description}: skipped ({exc})")
             continue
@@ -142,13 +143,16 @@ def _paired(results: dict[str, Any], comparisons: list[tuple[str, str]]) -> dict
             for b, a in comparisons if a in results and b in results}
 
 
-def score_test(ctx: FitContext, slice_wise: Method, lifted: Method, predictor: Predictor) -> dict[str, Any]:
+def score_test(ctx: FitContext, slice_wise: Method, lifted: Method, predictor: Predictor,
+               student: Method | None = None) -> dict[str, Any]:
     """The test subjects: each method's prediction as NIfTI on the subject's own grid, every score, the paired
-    differences of lifted against slice-wise (and the baseline), ``results.json`` and ``report.html``."""
+    differences of lifted against slice-wise (and of the distilled student and the baseline),
+    ``results.json`` and ``report.html``."""
     from lift3d.recipes.fit_report import write_results
 
     test = ctx.pairs("test")
     methods = [lifted, replace(slice_wise, solver=lifted.solver, steps=lifted.steps, samples=lifted.samples)]
+    methods += [student] if student is not None else []
     baseline = train_baseline(ctx) if ctx.plan.baseline else None
     if baseline is not None:
         predictor.baseline = baseline
@@ -160,7 +164,8 @@ def score_test(ctx: FitContext, slice_wise: Method, lifted: Method, predictor: P
         predictions[method.name] = predictor(method, test)
         results[method.name] = scored(method, predictions[method.name], test)
         _write_nifti(ctx.request.out / "test" / method.name, test, predictions[method.name])
-    paired = _paired(results, [("lifted", "slice-wise"), ("lifted", "3d-unet")])
+    paired = _paired(results, [("lifted", "slice-wise"), ("lifted", "3d-unet"), ("lifted-student", "lifted"),
+                               ("lifted-student", "3d-unet")])
     return write_results(ctx, results, paired, predictions, test)
 
 

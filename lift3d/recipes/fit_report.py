@@ -16,6 +16,19 @@ def _cell(stats: dict[str, Any] | None, digits: int) -> str:
     return "" if not stats else f"{stats['mean']:.{digits}f}"
 
 
+def uncertainty_lines(results: dict[str, Any]) -> list[str]:
+    """For each method with K >= 2 samples, how well its std map predicts the error."""
+    lines = []
+    for name, entry in results.items():
+        u = entry.get("uncertainty")
+        if u:
+            across = "n/a" if u["subject_std_mae_spearman"] is None else f"{u['subject_std_mae_spearman']:+.2f}"
+            lines.append(f"{name}'s std map against |error|: voxel-wise Spearman positive on "
+                         f"{u['std_error_spearman_positive']}/{u['subjects']} subjects (lowest "
+                         f"{u['std_error_spearman_min']:+.2f}); across subjects, mean std against MAE {across}")
+    return lines
+
+
 def markdown(results: dict[str, Any], paired: dict[str, Any]) -> str:
     """The results table a reader takes in at a glance, and the paired differences with their intervals."""
     lines = ["| method | solver | passes | s / volume | PSNR | SSIM | MAE | z-inconsistency |",
@@ -25,13 +38,7 @@ def markdown(results: dict[str, Any], paired: dict[str, Any]) -> str:
         lines.append(f"| {name} | {entry['solver']} | {entry['unet_evaluations']} | "
                      f"{entry['seconds_per_volume']:.2f} | {_cell(s.get('psnr'), 2)} | {_cell(s.get('ssim'), 4)} | "
                      f"{_cell(s.get('mae'), 2)} | {_cell(s.get('z_inconsistency'), 3)} |")
-    for name, entry in results.items():
-        u = entry.get("uncertainty")
-        if u:
-            across = "n/a" if u["subject_std_mae_spearman"] is None else f"{u['subject_std_mae_spearman']:+.2f}"
-            lines.append(f"\n{name}'s std map against |error|: voxel-wise Spearman positive on "
-                         f"{u['std_error_spearman_positive']}/{u['subjects']} subjects (lowest "
-                         f"{u['std_error_spearman_min']:+.2f}); across subjects, mean std against MAE {across}")
+    lines += [f"\n{line}" for line in uncertainty_lines(results)]
     lines += ["", "Paired differences, test subjects (the first method minus the second: mean [95 % interval], "
               "subjects where the first is better):", ""]
     for comparison, metrics in paired.items():
@@ -63,7 +70,7 @@ def write_results(ctx: FitContext, results: dict[str, Any], paired: dict[str, An
                                            if pr.std is not None})
              for i, p in enumerate(test)}
     request = ctx.request
-    write_report(out / "report.html", rows, views=views,
+    write_report(out / "report.html", rows, views=views, notes=uncertainty_lines(results),
                  title=f"lift3d fit: {request.source} -> {request.target}, {len(test)} test subjects")
     request.log("\n" + table)
     request.log(f"[report] {out / 'report.html'}; NIfTI results in {out / 'test'}")

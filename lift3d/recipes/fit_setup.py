@@ -69,6 +69,7 @@ class FitContext:
         return Recipe(dataset=self.request.dataset, data_options=self.data, widths=tuple(plan.widths),
                       stage1_steps=plan.stage1_steps, stage2_steps=plan.stage2_steps,
                       layers_per_block=plan.layers_per_block, objective=plan.objective,
+                      source_context=plan.source_context,
                       stage1_batch=plan.stage1_batch, stage1_lr=plan.stage1_lr, stage2_lr=plan.stage2_lr,
                       stage2_lift=variant, stage2_optim=optim, validate_every=plan.stage2_val_every,
                       val_volumes=len(self.splits["val"]), name=f"{self.request.out / PLAN_FILE}")

@@ -120,3 +120,24 @@ def chain_configs(recipe: Recipe, out: Path, seed: int) -> list[TrainConfig]:
         configs.append(stage_config(recipe, link.stage, out / link.folder, seed, previous))
         previous = out / link.folder / "model"
     return configs
+
+
+def distill_config(recipe: Recipe, output_dir: Path, seed: int, teacher: Path, *, family: str, teacher_steps: int,
+                   student_steps: int, steps: int, learning_rate: float, validate_every: int) -> TrainConfig:
+    """The checked config of the distillation stage: the lifted flow model ``teacher`` (its Euler solve in
+    ``teacher_steps`` steps) distilled into a ``student_steps``-step student by ``family``, on whole volumes;
+    the step whose student samples the validation subjects best is exported."""
+    sections = {
+        "run": {"stage": "distill", "output_dir": str(output_dir), "seed": seed, "log_every": recipe.log_every,
+                "checkpoint_every": 0, "overwrite": recipe.overwrite, "max_steps": steps,
+                **({"validate_every": validate_every} if validate_every else {})},
+        "data": {"dataset": recipe.dataset, "options": recipe.data_options, "batch_size": 1,
+                 "val_volumes": recipe.val_volumes},
+        "model": {"pretrained": str(teacher), "block_out_channels": list(recipe.widths),
+                  "layers_per_block": recipe.layers_per_block, "prediction_type": recipe.prediction_type},
+        "autoencoder": recipe.autoencoder,
+        "diffusion": {"timestep_sampler": "make-a-volume"},
+        "distill": {"family": family, "teacher_steps": teacher_steps, "student_steps": student_steps},
+        "optim": {"learning_rate": learning_rate, "lr_scheduler": "cosine", "warmup_steps": min(20, steps // 4)},
+    }
+    return apply(TrainConfig(), sections, recipe.name)

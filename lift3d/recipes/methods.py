@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from lift3d.evaluation.metrics import summarize, uncertainty_scores
+from lift3d.evaluation.metrics import METRICS, PLANE_METRICS, UNCERTAINTY_METRICS, summarize, uncertainty_scores
 from lift3d.evaluation.planes import score_pair_all
 from lift3d.io.writing import atomic_path, make_folder, write_text_atomic
 
@@ -74,7 +74,7 @@ class Predictor:
                 "start": method.start, "strength": method.strength, "seed": self.seed, "sample": k,
                 "subjects": [p.subject for p in pairs]}
 
-    def _draw(self, method: Method, k: int, sources: torch.Tensor) -> torch.Tensor:
+    def draw(self, method: Method, k: int, sources: torch.Tensor) -> torch.Tensor:
         from lift3d.sampling.synthesis import load_synthesis_model, sample_seed, synthesize
 
         if method.folder is None:
@@ -97,7 +97,7 @@ class Predictor:
             return load_file(str(tensors))["prediction"], float(json.loads(meta.read_text())["seconds_per_volume"])
         sources = torch.stack([p.source for p in pairs])
         tic = time.perf_counter()
-        prediction = self._draw(method, k, sources)
+        prediction = self.draw(method, k, sources)
         seconds = (time.perf_counter() - tic) / len(pairs)
         make_folder(self.cache)
         with atomic_path(tensors, ".safetensors") as tmp:
@@ -138,10 +138,12 @@ def scored(method: Method, prediction: Prediction, pairs: Sequence[Any], segment
     """Everything a results table shows of ``method`` on ``pairs``: per-subject rows and their summary,
     cost, and the same against the clean target when every pair carries one."""
     rows = score_subjects(prediction, pairs, segmenter=segmenter)
+    known = (*METRICS, *PLANE_METRICS, *UNCERTAINTY_METRICS)
+    names = [k for k in rows[0] if k in known or k.startswith("dice_")] if rows else None  # tissue Dice too
     entry: dict[str, Any] = {"method": method.name, "solver": method.description, "samples": method.samples,
                              "unet_evaluations": method.evaluations, "model": str(method.folder or "baseline"),
                              "seconds_per_volume": prediction.seconds_per_volume, "subjects": rows,
-                             "summary": summarize(rows)}
+                             "summary": summarize(rows, names)}
     if prediction.std is not None:
         entry["uncertainty"] = uncertainty_summary(rows)
     if pairs and all("clean_target" in p.extra for p in pairs):

@@ -11,7 +11,9 @@ The rule (each line a choice a user may override in the file):
 - **in-plane size**: the native in-plane voxel count, rounded up to what the U-Net divides by, capped by
   the device profile (48 on a CPU, 256 on a GPU);
 - **slices**: the through-plane field of view at the in-plane grid's voxel size, capped (32 / 64);
-- **networks, steps, batch**: the device profile's; the stage-1 batch halves until the memory check passes.
+- **networks, steps, batch**: the device profile's; the stage-1 batch halves until the memory check passes;
+- **distillation**: both families (``direct``, ``reflow``), each student tried at 1 and 2 network passes on
+  validation, published when within ``distill_tolerance_db`` of the chosen few-step sampler.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class Plan(BaseModel):
     widths: list[int] = Field(default_factory=lambda: [16, 32, 64], min_length=1, max_length=6)
     layers_per_block: int = Field(default=1, ge=1, le=4)
     objective: Literal["flow", "ddpm"] = "flow"
+    source_context: int = Field(default=0, ge=0, le=8)  # 2.5D: source slices on each side of a target slice
     stage1_steps: int = Field(default=2000, ge=1, le=10**7)
     stage1_batch: int = Field(default=16, ge=1, le=4096)
     stage1_lr: float = Field(default=1e-3, gt=0, le=1)
@@ -76,6 +79,11 @@ class Plan(BaseModel):
     evaluation_budget: int = Field(default=8, ge=1, le=1000)
     solver_steps: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1, max_length=16)
     solver_samples: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1, max_length=16)
+    distill: list[Literal["direct", "reflow"]] = Field(default_factory=lambda: ["direct", "reflow"], max_length=2)
+    distill_steps: int = Field(default=400, ge=1, le=10**7)
+    distill_lr: float = Field(default=2e-4, gt=0, le=1)
+    distill_val_every: int = Field(default=100, ge=1, le=10**7)
+    distill_tolerance_db: float = Field(default=0.1, ge=0, le=100)
     val_size: int = Field(default=3, ge=1, le=10**5)
     test_size: int = Field(default=6, ge=1, le=10**5)
     baseline: bool = False
@@ -106,7 +114,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     "cuda": {"max_size": 256, "max_slices": 64, "widths": [64, 128, 256, 256], "layers_per_block": 2,
              "stage1_steps": 30000, "stage1_batch": 32, "stage2_steps": 4000, "stage2_val_every": 500,
              "stage1_lr": 1e-4, "stage2_lr": 1e-4, "baseline_steps": 10000, "baseline_batch": 1,
-             "baseline_features": [32, 32, 64, 128, 256, 32], "baseline_val_every": 500},
+             "baseline_features": [32, 32, 64, 128, 256, 32], "baseline_val_every": 500,
+             "distill_steps": 2000, "distill_val_every": 250},
 }
 
 

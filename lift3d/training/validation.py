@@ -37,12 +37,13 @@ class SampledValidation:
     """Scores a U-Net by sampling ``pairs`` (held-out ``VolumePair``)."""
 
     def __init__(self, pairs: list, autoencoder, settings: dict[str, Any], scheduler_config: dict[str, Any],
-                 steps: int, device) -> None:
+                 steps: int, device, solver: tuple[str, int] | None = None) -> None:
         if not pairs:
             raise ValueError("sampled validation needs at least one validation volume; the dataset's 'val' split is "
                              "empty (give the dataset val subjects, or set run.validate_every = 0)")
         self.pairs, self.autoencoder, self.settings = pairs, autoencoder, settings
         self.scheduler_config, self.steps, self.device = scheduler_config, steps, device
+        self.solver = solver  # (name, steps) a stage samples its model with, e.g. a distilled student's
 
     @torch.no_grad()
     def score(self, unet: nn.Module) -> dict[str, float]:
@@ -54,6 +55,8 @@ class SampledValidation:
         # A model trained for an N-step solver (objective option train_steps) is validated with that solver.
         matched = (model.settings.objective_options or {}).get("train_steps")
         solver, steps = (model.objective.default_solver, matched) if matched else ("dpm", self.steps)
+        if self.solver is not None:
+            solver, steps = self.solver
         rows = []
         for pair in self.pairs:
             source = pair.source[None].to(self.device)

@@ -113,6 +113,10 @@ class DiffusionStage(Stage):
 
         return make_task
 
+    def validation_solver(self, cfg: Any) -> tuple[str, int] | None:
+        """The solver and steps the sampled validation uses; None: DPM-Solver++ with ``run.validate_steps``."""
+        return None
+
     def step_loss(self, cfg: Any, objective: Any, unet: nn.Module, device) -> Callable[..., torch.Tensor]:
         """The loss of one batch, ``(model, latents, source_latents, noise, timesteps)``: eq. 4 here; another
         diffusion stage (distillation) gives its own."""
@@ -142,7 +146,7 @@ class DiffusionStage(Stage):
 
             settings = training_settings(cfg, autoencoder, dataset, False, objective, label=self.export_label)
             sampled = SampledValidation(val_pairs, autoencoder, settings, dict(objective.scheduler.config),
-                                        cfg.run.validate_steps, device)
+                                        cfg.run.validate_steps, device, self.validation_solver(cfg))
         fixed = dataset.volumes(window=cfg.data.window or None, context=model.source_context)
         return Task(unet, self.trained_parameters(self.own(cfg), unet), IndexedView(self.view(cfg, dataset)), loss,
                     lambda unet: {"val_loss": fixed_volume_loss(unet, objective, encoder, fixed, num_train_timesteps,

@@ -83,6 +83,11 @@ class Distill(DiffusionStage):
     trained_parameters = Volumes.trained_parameters  # every weight, or the volumetric layers only
 
     trains_2d_weights = Volumes.trains_2d_weights
+
+    def validation_solver(self, cfg: Any) -> tuple[str, int]:
+        """The student is validated as it samples: Euler in ``distill.student_steps`` steps."""
+        return SOLVER, self.own(cfg).student_steps
+
     def step_loss(self, cfg: Any, objective: Any, unet: nn.Module, device) -> Callable:
         """The loss of the chosen family, given latents, source latents, noise and timesteps; the teacher is a
         frozen copy of ``unet`` as loaded."""
