@@ -1,509 +1,260 @@
-"""The GPU check: lift3d's training steps and synthesis on one GPU, in one command and at most 8 minutes.
+"""The GPU check: lift3d's training steps and synthesis on one GPU, in one command, in at most 8 minutes.
 
-Data: one ``phantom`` volume pair (lift3d's generated dataset) of S x S x N voxels, S = 256 and N = 35
-(the paper's RIRE grid) and 100. Models, at the ``paper`` scale of ``benchmarks/icbm_t1t2.py`` (pixel
-space, v-prediction, a ``UNet2DModel`` of widths 64/128/256/256 with 2 residual blocks per level):
+Random-weight models at the ``paper`` scale of ``benchmarks/icbm_t1t2.py`` (pixel space) on ``phantom`` volumes of 256 x
+256 x N: ``stage1`` (2D), ``stage2`` (lifted), ``unet3d`` (MONAI BasicUNet; skipped without MONAI). In this order, so
+that ``--budget-s`` cuts the least needed: (1) ``FAST`` at N = 128, eager: ``lifted-fast`` (flow, Euler 4 steps, mean
+of 2: 8 passes), a distilled student's ``two-pass`` and ``one-pass`` (Euler 1 step, K = 2 / 1; it has its teacher's
+lifted architecture), the 3D U-Net's pass; (2) training steps, N = 35 and 100, bf16 and fp16; (3) ``FAST`` compiled;
+(4) ``SYNTHESIS`` at N = 100, lifted and 2D; (5) the training steps compiled. Synthesis as ``lift3d-synthesize --dtype
+bfloat16``. The JSON ($OUT/gpu_check_<device>.json) is rewritten after each measurement; failures are recorded.
 
-- ``stage1``: lift3d's stage-1 training step, the 2D U-Net on N slices (a timestep per slice);
-- ``stage2``: stage 2's step, that U-Net lifted with ``lift3d.inflate``'s defaults, on the volume (one
-  timestep, the volumetric layers trained, as the recipe does);
-- ``unet3d``: the 3D U-Net baseline of :mod:`lift3d.recipes.unet3d` (MONAI ``BasicUNet``, L1 from source
-  to target), recorded as skipped where MONAI is not installed.
-
-A training step is the loop's own: the stage's loss (:mod:`lift3d.training.stages`), Accelerate's mixed
-precision (bf16, or fp16 with its loss scaler), gradient clipping at 1 and AdamW (Adam for the 3D U-Net),
-eager and under ``torch.compile`` (Accelerate's ``dynamo_backend="inductor"``, what ``accelerate launch
---dynamo_backend inductor`` gives). A step that runs out of memory is tried again with gradient
-checkpointing. Synthesis of one S x S x 100 volume: every :data:`SYNTHESIS` setting with the lifted
-model (fused, as ``lift3d-synthesize`` runs it) and with the 2D model slice-wise; the 3D U-Net's one
-forward pass. Metrics: seconds per step (median of the timed steps; the 2 warm-up steps are reported
-apart: they hold the compilation, and the one recompilation that einops' growing backend cache triggers
-on the second call) and peak memory (``torch.cuda.max_memory_allocated`` from before the model
-reaches the GPU: weights, optimizer state, activations). Report: stage2/stage1 and unet3d/stage2 ratios.
-
-The JSON is rewritten after every measurement (``finished`` stays false until the end), so a killed run
-leaves what it measured. A measurement that would not end within ``--budget-s`` is not started, and
-one that overruns it is stopped; both are recorded with the reason.
-
-    python benchmarks/gpu_check.py --json benchmarks/results/gpu_check_cuda.json      # one GPU, <= 8 min
-    python benchmarks/gpu_check.py --tiny --device cpu --compile off --json /tmp/gpu_check.json   # seconds
+    python benchmarks/gpu_check.py                           # one GPU, <= 8 minutes
+    python benchmarks/gpu_check.py --smoke --device cpu      # every code path at a tiny size, in seconds
 """
 
 from __future__ import annotations
 
-import argparse
-import gc
-import os
-import signal
-import statistics
-import sys
-import tempfile
-import time
-from dataclasses import asdict, dataclass
+import argparse, gc, importlib.util, os, signal, statistics, sys, tempfile, time  # noqa: E401
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
-from lift3d.io.errors import Lift3dError
-from lift3d.recipes.reports import REPO, machine_info, write_json
+import lift3d
+from lift3d.data.dataset import stack_items
+from lift3d.plugins import create
+from lift3d.recipes.make_a_volume import Recipe, stage_config
+from lift3d.recipes.reports import machine_info, write_json
+from lift3d.recipes.unet3d import build_unet3d
+from lift3d.sampling.synthesis import SynthesisModel, synthesize_posterior, unet_evaluations
+from lift3d.training.config import apply
+from lift3d.training.stages import get_stage
+from lift3d.training.unets import build_objective, build_unet
 
-MODELS = ("stage2", "stage1", "unet3d")
-PRECISIONS = ("bf16", "fp16")
+MODELS, PRECISIONS, PARTS = ("stage2", "stage1", "unet3d"), ("bf16", "fp16"), ("fast", "train", "synthesis")
+FIELDS = ("objective", "solver", "steps", "samples")  # of a sampler: the U-Net's objective, lift3d's solver, K
+SYNTHESIS = {"flow-euler-4": ("flow", "flow", 4, 1), "dpm-25": ("ddpm", "dpm", 25, 1),  # lift3d-synthesize's default
+             "ddim-200": ("ddpm", "ddim", 200, 1)}  # the paper's; a new sampler is one more line
+FAST = {"one-pass": ("flow", "flow", 1, 1), "two-pass": ("flow", "flow", 1, 2), "lifted-fast": ("flow", "flow", 4, 2)}
+SAMPLERS = {**SYNTHESIS, **FAST}
+# warmup: warm-up steps (and compiled runs); steps: timed (and FAST runs); max_steps: a sampler's. BasicUNet: N >= 16.
+SCALES = {"gpu": dict(size=256, slices=(35, 100), synthesis_slices=100, fast_slices=128, widths=(64, 128, 256, 256),
+                      layers_per_block=2, unet3d_features=(32, 32, 64, 128, 256, 32), warmup=2, steps=3, budget_s=450,
+                      max_steps=None)}
+SCALES["tiny"] = dict(SCALES["gpu"], size=32, slices=(16, 20), synthesis_slices=16, fast_slices=20, widths=(16, 32),
+                      layers_per_block=1, unet3d_features=(8, 8, 8, 16, 16, 8), steps=1, budget_s=600, max_steps=2)
 
+def measurement(what: str, model: str, n: int, precision: str | None = None, compiled: bool = False,
+                setting: str | None = None, fast: bool = False) -> argparse.Namespace:
+    name = (f"train {model} {precision} N={n} {'compiled' if compiled else 'eager'}" if what == "train" else
+            f"synthesis {model} {setting or 'forward'} N={n}" + " compiled" * compiled)
+    return argparse.Namespace(name=name, what=what, model=model, n=n, precision=precision, compiled=compiled,
+                              setting=setting, fast=fast)
 
-@dataclass(frozen=True)
-class SynthesisSetting:
-    """One way to synthesise a volume: the objective the U-Net is trained with and lift3d's sampler for it."""
-
-    name: str
-    objective: str  # an ``objectives`` plugin: ddpm, flow
-    scheduler: str  # a solver name, lift3d.sampling.solvers.SOLVERS
-    steps: int
-
-
-SYNTHESIS = [
-    # Cheapest first: its time per step sizes the budget check of the longer ones. A new fast sampler
-    # (or objective) is one more line here.
-    SynthesisSetting("flow-euler-4", "flow", "flow", 4),  # the fast path: flow matching, Euler, 4 steps
-    SynthesisSetting("dpm-25", "ddpm", "dpm", 25),  # DPM-Solver++, lift3d-synthesize's default
-    SynthesisSetting("ddim-200", "ddpm", "ddim", 200),  # the paper's
-]
-
-
-@dataclass(frozen=True)
-class Scale:
-    size: int
-    slices: tuple[int, ...]
-    synthesis_slices: int
-    widths: tuple[int, ...]
-    layers_per_block: int
-    unet3d_features: tuple[int, ...]
-    warmup: int
-    steps: int
-    max_sampler_steps: int | None  # caps every SYNTHESIS setting's steps (the tiny scale)
-    budget_s: float
-
-
-SCALES = {
-    "gpu": Scale(size=256, slices=(35, 100), synthesis_slices=100, widths=(64, 128, 256, 256), layers_per_block=2,
-                 unet3d_features=(32, 32, 64, 128, 256, 32), warmup=2, steps=3, max_sampler_steps=None,
-                 budget_s=450),
-    # BasicUNet pools depth 4 times: 16 slices at least.
-    "tiny": Scale(size=32, slices=(16, 20), synthesis_slices=16, widths=(16, 32), layers_per_block=1,
-                  unet3d_features=(8, 8, 8, 16, 16, 8), warmup=2, steps=1, max_sampler_steps=2, budget_s=120),
-}
-
-
-@dataclass(frozen=True)
-class Measurement:
-    what: str  # "train" or "synthesis"
-    model: str  # MODELS
-    n: int
-    precision: str | None = None  # train: bf16 or fp16
-    compiled: bool = False
-    setting: str | None = None  # synthesis: a SYNTHESIS name
-
-    @property
-    def name(self) -> str:
-        if self.what == "train":
-            return f"train {self.model} {self.precision} N={self.n} {'compiled' if self.compiled else 'eager'}"
-        return f"synthesis {self.model} {self.setting or 'forward'} N={self.n}"
-
-
-class OutOfTime(Exception):
-    """The measurement ran past the time left in the budget."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Memory and the clock
-
-
-class Probe:
-    """Peak memory from :meth:`start`, CUDA's allocator peak. On the CPU it is not measured (``None``):
-    in one process the allocator reuses what earlier measurements freed, so an RSS peak would be
-    meaningless (``benchmarks/inflate_overhead.py`` forks a process per measurement for that)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.baseline = device, 0
-        self.method = "torch.cuda.max_memory_allocated" if device.type == "cuda" else None
-
-    def start(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline = torch.cuda.memory_allocated(self.device)
-
-    def peak(self) -> int | None:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) - self.baseline
-        return None
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(device: torch.device, function: Callable[[], Any]) -> float:
-    sync(device)
-    start = time.perf_counter()
+def timed(device: torch.device, function) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = sync() or time.perf_counter()
     function()
-    sync(device)
-    return time.perf_counter() - start
+    return sync() or time.perf_counter() - start
 
+def probe(device: torch.device):
+    """Peak memory from now on (CUDA's allocator). None on the CPU: a process's allocator reuses what was freed."""
+    gc.collect()
+    if device.type != "cuda":
+        return lambda: None
+    torch.cuda.synchronize(device), torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    return lambda: torch.cuda.max_memory_allocated(device) - base
 
-# ----------------------------------------------------------------------------------------------
-# What is measured
+def dataset(ctx: argparse.Namespace, n: int, stage: str | None = None, **sections: dict[str, Any]):
+    """The phantom volume pair of N slices; with ``stage`` (slices, volumes), lift3d's recipe config at this scale."""
+    options = {"size": ctx.scale.size, "num_slices": n, "num_subjects": 1, "test_size": 0}
+    if stage is None:  # made once per N
+        ctx.datasets[n] = ctx.datasets.get(n) or create("datasets", "phantom", split="train", **options)
+        return ctx.datasets[n]
+    recipe = Recipe(dataset="phantom", data_options=options, widths=ctx.scale.widths, stage1_steps=1, stage2_steps=1,
+                    layers_per_block=ctx.scale.layers_per_block, stage1_batch=n, name="gpu_check")
+    return apply(stage_config(recipe, stage, ctx.workdir / stage, seed=0), sections, "gpu_check")
 
-
-class Context:
-    """What the measurements share: the scale, the device, the phantom datasets (one per N)."""
-
-    def __init__(self, scale: Scale, device: torch.device, workdir: Path, synthesis_dtype: torch.dtype) -> None:
-        self.scale, self.device, self.workdir, self.synthesis_dtype = scale, device, workdir, synthesis_dtype
-        self._datasets: dict[int, Any] = {}
-
-    def data_options(self, n: int) -> dict[str, Any]:
-        return {"size": self.scale.size, "num_slices": n, "num_subjects": 1, "test_size": 0}
-
-    def dataset(self, n: int):
-        from lift3d.plugins import create
-
-        if n not in self._datasets:
-            self._datasets[n] = create("datasets", "phantom", split="train", **self.data_options(n))
-        return self._datasets[n]
-
-    def config(self, stage: str, n: int, **sections: dict[str, Any]):
-        """The training config of stage ``slices`` or ``volumes``: lift3d's recipe at this scale."""
-        from lift3d.recipes.make_a_volume import Recipe, stage_config
-        from lift3d.training.config import apply
-
-        recipe = Recipe(dataset="phantom", data_options=self.data_options(n), widths=self.scale.widths,
-                        stage1_steps=1, stage2_steps=1, layers_per_block=self.scale.layers_per_block,
-                        stage1_batch=n, name="gpu_check")
-        return apply(stage_config(recipe, stage, self.workdir / stage, seed=0), sections, "gpu_check")
-
-
-def make_accelerator(device: torch.device, precision: str, compiled: bool):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
+def train_steps(m: argparse.Namespace, ctx: argparse.Namespace, checkpointing: bool) -> dict[str, Any]:
+    """The loop's step, timed: Accelerate (mixed precision, dynamo_backend), clip 1, AdamW (3D U-Net: L1, Adam)."""
     AcceleratorState._reset_state(reset_partial_state=True)  # one run per setting, as the loop does
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=precision,
-                       dynamo_backend="inductor" if compiled else "no")
-
-
-def train_steps(m: Measurement, ctx: Context, checkpointing: bool) -> dict[str, Any]:
-    """Warm-up and timed training steps of one model, precision and compile setting."""
-    accelerator = make_accelerator(ctx.device, m.precision, m.compiled)
-    device = accelerator.device
-    probe = Probe(device)
-    dataset = ctx.dataset(m.n)
-    info: dict[str, Any] = {}
+    accelerator = Accelerator(cpu=ctx.device.type == "cpu", mixed_precision=m.precision,
+                              dynamo_backend=ctx.backend if m.compiled else "no")
+    device, data, info = accelerator.device, dataset(ctx, m.n), {}
     if m.model == "unet3d":
-        from lift3d.recipes.unet3d import build_unet3d
-
-        probe.start()
-        torch.manual_seed(0)
+        peak, _ = probe(device), torch.manual_seed(0)
         net, info["model_description"] = build_unet3d(ctx.scale.unet3d_features)
+        source, target = (getattr(data[0], key)[None].to(device) for key in ("source", "target"))
         params = list(net.parameters())
-        optimizer = torch.optim.Adam(params, lr=2e-4)
-        net, optimizer = accelerator.prepare(net.to(device), optimizer)
-        pair = dataset[0]
-        source, target = pair.source[None].to(device), pair.target[None].to(device)
-
-        def loss(micro: int):
-            return (net(source).float() - target).abs().mean()
+        net, optimizer = accelerator.prepare(net.to(device), torch.optim.Adam(params, lr=2e-4))
+        loss = lambda micro: (net(source).float() - target).abs().mean()  # noqa: E731
     else:
-        from lift3d.data.dataset import stack_items
-        from lift3d.training.stages import get_stage
-
         stage = "volumes" if m.model == "stage2" else "slices"
-        cfg = ctx.config(stage, m.n, model={"gradient_checkpointing": checkpointing},
-                         optim={"mixed_precision": m.precision})
-        make_task = get_stage(stage).prepare(cfg, dataset, ctx.workdir / stage)
-        probe.start()
+        cfg = dataset(ctx, m.n, stage, model={"gradient_checkpointing": checkpointing},
+                      optim={"mixed_precision": m.precision})
+        make_task, peak = get_stage(stage).prepare(cfg, data, ctx.workdir / stage), probe(device)
         task = make_task(accelerator)
-        task.model.to(device)
-        params = task.params
-        optimizer = torch.optim.AdamW(params, lr=cfg.optim.learning_rate)
-        model, optimizer = accelerator.prepare(task.model, optimizer)
-        batch = stack_items([task.view[i] for i in range(cfg.data.batch_size)])
-        info.update(lift=asdict(cfg.lift) if stage == "volumes" else None,
-                    trained_parameters=sum(p.numel() for p in params),
-                    batch=f"{cfg.data.batch_size} {'volume' if stage == 'volumes' else 'slices'}")
-
-        def loss(micro: int):
-            return task.loss(model, batch, micro)[0]
+        params, batch = task.params, stack_items([task.view[i] for i in range(cfg.data.batch_size)])
+        model, optimizer = accelerator.prepare(task.model, torch.optim.AdamW(params, cfg.optim.learning_rate))
+        info.update(lift=vars(cfg.lift) if stage == "volumes" else None, batch=f"{cfg.data.batch_size} {stage}")
+        loss = lambda micro: task.loss(model, batch, micro)[0]  # noqa: E731
 
     def step(micro: int) -> None:
-        value = loss(micro)
-        accelerator.backward(value)
+        accelerator.backward(loss(micro))
         accelerator.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.step(), optimizer.zero_grad(set_to_none=True)
 
     warmup_s = timed(device, lambda: [step(i) for i in range(ctx.scale.warmup)])
     times = [timed(device, lambda i=i: step(ctx.scale.warmup + i)) for i in range(ctx.scale.steps)]
-    scaler = getattr(accelerator, "scaler", None)
+    scaler = getattr(accelerator, "scaler", None)  # fp16's loss scaler
     return {**info, "s_per_step": statistics.median(times), "step_times_s": times, "warmup_s": warmup_s,
-            "peak_bytes": probe.peak(), "peak_method": probe.method, "gradient_checkpointing": checkpointing,
-            "loss_scale": None if scaler is None else float(scaler.get_scale()),
-            "trained_parameters": info.get("trained_parameters", sum(p.numel() for p in params))}
+            "peak_bytes": peak(), "gradient_checkpointing": checkpointing, "loss_scale": scaler and scaler.get_scale(),
+            "trained_parameters": sum(p.numel() for p in params)}
 
-
-def synthesis(m: Measurement, ctx: Context) -> dict[str, Any]:
-    """Seconds to synthesise one volume (its source encoded, every sampler step, decoded)."""
-    device, dtype = ctx.device, ctx.synthesis_dtype
-    probe = Probe(device)
-    source = ctx.dataset(m.n)[0].source[None]
+def synthesis(m: argparse.Namespace, ctx: argparse.Namespace) -> dict[str, Any]:
+    """Seconds per volume: the source encoded, every solver step of every sample, decoded (or the 3D U-Net's pass).
+    Warm-up: a 1-step run (compiled: ``warmup`` of them, which compile); timed: 1 run (FAST: median of ``steps``)."""
+    device, dtype, scale, source = ctx.device, ctx.dtype, ctx.scale, dataset(ctx, m.n)[0].source[None]
+    peak, _ = probe(device), torch.manual_seed(0)
     if m.model == "unet3d":
-        from lift3d.recipes.unet3d import build_unet3d
+        net, description = build_unet3d(scale.unet3d_features)
+        net, x = net.requires_grad_(False).eval().to(device, dtype), source.to(device, dtype)
+        full = warm = lambda: net(x)  # noqa: E731
+        info: dict[str, Any] = {"model_description": description, "unet_evaluations": 1}
+    else:
+        objective, solver, steps, samples = SAMPLERS[m.setting]
+        steps = min(steps, scale.max_steps or steps)
+        cfg = dataset(ctx, m.n, "volumes" if m.model == "stage2" else "slices", diffusion={"objective": objective})
+        autoencoder = create("autoencoders", cfg.autoencoder.name, **cfg.autoencoder.options).eval().to(device)
+        stage = get_stage(cfg.run.stage)  # stage 2 lifts the U-Net it builds
+        net = build_unet(cfg, autoencoder, scale.size, lift=stage.lift(stage.own(cfg))).requires_grad_(False).eval()
+        net.to(device, **({"dtype": dtype} if dtype != torch.float32 else {}))  # (diffusers warns on any .to(dtype))
+        if lift3d.is_lifted(net):
+            lift3d.fuse(net)  # what load_synthesis_model (lift3d-synthesize) does
+        settings = {"format": 2, "conditioning": "concat", "autoencoder": {"name": cfg.autoencoder.name},
+                    "prediction_type": cfg.model.prediction_type, "objective": objective}
+        model = SynthesisModel(net, autoencoder, settings, dict(build_objective(cfg).scheduler.config))
+        options = {"solver": solver, "samples": samples, "seed": 0, "progress": False, "window": 0}
+        full = lambda: synthesize_posterior(model, source, steps=steps, **options)  # noqa: E731
+        warm = lambda: synthesize_posterior(model, source, steps=1, **options)  # noqa: E731 (the same shapes)
+        info = dict(zip(FIELDS, (objective, solver, steps, samples), strict=True), fused=lift3d.is_lifted(net),
+                    unet_evaluations=unet_evaluations(model, solver, steps, samples=samples))
+    if m.compiled:
+        net.compile(backend=ctx.backend)  # in place: lift3d still sees the module (is_lifted, volume_batch)
+    with torch.no_grad():
+        warmup_s = timed(device, lambda: [warm() for _ in range(scale.warmup if m.compiled else 1)])
+        times = [timed(device, full) for _ in range(scale.steps if m.fast else 1)]
+    seconds = statistics.median(times)
+    return {**info, "seconds": seconds, "times_s": times, "warmup_s": warmup_s, "peak_bytes": peak(),
+            "s_per_pass": seconds / info["unet_evaluations"], "s_per_step": seconds / info.get("steps", 1),
+            "dtype": str(dtype).removeprefix("torch."), "compiled_with": m.compiled and ctx.backend}
 
-        probe.start()
-        torch.manual_seed(0)
-        net = build_unet3d(ctx.scale.unet3d_features)[0].requires_grad_(False).eval().to(device, dtype)
-        x = source.to(device, dtype)
-        with torch.no_grad():
-            warmup_s = timed(device, lambda: net(x))
-            seconds = timed(device, lambda: net(x))
-        return {"seconds": seconds, "warmup_s": warmup_s, "peak_bytes": probe.peak(), "peak_method": probe.method,
-                "unet_evaluations": 1, "dtype": str(dtype).removeprefix("torch.")}
-
-    import lift3d
-    from lift3d.plugins import create
-    from lift3d.sampling.synthesis import SynthesisModel, synthesize, unet_evaluations
-    from lift3d.training.stages import get_stage
-    from lift3d.training.unets import build_objective, build_unet
-
-    setting = next(s for s in SYNTHESIS if s.name == m.setting)
-    steps = min(setting.steps, ctx.scale.max_sampler_steps or setting.steps)
-    cfg = ctx.config("volumes" if m.model == "stage2" else "slices", m.n, diffusion={"objective": setting.objective})
-    autoencoder = create("autoencoders", cfg.autoencoder.name, **cfg.autoencoder.options).eval()
-    probe.start()
-    torch.manual_seed(0)
-    stage = get_stage(cfg.run.stage)  # stage 2 lifts the U-Net it builds
-    unet = build_unet(cfg, autoencoder, ctx.scale.size, lift=stage.lift(stage.own(cfg)))
-    unet = unet.requires_grad_(False).eval().to(device)
-    if dtype != torch.float32:  # (diffusers warns on any .to(dtype))
-        unet.to(dtype=dtype)
-    if lift3d.is_lifted(unet):
-        lift3d.fuse(unet)  # what load_synthesis_model (lift3d-synthesize) does
-    objective = build_objective(cfg)
-    settings = {"format": 2, "conditioning": "concat", "autoencoder": {"name": cfg.autoencoder.name},
-                "prediction_type": cfg.model.prediction_type, "objective": setting.objective}
-    model = SynthesisModel(unet, autoencoder.to(device), settings, dict(objective.scheduler.config))
-    options = {"solver": setting.scheduler, "seed": 0, "progress": False, "window": 0}
-    side = model.size_multiple
-    warmup_s = timed(device, lambda: synthesize(model, source[:, :, :2, :side, :side], steps=1, **options))
-    seconds = timed(device, lambda: synthesize(model, source, steps=steps, **options))
-    return {"seconds": seconds, "steps": steps, "s_per_step": seconds / steps, "warmup_s": warmup_s,
-            "peak_bytes": probe.peak(), "peak_method": probe.method, "objective": setting.objective,
-            "scheduler": setting.scheduler, "fused": lift3d.is_lifted(unet),
-            "unet_evaluations": unet_evaluations(model, setting.scheduler, steps),
-            "dtype": str(dtype).removeprefix("torch.")}
-
-
-def run_one(m: Measurement, ctx: Context) -> dict[str, Any]:
-    if m.what == "synthesis":
-        return synthesis(m, ctx)
-    try:
-        return train_steps(m, ctx, checkpointing=False)
+def run_one(m: argparse.Namespace, ctx: argparse.Namespace) -> dict[str, Any]:
+    try:  # a training step out of memory is tried again with gradient checkpointing (not the 3D U-Net's)
+        return synthesis(m, ctx) if m.what == "synthesis" else train_steps(m, ctx, checkpointing=False)
     except torch.OutOfMemoryError:
-        if m.model == "unet3d":
+        if m.what == "synthesis" or m.model == "unet3d":
             raise
-    release()
+    gc.collect(), torch.cuda.empty_cache()
     return {**train_steps(m, ctx, checkpointing=True), "without_checkpointing": "out of memory"}
 
-
-def release() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# ----------------------------------------------------------------------------------------------
-# Plan, budget, report
-
-
-def plan(args: argparse.Namespace) -> list[Measurement]:
-    """Eager training first, then synthesis, then the compiled steps (whose compilation costs most):
-    what the budget cuts is the least needed."""
-    train = lambda compiled: [Measurement("train", model, n, precision, compiled)  # noqa: E731
-                              for n in args.slices for precision in PRECISIONS for model in MODELS]
-    sampling = [Measurement("synthesis", model, args.synthesis_slices, setting=s.name)
-                for s in SYNTHESIS for model in ("stage2", "stage1")]
-    return [*train(False), *sampling, Measurement("synthesis", "unet3d", args.synthesis_slices), *train(True)]
-
-
-def not_planned(m: Measurement, args: argparse.Namespace, monai_missing: str | None) -> str | None:
-    """Why ``m`` is left out before the run starts, or None."""
-    if m.model not in args.models:
-        return f"--models {' '.join(args.models)}"
-    if m.what == "train" and m.precision not in args.precisions:
-        return f"--precisions {' '.join(args.precisions)}"
-    if m.what == "train" and m.precision == "fp16" and args.device == "cpu":
-        return "fp16 needs CUDA: lift3d refuses optim.mixed_precision = 'fp16' on the CPU"
-    if m.what == "train" and args.compile != "both" and m.compiled != (args.compile == "on"):
-        return f"--compile {args.compile}"
-    if m.setting is not None and m.setting not in args.synthesis:
-        return f"--synthesis {' '.join(args.synthesis)}"
-    if m.model == "unet3d" and monai_missing:
-        return monai_missing
-    return None
-
-
-def estimate_s(m: Measurement, done: list[dict[str, Any]], device: str) -> float:
-    """Seconds ``m`` will likely take: the slowest like it so far (synthesis: per sampler step), else a guess."""
-    if m.what == "synthesis" and m.setting is not None:
-        rates = [d["s_per_step"] for d in done if d.get("what") == "synthesis" and d["model"] == m.model
-                 and "s_per_step" in d]
-        steps = next(s.steps for s in SYNTHESIS if s.name == m.setting)
-        if rates:
-            return max(rates) * steps * 1.2 + 5
-    like = [d["wall_s"] for d in done if d.get("what") == m.what and d.get("compiled") == m.compiled
-            and d.get("status") == "ok" and d.get("n", 0) >= m.n]
-    if like:
-        return max(like)
-    return (90.0 if m.compiled else 15.0) if device == "cuda" else 1.0
-
-
-def check_monai() -> str | None:
-    try:
-        import monai  # noqa: F401
-    except ImportError:
-        return "MONAI is not installed (pip install 'lift3d[bench]'): no 3D U-Net baseline"
-    return None
-
+def plan(a: argparse.Namespace, monai_missing: str | None) -> list[tuple[argparse.Namespace, str | None]]:
+    """Every measurement in order, with why it is left out before the run starts (or None)."""
+    fast, train = ({c: [measurement("synthesis", "stage2" if s else "unet3d", a.scale.fast_slices, None, c, s, True)
+                        for s in [*FAST, None]] for c in (False, True)},
+                   {c: [measurement("train", model, n, precision, c) for n in a.scale.slices for precision in PRECISIONS
+                        for model in MODELS] for c in (False, True)})
+    sampled = [measurement("synthesis", model, a.scale.synthesis_slices, setting=s) for s in [*SYNTHESIS, None]
+               for model in (("stage2", "stage1") if s else ("unet3d",))]
+    return [(m, next((reason for failed, reason in [
+        (("fast" if m.fast else m.what) not in a.parts, f"--parts {' '.join(a.parts)}"),
+        (m.precision == "fp16" and a.device == "cpu", "fp16 needs CUDA (lift3d refuses it on the CPU)"),
+        (a.compile == ("off" if m.compiled else "on") and (m.fast or m.what == "train"), f"--compile {a.compile}"),
+        (m.model == "unet3d" and monai_missing, monai_missing)] if failed), None))
+        for m in [*fast[False], *train[False], *fast[True], *sampled, *train[True]]]
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """stage2/stage1 and unet3d/stage2 per training setting, stage2/stage1 per synthesis setting."""
-    ok = {r["name"]: r for r in results if r["status"] == "ok"}
-    ratios: dict[str, Any] = {}
-    for r in ok.values():
-        if r["model"] != "stage2":
-            continue
-        for other, key in (("stage1", "stage2/stage1"), ("unet3d", "unet3d/stage2")):
-            peer = ok.get(r["name"].replace(" stage2 ", f" {other} "))
-            if peer is None or (r["what"] == "synthesis" and other == "unet3d"):
-                continue
-            a, b = (r, peer) if key == "stage2/stage1" else (peer, r)
-            value = "s_per_step" if r["what"] == "train" else "seconds"
-            entry = {"time": a[value] / b[value]}
-            if a.get("peak_bytes") and b.get("peak_bytes"):
-                entry["peak_memory"] = a["peak_bytes"] / b["peak_bytes"]
-            ratios.setdefault(key, {})[r["name"].replace(" stage2", "")] = entry
+    """stage2/stage1 (and unet3d/stage2 of the training steps) per setting; ``fast``: seconds, eager and compiled."""
+    ok, ratios = {r["name"]: r for r in results if r["status"] == "ok"}, {}
+    for r in (r for r in ok.values() if r["fast"] and "seconds" in r):
+        row = ratios.setdefault("fast", {}).setdefault(r["setting"] or "unet3d forward", {"N": r["n"]})
+        row["unet_evaluations"], row[("eager_s", "compiled_s")[r["compiled"]]] = r.get("unet_evaluations"), r["seconds"]
+        if {"eager_s", "compiled_s"} <= row.keys():
+            row["compile_speedup"] = row["eager_s"] / row["compiled_s"]
+    for r in (r for r in ok.values() if r["model"] == "stage2" and not r["fast"]):
+        for other, key in (("stage1", "stage2/stage1"), ("unet3d", "unet3d/stage2"))[:2 if r["what"] == "train" else 1]:
+            if peer := ok.get(r["name"].replace(" stage2 ", f" {other} ")):
+                x, y = (r, peer) if other == "stage1" else (peer, r)
+                value = "s_per_step" if r["what"] == "train" else "seconds"
+                ratios.setdefault(key, {})[r["name"].replace(" stage2", "")] = {"time": x[value] / y[value]}
     return ratios
 
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes, a few sampler steps: the CPU test")
-    parser.add_argument("--compile", choices=("both", "on", "off"), default="both",
-                        help="training steps eager, compiled (torch.compile, inductor) or both")
-    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--synthesis", nargs="*", choices=[s.name for s in SYNTHESIS],
-                        default=[s.name for s in SYNTHESIS])
-    parser.add_argument("--slices", type=int, nargs="+", default=None, help="N of the training volumes")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="no measurement starts that would not end within this many seconds of the start "
-                             "(default: 450 on the GPU scale, leaving room under 8 minutes; 120 tiny)")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="the report (default benchmarks/results/gpu_check_<device>.json)")
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but CUDA is not available here; use --device cpu (with --tiny)")
-    scale = SCALES["tiny" if args.tiny else "gpu"]
-    args.slices = tuple(args.slices or scale.slices)
-    if min(args.slices) < 2:
-        parser.error(f"--slices must be >= 2, got {list(args.slices)}")
-    args.synthesis_slices = scale.synthesis_slices
-    args.budget_s = scale.budget_s if args.budget_s is None else args.budget_s
-    args.json = args.json or REPO / "benchmarks" / "results" / f"gpu_check_{args.device}.json"
-    return args
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--smoke", "--tiny", dest="tiny", action="store_true", help="tiny sizes, 2 sampler steps: every path, seconds")
+    add("--compile", choices=("both", "on", "off"), default="both", help="training and FAST: eager, compiled, both")
+    add("--compile-backend", default=None, help="torch.compile's backend (default inductor; eager on the CPU)")
+    add("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="the measurements to run (default all)")
+    add("--budget-s", type=float, default=None, help="seconds; then the measurement in flight is stopped, the rest "
+        "skipped (default 450 on the GPU: under 8 minutes with the set-up; 600 tiny)")
+    add("--json", type=Path, default=None, help="the report (default $OUT/gpu_check_<device>.json)")
+    a = parser.parse_args(argv)
+    a.scale = argparse.Namespace(**SCALES["tiny" if a.tiny else "gpu"])
+    a.budget_s = a.scale.budget_s if a.budget_s is None else a.budget_s
+    a.compile_backend = a.compile_backend or ("inductor" if a.device == "cuda" else "eager")
+    a.json = a.json or Path(os.environ.get("OUT") or tempfile.mkdtemp()) / f"gpu_check_{a.device}.json"
+    a.command = " ".join(["python benchmarks/gpu_check.py", *(sys.argv[1:] if argv is None else argv)])
+    return a
 
-
-def write_report(path: Path, report: dict[str, Any]) -> None:
-    """Atomically: a kill while writing leaves the previous report."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write_json(tmp, report)
-    os.replace(tmp, path)
-
+def out_of_time(signum, frame) -> None:  # SIGALRM: the measurement in flight ran past the budget
+    raise TimeoutError("stopped at the time budget")
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    started = time.perf_counter()
-    scale = SCALES["tiny" if args.tiny else "gpu"]
-    scale = Scale(**{**asdict(scale), "slices": args.slices})
-    device = torch.device(args.device)
-    monai_missing = check_monai()
+    a, started = parse_args(argv), time.perf_counter()
+    monai_missing = None if importlib.util.find_spec("monai") else "MONAI is not installed: pip install 'lift3d[bench]'"
     report: dict[str, Any] = {
-        "benchmark": "gpu_check", "finished": False,
-        "command": " ".join(["python", os.path.relpath(__file__, REPO), *args.argv]),
-        "machine": machine_info(), "device": args.device, "scale": asdict(scale), "budget_s": args.budget_s,
-        "synthesis_settings": [asdict(s) for s in SYNTHESIS],
-        "protocol": {"data": "phantom, one volume pair", "space": "pixel (identity autoencoder)",
-                     "stage1": "2D U-Net, N slices per step, a timestep per slice",
-                     "stage2": "lifted with inflate's defaults, one volume per step, volumetric layers trained",
-                     "unet3d": "lift3d.recipes.unet3d: MONAI BasicUNet, L1, Adam",
-                     "step": "Accelerate mixed precision, clip 1.0, AdamW", "compile": "dynamo_backend inductor",
-                     "peak_memory": "from before the model reaches the device"},
-        "measurements": [], "ratios": {},
-    }
-    results: list[dict[str, Any]] = report["measurements"]
+        "benchmark": "gpu_check", "finished": False, "command": a.command, "machine": machine_info(),
+        "device": a.device, "scale": vars(a.scale), "budget_s": a.budget_s, "compile_backend": a.compile_backend,
+        "samplers": {k: dict(zip(FIELDS, v, strict=True)) for k, v in SAMPLERS.items()}, "measurements": [],
+        "ratios": {}}
+    results, tmp = report["measurements"], a.json.with_name(f".{a.json.name}.tmp")
+    save = lambda: (write_json(tmp, report), os.replace(tmp, a.json))  # noqa: E731 (a kill leaves the last report)
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as workdir:
-        ctx = Context(scale, device, Path(workdir), torch.bfloat16 if args.device == "cuda" else torch.float32)
-        for m in plan(args):
-            entry: dict[str, Any] = {"name": m.name, **asdict(m)}
-            reason = not_planned(m, args, monai_missing)
-            elapsed = time.perf_counter() - started
-            needed = estimate_s(m, results, args.device)
-            if reason is None and elapsed + needed > args.budget_s:
-                reason = f"time budget: {args.budget_s - elapsed:.0f} s left of {args.budget_s:.0f}, ~{needed:.0f} s needed"
-            if reason is not None:
-                results.append({**entry, "status": "skipped", "reason": reason})
+        ctx = argparse.Namespace(scale=a.scale, device=torch.device(a.device), workdir=Path(workdir), datasets={},
+                                 backend=a.compile_backend, dtype=(torch.float32, torch.bfloat16)[a.device == "cuda"])
+        for m, reason in plan(a, monai_missing):
+            entry, elapsed = vars(m).copy(), time.perf_counter() - started
+            if reason is not None or elapsed >= a.budget_s:
+                results.append({**entry, "status": "skipped", "reason": reason or f"{a.budget_s:.0f} s budget spent"})
                 continue
-            print(f"[{elapsed:5.0f} s] {m.name}", file=sys.stderr, flush=True)
-            tic = time.perf_counter()
-            previous = signal.signal(signal.SIGALRM, _out_of_time)
-            signal.setitimer(signal.ITIMER_REAL, max(args.budget_s - elapsed, 1.0))
+            print(f"[{elapsed:5.0f} s] {m.name}", end="", file=sys.stderr, flush=True)
+            tic, previous = time.perf_counter(), signal.signal(signal.SIGALRM, out_of_time)
+            signal.setitimer(signal.ITIMER_REAL, a.budget_s - elapsed)
             try:
                 entry.update(run_one(m, ctx), status="ok")
-            except OutOfTime:
-                entry.update(status="timed out", reason=f"stopped at the {args.budget_s:.0f} s budget")
-            except torch.OutOfMemoryError as exc:
-                entry.update(status="out of memory", reason=str(exc).splitlines()[0][:300])
-            except (Lift3dError, RuntimeError, ValueError) as exc:
-                entry.update(status="failed", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            except Exception as exc:  # noqa: BLE001 (out of time or memory, a compile error: recorded, the rest go on)
+                status = "out of memory" if isinstance(exc, torch.OutOfMemoryError) else "failed"
+                status = "timed out" if time.perf_counter() - started >= a.budget_s else status
+                entry.update(status=status, reason=f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}")
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 signal.signal(signal.SIGALRM, previous)
-                if m.compiled:
-                    torch._dynamo.reset()
-                release()
-            entry["wall_s"] = time.perf_counter() - tic
-            results.append(entry)
-            report["ratios"] = summarise(results)
-            report["runtime_s"] = time.perf_counter() - started
-            write_report(args.json, report)
-            shown = entry.get("s_per_step" if m.what == "train" else "seconds")
-            print(f"         {entry['status']}" + (f", {shown:.3g} s" if shown is not None else ""), file=sys.stderr)
+                torch._dynamo.reset() if m.compiled else None  # each compiles afresh (no recompile limit reached)
+                gc.collect(), torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            results.append({**entry, "wall_s": time.perf_counter() - tic})
+            report.update(ratios=summarise(results), runtime_s=time.perf_counter() - started)
+            save()
+            print(f": {entry['status']}, {entry.get('seconds', entry.get('s_per_step', '-'))} s", file=sys.stderr)
     report.update(finished=True, ratios=summarise(results), runtime_s=time.perf_counter() - started)
-    write_report(args.json, report)
+    save()
     counts = {s: sum(r["status"] == s for r in results) for s in sorted({r["status"] for r in results})}
-    print(f"gpu_check: {counts} in {report['runtime_s']:.0f} s; {os.path.relpath(args.json, REPO)}")
+    print(f"gpu_check: {counts} in {report['runtime_s']:.0f} s; {a.json}")
     return 0
-
-
-def _out_of_time(signum, frame) -> None:
-    raise OutOfTime()
-
 
 if __name__ == "__main__":
     sys.exit(main())
