@@ -155,6 +155,37 @@ def goals(results: dict[str, Any], winner: str) -> dict[str, Any]:
     return {"winner": winner, "checks": checks, "met": all(checks.values())}
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The tables of a results page: every method on test, the frontier, the paired differences and the goals."""
+    def cell(stats, key, digits):
+        return f"{stats[key]['mean']:.{digits}f}" if key in stats else ""
+
+    lines = ["| method | sampler | passes | s / volume | PSNR | SSIM | MAE | z-inc. | Dice | clean PSNR / SSIM |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, e in report["methods"].items():
+        s, c = e["summary"], e["clean_target"]["summary"]
+        lines.append(f"| {name} | {e['solver']} | {e['unet_evaluations']} | {e['seconds_per_volume']:.3f} | "
+                     f"{cell(s, 'psnr', 2)} | {cell(s, 'ssim', 4)} | {cell(s, 'mae', 2)} | "
+                     f"{cell(s, 'z_inconsistency', 3)} | {cell(s, 'dice_mean', 3)} | {cell(c, 'psnr', 2)} / "
+                     f"{cell(c, 'ssim', 4)} |")
+    lines += ["", "| passes | best on validation | validation PSNR | test PSNR | test SSIM |", "| --- | --- | --- | --- | --- |"]
+    for r in report["frontier"]:
+        who = f"{r.get('family', 'lifted')} {r.get('solver', 'flow')}-{r['steps']} x {r['samples']}"
+        lines.append(f"| {r['evaluations']} | {who} | {r['val_psnr']:.2f} | {r['test']['psnr']['mean']:.2f} | "
+                     f"{r['test']['ssim']['mean']:.4f} |")
+    lines += ["", "Paired differences on the test subjects (first minus second, mean [95 % interval], first better on):", ""]
+    for comparison, refs in report["paired_differences"].items():
+        for ref, metrics in refs.items():
+            shown = [f"{m} {metrics[m]['mean']:+.3f} [{metrics[m]['ci'][0]:+.3f}, {metrics[m]['ci'][1]:+.3f}] "
+                     f"({metrics[m]['b_better']}/{metrics[m]['n']})" for m in ("psnr", "ssim", "z_inconsistency",
+                                                                             "dice_mean") if m in metrics]
+            lines.append(f"- {comparison} ({ref.replace('_', ' ')}): " + "; ".join(shown))
+    goals = report["goals"]
+    lines += ["", f"Goals for `{goals['winner']}`: " + "; ".join(f"{k}: {'yes' if v else 'NO'}"
+                                                             for k, v in goals["checks"].items())]
+    return "\n".join(lines) + "\n"
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from lift3d.evaluation.metrics import METRICS, PLANE_METRICS, paired_differences
     from lift3d.recipes.fit import FitRequest, run_fit
@@ -201,9 +232,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                           results[a]["clean_target"]["subjects"])}
                    for b, a in comparisons}
     published = published_rows(direction) if args.scale == "cpu" else None
-    if published and "lifted-fast" in published:
-        differences["lifted-fast vs published lifted-fast"] = {
-            "target": paired(results["lifted-fast"]["subjects"], published["lifted-fast"]["subjects"])}
+    for name in ("lifted-fast", "lifted-k8", "3d-unet") if published else ():  # same subjects, same targets
+        for mine in dict.fromkeys(["lifted-fast", winner]):
+            differences[f"{mine} vs published {name}"] = {
+                "target": paired(results[mine]["subjects"], published[name]["subjects"]),
+                "clean_target": paired(results[mine]["clean_target"]["subjects"],
+                                       published[name]["clean_target"]["subjects"])}
     report = {
         "benchmark": "icbm", "scale": args.scale, "direction": direction, "objective": args.objective,
         "command": " ".join(["python benchmarks/icbm.py", *map(shlex.quote, args.argv)]),
@@ -219,6 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "total_s": time.perf_counter() - start,
     }
     write_json(out / "benchmark.json", report)
+    (out / "benchmark.md").write_text(markdown(report))
     if args.publish:
         name = f"icbm_recipe_{args.scale}{suffix.replace('-', '_')}.json"
         write_json(RESULTS / name, report)
