@@ -1,6 +1,6 @@
 """The GPU check: lift3d's training steps and synthesis on one GPU, in one command, in at most 8 minutes.
 
-Random-weight models at the ``paper`` scale of ``benchmarks/icbm_t1t2.py`` (pixel space) on ``phantom`` volumes of 256 x
+Random-weight models at the ``paper`` scale of ``benchmarks/icbm.py`` (pixel space) on ``phantom`` volumes of 256 x
 256 x N: ``stage1`` (2D), ``stage2`` (lifted), ``unet3d`` (MONAI BasicUNet; skipped without MONAI). In this order, so
 that ``--budget-s`` cuts the least needed: (1) ``FAST`` at N = 128, eager: ``lifted-fast`` (flow, Euler 4 steps, mean
 of 2: 8 passes), a distilled student's ``two-pass`` and ``one-pass`` (Euler 1 step, K = 2 / 1; it has its teacher's
@@ -14,7 +14,15 @@ bfloat16``. The JSON ($OUT/gpu_check_<device>.json) is rewritten after each meas
 
 from __future__ import annotations
 
-import argparse, gc, importlib.util, os, signal, statistics, sys, tempfile, time  # noqa: E401
+import argparse
+import gc
+import importlib.util
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
