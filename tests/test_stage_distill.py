@@ -15,13 +15,15 @@ from tests.test_objectives import flow_models  # noqa: F401  (the tiny stage-1 a
 from tests.test_training import losses, tiny_cfg
 
 
-@pytest.mark.parametrize("family", ["reflow", "direct"])
-def test_a_lifted_flow_model_distils_into_a_student_that_still_samples(flow_models, family):  # noqa: F811
+@pytest.mark.parametrize("family,teacher_samples", [("reflow", 1), ("direct", 1), ("direct", 2)])
+def test_a_lifted_flow_model_distils_into_a_student_that_still_samples(flow_models, family, teacher_samples):  # noqa: F811
     root, _, stage2 = flow_models
-    student = train(tiny_cfg(root / f"distill-{family}", stage="distill", model={"pretrained": str(stage2)},
+    folder = root / f"distill-{family}-{teacher_samples}"
+    student = train(tiny_cfg(folder, stage="distill", model={"pretrained": str(stage2)},
                              run={"max_steps": 3, "log_every": 1}, data={"batch_size": 1},
-                             distill={"family": family, "teacher_steps": 2, "student_steps": 1}))
-    rows = [float(r["loss"]) for r in losses(root / f"distill-{family}") if r["loss"]]
+                             distill={"family": family, "teacher_steps": 2, "student_steps": 1,
+                                      "teacher_samples": teacher_samples}))
+    rows = [float(r["loss"]) for r in losses(folder) if r["loss"]]
     assert len(rows) == 3 and all(torch.isfinite(torch.tensor(rows)))
     assert json.loads((student / "lift3d_training.json").read_text())["stage"] == "distill"
     model = load_synthesis_model(student, device="cpu")

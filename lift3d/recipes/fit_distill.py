@@ -30,19 +30,27 @@ def train_student(ctx: FitContext, teacher: Method, family: str) -> Method:
     plan = ctx.plan
     key = {"teacher": teacher.run_id, "teacher_steps": teacher.steps, "family": family, "steps": plan.distill_steps,
            "lr": plan.distill_lr, "val_every": plan.distill_val_every, "val": ctx.splits["val"], "seed": plan.seed}
+    k = plan.distill_teacher_samples
+    key |= {"teacher_samples": k} if k > 1 else {}
+    name = f"distill-{family}" + (f"-mean{k}" if k > 1 else "")
 
     def work(folder: Path) -> dict[str, Any]:
-        ctx.request.log(f"[distill, {family}] {plan.distill_steps} steps from the teacher's Euler-{teacher.steps}, "
-                        f"validation every {plan.distill_val_every}")
+        ctx.request.log(f"[distill, {family}] {plan.distill_steps} steps from the teacher's Euler-{teacher.steps}"
+                        + (f", mean of {k}" if k > 1 else "") + f", validation every {plan.distill_val_every}")
         cfg = distill_config(ctx.recipe(), folder, plan.seed, teacher.folder, family=family,
                              teacher_steps=teacher.steps, student_steps=1, steps=plan.distill_steps,
-                             learning_rate=plan.distill_lr, validate_every=plan.distill_val_every)
+                             learning_rate=plan.distill_lr, validate_every=plan.distill_val_every,
+                             teacher_samples=k)
         cfg.run.overwrite = True  # the phase folder is new: only this phase writes there
         return {"model": str(train(cfg))}
 
-    name = f"distill-{family}"
     record = ctx.phases.run(name, key, work)
     return Method(f"lifted-{family}", ctx.phases.folder(name) / "model", record["run_id"], solver="flow")
+
+
+def family_of(student: Method) -> str:
+    """The family (and teacher mean) a student's phase folder names: ``direct``, ``reflow-mean2``..."""
+    return student.folder.parent.name.removeprefix("distill-")
 
 
 def choose_student(ctx: FitContext, chosen: Method, predictor: Predictor, val) -> tuple[Method, Method | None]:
@@ -60,8 +68,8 @@ def choose_student(ctx: FitContext, chosen: Method, predictor: Predictor, val) -
         for steps, samples in STUDENT_SAMPLING:
             method = replace(student, steps=steps, samples=samples)
             psnr = validation_psnr(predictor, method, val)
-            rows.append({"family": family, "steps": steps, "samples": samples, "evaluations": method.evaluations,
-                         "val_psnr": psnr})
+            rows.append({"family": family_of(student), "steps": steps, "samples": samples,
+                         "evaluations": method.evaluations, "val_psnr": psnr})
             ctx.request.log(f"  {family} student, {method.description}: {method.evaluations} passes, "
                             f"validation PSNR {psnr:.2f}")
             if best is None or (psnr, -method.evaluations) > (best[0], -best[1].evaluations):
@@ -69,13 +77,13 @@ def choose_student(ctx: FitContext, chosen: Method, predictor: Predictor, val) -
     reference = validation_psnr(predictor, chosen, val)
     wins = best[0] >= reference - plan.distill_tolerance_db
     student = replace(best[1], name="lifted-student")
-    ctx.request.log(f"[choose student] {student.folder.parent.name}, {student.description}: validation PSNR "
+    ctx.request.log(f"[choose student] {family_of(student)}, {student.description}: validation PSNR "
                     f"{best[0]:.2f} against {reference:.2f} for {chosen.description} ({chosen.evaluations} passes); "
                     + ("the student is published" if wins else
                        f"more than {plan.distill_tolerance_db:g} dB below: the few-step sampler is kept"))
     write_text_atomic(ctx.request.out / "choose_student.json", json.dumps(
         {"candidates": rows, "reference": {"method": chosen.description, "val_psnr": reference},
-         "chosen": {"family": student.folder.parent.name.removeprefix("distill-"), "steps": student.steps,
+         "chosen": {"family": family_of(student), "steps": student.steps,
                     "samples": student.samples, "val_psnr": best[0]},
          "tolerance_db": plan.distill_tolerance_db, "published": wins}, indent=1))
     return (student if wins else chosen), student

@@ -123,7 +123,8 @@ def chain_configs(recipe: Recipe, out: Path, seed: int) -> list[TrainConfig]:
 
 
 def distill_config(recipe: Recipe, output_dir: Path, seed: int, teacher: Path, *, family: str, teacher_steps: int,
-                   student_steps: int, steps: int, learning_rate: float, validate_every: int) -> TrainConfig:
+                   student_steps: int, steps: int, learning_rate: float, validate_every: int,
+                   teacher_samples: int = 1) -> TrainConfig:
     """The checked config of the distillation stage: the lifted flow model ``teacher`` (its Euler solve in
     ``teacher_steps`` steps) distilled into a ``student_steps``-step student by ``family``, on whole volumes;
     the step whose student samples the validation subjects best is exported."""
@@ -137,7 +138,8 @@ def distill_config(recipe: Recipe, output_dir: Path, seed: int, teacher: Path, *
                   "layers_per_block": recipe.layers_per_block, "prediction_type": recipe.prediction_type},
         "autoencoder": recipe.autoencoder,
         "diffusion": {"timestep_sampler": "make-a-volume"},
-        "distill": {"family": family, "teacher_steps": teacher_steps, "student_steps": student_steps},
+        "distill": {"family": family, "teacher_steps": teacher_steps, "student_steps": student_steps,
+                    "teacher_samples": teacher_samples},
         "optim": {"learning_rate": learning_rate, "lr_scheduler": "cosine", "warmup_steps": min(20, steps // 4)},
     }
     return apply(TrainConfig(), sections, recipe.name)

@@ -83,6 +83,7 @@ class Plan(BaseModel):
     distill_steps: int = Field(default=400, ge=1, le=10**7)
     distill_lr: float = Field(default=2e-4, gt=0, le=1)
     distill_val_every: int = Field(default=100, ge=1, le=10**7)
+    distill_teacher_samples: int = Field(default=1, ge=1, le=16)  # K: the teacher's target, a K-sample mean
     distill_tolerance_db: float = Field(default=0.1, ge=0, le=100)
     val_size: int = Field(default=3, ge=1, le=10**5)
     test_size: int = Field(default=6, ge=1, le=10**5)

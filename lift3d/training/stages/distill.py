@@ -2,7 +2,8 @@
 architecture that samples a volume in one or two network passes, in the same loop as every stage.
 
 The teacher is the exported lifted model (``model.pretrained``), frozen; its ODE map ``T`` takes noise ``z``
-to ``T(z)`` in ``distill.teacher_steps`` Euler steps. The student starts as a copy of it. Two families
+to ``T(z)`` in ``distill.teacher_steps`` Euler steps; with ``distill.teacher_samples`` K > 1 the target is the
+teacher's K-sample mean, ``T(z)`` averaged with K - 1 solves from fresh noise. The student starts as a copy of it. Two families
 (``distill.family``):
 
 - ``reflow`` (rectified flow, Liu et al., ICLR 2023): the flow-matching loss on the straight path between
@@ -44,6 +45,9 @@ class DistillConfig:
                       "student's own few-step solve regressed onto the teacher's", ("reflow", "direct"))
     teacher_steps: int = opt(4, "Euler steps of the teacher's ODE map", rule=STEPS)
     student_steps: int = opt(1, "direct: the Euler steps the student is trained to sample with", rule=STEPS)
+    teacher_samples: int = opt(1, "K: the teacher's target is the mean of K solves, the first from the student's "
+                               "noise and the others from fresh noise (the teacher's K-sample mean)",
+                               rule=Rule(lambda v: 1 <= v <= 16, "an integer from 1 to 16"))
     trainable: str = opt("all", "train every weight of the student, or its volumetric layers only",
                          ("all", "volumetric"))
 
@@ -98,8 +102,10 @@ class Distill(DiffusionStage):
         teacher = copy.deepcopy(unet).eval().requires_grad_(False).to(device)
 
         def loss(student: nn.Module, latents: Tensor, source: Tensor | None, noise: Tensor, t: Tensor) -> Tensor:
-            with torch.no_grad():
-                target = solve(teacher, objective, config, noise, source, own.teacher_steps)
+            with torch.no_grad():  # the first solve starts from the student's own noise: the pair stays coupled
+                noises = [noise] + [torch.randn_like(noise) for _ in range(own.teacher_samples - 1)]
+                target = torch.stack([solve(teacher, objective, config, z, source, own.teacher_steps)
+                                      for z in noises]).mean(dim=0)
             if own.family == "reflow":  # the straight path from this noise to the teacher's volume
                 return diffusion_loss(student, objective, target, source, noise, objective.training_timesteps(t))
             return F.mse_loss(solve(student, objective, config, noise, source, own.student_steps).float(),
