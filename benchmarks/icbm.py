@@ -66,7 +66,8 @@ CPU_PROTOCOL = {"stage1_steps": 2000, "stage1_batch": 16, "stage1_lr": 1e-3, "st
 """The published cpu protocol's steps and rates, written out: the automatic CPU plan may change, the protocol not."""
 
 
-def protocol_plan(scale: str, objective: str, seed: int, baseline: bool, teacher_samples: int = 1):
+def protocol_plan(scale: str, objective: str, seed: int, baseline: bool, teacher_samples: int = 1,
+                  families: tuple[str, ...] = ("direct", "reflow")):
     """The protocol's plan: the paper's full-rank volumetric layer (pinned: inflate's default changed after the
     protocol was published), stage 2 at the default rate and at cosine decay from 4e-3, chosen on validation."""
     from lift3d.recipes.plan import Plan, StageTwoVariant
@@ -74,7 +75,7 @@ def protocol_plan(scale: str, objective: str, seed: int, baseline: bool, teacher
     values = {**(CPU_PROTOCOL if scale == "cpu" else {}), **SCALES[scale]["plan"]}
     variants = [StageTwoVariant(kind="full"), StageTwoVariant(kind="full", lr_scheduler="cosine", learning_rate=4e-3)]
     return Plan(seed=seed, objective=objective, baseline=baseline, stage2_variants=variants,
-                distill_teacher_samples=teacher_samples, **values)
+                distill=list(families), distill_teacher_samples=teacher_samples, **values)
 
 
 def segmenter(fitted, scale: str):
@@ -196,7 +197,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     suffix = "" if (args.source, args.target) == ("T1", "T2") else f"-{args.source.lower()}{args.target.lower()}"
     out = (args.out or REPO / "runs" / f"icbm-{args.scale}{suffix}-{args.objective}").resolve()
     options = {"root": str(args.data), "files": TEMPLATE_FILES, "voxel_mm": scale["voxel_mm"], **SUBJECTS}
-    plan = protocol_plan(args.scale, args.objective, args.seed, not args.no_baseline, args.teacher_samples)
+    plan = protocol_plan(args.scale, args.objective, args.seed, not args.no_baseline, args.teacher_samples,
+                         args.distill)
     tag = f"_mean{args.teacher_samples}" if args.teacher_samples > 1 else ""
     start, load_before, machine = time.perf_counter(), os.getloadavg(), machine_info()
     fitted = run_fit(FitRequest(out, args.source, args.target, dataset="icbm152", options=options, device=args.device,
@@ -285,6 +287,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="weights, data order and sampling noise")
     parser.add_argument("--teacher-samples", type=int, default=1, choices=range(1, 17), metavar="K",
                         help="distil from the teacher's K-sample mean (default 1: one teacher solve per noise)")
+    parser.add_argument("--distill", nargs="+", default=["direct", "reflow"], choices=("direct", "reflow"),
+                        help="the distillation families to train and choose among on validation")
     parser.add_argument("--no-baseline", action="store_true", help="skip the 3D U-Net")
     parser.add_argument("--publish", action="store_true", help="write the report to benchmarks/results")
     args = parser.parse_args(argv)

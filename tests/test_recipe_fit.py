@@ -32,7 +32,7 @@ def _folder(root: Path, subjects: int = 7) -> Path:
 TINY = Plan(size=16, num_slices=8, widths=[16, 32], stage1_steps=2, stage1_batch=4, stage2_steps=2,
             stage2_val_every=1, stage2_variants=[StageTwoVariant(), StageTwoVariant(learning_rate=1e-3)],
             evaluation_budget=2, solver_steps=[1, 2], solver_samples=[1, 2], val_size=2, test_size=2,
-            distill_steps=2, distill_val_every=1)
+            distill=["direct", "reflow"], distill_steps=2, distill_val_every=1)
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ The rule (each line a choice a user may override in the file):
   the device profile (48 on a CPU, 256 on a GPU);
 - **slices**: the through-plane field of view at the in-plane grid's voxel size, capped (32 / 64);
 - **networks, steps, batch**: the device profile's; the stage-1 batch halves until the memory check passes;
-- **distillation**: both families (``direct``, ``reflow``), each student tried at 1 and 2 network passes on
-  validation, published when within ``distill_tolerance_db`` of the chosen few-step sampler.
+- **distillation**: the ``direct`` family (``reflow`` may be added), the student tried at 1 and 2 network
+  passes on validation, published when within ``distill_tolerance_db`` of the chosen few-step sampler.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ class Plan(BaseModel):
     evaluation_budget: int = Field(default=8, ge=1, le=1000)
     solver_steps: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1, max_length=16)
     solver_samples: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1, max_length=16)
-    distill: list[Literal["direct", "reflow"]] = Field(default_factory=lambda: ["direct", "reflow"], max_length=2)
+    # direct won on the ICBM benchmark's validation subjects in both directions (benchmarks/results/icbm-recipe.md)
+    distill: list[Literal["direct", "reflow"]] = Field(default_factory=lambda: ["direct"], max_length=2)
     distill_steps: int = Field(default=400, ge=1, le=10**7)
     distill_lr: float = Field(default=2e-4, gt=0, le=1)
     distill_val_every: int = Field(default=100, ge=1, le=10**7)
