@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from lift3d.recipes.reports import REPO, machine_info, write_json

@@ -4,7 +4,6 @@ latent pipeline it opens: autoencoder -> stage 1 -> lift -> stage 2 -> synthesis
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 

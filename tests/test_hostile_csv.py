@@ -8,7 +8,6 @@ import csv
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 from lift3d.cli.evaluate import main as evaluate
 from lift3d.io.tables import FORMULA_STARTS, spreadsheet_safe

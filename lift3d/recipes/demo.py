@@ -24,7 +24,6 @@ from lift3d.evaluation.figures import save_orthogonal_views
 from lift3d.evaluation.metrics import INTENSITY_RULE
 from lift3d.evaluation.report import SubjectViews, write_report
 from lift3d.io.writing import write_text_atomic
-from lift3d.plugins import create
 from lift3d.recipes.folders import write_pairs, write_predictions, write_std
 from lift3d.recipes.plan import Plan, StageTwoVariant
 
