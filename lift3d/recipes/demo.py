@@ -52,7 +52,7 @@ SCALES = {
         "default": DemoScale(num_train=13, num_val=3, num_test=6, stage2={"lr_scheduler": "cosine"},
                              plan={"size": 32, "num_slices": 24, "stage1_steps": 1000, "stage2_steps": 600,
                                    "stage2_val_every": 100, "stage2_lr": 2e-3, "source_context": 1,
-                                   "distill_steps": 150, "distill_val_every": 50, "distill_teacher_samples": 2}),
+                                   "distill_steps": 150, "distill_val_every": 50}),
         # Seconds: for tests and a first look.
         "quick": DemoScale(num_train=2, num_val=1, num_test=1, voxel_mm=8, stage2={"lr_scheduler": "cosine"},
                            plan={**QUICK, "source_context": 1}),
