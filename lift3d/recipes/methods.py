@@ -139,6 +139,8 @@ def scored(method: Method, prediction: Prediction, pairs: Sequence[Any], segment
     cost, and the same against the clean target when every pair carries one."""
     rows = score_subjects(prediction, pairs, segmenter=segmenter)
     known = (*METRICS, *PLANE_METRICS, *UNCERTAINTY_METRICS)
+    for row in rows:  # a tissue absent from both segmentations has no Dice: a score that could not be taken
+        row.update({k: None for k, v in row.items() if k.startswith("dice_") and v != v})
     names = [k for k in rows[0] if k in known or k.startswith("dice_")] if rows else None  # tissue Dice too
     entry: dict[str, Any] = {"method": method.name, "solver": method.description, "samples": method.samples,
                              "unet_evaluations": method.evaluations, "model": str(method.folder or "baseline"),
