@@ -93,14 +93,13 @@ def segmenter(fitted, scale: str):
 def frontier(fitted) -> list[Any]:
     """Per budget of U-Net passes, the method best on validation among the chosen model's sampler candidates and
     the students' (``choose_solver.json``, ``choose_student.json``)."""
-    out = fitted.ctx.request.out
+    out, phases = fitted.ctx.request.out, fitted.ctx.phases
     rows = [{**r, "method": replace(fitted.lifted, solver=r["solver"], steps=r["steps"], samples=r["samples"],
                                     name="lifted")}
             for r in json.loads((out / "choose_solver.json").read_text())["candidates"]]
     if fitted.student is not None:
-        folder = fitted.student.folder.parent.parent
-        rows += [{**r, "method": replace(fitted.student, folder=folder / f"distill-{r['family']}" / "model",
-                                         run_id=_run_id(folder / f"distill-{r['family']}"), steps=r["steps"],
+        rows += [{**r, "method": replace(fitted.student, folder=phases.folder(f"distill-{r['family']}") / "model",
+                                         run_id=phases.record(f"distill-{r['family']}")["run_id"], steps=r["steps"],
                                          samples=r["samples"], name=f"student-{r['family']}")}
                  for r in json.loads((out / "choose_student.json").read_text())["candidates"]]
     best = {}
@@ -109,10 +108,6 @@ def frontier(fitted) -> list[Any]:
         if n not in best or row["val_psnr"] > best[n]["val_psnr"]:
             best[n] = row
     return [best[n] for n in sorted(best)]
-
-
-def _run_id(folder: Path) -> str:
-    return json.loads((folder / "phase.json").read_text())["run_id"]
 
 
 def seconds_per_volume(predictor, method, pairs, repeats: int) -> float:
@@ -208,8 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     test = ctx.pairs("test")
     seg = segmenter(fitted, args.scale)
     steps, k = scale["reference"]
-    methods = {"slice-wise-fast": replace(fitted.slice_wise, solver=fitted.lifted.solver, steps=fitted.lifted.steps,
-                                          samples=fitted.lifted.samples),
+    methods = {"slice-wise-fast": fitted.slice_wise,
                "lifted-fast": fitted.lifted, f"lifted-k{k}": replace(fitted.lifted, steps=steps, samples=k)}
     if args.objective == "flow":  # the published lifted-fast's sampler, whatever this run chose
         methods["lifted-euler4-k2"] = replace(fitted.lifted, solver="flow", steps=4, samples=2)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -150,9 +150,7 @@ def write_subjects(folder: Path, fitted) -> Path:
 
 def demo_methods(fitted) -> dict[str, Any]:
     """The methods the demo shows: slice-wise and lifted with the chosen sampler, and the distilled student."""
-    lifted = fitted.lifted
-    methods = {"slice-wise": replace(fitted.slice_wise, solver=lifted.solver, steps=lifted.steps,
-                                     samples=lifted.samples), "lifted": lifted}
+    methods = {"slice-wise": fitted.slice_wise, "lifted": fitted.lifted}
     if fitted.student is not None:
         methods["lifted-student"] = fitted.student
     return methods

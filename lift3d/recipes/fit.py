@@ -12,7 +12,7 @@ paired intervals -> ``report.html``, and the chosen model in ``RUN/model`` with 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lift3d.recipes.fit_distill import choose_student
@@ -29,7 +29,7 @@ class Fitted:
 
     ctx: FitContext
     predictor: Predictor
-    slice_wise: Method
+    slice_wise: Method  # the stage-1 model, sampled as ``lifted`` is
     lifted: Method  # the chosen stage-2 model with the chosen few-step sampler
     student: Method | None  # the best distilled student on validation, if the plan distils
     published: Method  # what RUN/model holds: the student when it won on validation, else ``lifted``
@@ -52,6 +52,7 @@ def run_fit(request: FitRequest) -> Fitted:
     lifted, slice_wise = choose_stage2(ctx, stage1, stage2, predictor, val)
     chosen = choose_solver(ctx, lifted, predictor, val)
     published, student = choose_student(ctx, chosen, predictor, val)
+    slice_wise = replace(slice_wise, solver=chosen.solver, steps=chosen.steps, samples=chosen.samples)
     results = score_test(ctx, slice_wise, chosen, predictor, student)
     publish_model(ctx, published, results)
     return Fitted(ctx, predictor, slice_wise, chosen, student, published, results)

@@ -145,13 +145,13 @@ def _paired(results: dict[str, Any], comparisons: list[tuple[str, str]]) -> dict
 
 def score_test(ctx: FitContext, slice_wise: Method, lifted: Method, predictor: Predictor,
                student: Method | None = None) -> dict[str, Any]:
-    """The test subjects: each method's prediction as NIfTI on the subject's own grid, every score, the paired
+    """The test subjects (``slice_wise`` sampled as ``lifted`` is): each method's prediction as NIfTI on the subject's own grid, every score, the paired
     differences of lifted against slice-wise (and of the distilled student and the baseline),
     ``results.json`` and ``report.html``."""
     from lift3d.recipes.fit_report import write_results
 
     test = ctx.pairs("test")
-    methods = [lifted, replace(slice_wise, solver=lifted.solver, steps=lifted.steps, samples=lifted.samples)]
+    methods = [lifted, slice_wise]
     methods += [student] if student is not None else []
     baseline = train_baseline(ctx) if ctx.plan.baseline else None
     if baseline is not None:
