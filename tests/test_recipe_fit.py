@@ -32,7 +32,7 @@ def _folder(root: Path, subjects: int = 7) -> Path:
 TINY = Plan(size=16, num_slices=8, widths=[16, 32], stage1_steps=2, stage1_batch=4, stage2_steps=2,
             stage2_val_every=1, stage2_variants=[StageTwoVariant(), StageTwoVariant(learning_rate=1e-3)],
             evaluation_budget=2, solver_steps=[1, 2], solver_samples=[1, 2], val_size=2, test_size=2,
-            distill=["direct", "reflow"], distill_steps=2, distill_val_every=1)
+            distill=["direct", "reflow"], distill_student_steps=[1, 2], distill_steps=2, distill_val_every=1)
 
 
 @pytest.mark.slow
@@ -45,9 +45,9 @@ def test_fit_then_predict_on_an_unseen_folder(tmp_path, capsys):
     results = json.loads((run / "results.json").read_text())
     assert set(results["methods"]) == {"lifted", "slice-wise", "lifted-student"}
     assert {"lifted vs slice-wise", "lifted-student vs lifted"} <= set(results["paired_differences"])
-    student = json.loads((run / "choose_student.json").read_text())  # both families tried at 1 and 2 passes
-    assert {(r["family"], r["evaluations"]) for r in student["candidates"]} == {
-        (f, n) for f in ("direct", "reflow") for n in (1, 2)}
+    student = json.loads((run / "choose_student.json").read_text())  # 1- and 2-step students of both families,
+    assert {(r["family"], r["evaluations"]) for r in student["candidates"]} == {  # tried at 1 and 2 passes
+        (f, n) for f in ("direct", "direct-2step", "reflow", "reflow-2step") for n in (1, 2)}
     assert results["methods"]["lifted-student"]["unet_evaluations"] <= 2
     assert results["methods"]["lifted"]["unet_evaluations"] <= 2
     lifted = results["methods"]["lifted"]

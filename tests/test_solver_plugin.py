@@ -28,8 +28,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ToyEuler(Solver):
-    """Euler on a flow model's straight path, by hand: ``x <- x + (s_next - s) v`` on the grid of ``s`` that
-    diffusers' Euler solver visits (``1`` down to ``1 / T``, then 0), so the two agree to float rounding."""
+    """Euler on a flow model's straight path, by hand: ``x <- x + (s_next - s) v`` on the uniform grid of ``s``
+    the built-in Euler solver visits (``1, (N - 1) / N, ..., 1 / N``, then 0), so the two agree to float
+    rounding."""
 
     inverts = {"flow": 3}
     needs_next_t = True
@@ -43,7 +44,7 @@ class ToyEuler(Solver):
     @classmethod
     def build(cls, objective, scheduler_config, steps, *, device=None, clip_x0=False):
         T = objective.num_train_timesteps
-        sigmas = torch.linspace(1.0, 1.0 / T, steps, dtype=torch.float64).to(torch.float32)
+        sigmas = torch.tensor([1 - i / steps for i in range(steps)], dtype=torch.float32)
         return cls((sigmas * T).to(device), T)
 
     def step(self, output, t, sample, *, t_next):
@@ -112,7 +113,7 @@ def test_a_toy_solver_samples_through_the_api(toy_euler, models, source):
     toy = synthesize_posterior(model, source, solver="toy-euler", samples=2, seed=4, progress=False)
     assert toy_euler.steps_taken == 2 * 3  # its default steps for flow, for each of the 2 samples
     assert toy.unet_evaluations == unet_evaluations(model, "toy-euler", samples=2) == 6
-    # Euler by hand on diffusers' grid: the same volumes as the built-in Euler solver, to float rounding
+    # Euler by hand on the uniform grid: the same volumes as the built-in Euler solver, to float rounding
     builtin = synthesize_posterior(model, source, solver="flow", steps=3, samples=2, seed=4, progress=False)
     torch.testing.assert_close(toy.mean, builtin.mean, atol=1e-4, rtol=0)
     assert toy.std is not None and float(toy.std.mean()) > 0
@@ -195,3 +196,14 @@ def test_the_docs_table_of_builtins_matches_the_registry():
     table = re.search(r"^\| solver \|.*?(?=\n\n)", page, re.S | re.M)
     assert table is not None, f"{SOLVERS_PAGE} has no table of built-in solvers"
     assert table.group(0) == builtin_table(), f"update the table in {SOLVERS_PAGE} to:\n{builtin_table()}"
+
+
+def test_flow_euler_steps_on_the_uniform_grid():
+    """2 Euler steps visit s = 1 and 1/2: diffusers' own grid (1, then 1/1000) would sample as 1 step does."""
+    from lift3d.recipes.methods import solver_revision
+
+    flow = create_objective("flow", {})
+    assert build_solver("flow", flow, {}, steps=2).timesteps.tolist() == [1000.0, 500.0]
+    assert build_solver("flow", flow, {}, steps=4).timesteps.tolist() == [1000.0, 750.0, 500.0, 250.0]
+    assert solver_revision("flow") == {"solver_revision": 1} and solver_revision("ddim") == {}
+    assert solver_revision(None) == {}  # the 3D U-Net: no solver

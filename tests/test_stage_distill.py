@@ -15,13 +15,15 @@ from tests.test_objectives import flow_models  # noqa: F401  (the tiny stage-1 a
 from tests.test_training import losses, tiny_cfg
 
 
-@pytest.mark.parametrize("family,teacher_samples", [("reflow", 1), ("direct", 1), ("direct", 2)])
-def test_a_lifted_flow_model_distils_into_a_student_that_still_samples(flow_models, family, teacher_samples):  # noqa: F811
+@pytest.mark.parametrize("family,teacher_samples,student_steps", [("reflow", 1, 1), ("direct", 1, 1), ("direct", 2, 1),
+                                                                  ("direct", 1, 2)])
+def test_a_lifted_flow_model_distils_into_a_student_that_still_samples(flow_models, family, teacher_samples,  # noqa: F811
+                                                                       student_steps):
     root, _, stage2 = flow_models
-    folder = root / f"distill-{family}-{teacher_samples}"
+    folder = root / f"distill-{family}-{teacher_samples}-{student_steps}"
     student = train(tiny_cfg(folder, stage="distill", model={"pretrained": str(stage2)},
                              run={"max_steps": 3, "log_every": 1}, data={"batch_size": 1},
-                             distill={"family": family, "teacher_steps": 2, "student_steps": 1,
+                             distill={"family": family, "teacher_steps": 2, "student_steps": student_steps,
                                       "teacher_samples": teacher_samples}))
     rows = [float(r["loss"]) for r in losses(folder) if r["loss"]]
     assert len(rows) == 3 and all(torch.isfinite(torch.tensor(rows)))
@@ -29,8 +31,8 @@ def test_a_lifted_flow_model_distils_into_a_student_that_still_samples(flow_mode
     model = load_synthesis_model(student, device="cpu")
     assert model.lifted and model.objective.name == "flow"
     source = torch.rand(1, 1, 8, 16, 16) * 2 - 1
-    result = synthesize_posterior(model, source, samples=2, solver="flow", steps=1, progress=False)
-    assert result.unet_evaluations == 2 and result.std is not None and result.std.mean() > 0  # samples differ
+    result = synthesize_posterior(model, source, samples=2, solver="flow", steps=student_steps, progress=False)
+    assert result.unet_evaluations == 2 * student_steps and result.std is not None and result.std.mean() > 0  # samples differ
 
 
 def test_distillation_needs_a_lifted_flow_teacher(flow_models, tmp_path):  # noqa: F811

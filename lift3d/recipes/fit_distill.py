@@ -15,15 +15,16 @@ from typing import Any
 
 from lift3d.io.writing import write_text_atomic
 from lift3d.recipes.fit_setup import FitContext
-from lift3d.recipes.methods import Method, Predictor
+from lift3d.recipes.methods import Method, Predictor, solver_revision
 
 STUDENT_SAMPLING = ((1, 1), (1, 2), (2, 1))
 """(Euler steps, samples K) a student is tried with on validation: 1 or 2 network passes per volume."""
 
 
-def train_student(ctx: FitContext, teacher: Method, family: str) -> Method:
-    """One distillation run of ``teacher`` (its solver's steps as the teacher's Euler solve), keyed on the
-    teacher's training run and the plan's distillation settings."""
+def train_student(ctx: FitContext, teacher: Method, family: str, student_steps: int = 1) -> Method:
+    """One distillation run of ``teacher`` (its solver's steps as the teacher's Euler solve) into a student that
+    samples in ``student_steps`` Euler steps, keyed on the teacher's training run and the plan's distillation
+    settings."""
     from lift3d.recipes.make_a_volume import distill_config
     from lift3d.training.loop import train
 
@@ -31,14 +32,16 @@ def train_student(ctx: FitContext, teacher: Method, family: str) -> Method:
     key = {"teacher": teacher.run_id, "teacher_steps": teacher.steps, "family": family, "steps": plan.distill_steps,
            "lr": plan.distill_lr, "val_every": plan.distill_val_every, "val": ctx.splits["val"], "seed": plan.seed}
     k = plan.distill_teacher_samples
+    key |= {"student_steps": student_steps} | solver_revision("flow")  # the Euler grid both sides are solved on
     key |= {"teacher_samples": k} if k > 1 else {}
-    name = f"distill-{family}" + (f"-mean{k}" if k > 1 else "")
+    name = f"distill-{family}" + (f"-{student_steps}step" if student_steps > 1 else "") + (f"-mean{k}" if k > 1 else "")
 
     def work(folder: Path) -> dict[str, Any]:
-        ctx.request.log(f"[distill, {family}] {plan.distill_steps} steps from the teacher's Euler-{teacher.steps}"
-                        + (f", mean of {k}" if k > 1 else "") + f", validation every {plan.distill_val_every}")
+        ctx.request.log(f"[distill, {family}] a {student_steps}-step student, {plan.distill_steps} steps from the "
+                        f"teacher's Euler-{teacher.steps}" + (f", mean of {k}" if k > 1 else "")
+                        + f", validation every {plan.distill_val_every}")
         cfg = distill_config(ctx.recipe(), folder, plan.seed, teacher.folder, family=family,
-                             teacher_steps=teacher.steps, student_steps=1, steps=plan.distill_steps,
+                             teacher_steps=teacher.steps, student_steps=student_steps, steps=plan.distill_steps,
                              learning_rate=plan.distill_lr, validate_every=plan.distill_val_every,
                              teacher_samples=k)
         cfg.run.overwrite = True  # the phase folder is new: only this phase writes there
@@ -49,7 +52,8 @@ def train_student(ctx: FitContext, teacher: Method, family: str) -> Method:
 
 
 def family_of(student: Method) -> str:
-    """The family (and teacher mean) a student's phase folder names: ``direct``, ``reflow-mean2``..."""
+    """The family (its steps, its teacher's mean) a student's phase folder names: ``direct``, ``direct-2step``,
+    ``reflow-mean2``..."""
     return student.folder.parent.name.removeprefix("distill-")
 
 
@@ -63,14 +67,14 @@ def choose_student(ctx: FitContext, chosen: Method, predictor: Predictor, val) -
     if not plan.distill or plan.objective != "flow":
         return chosen, None
     rows, best = [], None
-    for family in plan.distill:
-        student = train_student(ctx, chosen, family)
+    for family, student_steps in ((f, n) for f in plan.distill for n in plan.distill_student_steps):
+        student = train_student(ctx, chosen, family, student_steps)
         for steps, samples in STUDENT_SAMPLING:
             method = replace(student, steps=steps, samples=samples)
             psnr = validation_psnr(predictor, method, val)
             rows.append({"family": family_of(student), "steps": steps, "samples": samples,
                          "evaluations": method.evaluations, "val_psnr": psnr})
-            ctx.request.log(f"  {family} student, {method.description}: {method.evaluations} passes, "
+            ctx.request.log(f"  {family_of(student)} student, {method.description}: {method.evaluations} passes, "
                             f"validation PSNR {psnr:.2f}")
             if best is None or (psnr, -method.evaluations) > (best[0], -best[1].evaluations):
                 best = (psnr, method)

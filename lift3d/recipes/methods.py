@@ -25,6 +25,14 @@ from lift3d.evaluation.planes import score_pair_all
 from lift3d.io.writing import atomic_path, make_folder, write_text_atomic
 
 
+def solver_revision(solver: str | None) -> dict[str, int]:
+    """``{"solver_revision": n}`` for a solver revised since its first version (a key's part), else nothing."""
+    from lift3d.sampling.solvers import SOLVERS
+
+    revision = SOLVERS.get(solver).revision if solver else 0
+    return {"solver_revision": revision} if revision else {}
+
+
 @dataclass(frozen=True)
 class Method:
     """One way to predict the target: ``folder`` a lift3d model folder (None: the baseline network)."""
@@ -72,7 +80,7 @@ class Predictor:
     def _key(self, method: Method, k: int, pairs: Sequence[Any]) -> dict[str, Any]:
         return {"model": str(method.folder), "run_id": method.run_id, "solver": method.solver, "steps": method.steps,
                 "start": method.start, "strength": method.strength, "seed": self.seed, "sample": k,
-                "subjects": [p.subject for p in pairs]}
+                "subjects": [p.subject for p in pairs]} | solver_revision(method.solver)
 
     def draw(self, method: Method, k: int, sources: torch.Tensor) -> torch.Tensor:
         from lift3d.sampling.synthesis import load_synthesis_model, sample_seed, synthesize

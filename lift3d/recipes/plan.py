@@ -12,8 +12,9 @@ The rule (each line a choice a user may override in the file):
   the device profile (48 on a CPU, 256 on a GPU);
 - **slices**: the through-plane field of view at the in-plane grid's voxel size, capped (32 / 64);
 - **networks, steps, batch**: the device profile's; the stage-1 batch halves until the memory check passes;
-- **distillation**: the ``direct`` family (``reflow`` may be added), the student tried at 1 and 2 network
-  passes on validation, published when within ``distill_tolerance_db`` of the chosen few-step sampler.
+- **distillation**: the ``direct`` family (``reflow`` may be added), a student trained to sample in 1 Euler
+  step (a 2-step one may be added), tried at 1 and 2 network passes on validation, published when within
+  ``distill_tolerance_db`` of the chosen few-step sampler.
 """
 
 from __future__ import annotations
@@ -82,9 +83,11 @@ class Plan(BaseModel):
     # direct won on the ICBM benchmark's validation subjects in both directions (benchmarks/results/icbm-recipe.md)
     distill: list[Literal["direct", "reflow"]] = Field(default_factory=lambda: ["direct"], max_length=2)
     distill_steps: int = Field(default=400, ge=1, le=10**7)
-    distill_lr: float = Field(default=2e-4, gt=0, le=1)
+    distill_lr: float = Field(default=5e-4, gt=0, le=1)  # 2e-4 left the ICBM 1-step student 0.3 dB lower
     distill_val_every: int = Field(default=100, ge=1, le=10**7)
     distill_teacher_samples: int = Field(default=1, ge=1, le=16)  # K: the teacher's target, a K-sample mean
+    # the Euler steps each student is trained to sample in (one run each): 1, and 2 sequential passes if listed
+    distill_student_steps: list[Literal[1, 2]] = Field(default_factory=lambda: [1], min_length=1, max_length=2)
     distill_tolerance_db: float = Field(default=0.1, ge=0, le=100)
     val_size: int = Field(default=3, ge=1, le=10**5)
     test_size: int = Field(default=6, ge=1, le=10**5)

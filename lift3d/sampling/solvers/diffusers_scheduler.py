@@ -36,8 +36,13 @@ class SchedulerSolver(Solver):
         if clip_x0:  # dynamic thresholding with its ceiling at 1.0 is a plain clamp to [-1, 1]
             config = {**config, "thresholding": True, "sample_max_value": 1.0}
         scheduler = cls.scheduler_type().from_config(config)
-        scheduler.set_timesteps(steps, device=device)
+        cls.set_timesteps(scheduler, steps, device)
         return cls(scheduler)
+
+    @classmethod
+    def set_timesteps(cls, scheduler: Any, steps: int, device: torch.device | str | None) -> None:
+        """The scheduler's grid of ``steps`` steps: by default its own."""
+        scheduler.set_timesteps(steps, device=device)
 
     @property
     def init_noise_sigma(self) -> float:

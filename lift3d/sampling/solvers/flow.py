@@ -1,9 +1,14 @@
 """``flow``: the Euler solver on the straight path of a flow-matching model (``x_s = (1 - s) x_0 + s eps``,
 the network predicting the velocity), accurate in a few steps. diffusers' ``FlowMatchEulerDiscreteScheduler``
-on the exported schedule (its shift included)."""
+on the exported schedule (its shift included), on the uniform grid ``s = 1, (N - 1) / N, ..., 1 / N``:
+diffusers' own grid ends at ``s = 1 / 1000``, which spends the last of N steps on nothing (2 of its steps
+sample as 1 does)."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import Tensor
 
 from lift3d.sampling.solvers.diffusers_scheduler import SchedulerSolver
@@ -15,6 +20,7 @@ class FlowEulerSolver(SchedulerSolver):
     inverts = {"flow": 4}
     informed_start = True
     summary = "Euler on the straight path"
+    revision = 1  # 1: the uniform grid (0: diffusers' grid, its last step at s = 1 / 1000)
     init_noise_sigma = 1.0  # the path starts at pure N(0, 1) noise
 
     @classmethod
@@ -22,6 +28,10 @@ class FlowEulerSolver(SchedulerSolver):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         return FlowMatchEulerDiscreteScheduler
+
+    @classmethod
+    def set_timesteps(cls, scheduler: Any, steps: int, device: torch.device | str | None) -> None:
+        scheduler.set_timesteps(sigmas=[1 - i / steps for i in range(steps)], device=device)
 
     def scale_model_input(self, sample: Tensor, t: Tensor) -> Tensor:
         return sample  # the velocity network sees the path point as it is

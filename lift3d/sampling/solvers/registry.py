@@ -33,6 +33,8 @@ class Solver:
       ``noised`` works.
     - ``clips_x0``: it can clamp its estimate of the clean sample to [-1, 1] at every step (``clip_x0``).
     - ``summary``: one line saying what it is, for ``lift3d-synthesize --help`` and the docs.
+    - ``revision``: raised whenever the same name, steps and seed would now give another volume, so that
+      what was cached or trained with the earlier one is not reused.
 
     An instance is one sampling run's schedule: ``timesteps`` are the model timesteps the network is called
     at, in order, in the objective's convention (what ``Objective.noisy`` gives the U-Net), and
@@ -45,6 +47,7 @@ class Solver:
     informed_start: ClassVar[bool] = False
     clips_x0: ClassVar[bool] = False
     summary: ClassVar[str] = ""
+    revision: ClassVar[int] = 0
 
     timesteps: Tensor
     init_noise_sigma: float = 1.0
