@@ -129,6 +129,13 @@ class DDPMObjective(StepMatched):
         return a.sqrt() * x_t - (1 - a).sqrt() * prediction
 
 
+def euler_sigmas(steps: int) -> list[float]:
+    """The ``s`` an Euler solver of ``steps`` steps visits on the straight path, before diffusers' shift: the
+    uniform grid ``1, (N - 1) / N, ..., 1 / N``. (diffusers' own grid ends at ``s = 1 / T``, which spends the
+    last of N steps on nothing.)"""
+    return [1 - i / steps for i in range(steps)]
+
+
 @OBJECTIVES.register("flow")
 class FlowMatchingObjective(StepMatched):
     """``flow``: rectified flow, ``x_s = (1 - s) x_0 + s eps`` with ``s = (t + 1) / T``; the U-Net sees
@@ -165,7 +172,7 @@ class FlowMatchingObjective(StepMatched):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         grid = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
-        grid.set_timesteps(steps)
+        grid.set_timesteps(sigmas=euler_sigmas(steps))
         return grid.timesteps - 1
 
     def _sigma(self, t: Tensor, like: Tensor) -> Tensor:

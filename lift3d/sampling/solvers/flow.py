@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lift3d.diffusion.objectives import euler_sigmas
 from lift3d.sampling.solvers.diffusers_scheduler import SchedulerSolver
 from lift3d.sampling.solvers.registry import SOLVERS
 
@@ -31,7 +32,7 @@ class FlowEulerSolver(SchedulerSolver):
 
     @classmethod
     def set_timesteps(cls, scheduler: Any, steps: int, device: torch.device | str | None) -> None:
-        scheduler.set_timesteps(sigmas=[1 - i / steps for i in range(steps)], device=device)
+        scheduler.set_timesteps(sigmas=euler_sigmas(steps), device=device)
 
     def scale_model_input(self, sample: Tensor, t: Tensor) -> Tensor:
         return sample  # the velocity network sees the path point as it is
