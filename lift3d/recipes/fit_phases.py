@@ -145,9 +145,9 @@ def _paired(results: dict[str, Any], comparisons: list[tuple[str, str]]) -> dict
 
 def score_test(ctx: FitContext, slice_wise: Method, lifted: Method, predictor: Predictor,
                student: Method | None = None) -> dict[str, Any]:
-    """The test subjects (``slice_wise`` sampled as ``lifted`` is): each method's prediction as NIfTI on the subject's own grid, every score, the paired
-    differences of lifted against slice-wise (and of the distilled student and the baseline),
-    ``results.json`` and ``report.html``."""
+    """The test subjects (``slice_wise`` sampled as ``lifted`` is): each method's prediction as NIfTI on the
+    subject's own grid, every score, the paired differences of lifted against slice-wise (and of the distilled
+    student and the baseline), ``results.json`` and ``report.html``."""
     from lift3d.recipes.fit_report import write_results
 
     test = ctx.pairs("test")
