@@ -97,12 +97,13 @@ def frontier(fitted) -> list[Any]:
     the students' (``choose_solver.json``, ``choose_student.json``)."""
     out, phases = fitted.ctx.request.out, fitted.ctx.phases
     rows = [{**r, "method": replace(fitted.lifted, solver=r["solver"], steps=r["steps"], samples=r["samples"],
-                                    name="lifted")}
+                                    antithetic=r.get("antithetic", False), name="lifted")}
             for r in json.loads((out / "choose_solver.json").read_text())["candidates"]]
     if fitted.student is not None:
         rows += [{**r, "method": replace(fitted.student, folder=phases.folder(f"distill-{r['family']}") / "model",
                                          run_id=phases.record(f"distill-{r['family']}")["run_id"], steps=r["steps"],
-                                         samples=r["samples"], name=f"student-{r['family']}")}
+                                         samples=r["samples"], antithetic=r.get("antithetic", False),
+                                         name=f"student-{r['family']}")}
                  for r in json.loads((out / "choose_student.json").read_text())["candidates"]]
     best = {}
     for row in rows:
@@ -129,9 +130,49 @@ def seconds_per_volume(predictor, method, pairs, repeats: int) -> float:
     return statistics.median(times)
 
 
+PUBLISHED = {"T1 -> T2": "icbm_cpu.json", "T2 -> T1": "icbm_cpu_t2t1.json"}
+"""The published protocol's rows per direction: this benchmark compares against them and adds its winner."""
+
+
 def published_rows(direction: str) -> dict[str, Any] | None:
-    name = {"T1 -> T2": "icbm_cpu.json", "T2 -> T1": "icbm_cpu_t2t1.json"}.get(direction)
+    name = PUBLISHED.get(direction)
     return json.loads((RESULTS / name).read_text())["methods"] if name and (RESULTS / name).is_file() else None
+
+
+def publish_winner(report: dict[str, Any], winner: str) -> Path:
+    """The one- or two-pass winner as a row of the published protocol's JSON (``icbm_cpu.json``): its test
+    scores, its passes and its seconds per volume timed in this run with the 3D U-Net (whose same-run time
+    joins the published 3D U-Net row), and its paired differences against that file's ``lifted-k8``,
+    ``lifted-fast`` and ``3d-unet`` (same subjects and targets); this run's own references stay with it."""
+    path = RESULTS / PUBLISHED[report["direction"]]
+    data = json.loads(path.read_text())
+    for old in [m for m in data["methods"] if m.endswith("pass")]:  # an earlier winner's row and its differences
+        del data["methods"][old]
+        data["paired_differences"] = {k: v for k, v in data["paired_differences"].items()
+                                      if not k.startswith(f"{old} vs ")}
+    results = report["methods"]
+    row = dict(results[winner])
+    references = {name: {"sampler": results[name]["solver"], "summary": results[name]["summary"],
+                         "seconds_per_volume": results[name]["seconds_per_volume"]}
+                  for name in ("lifted-fast", "lifted-k8", "3d-unet") if name in results}
+    row |= {"label": f"{winner} ({report['selection']['choose_student']['chosen']['family']} student)",
+            "sampler": row["solver"], "seconds_per_volume_timed": row["seconds_per_volume"],
+            "chosen_by": "lift3d fit (validation PSNR, <= 2 passes; benchmarks/icbm.py)",
+            "frontier_run": {"command": report["command"], "cpu": report["machine"].get("cpu"),
+                             "same_references": {name: False for name in references},
+                             "references_in_that_run": references,
+                             "paired_differences": {k: v for k, v in report["paired_differences"].items()
+                                                    if k.startswith(f"{winner} vs ") and "published" not in k}}}
+    data["methods"][winner] = row
+    if "3d-unet" in results:
+        data["methods"]["3d-unet"][f"seconds_per_volume_same_run_as_{winner.replace('-', '_')}"] = \
+            results["3d-unet"]["seconds_per_volume"]
+    for name in ("lifted-k8", "lifted-fast", "3d-unet"):
+        if f"{winner} vs published {name}" in report["paired_differences"]:
+            data["paired_differences"][f"{winner} vs {name}"] = report["paired_differences"][
+                f"{winner} vs published {name}"]
+    write_json(path, data)
+    return path
 
 
 def goals(results: dict[str, Any], winner: str) -> dict[str, Any]:
@@ -170,7 +211,8 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{cell(c, 'ssim', 4)} |")
     lines += ["", "| passes | best on validation | validation PSNR | test PSNR | test SSIM |", "| --- | --- | --- | --- | --- |"]
     for r in report["frontier"]:
-        who = f"{r.get('family', 'lifted')} {r.get('solver', 'flow')}-{r['steps']} x {r['samples']}"
+        who = (f"{r.get('family', 'lifted')} {r.get('solver', 'flow')}-{r['steps']} x {r['samples']}"
+               + " antithetic" * r.get("antithetic", False))
         lines.append(f"| {r['evaluations']} | {who} | {r['val_psnr']:.2f} | {r['test']['psnr']['mean']:.2f} | "
                      f"{r['test']['ssim']['mean']:.4f} |")
     lines += ["", "Paired differences on the test subjects (first minus second, mean [95 % interval], first better on):", ""]
@@ -206,9 +248,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seg = segmenter(fitted, args.scale)
     steps, k = scale["reference"]
     methods = {"slice-wise-fast": fitted.slice_wise, "lifted-fast": fitted.lifted,
-               f"lifted-k{k}": replace(fitted.lifted, solver="dpm", steps=steps, samples=k)}
+               f"lifted-k{k}": replace(fitted.lifted, solver="dpm", steps=steps, samples=k, antithetic=False)}
     if args.objective == "flow":  # the published lifted-fast's settings (Euler 4 x 2), whatever this run chose
-        methods["lifted-euler4-k2"] = replace(fitted.lifted, solver="flow", steps=4, samples=2)
+        methods["lifted-euler4-k2"] = replace(fitted.lifted, solver="flow", steps=4, samples=2, antithetic=False)
     if fitted.student is not None:
         methods[f"lifted-{fitted.student.evaluations}pass"] = fitted.student
     if predictor.baseline is not None:
@@ -263,6 +305,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         name = f"icbm_recipe_{args.scale}{suffix.replace('-', '_')}{tag}.json"
         write_json(RESULTS / name, report)
         print(f"[publish] {RESULTS / name}")
+        if winner.endswith("pass") and args.scale == "cpu" and direction in PUBLISHED:
+            print(f"[publish] {publish_winner(report, winner)} ({winner})")
     for name, entry in results.items():
         s = entry["summary"]
         print(f"{name:>18}: {entry['unet_evaluations']:>3} passes, {entry['seconds_per_volume']:.3f} s/vol, PSNR "

@@ -81,3 +81,36 @@ def test_smoke_run_end_to_end(bench, tmp_path):
     assert paired["target"]["psnr"]["n"] == 6 and "clean_target" in paired
     assert set(report["goals"]["checks"]) >= {"PSNR >= 3d-unet", "tissue Dice >= 3d-unet", "seconds <= 2x 3d-unet"}
     assert (out / "report.html").is_file() and (out / "model" / "README.md").is_file()
+
+
+def test_the_winner_joins_the_published_protocol_rows(bench, tmp_path, monkeypatch):
+    """``--publish``: the 1- or 2-pass winner becomes a row of icbm_cpu.json, with its seconds timed beside the 3D
+    U-Net of the same run and its paired differences against the published rows; an earlier winner's row goes."""
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    summary = {"psnr": {"mean": 24.0}}
+    published = {"methods": {"lifted-k8": {"summary": summary}, "lifted-fast": {"summary": summary},
+                             "3d-unet": {"summary": summary, "seconds_per_volume": 0.3},
+                             "lifted-1pass": {"summary": summary}},
+                 "paired_differences": {"lifted-1pass vs 3d-unet": {}, "lifted-fast vs 3d-unet": {"kept": True}}}
+    (tmp_path / "icbm_cpu.json").write_text(json.dumps(published))
+    row = {"solver": "flow-1, mean of 2 antithetic", "summary": summary, "seconds_per_volume": 0.45,
+           "unet_evaluations": 2, "subjects": []}
+    report = {"direction": "T1 -> T2", "command": "python benchmarks/icbm.py --scale cpu --publish",
+              "machine": {"cpu": "a CPU"}, "selection": {"choose_student": {"chosen": {"family": "direct"}}},
+              "methods": {"lifted-2pass": row, "3d-unet": {"solver": "one pass", "summary": summary,
+                                                           "seconds_per_volume": 0.25},
+                          "lifted-fast": {"solver": "flow-4, mean of 2", "summary": summary, "seconds_per_volume": 2.0}},
+              "paired_differences": {"lifted-2pass vs 3d-unet": {"same run": True},
+                                     "lifted-2pass vs published 3d-unet": {"published": True},
+                                     "lifted-2pass vs published lifted-fast": {"published": True}}}
+    path = bench.publish_winner(report, "lifted-2pass")
+    data = json.loads(path.read_text())
+    assert "lifted-1pass" not in data["methods"] and "lifted-1pass vs 3d-unet" not in data["paired_differences"]
+    new = data["methods"]["lifted-2pass"]
+    assert new["unet_evaluations"] == 2 and new["seconds_per_volume_timed"] == 0.45 and "direct" in new["label"]
+    assert data["methods"]["3d-unet"]["seconds_per_volume_same_run_as_lifted_2pass"] == 0.25
+    assert data["methods"]["3d-unet"]["seconds_per_volume"] == 0.3  # the published row's own time stays
+    assert new["frontier_run"]["references_in_that_run"]["3d-unet"]["seconds_per_volume"] == 0.25
+    assert new["frontier_run"]["paired_differences"] == {"lifted-2pass vs 3d-unet": {"same run": True}}
+    assert data["paired_differences"]["lifted-2pass vs 3d-unet"] == {"published": True}
+    assert data["paired_differences"]["lifted-fast vs 3d-unet"] == {"kept": True}

@@ -114,7 +114,7 @@ def test_help_explains_every_option(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for option in ("--model", "--source", "--out", "--solver", "--steps", "--seed", "--window", "--overlap",
                    "--slice-wise", "--device", "--dtype", "--num-slices", "--size", "--samples", "--sample-batch",
-                   "--noise-correlation"):
+                   "--noise-correlation", "--antithetic"):
         assert option in text
     for words in ("ddpm", "ddim", "dpm", "200 for ddim", "25 for dpm", "1000 for ddpm", "'native'",
                   "w/o volumetric layers", "affine", f"{STD_DIR}/<name>{STD_SUFFIX}", "uncertainty map",
@@ -242,6 +242,35 @@ def test_noise_correlation_changes_the_result_and_zero_changes_nothing(model_fol
 
     assert np.array_equal(load("default"), load("zero"))
     assert not np.allclose(load("default"), load("half"))
+
+
+def test_antithetic_pairs_from_the_command_line_and_through_predict(model_folder, tmp_path, capsys):
+    from lift3d.cli.main import main as lift3d_main
+
+    source = write_source(tmp_path / "a.nii.gz")
+    stdout = _synth(model_folder, source, tmp_path / "anti", capsys, "--samples", 2, "--solver", "ddim",
+                    "--antithetic")
+    assert "2 antithetic samples" in stdout and (tmp_path / "anti" / STD_DIR / f"a{STD_SUFFIX}").is_file()
+    _synth(model_folder, source, tmp_path / "indep", capsys, "--samples", 2, "--solver", "ddim")
+
+    def load(name):
+        return nib.load(tmp_path / name / f"a{OUTPUT_SUFFIX}").get_fdata()
+
+    assert not np.allclose(load("anti"), load("indep"))
+    for extra, message in ((["--samples", 1], "--antithetic pairs samples, but --samples is 1: give --samples 2"),
+                           (["--samples", 2, "--solver", "ddpm"], "antithetic pairs need a deterministic solver")):
+        code, _, stderr = run(["--model", model_folder, "--source", source, "--out", tmp_path / "bad", "--steps", 2,
+                               "--antithetic", *extra], capsys)
+        assert code == 2 and message in stderr and not (tmp_path / "bad").exists()
+    # a fit that chose antithetic pairs: lift3d predict samples its model so
+    fitted = tmp_path / "fitted"
+    shutil.copytree(model_folder, fitted)
+    (fitted / "lift3d_fit.json").write_text(json.dumps({"solver": "ddim", "steps": 2, "samples": 2,
+                                                        "antithetic": True}))
+    assert lift3d_main(["predict", "--model", str(fitted), "--source", str(source), "--out",
+                        str(tmp_path / "pred")]) == 0
+    assert "2 antithetic samples" in capsys.readouterr().out
+    np.testing.assert_allclose(nib.load(tmp_path / "pred" / f"a{OUTPUT_SUFFIX}").get_fdata(), load("anti"), atol=1e-4)
 
 
 @pytest.mark.parametrize("option, value, message", [

@@ -48,6 +48,7 @@ def test_fit_then_predict_on_an_unseen_folder(tmp_path, capsys):
     student = json.loads((run / "choose_student.json").read_text())  # 1- and 2-step students of both families,
     assert {(r["family"], r["evaluations"]) for r in student["candidates"]} == {  # tried at 1 and 2 passes
         (f, n) for f in ("direct", "direct-2step", "reflow", "reflow-2step") for n in (1, 2)}
+    assert {r["antithetic"] for r in student["candidates"] if r["samples"] == 2} == {False, True}  # pairs tried too
     assert results["methods"]["lifted-student"]["unet_evaluations"] <= 2
     assert results["methods"]["lifted"]["unet_evaluations"] <= 2
     lifted = results["methods"]["lifted"]

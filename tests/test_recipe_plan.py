@@ -75,3 +75,15 @@ def test_phases_never_clear_a_folder_through_a_link(tmp_path):
     with pytest.raises(Lift3dError, match="stage1"):
         Phases(run, log=lambda _: None).run("stage1", {"k": 1}, lambda folder: {})
     assert (victim / "keep.txt").read_text() == "mine"
+
+
+def test_solver_candidates_pair_samples_antithetically_only_where_it_can_help():
+    from lift3d.recipes.fit_phases import solver_candidates
+
+    plan = Plan(evaluation_budget=4, solver_steps=[1, 2], solver_samples=[1, 2])
+    rows = solver_candidates("ddpm", plan)
+    paired = {(r["solver"], r["steps"], r["samples"]) for r in rows if r["antithetic"]}
+    assert paired == {(s, n, 2) for s in ("ddim", "dpm") for n in (1, 2)}  # K >= 2, deterministic solvers only
+    assert all(not r["antithetic"] for r in rows if r["solver"] == "ddpm")
+    assert not any(r["antithetic"] for r in solver_candidates("flow", plan.model_copy(
+        update={"solver_antithetic": False})))

@@ -411,6 +411,39 @@ def test_posterior_is_mean_and_std_of_single_samples_with_derived_seeds(folders,
     assert torch.equal(mean, posterior.mean)
 
 
+def test_antithetic_pairs_negate_the_noise_and_keep_the_even_samples(folders, source, monkeypatch):
+    from lift3d.sampling.noise import sample_noise
+
+    assert sample_noise(4, 0, True) == (4, 1.0) and sample_noise(4, 1, True) == (4, -1.0)
+    assert sample_noise(4, 3, True) == (sample_seed(4, 2), -1.0) and sample_noise(4, 3) == (sample_seed(4, 3), 1.0)
+    model = load_synthesis_model(folders["random"], device="cpu")
+    starts = []
+    real = synthesis.run_steps
+    monkeypatch.setattr(synthesis, "run_steps", lambda solver, net, latents, *a: starts.append(latents.clone())
+                        or real(solver, net, latents, *a))
+    pair = synthesize_posterior(model, source, samples=4, sample_batch=4, solver="ddim", steps=2, seed=3,
+                                antithetic=True, progress=False)
+    z = starts[0].split(source.shape[0])
+    assert torch.equal(z[1], -z[0]) and torch.equal(z[3], -z[2]) and not torch.equal(z[2].abs(), z[0].abs())
+    independent = synthesize_posterior(model, source, samples=3, sample_batch=3, solver="ddim", steps=2, seed=3,
+                                       progress=False)
+    assert torch.equal(starts[1].split(source.shape[0])[2], z[2])  # sample 2 is the independent run's sample 2
+    # drawn one by one (as the fit's cache draws them), the samples are the same
+    parts = torch.stack([synthesize(model, source, solver="ddim", steps=2, seed=3, first_sample=k, antithetic=True,
+                                    progress=False) for k in range(4)])
+    torch.testing.assert_close(pair.mean, parts.mean(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pair.std, parts.std(0), atol=1e-5, rtol=0)
+    assert not torch.allclose(pair.mean, independent.mean)
+
+
+def test_antithetic_pairs_need_a_deterministic_solver(folders, source):
+    model = load_synthesis_model(folders["random"], device="cpu")
+    with pytest.raises(ValueError, match=r"antithetic pairs need a deterministic solver; 'ddpm'.*deterministic: .*ddim"):
+        synthesize_posterior(model, source, samples=2, solver="ddpm", steps=2, antithetic=True, progress=False)
+    with pytest.raises(ValueError, match="first_sample must be an integer >= 0"):
+        synthesize_posterior(model, source, samples=2, solver="ddim", steps=2, first_sample=-1, progress=False)
+
+
 def test_sample_batch_caps_the_u_net_batch_and_keeps_the_result(folders, source):
     model = load_synthesis_model(folders["random"], device="cpu")
     batches = []

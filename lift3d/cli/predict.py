@@ -23,8 +23,9 @@ def synthesize_arguments(args: argparse.Namespace) -> list[str]:
             str(args.seed)] + (["--name-by-folder"] if _in_subject_folders(folder, args.source) else [])
     if (folder / FIT_FILE).is_file():
         choice = read_json(folder / FIT_FILE, SamplingChoice, folder=folder, what="sampling choice")
-        argv += ["--solver", choice.solver, "--steps", str(choice.steps), "--samples",
-                 str(args.samples or choice.samples)]
+        samples = args.samples or choice.samples
+        argv += ["--solver", choice.solver, "--steps", str(choice.steps), "--samples", str(samples)]
+        argv += ["--antithetic"] if choice.antithetic and samples >= 2 else []
     else:
         argv += ["--fast"] + (["--samples", str(args.samples)] if args.samples else [])
     return argv + (["--device", args.device] if args.device else [])

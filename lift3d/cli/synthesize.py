@@ -34,9 +34,9 @@ from lift3d.cli import arguments
 from lift3d.diffusion.objectives import OBJECTIVES
 from lift3d.recipes.predict import finer_than_grid, model_grid
 from lift3d.sampling.solvers import SOLVERS, build_solver
-from lift3d.sampling.synthesis import (DTYPES, STARTS, SynthesisModel, check_clip_x0, check_start, load_synthesis_model,
-                                      resolve_sample_batch, resolve_window, save_std_volume, synthesize_posterior,
-                                      evaluations_of)
+from lift3d.sampling.synthesis import (DTYPES, STARTS, SynthesisModel, check_antithetic, check_clip_x0, check_start,
+                                      load_synthesis_model, resolve_sample_batch, resolve_window, save_std_volume,
+                                      synthesize_posterior, evaluations_of)
 
 # Float32 volumes of the synthesis grid held at once besides the K samples and their stack: the
 # source, its encoding, the noisy sample, the noise prediction, the mean and the std. A lower bound
@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
                         f"their per-voxel standard deviation as {STD_DIR}/<name>{STD_SUFFIX} (an uncertainty "
                         "map). K times the work of one sample, less per sample when batched. Default: 1 (one "
                         "sample, no std map), or the --fast preset's")
+    parser.add_argument("--antithetic", action="store_true",
+                        help="draw the K samples in antithetic pairs: every second sample starts from the noise of "
+                        "the one before, negated. The noise's odd effect cancels in each pair's mean, so the mean "
+                        "of K is closer to the posterior mean than K independent samples (about 0.1 dB on ICBM at "
+                        "K = 2); the std map is each pair's spread. Needs --samples 2 or more and a deterministic "
+                        "solver (not ddpm)")
     parser.add_argument("--sample-batch", type=arguments.positive, metavar="N",
                         help="denoise N of the K samples together (default: all K on a GPU, 1 on the CPU, "
                         "where batching measured slower). Lower it if GPU memory is short; a batch that runs "
@@ -341,7 +347,7 @@ def _synthesise_one(model: SynthesisModel, path: Path, grid: TrainingGrid, out: 
                                   solver=args.solver, steps=args.steps, seed=args.seed, window=args.window,
                                   overlap=args.overlap, slice_wise=args.slice_wise, clip_x0=args.clip_x0,
                                   noise_correlation=args.noise_correlation, start=args.start,
-                                  strength=args.strength, progress=None)
+                                  strength=args.strength, antithetic=args.antithetic, progress=None)
     elapsed = time.perf_counter() - tic
     dest, std_dest = output_paths(out, name)
     write_result(dest, std_dest, result, meta)
@@ -424,9 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     grids = [source_grid(model, load_image(p), p, size=args.size, num_slices=args.num_slices, samples=args.samples)
              for p in sources]
     check_windows(model, grids, args)
+    if args.antithetic and args.samples < 2:
+        raise UserError(f"--antithetic pairs samples, but --samples is {args.samples}: give --samples 2 or more")
     try:  # checks --solver against the model's objective, --steps, and the start
         steps = len(build_solver(args.solver, model.objective, model.scheduler_config, args.steps).timesteps)
         check_start(args.start, args.strength, model.conditioning, args.solver)
+        check_antithetic(args.antithetic, args.solver)
     except ValueError as exc:
         raise UserError(f"{args.model}: {exc}") from None
     if args.clip_x0:
@@ -439,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     sampling = ""
     if args.samples > 1:
         batch = resolve_sample_batch(args.sample_batch, args.samples, model.device)
-        sampling = f", {args.samples} samples ({batch} at a time)"
+        sampling = f", {args.samples} {'antithetic ' * args.antithetic}samples ({batch} at a time)"
     if args.noise_correlation:
         sampling += f", noise correlated across slices by {args.noise_correlation:g}"
     if skipped:

@@ -52,7 +52,8 @@ def run_fit(request: FitRequest) -> Fitted:
     lifted, slice_wise = choose_stage2(ctx, stage1, stage2, predictor, val)
     chosen = choose_solver(ctx, lifted, predictor, val)
     published, student = choose_student(ctx, chosen, predictor, val)
-    slice_wise = replace(slice_wise, solver=chosen.solver, steps=chosen.steps, samples=chosen.samples)
+    slice_wise = replace(slice_wise, solver=chosen.solver, steps=chosen.steps, samples=chosen.samples,
+                         antithetic=chosen.antithetic)
     results = score_test(ctx, slice_wise, chosen, predictor, student)
     publish_model(ctx, published, results)
     return Fitted(ctx, predictor, slice_wise, chosen, student, published, results)

@@ -18,7 +18,8 @@ from lift3d.recipes.fit_setup import FitContext
 from lift3d.recipes.methods import Method, Predictor, solver_revision
 
 STUDENT_SAMPLING = ((1, 1), (1, 2), (2, 1))
-"""(Euler steps, samples K) a student is tried with on validation: 1 or 2 network passes per volume."""
+"""(Euler steps, samples K) a student is tried with on validation: 1 or 2 network passes per volume; K = 2 also in
+antithetic pairs where the plan tries them (``plan.solver_antithetic``)."""
 
 
 def train_student(ctx: FitContext, teacher: Method, family: str, student_steps: int = 1) -> Method:
@@ -61,7 +62,7 @@ def choose_student(ctx: FitContext, chosen: Method, predictor: Predictor, val) -
     """The students of every family of the plan, tried on validation at 1 and 2 passes; returns the method the
     fit publishes (the best student when it comes within the tolerance of ``chosen``, else ``chosen``) and the
     best student (None when the plan distils nothing or the model is not a flow model)."""
-    from lift3d.recipes.fit_phases import validation_psnr
+    from lift3d.recipes.fit_phases import antithetic_options, validation_psnr
 
     plan = ctx.plan
     if not plan.distill or plan.objective != "flow":
@@ -69,10 +70,10 @@ def choose_student(ctx: FitContext, chosen: Method, predictor: Predictor, val) -
     rows, best = [], None
     for family, student_steps in ((f, n) for f in plan.distill for n in plan.distill_student_steps):
         student = train_student(ctx, chosen, family, student_steps)
-        for steps, samples in STUDENT_SAMPLING:
-            method = replace(student, steps=steps, samples=samples)
+        for steps, samples, anti in ((n, k, a) for n, k in STUDENT_SAMPLING for a in antithetic_options(plan, k)):
+            method = replace(student, steps=steps, samples=samples, antithetic=anti)
             psnr = validation_psnr(predictor, method, val)
-            rows.append({"family": family_of(student), "steps": steps, "samples": samples,
+            rows.append({"family": family_of(student), "steps": steps, "samples": samples, "antithetic": anti,
                          "evaluations": method.evaluations, "val_psnr": psnr})
             ctx.request.log(f"  {family_of(student)} student, {method.description}: {method.evaluations} passes, "
                             f"validation PSNR {psnr:.2f}")
@@ -87,7 +88,7 @@ def choose_student(ctx: FitContext, chosen: Method, predictor: Predictor, val) -
                        f"more than {plan.distill_tolerance_db:g} dB below: the few-step sampler is kept"))
     write_text_atomic(ctx.request.out / "choose_student.json", json.dumps(
         {"candidates": rows, "reference": {"method": chosen.description, "val_psnr": reference},
-         "chosen": {"family": family_of(student), "steps": student.steps,
-                    "samples": student.samples, "val_psnr": best[0]},
+         "chosen": {"family": family_of(student), "steps": student.steps, "samples": student.samples,
+                    "antithetic": student.antithetic, "val_psnr": best[0]},
          "tolerance_db": plan.distill_tolerance_db, "published": wins}, indent=1))
     return (student if wins else chosen), student

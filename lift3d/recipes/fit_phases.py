@@ -96,12 +96,20 @@ def choose_stage2(ctx: FitContext, stage1: Method, stage2: dict[str, Method], pr
 
 
 def solver_candidates(objective: str, plan) -> list[dict[str, Any]]:
-    """Every registered solver of ``objective`` at the plan's steps and sample counts within its budget."""
-    from lift3d.sampling.solvers import solvers_for
+    """Every registered solver of ``objective`` at the plan's steps and sample counts within its budget; K >= 2
+    also in antithetic pairs (``plan.solver_antithetic``) where the solver is deterministic."""
+    from lift3d.sampling.solvers import SOLVERS, solvers_for
 
-    return [{"solver": name, "steps": steps, "samples": k}
+    return [{"solver": name, "steps": steps, "samples": k, "antithetic": anti}
             for name in solvers_for(objective) for steps in plan.solver_steps for k in plan.solver_samples
+            for anti in antithetic_options(plan, k, SOLVERS.get(name).stochastic)
             if steps * k <= plan.evaluation_budget]
+
+
+def antithetic_options(plan, samples: int, stochastic: bool = False) -> tuple[bool, ...]:
+    """Independent samples, and antithetic pairs too where the plan tries them, K >= 2 and the solver is
+    deterministic."""
+    return (False, True) if plan.solver_antithetic and samples >= 2 and not stochastic else (False,)
 
 
 def choose_solver(ctx: FitContext, lifted: Method, predictor: Predictor, val) -> Method:
@@ -120,11 +128,12 @@ def choose_solver(ctx: FitContext, lifted: Method, predictor: Predictor, val) ->
         rows.append({**candidate, "evaluations": method.evaluations, "val_psnr": psnr})
         ctx.request.log(f"  {method.description}: {method.evaluations} passes, validation PSNR {psnr:.2f}")
     best = max(rows, key=lambda r: (r["val_psnr"], -r["evaluations"]))
-    ctx.request.log(f"[choose solver] {best['solver']}-{best['steps']}, mean of {best['samples']} "
-                    f"({best['evaluations']} passes per volume, budget {ctx.plan.evaluation_budget})")
+    chosen = replace(lifted, **{k: best[k] for k in ("solver", "steps", "samples", "antithetic")})
+    ctx.request.log(f"[choose solver] {chosen.description} ({best['evaluations']} passes per volume, budget "
+                    f"{ctx.plan.evaluation_budget})")
     write_text_atomic(ctx.request.out / "choose_solver.json", json.dumps({"candidates": rows, "chosen": best},
                                                                          indent=1))
-    return replace(lifted, solver=best["solver"], steps=best["steps"], samples=best["samples"])
+    return chosen
 
 
 def _write_nifti(folder: Path, pairs, prediction: Prediction) -> None:
@@ -203,7 +212,8 @@ def publish_model(ctx: FitContext, lifted: Method, results: dict[str, Any]) -> P
     dest = refuse_link(ctx.request.out / "model", "the fit's model folder")
     for path in [lifted.folder, *lifted.folder.rglob("*")]:
         refuse_link(path, "a file of the chosen model")  # a copy must not bring in what a link points at
-    choice = {"solver": lifted.solver, "steps": lifted.steps, "samples": lifted.samples}
+    choice = {"solver": lifted.solver, "steps": lifted.steps, "samples": lifted.samples,
+              "antithetic": lifted.antithetic}
 
     def write(tmp: Path) -> None:
         shutil.copytree(lifted.folder, tmp)

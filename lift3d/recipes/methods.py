@@ -45,6 +45,7 @@ class Method:
     samples: int = 1
     start: str = "noise"
     strength: float | None = None
+    antithetic: bool = False  # the K samples drawn in antithetic pairs (``lift3d.sampling.noise.sample_noise``)
 
     @property
     def evaluations(self) -> int:
@@ -60,7 +61,7 @@ class Method:
         text = f"{self.solver}-{self.steps}"
         if self.start != "noise":
             text += f" from the {self.start} at strength {self.strength:g}"
-        return text + (f", mean of {self.samples}" if self.samples > 1 else "")
+        return text + (f", mean of {self.samples}" + " antithetic" * self.antithetic if self.samples > 1 else "")
 
 
 @dataclass
@@ -80,10 +81,11 @@ class Predictor:
     def _key(self, method: Method, k: int, pairs: Sequence[Any]) -> dict[str, Any]:
         return {"model": str(method.folder), "run_id": method.run_id, "solver": method.solver, "steps": method.steps,
                 "start": method.start, "strength": method.strength, "seed": self.seed, "sample": k,
-                "subjects": [p.subject for p in pairs]} | solver_revision(method.solver)
+                "subjects": [p.subject for p in pairs]} | solver_revision(method.solver) | (
+                    {"antithetic": True} if method.antithetic and k % 2 else {})  # an even sample is independent
 
     def draw(self, method: Method, k: int, sources: torch.Tensor) -> torch.Tensor:
-        from lift3d.sampling.synthesis import load_synthesis_model, sample_seed, synthesize
+        from lift3d.sampling.synthesis import load_synthesis_model, synthesize
 
         if method.folder is None:
             with torch.no_grad():
@@ -92,8 +94,8 @@ class Predictor:
             self._models[method.folder] = load_synthesis_model(method.folder, device=self.device)
         # All subjects in one batch: every method sees the same initial noise for the same subject.
         return synthesize(self._models[method.folder], sources, solver=method.solver, steps=method.steps,
-                          seed=sample_seed(self.seed, k), start=method.start, strength=method.strength,
-                          progress=False).cpu()
+                          seed=self.seed, first_sample=k, antithetic=method.antithetic, start=method.start,
+                          strength=method.strength, progress=False).cpu()
 
     def sample(self, method: Method, k: int, pairs: Sequence[Any]) -> tuple[torch.Tensor, float]:
         from safetensors.torch import load_file, save_file
@@ -154,6 +156,8 @@ def scored(method: Method, prediction: Prediction, pairs: Sequence[Any], segment
                              "unet_evaluations": method.evaluations, "model": str(method.folder or "baseline"),
                              "seconds_per_volume": prediction.seconds_per_volume, "subjects": rows,
                              "summary": summarize(rows, names)}
+    if method.antithetic:
+        entry["antithetic"] = True
     if prediction.std is not None:
         entry["uncertainty"] = uncertainty_summary(rows)
     if pairs and all("clean_target" in p.extra for p in pairs):

@@ -80,6 +80,8 @@ class Plan(BaseModel):
     evaluation_budget: int = Field(default=8, ge=1, le=1000)
     solver_steps: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1, max_length=16)
     solver_samples: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1, max_length=16)
+    # K >= 2 also tried in antithetic pairs (z, -z) with a deterministic solver, and so is a student's K = 2
+    solver_antithetic: bool = True
     # direct won on the ICBM benchmark's validation subjects in both directions (benchmarks/results/icbm-recipe.md)
     distill: list[Literal["direct", "reflow"]] = Field(default_factory=lambda: ["direct"], max_length=2)
     distill_steps: int = Field(default=400, ge=1, le=10**7)

@@ -37,6 +37,7 @@ class SamplingChoice(BaseModel):
     solver: str = Field(min_length=1, max_length=64)
     steps: int = Field(ge=1, le=1000)
     samples: int = Field(ge=1, le=64)
+    antithetic: bool = False  # the samples drawn in antithetic pairs (absent from fits made before it existed)
 
 
 @dataclass
@@ -71,7 +72,8 @@ def sampling_choice(folder: Path | None, model: Any) -> dict[str, Any]:
     if folder is not None and (Path(folder) / FIT_FILE).is_file():
         return read_json(folder / FIT_FILE, SamplingChoice, folder=folder, what="sampling choice").model_dump()
     preset = dict(model.objective.fast)
-    return {"solver": preset["solver"], "steps": int(preset["steps"]), "samples": int(preset.get("samples", 1))}
+    return {"solver": preset["solver"], "steps": int(preset["steps"]), "samples": int(preset.get("samples", 1)),
+            "antithetic": False}
 
 
 def model_grid(model: Any) -> dict[str, Any]:
@@ -102,14 +104,15 @@ def finer_than_grid(image: nib.Nifti1Image, grid: TrainingGrid, name: str) -> st
 
 
 def predict_volume(model: Any, source: str | os.PathLike | nib.Nifti1Image, *, solver: str | None = None,
-                   steps: int | None = None, samples: int | None = None, seed: int = 0,
+                   steps: int | None = None, samples: int | None = None, antithetic: bool | None = None, seed: int = 0,
                    device: str | torch.device | None = None, warn: Callable[[str], None] | None = print) -> Predicted:
     """Synthesise the target contrast of ``source`` (a NIfTI path or a nibabel image) on its own grid.
 
     :param model: a model folder (a fit's ``RUN``, ``RUN/model``, or any lift3d export) or a loaded
         ``lift3d.sampling.model.SynthesisModel``.
-    :param solver: ``steps`` and ``samples``: override how the model is sampled (default: the fit's choice,
-        else the objective's few-step preset).
+    :param solver: ``steps``, ``samples`` and ``antithetic``: override how the model is sampled (default: the
+        fit's choice, else the objective's few-step preset). Another ``solver`` drops the fit's antithetic pairs
+        unless ``antithetic`` is given too.
     :param warn: where the one-line warning for a source much finer than the model's grid goes (None: nowhere).
     """
     from lift3d.sampling.model import load_synthesis_model
@@ -118,7 +121,10 @@ def predict_volume(model: Any, source: str | os.PathLike | nib.Nifti1Image, *, s
     if not hasattr(model, "unet"):
         model = load_synthesis_model(model_folder(model), device=device)
     choice = sampling_choice(model.folder, model)
-    choice |= {k: v for k, v in {"solver": solver, "steps": steps, "samples": samples}.items() if v is not None}
+    if solver is not None and solver != choice["solver"]:
+        choice["antithetic"] = False  # the fit chose pairs for its own solver
+    choice |= {k: v for k, v in {"solver": solver, "steps": steps, "samples": samples,
+                                 "antithetic": antithetic}.items() if v is not None}
     name = str(source) if not isinstance(source, nib.Nifti1Image) else "the source image"
     image = load_image(source) if not isinstance(source, nib.Nifti1Image) else source
     settings = model_grid(model)
@@ -128,7 +134,8 @@ def predict_volume(model: Any, source: str | os.PathLike | nib.Nifti1Image, *, s
         warn(line)
     array, meta = prepare_volume(image, grid, path=None if isinstance(source, nib.Nifti1Image) else source)
     result = synthesize_posterior(model, torch.from_numpy(array)[None, None], samples=choice["samples"],
-                                  solver=choice["solver"], steps=choice["steps"], seed=seed, progress=False)
+                                  solver=choice["solver"], steps=choice["steps"], antithetic=choice["antithetic"],
+                                  seed=seed, progress=False)
 
     std = None
     if result.std is not None:

@@ -25,6 +25,19 @@ def sample_seed(seed: int, k: int) -> int:
     return int(np.random.SeedSequence([int(seed) % 2**64, int(k)]).generate_state(1, np.uint64)[0])
 
 
+def sample_noise(seed: int, k: int, antithetic: bool = False) -> tuple[int, float]:
+    """The seed and the sign of sample ``k``'s noise in a run seeded with ``seed``.
+
+    Independent samples: ``(sample_seed(seed, k), +1)``. With ``antithetic`` pairs (a variance reduction for the
+    mean of K samples), sample ``2j + 1`` is sample ``2j``'s noise negated: ``(sample_seed(seed, 2j), -1)``. A
+    deterministic sampler is then evaluated at ``z`` and ``-z``, and the part of the output that is odd in the
+    noise cancels in the pair's mean. The even samples are those of an independent run.
+    """
+    if antithetic and k % 2:
+        return sample_seed(seed, k - 1), -1.0
+    return sample_seed(seed, k), 1.0
+
+
 def correlate_slices(noise: Tensor, rho: float) -> Tensor:
     """Independent N(0, 1) ``noise`` ``(b, c, n, h, w)`` -> noise whose slices correlate by ``rho``.
 
@@ -51,14 +64,19 @@ class StepNoise:
 
     :param generators: sample ``k``'s CPU generator, the one that drew its initial noise.
     :param rho: the noise correlation across slices (``correlate_slices``).
+    :param signs: each sample's sign (``sample_noise``): -1 negates what its generator draws (the twin of an
+        antithetic pair). None: all +1.
     """
 
     generators: Sequence[torch.Generator]
     rho: float = 0.0
+    signs: Sequence[float] | None = None
 
     def draw(self, like: Tensor) -> Tensor:
         """N(0, 1) noise shaped as ``like`` ``(K b, c, n, h, w)``, each sample's rows from its own generator,
         correlated across slices by ``rho``. Drawn on the CPU, so a seed gives the same noise on every device."""
         shape = (like.shape[0] // len(self.generators), *like.shape[1:])
-        parts = [correlate_slices(torch.randn(shape, generator=g), self.rho) for g in self.generators]
+        signs = self.signs or [1.0] * len(self.generators)
+        parts = [sign * correlate_slices(torch.randn(shape, generator=g), self.rho)
+                 for g, sign in zip(self.generators, signs)]
         return torch.cat(parts).to(like.device, like.dtype)

@@ -16,6 +16,7 @@ overlap instead, as the authors' code does, leaves seams where a window's border
 standard deviation (an uncertainty map); samples are batched through the U-Net together, each
 with its own seed (``sample_seed``). ``noise_correlation`` gives every slice's noise
 a shared component, so the slices of a volume start (and, with a stochastic solver, are perturbed) alike.
+``antithetic`` draws the samples in pairs ``z``, ``-z`` (``sample_noise``): a variance reduction for their mean.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from lift3d.data.resample import check_in_plane_size
 from lift3d.data.volume import VolumeMeta, std_scale
 from lift3d.diffusion.autoencoding import decode_volume, encode_volume
 from lift3d.sampling.model import DTYPES, SynthesisModel, load_synthesis_model, resolve_device, resolve_dtype
-from lift3d.sampling.noise import StepNoise, correlate_slices, sample_seed
+from lift3d.sampling.noise import StepNoise, correlate_slices, sample_noise, sample_seed
 from lift3d.sampling.solvers import SOLVERS, Solver, build_solver
 from lift3d.sampling.windows import predict_noise, predict_noise_windowed, resolve_window, window_weights
 
@@ -107,10 +108,14 @@ class PosteriorEstimate:
     unet_evaluations: int = 0
 
 
-def check_sampling_options(samples: int = 1, sample_batch: int | None = None, noise_correlation: float = 0.0) -> None:
+def check_sampling_options(samples: int = 1, sample_batch: int | None = None, noise_correlation: float = 0.0,
+                           first_sample: int = 0) -> None:
     """The ranges ``synthesize_posterior`` accepts, as one clear ``ValueError``."""
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive integer (1 = a single sample), got {samples!r}")
+    if isinstance(first_sample, bool) or not isinstance(first_sample, int) or first_sample < 0:
+        raise ValueError(f"first_sample must be an integer >= 0 (the index of the first sample drawn), "
+                         f"got {first_sample!r}")
     if sample_batch is not None and (isinstance(sample_batch, bool) or not isinstance(sample_batch, int)
                                      or sample_batch < 1):
         raise ValueError(f"sample_batch must be a positive integer or None (the device's default), got {sample_batch!r}")
@@ -132,6 +137,17 @@ def resolve_sample_batch(sample_batch: int | None, samples: int, device: torch.d
 STARTS = ("noise", "estimate", "source")
 """Where sampling starts: pure noise (the whole schedule), or an informed start (SDEdit, Meng et al., ICLR
 2022): the model's own one-pass estimate of the target, or the source itself, noised to an intermediate step."""
+
+
+def check_antithetic(antithetic: bool, solver: str) -> None:
+    """Antithetic pairs negate a sample's noise; a stochastic solver adds fresh noise at every step, so the pair
+    would share only its start: refused, naming the solvers that can."""
+    if not isinstance(antithetic, bool):
+        raise ValueError(f"antithetic must be True or False, got {antithetic!r}")
+    if antithetic and SOLVERS.get(solver).stochastic:
+        deterministic = [name for name in SOLVERS.names() if not SOLVERS.get(name).stochastic]
+        raise ValueError(f"antithetic pairs need a deterministic solver; {solver!r} adds noise at every step "
+                         f"(deterministic: {', '.join(deterministic)})")
 
 
 def first_step(num_steps: int, start: str, strength: float | None) -> int:
@@ -185,7 +201,7 @@ class SamplingRun:
 
 
 def _informed_start(run: SamplingRun, solver: Solver, net: Callable[[Tensor, Tensor], Tensor], noise: Tensor,
-                    generators: Sequence[torch.Generator], begin: int) -> Tensor:
+                    fresh_noise: StepNoise, begin: int) -> Tensor:
     """SDEdit: the clean estimate (one U-Net pass at the first step, or the source) noised with fresh noise
     to the solver's step ``begin``."""
     if run.start == "estimate":
@@ -193,8 +209,8 @@ def _informed_start(run: SamplingRun, solver: Solver, net: Callable[[Tensor, Ten
         clean = run.model.objective.clean_estimate(net(noise, t0), noise, t0)
     else:
         source = run.source_latent
-        clean = source.repeat(len(generators), *([1] * (source.ndim - 1))).to(noise)
-    fresh = StepNoise(generators, run.rho).draw(noise)
+        clean = source.repeat(len(fresh_noise.generators), *([1] * (source.ndim - 1))).to(noise)
+    fresh = fresh_noise.draw(noise)
     return solver.noised(clean, fresh, begin)
 
 
@@ -211,19 +227,21 @@ def run_steps(solver: Solver, net: Callable[[Tensor, Tensor], Tensor], latents: 
     return latents
 
 
-def _denoise_samples(run: SamplingRun, seeds: Sequence[int], bar: tqdm) -> list[Tensor]:
-    """Denoise one batch of samples (one seed each) of the ``b`` sources together; returns each
-    sample's decoded ``(b, c, n, h, w)`` volume in [-1, 1]."""
+def _denoise_samples(run: SamplingRun, draws: Sequence[tuple[int, float]], bar: tqdm) -> list[Tensor]:
+    """Denoise one batch of samples (each a seed and the sign of its noise, ``sample_noise``) of the ``b``
+    sources together; returns each sample's decoded ``(b, c, n, h, w)`` volume in [-1, 1]."""
     model, device = run.model, run.model.device
     solver = build_solver(run.solver, model.objective, model.scheduler_config, run.steps, device=device,
                           clip_x0=run.clip_x0)
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    generators = [torch.Generator().manual_seed(int(seed)) for seed, _ in draws]
+    signs = [sign for _, sign in draws]
     # Drawn on the CPU, so the same seed gives the same noise on every device.
-    noise = [correlate_slices(torch.randn(run.latent_shape, generator=g), run.rho) for g in generators]
+    noise = [sign * correlate_slices(torch.randn(run.latent_shape, generator=g), run.rho)
+             for g, sign in zip(generators, signs)]
     latents = (noise[0] if len(noise) == 1 else torch.cat(noise)).to(device) * solver.init_noise_sigma
     condition = run.condition
-    if condition is not None and len(seeds) > 1:
-        condition = condition.repeat(len(seeds), *([1] * (condition.ndim - 1)))  # sample-major, like latents
+    if condition is not None and len(draws) > 1:
+        condition = condition.repeat(len(draws), *([1] * (condition.ndim - 1)))  # sample-major, like latents
 
     def net(x: Tensor, t: Tensor) -> Tensor:  # one U-Net evaluation of the whole batch
         model_in = solver.scale_model_input(x, t)
@@ -235,10 +253,11 @@ def _denoise_samples(run: SamplingRun, seeds: Sequence[int], bar: tqdm) -> list[
         return out
 
     begin = first_step(len(solver.timesteps), run.start, run.strength)
+    step_noise = StepNoise(generators, run.rho, signs)
     if run.start != "noise":
-        latents = _informed_start(run, solver, net, latents, generators, begin)
+        latents = _informed_start(run, solver, net, latents, step_noise, begin)
     # A stochastic solver (ddpm) draws the noise of every step from each sample's own generator.
-    latents = run_steps(solver, net, latents, begin, StepNoise(generators, run.rho))
+    latents = run_steps(solver, net, latents, begin, step_noise)
     b = run.latent_shape[0]
     return [decode_volume(model.autoencoder, part.to(model.autoencoder_dtype)).float().clamp_(-1.0, 1.0)
             for part in latents.split(b)]
@@ -295,11 +314,11 @@ def _prepare(model: SynthesisModel, source: Tensor, solver: str, steps: int | No
                        slice_wise, float(noise_correlation), start, strength)
 
 
-def _draw_samples(run: SamplingRun, seeds: list[int], batch: int, bar: tqdm) -> list[Tensor]:
+def _draw_samples(run: SamplingRun, draws: list[tuple[int, float]], batch: int, bar: tqdm) -> list[Tensor]:
     """All samples, ``batch`` at a time; a batch that runs out of memory is halved and retried (down to 1)."""
     drawn: list[Tensor] = []
-    while len(drawn) < len(seeds):
-        chunk = seeds[len(drawn):len(drawn) + batch]
+    while len(drawn) < len(draws):
+        chunk = draws[len(drawn):len(drawn) + batch]
         done = bar.n
         try:
             drawn += _denoise_samples(run, chunk, bar)
@@ -320,8 +339,8 @@ def synthesize_posterior(model: SynthesisModel, source: Tensor, *, samples: int 
                          solver: str | None = None, steps: int | None = None, seed: int = 0,
                          window: int | None = None, overlap: int | None = None, slice_wise: bool = False,
                          clip_x0: bool = False, noise_correlation: float = 0.0, start: str = "noise",
-                         strength: float | None = None, progress: bool | None = True,
-                         scheduler: str | None = None) -> PosteriorEstimate:
+                         strength: float | None = None, antithetic: bool = False, first_sample: int = 0,
+                         progress: bool | None = True, scheduler: str | None = None) -> PosteriorEstimate:
     """Draw ``samples`` syntheses of ``source`` ``(b, c, n, h, w)`` in [-1, 1]; their mean and std.
 
     The mean of K samples scores better on PSNR and SSIM than one sample (the target's own noise
@@ -363,20 +382,28 @@ def synthesize_posterior(model: SynthesisModel, source: Tensor, *, samples: int 
         noised afresh to the step where the last ``strength`` of the schedule begins. ``source``: the
         same from the source itself (a bridge from the input contrast; concat-conditioned models).
     :param strength: with an informed start, the fraction of the ``steps`` that run, in (0, 1).
+    :param antithetic: draw the samples in antithetic pairs: sample ``2j + 1`` starts from sample ``2j``'s noise
+        negated (``sample_noise``). The part of a deterministic sampler's output that is odd in the noise
+        cancels in the pair's mean, so the mean of K samples is closer to the posterior mean than K
+        independent samples give; the std map is then the spread of each pair. Needs a deterministic solver;
+        with one sample it changes nothing.
+    :param first_sample: the index of the first sample drawn: ``samples`` samples ``first_sample, ...`` of the
+        run seeded with ``seed`` (to draw one run's samples in parts; 0 by default).
     :param progress: show a tqdm bar over the denoising steps (None: only on a terminal).
     :param scheduler: the old name of ``solver`` (deprecated).
     """
-    check_sampling_options(samples, sample_batch, noise_correlation)
+    check_sampling_options(samples, sample_batch, noise_correlation, first_sample)
     solver = _solver_name(model, solver, scheduler)
+    check_antithetic(antithetic, solver)
     run = _prepare(model, source, solver, steps, window=window, overlap=overlap, slice_wise=slice_wise,
                    clip_x0=clip_x0, noise_correlation=noise_correlation, start=start, strength=strength)
     evaluations = evaluations_of(run.num_steps, samples, start, strength)
-    seeds = [sample_seed(seed, k) for k in range(samples)]
+    draws = [sample_noise(seed, k, antithetic) for k in range(first_sample, first_sample + samples)]
     batch = resolve_sample_batch(sample_batch, samples, model.device)
-    desc = f"{solver} sampling" + (f", {samples} samples" if samples > 1 else "")
+    desc = f"{solver} sampling" + (f", {samples} {'antithetic ' * antithetic}samples" if samples > 1 else "")
     with tqdm(total=evaluations, desc=desc, disable=None if progress is None else not progress,
               dynamic_ncols=True) as bar:
-        drawn = _draw_samples(run, seeds, batch, bar)
+        drawn = _draw_samples(run, draws, batch, bar)
     bad = [k for k, sample in enumerate(drawn) if not torch.isfinite(sample).all()]
     if bad:  # the model's fault, not the source's (which was checked finite above)
         where = f"the model in {model.folder}" if model.folder is not None else "the model"
@@ -395,7 +422,7 @@ def synthesize(model: SynthesisModel, source: Tensor, *, samples: int = 1, **opt
     One sample by default; with ``samples = K`` the mean of K. ``options`` are those of
     ``synthesize_posterior`` (``solver``, ``steps``, ``seed``, ``window``, ``overlap``,
     ``slice_wise``, ``clip_x0``, ``sample_batch``, ``noise_correlation``, ``start``, ``strength``,
-    ``progress``), which also
+    ``antithetic``, ``first_sample``, ``progress``), which also
     returns the samples' per-voxel std.
     """
     return synthesize_posterior(model, source, samples=samples, **options).mean
