@@ -63,8 +63,8 @@ SCALES: dict[str, dict[str, Any]] = {
 }
 CPU_PROTOCOL = {"stage1_steps": 2000, "stage1_batch": 16, "stage1_lr": 1e-3, "stage2_steps": 1200,
                 "stage2_val_every": 150, "stage2_lr": 2e-3, "baseline_steps": 1000, "baseline_batch": 2,
-                "baseline_lr": 1e-3, "baseline_val_every": 50, "distill_steps": 400, "distill_val_every": 100,
-                "distill_lr": 5e-4, "distill_student_steps": [1, 2]}
+                "baseline_lr": 1e-3, "baseline_val_every": 50, "distill_steps": 800, "distill_val_every": 100,
+                "distill_lr": 5e-4, "distill_student_steps": [1]}
 """The published cpu protocol's steps and rates, written out: the automatic CPU plan may change, the protocol not."""
 
 

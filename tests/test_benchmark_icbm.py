@@ -33,8 +33,8 @@ def test_the_protocol_plan_is_the_published_one(bench):
     assert (plan.stage1_steps, plan.stage1_batch, plan.stage2_steps, plan.stage2_val_every) == (2000, 16, 1200, 150)
     assert [v.overrides() for v in plan.stage2_variants] == [
         {"kind": "full"}, {"kind": "full", "learning_rate": 4e-3, "lr_scheduler": "cosine"}]
-    assert plan.evaluation_budget == 8 and plan.distill == ["direct"] and plan.distill_student_steps == [1, 2]
-    assert (plan.distill_steps, plan.distill_lr) == (400, 5e-4)
+    assert plan.evaluation_budget == 8 and plan.distill == ["direct"] and plan.distill_student_steps == [1]
+    assert (plan.distill_steps, plan.distill_lr) == (800, 5e-4)
 
 
 def test_same_source_and_target_is_refused(bench, capsys):

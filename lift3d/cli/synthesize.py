@@ -95,6 +95,32 @@ def solver_help() -> tuple[str, str]:
             f"solver steps (default: {', '.join(steps)}); more is slower and usually better")
 
 
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    """--samples, --antithetic, --sample-batch and --noise-correlation: how many samples, and their noise."""
+    parser.add_argument("--samples", type=arguments.positive, metavar="K",
+                        help=f"draw K samples per source and write their mean as <name>{OUTPUT_SUFFIX} and "
+                        f"their per-voxel standard deviation as {STD_DIR}/<name>{STD_SUFFIX} (an uncertainty "
+                        "map). K times the work of one sample, less per sample when batched. Default: 1 (one "
+                        "sample, no std map), or the --fast preset's")
+    parser.add_argument("--antithetic", action="store_true",
+                        help="draw the K samples in antithetic pairs: every second sample starts from the noise of "
+                        "the one before, negated. The noise's odd effect cancels in each pair's mean, so the mean "
+                        "of K is closer to the posterior mean than K independent samples (about 0.1 dB on ICBM at "
+                        "K = 2); the std map is each pair's spread. Needs --samples 2 or more and a deterministic "
+                        "solver (not ddpm)")
+    parser.add_argument("--sample-batch", type=arguments.positive, metavar="N",
+                        help="denoise N of the K samples together (default: all K on a GPU, 1 on the CPU, "
+                        "where batching measured slower). Lower it if GPU memory is short; a batch that runs "
+                        "out of memory is halved and retried anyway. The result does not depend on it beyond "
+                        "float rounding")
+    parser.add_argument("--noise-correlation", type=arguments.correlation, default=0.0, metavar="RHO",
+                        help="correlate the noise of all slices of a volume by RHO in [0, 1] (each voxel's "
+                        "noise stays N(0, 1), as sqrt(RHO) x shared + sqrt(1 - RHO) x own-per-slice would "
+                        "give): the initial noise, and a stochastic solver's (ddpm's) noise at every step. 0 = "
+                        "independent slices, "
+                        "as in training; 1 = the same noise in every slice. Default: 0")
+
+
 def build_parser() -> argparse.ArgumentParser:
     solvers, steps = solver_help()
     parser = argparse.ArgumentParser(prog="lift3d-synthesize", description=DESCRIPTION, epilog=EPILOG,
@@ -130,28 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed of the initial noise (and of a stochastic solver's added noise); the same seed and "
                         "options give the same volume. With --samples K, sample 0 uses the seed itself and "
                         "sample k a seed hashed from (seed, k) (lift3d.sampling.synthesis.sample_seed). Default: 0")
-    parser.add_argument("--samples", type=arguments.positive, metavar="K",
-                        help=f"draw K samples per source and write their mean as <name>{OUTPUT_SUFFIX} and "
-                        f"their per-voxel standard deviation as {STD_DIR}/<name>{STD_SUFFIX} (an uncertainty "
-                        "map). K times the work of one sample, less per sample when batched. Default: 1 (one "
-                        "sample, no std map), or the --fast preset's")
-    parser.add_argument("--antithetic", action="store_true",
-                        help="draw the K samples in antithetic pairs: every second sample starts from the noise of "
-                        "the one before, negated. The noise's odd effect cancels in each pair's mean, so the mean "
-                        "of K is closer to the posterior mean than K independent samples (about 0.1 dB on ICBM at "
-                        "K = 2); the std map is each pair's spread. Needs --samples 2 or more and a deterministic "
-                        "solver (not ddpm)")
-    parser.add_argument("--sample-batch", type=arguments.positive, metavar="N",
-                        help="denoise N of the K samples together (default: all K on a GPU, 1 on the CPU, "
-                        "where batching measured slower). Lower it if GPU memory is short; a batch that runs "
-                        "out of memory is halved and retried anyway. The result does not depend on it beyond "
-                        "float rounding")
-    parser.add_argument("--noise-correlation", type=arguments.correlation, default=0.0, metavar="RHO",
-                        help="correlate the noise of all slices of a volume by RHO in [0, 1] (each voxel's "
-                        "noise stays N(0, 1), as sqrt(RHO) x shared + sqrt(1 - RHO) x own-per-slice would "
-                        "give): the initial noise, and a stochastic solver's (ddpm's) noise at every step. 0 = "
-                        "independent slices, "
-                        "as in training; 1 = the same noise in every slice. Default: 0")
+    add_sample_arguments(parser)
     parser.add_argument("--window", type=arguments.window, metavar="N",
                         help="denoise in overlapping windows of N slices, blending their noise predictions "
                         "at every step (saves memory on long volumes). 0 = always the whole volume. Default: "
