@@ -13,11 +13,12 @@ reports.
 The benchmark adds: the reference ``lifted-k8`` (the chosen model, DPM-Solver++ 25 steps, mean of 8 = 200 passes);
 the tissue Dice of a segmenter trained on the training subjects' real targets; the 1-8 pass frontier (each budget's
 best on validation, scored on test); seconds per volume for every method, one subject at a time after a warm-up, in
-the same run as the 3D U-Net; the goals of a one- or two-pass method; and, on the published direction, the paired
-difference of this run's ``lifted-fast`` against the published row.
+the same run as the 3D U-Net; the goals of a one- or two-pass method; the paired differences of this run's
+``lifted-fast`` and winner against the published rows; and with ``--publish`` the winner as a row of the published
+protocol's JSON (``icbm_cpu.json``, ``icbm_cpu_t2t1.json``).
 
     python benchmarks/icbm.py --scale smoke --out /tmp/icbm-smoke              # about 2 minutes
-    python benchmarks/icbm.py --scale cpu --publish                             # about 90 min, 2 idle cores
+    python benchmarks/icbm.py --scale cpu --publish                             # about 80 min, 2 idle cores
     python benchmarks/icbm.py --scale cpu --source T2 --target T1 --publish     # the other direction
     python benchmarks/icbm.py --scale paper --device cuda --publish             # one GPU
 """

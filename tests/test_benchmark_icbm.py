@@ -99,7 +99,8 @@ def test_the_winner_joins_the_published_protocol_rows(bench, tmp_path, monkeypat
               "machine": {"cpu": "a CPU"}, "selection": {"choose_student": {"chosen": {"family": "direct"}}},
               "methods": {"lifted-2pass": row, "3d-unet": {"solver": "one pass", "summary": summary,
                                                            "seconds_per_volume": 0.25},
-                          "lifted-fast": {"solver": "flow-4, mean of 2", "summary": summary, "seconds_per_volume": 2.0}},
+                          "lifted-fast": {"solver": "flow-4, mean of 2", "summary": summary,
+                                          "seconds_per_volume": 2.0}},
               "paired_differences": {"lifted-2pass vs 3d-unet": {"same run": True},
                                      "lifted-2pass vs published 3d-unet": {"published": True},
                                      "lifted-2pass vs published lifted-fast": {"published": True}}}

@@ -438,7 +438,7 @@ def test_antithetic_pairs_negate_the_noise_and_keep_the_even_samples(folders, so
 
 def test_antithetic_pairs_need_a_deterministic_solver(folders, source):
     model = load_synthesis_model(folders["random"], device="cpu")
-    with pytest.raises(ValueError, match=r"antithetic pairs need a deterministic solver; 'ddpm'.*deterministic: .*ddim"):
+    with pytest.raises(ValueError, match=r"need a deterministic solver; 'ddpm'.*deterministic: .*ddim"):
         synthesize_posterior(model, source, samples=2, solver="ddpm", steps=2, antithetic=True, progress=False)
     with pytest.raises(ValueError, match="first_sample must be an integer >= 0"):
         synthesize_posterior(model, source, samples=2, solver="ddim", steps=2, first_sample=-1, progress=False)

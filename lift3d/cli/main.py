@@ -101,7 +101,7 @@ def add_demo_parser(subparsers) -> None:
                         help="'icbm152' (default: real anatomy from the packaged ICBM 152 template) or 'phantom' "
                              "(generated rings-and-ellipsoids head)")
     parser.add_argument("--scale", default="default", choices=("default", "quick"),
-                        help="'default' (about 8 minutes on 2 idle CPU cores, more on a busy machine) or "
+                        help="'default' (about 7 minutes on 2 idle CPU cores, more on a busy machine) or "
                              "'quick' (seconds, too short to learn anything; for a first look and for tests)")
     parser.add_argument("--seed", type=arguments.training_seed, default=0,
                         help="seed for training and sampling, and for the icbm152 subjects (default: 0)")
