@@ -140,6 +140,12 @@ def published_rows(direction: str) -> dict[str, Any] | None:
     return json.loads((RESULTS / name).read_text())["methods"] if name and (RESULTS / name).is_file() else None
 
 
+def _suffix(direction: str) -> str:
+    """``""`` for the published direction T1 -> T2, else ``"_t2t1"`` and the like (the results' file names)."""
+    source, target = direction.split(" -> ")
+    return "" if (source, target) == ("T1", "T2") else f"_{source.lower()}{target.lower()}"
+
+
 def publish_winner(report: dict[str, Any], winner: str) -> Path:
     """The one- or two-pass winner as a row of the published protocol's JSON (``icbm_cpu.json``): its test
     scores, its passes and its seconds per volume timed in this run with the 3D U-Net (whose same-run time
@@ -160,6 +166,8 @@ def publish_winner(report: dict[str, Any], winner: str) -> Path:
             "sampler": row["solver"], "seconds_per_volume_timed": row["seconds_per_volume"],
             "chosen_by": "lift3d fit (validation PSNR, <= 2 passes; benchmarks/icbm.py)",
             "frontier_run": {"command": report["command"], "cpu": report["machine"].get("cpu"),
+                             "machine": report["machine"], "run_s": report["total_s"], "phases_s": report["phases_s"],
+                             "report": f"icbm_recipe_{report['scale']}{_suffix(report['direction'])}.json",
                              "same_references": {name: False for name in references},
                              "references_in_that_run": references,
                              "paired_differences": {k: v for k, v in report["paired_differences"].items()
@@ -303,7 +311,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     write_json(out / f"benchmark{tag}.json", report)
     (out / f"benchmark{tag}.md").write_text(markdown(report))
     if args.publish:
-        name = f"icbm_recipe_{args.scale}{suffix.replace('-', '_')}{tag}.json"
+        name = f"icbm_recipe_{args.scale}{_suffix(direction)}{tag}.json"
         write_json(RESULTS / name, report)
         print(f"[publish] {RESULTS / name}")
         if winner.endswith("pass") and args.scale == "cpu" and direction in PUBLISHED:

@@ -95,8 +95,9 @@ def test_the_winner_joins_the_published_protocol_rows(bench, tmp_path, monkeypat
     (tmp_path / "icbm_cpu.json").write_text(json.dumps(published))
     row = {"solver": "flow-1, mean of 2 antithetic", "summary": summary, "seconds_per_volume": 0.45,
            "unet_evaluations": 2, "subjects": []}
-    report = {"direction": "T1 -> T2", "command": "python benchmarks/icbm.py --scale cpu --publish",
-              "machine": {"cpu": "a CPU"}, "selection": {"choose_student": {"chosen": {"family": "direct"}}},
+    report = {"direction": "T1 -> T2", "scale": "cpu", "command": "python benchmarks/icbm.py --scale cpu --publish",
+              "machine": {"cpu": "a CPU"}, "total_s": 120.0, "phases_s": {"stage1": 700.0},
+              "selection": {"choose_student": {"chosen": {"family": "direct"}}},
               "methods": {"lifted-2pass": row, "3d-unet": {"solver": "one pass", "summary": summary,
                                                            "seconds_per_volume": 0.25},
                           "lifted-fast": {"solver": "flow-4, mean of 2", "summary": summary,
@@ -113,5 +114,6 @@ def test_the_winner_joins_the_published_protocol_rows(bench, tmp_path, monkeypat
     assert data["methods"]["3d-unet"]["seconds_per_volume"] == 0.3  # the published row's own time stays
     assert new["frontier_run"]["references_in_that_run"]["3d-unet"]["seconds_per_volume"] == 0.25
     assert new["frontier_run"]["paired_differences"] == {"lifted-2pass vs 3d-unet": {"same run": True}}
+    assert new["frontier_run"]["report"] == "icbm_recipe_cpu.json" and new["frontier_run"]["run_s"] == 120.0
     assert data["paired_differences"]["lifted-2pass vs 3d-unet"] == {"published": True}
     assert data["paired_differences"]["lifted-fast vs 3d-unet"] == {"kept": True}
