@@ -7,7 +7,7 @@ deformation and rotation, shared by both contrasts, with its own bias field and 
 axial slices averaged), LPS orientation (x and y flipped, the affine says so), contrasts named ``T1w`` and
 ``T2w`` by their file names, and a ``brainmask`` per subject. Nothing of it is lift3d's training grid.
 
-    python benchmarks/fit_folder.py --publish          # about an hour on 2 idle CPU cores
+    python benchmarks/fit_folder.py --publish          # about 70 minutes on 2 idle CPU cores
 
 It writes the folder (once) and the run under ``runs/fit-folder/``, and with ``--publish``
 ``benchmarks/results/fit_folder_cpu.json``: the command, the machine, the fingerprint, the plan, the wall
