@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lift3d.recipes.methods import Method, scored
 
     direction, scale = f"{args.source} -> {args.target}", SCALES[args.scale]
-    suffix = "" if (args.source, args.target) == ("T1", "T2") else f"-{args.source.lower()}{args.target.lower()}"
+    suffix = _suffix(direction).replace("_", "-")
     out = (args.out or REPO / "runs" / f"icbm-{args.scale}{suffix}-{args.objective}").resolve()
     options = {"root": str(args.data), "files": TEMPLATE_FILES, "voxel_mm": scale["voxel_mm"], **SUBJECTS}
     plan = protocol_plan(args.scale, args.objective, args.seed, not args.no_baseline, args.teacher_samples,
@@ -314,7 +314,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         name = f"icbm_recipe_{args.scale}{_suffix(direction)}{tag}.json"
         write_json(RESULTS / name, report)
         print(f"[publish] {RESULTS / name}")
-        if winner.endswith("pass") and args.scale == "cpu" and direction in PUBLISHED:
+        if winner.endswith("pass") and args.scale == "cpu" and published is not None:  # the protocol's rows exist
             print(f"[publish] {publish_winner(report, winner)} ({winner})")
     for name, entry in results.items():
         s = entry["summary"]

@@ -234,11 +234,11 @@ def _denoise_samples(run: SamplingRun, draws: Sequence[tuple[int, float]], bar: 
     solver = build_solver(run.solver, model.objective, model.scheduler_config, run.steps, device=device,
                           clip_x0=run.clip_x0)
     generators = [torch.Generator().manual_seed(int(seed)) for seed, _ in draws]
-    signs = [sign for _, sign in draws]
-    # Drawn on the CPU, so the same seed gives the same noise on every device.
-    noise = [sign * correlate_slices(torch.randn(run.latent_shape, generator=g), run.rho)
-             for g, sign in zip(generators, signs)]
-    latents = (noise[0] if len(noise) == 1 else torch.cat(noise)).to(device) * solver.init_noise_sigma
+    # Every sample's noise (the start, an informed start's, a stochastic solver's steps) comes from its own
+    # generator, with its sign, drawn on the CPU: the same seed gives the same noise on every device.
+    step_noise = StepNoise(generators, run.rho, [sign for _, sign in draws])
+    latents = step_noise.draw(torch.empty(len(draws) * run.latent_shape[0], *run.latent_shape[1:], device=device))
+    latents = latents * solver.init_noise_sigma
     condition = run.condition
     if condition is not None and len(draws) > 1:
         condition = condition.repeat(len(draws), *([1] * (condition.ndim - 1)))  # sample-major, like latents
@@ -253,7 +253,6 @@ def _denoise_samples(run: SamplingRun, draws: Sequence[tuple[int, float]], bar: 
         return out
 
     begin = first_step(len(solver.timesteps), run.start, run.strength)
-    step_noise = StepNoise(generators, run.rho, signs)
     if run.start != "noise":
         latents = _informed_start(run, solver, net, latents, step_noise, begin)
     # A stochastic solver (ddpm) draws the noise of every step from each sample's own generator.
